@@ -1,0 +1,217 @@
+"""compressed-tensors checkpoints (llm-compressor, ``ModelCompressor``): config and matching.
+
+Targets and ignore entries follow ``compressed_tensors.utils.match``: an exact module name,
+a ``re:`` regex (``re.match``, anchored at the start) or a class name. quantreg's layers are
+all Linear-like, so the class name ``Linear`` matches any of them -- including an lm_head,
+which is an ``nn.Linear`` when compressed-tensors writes the file. ``ignore`` wins.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, field_validator
+
+from quantreg import LayerRule, QuantConfig
+
+FORMATS = (
+    "dense", "int-quantized", "float-quantized", "naive-quantized", "pack-quantized",
+    "nvfp4-pack-quantized", "mxfp4-pack-quantized", "mxfp6-pack-quantized", "mxfp8-quantized",
+    "mixed-precision", "sparse-bitmask", "sparse-24-bitmask", "marlin-24",
+)  # fmt: skip
+SUPPORTED_FORMATS = ("pack-quantized", "int-quantized", "naive-quantized", "float-quantized")
+SUPPORTED_STRATEGIES = ("group", "channel", "tensor")
+STATUSES = ("initialized", "calibration", "frozen", "compressed", "decompressed")
+LINEAR_CLASS = "Linear"
+_STRICT = ConfigDict(extra="allow", strict=True, frozen=True)
+
+
+def _check_format(value: str | None) -> str | None:
+    if value is not None and value not in FORMATS:
+        raise ValueError(f"unknown compressed-tensors format; expected one of {', '.join(FORMATS)}")
+    return value
+
+
+Format = Annotated[str | None, AfterValidator(_check_format)]
+
+
+class QuantizationArgs(BaseModel):
+    """How one tensor kind (weights, input or output activations) is quantized."""
+
+    model_config = _STRICT
+
+    num_bits: int = 8
+    type: Literal["int", "float"] = "int"
+    symmetric: bool = True
+    group_size: int | None = None
+    strategy: (
+        Literal["tensor", "channel", "group", "block", "token", "tensor_group", "attn_head"] | None
+    ) = None
+    block_structure: list[int] | None = None
+    dynamic: bool | Literal["local"] = False
+    actorder: Literal["group", "weight", "static"] | bool | None = None
+
+    @field_validator("num_bits")
+    @classmethod
+    def _num_bits(cls, value: int) -> int:
+        if not 1 <= value <= 32:
+            raise ValueError("expected a bit width between 1 and 32")
+        return value
+
+    @property
+    def effective_strategy(self) -> str:
+        """The strategy, inferred as compressed-tensors does when the field is null."""
+        if self.strategy is not None:
+            return self.strategy
+        return "group" if self.group_size else "tensor"
+
+
+class QuantizationScheme(BaseModel):
+    """One ``config_groups`` entry: which modules it targets and how they are quantized."""
+
+    model_config = _STRICT
+
+    targets: list[str]
+    weights: QuantizationArgs | None = None
+    input_activations: QuantizationArgs | None = None
+    output_activations: QuantizationArgs | None = None
+    format: Format = None
+
+
+
+def match_kind(target: str, name: str) -> int | None:
+    """How ``target`` matches module ``name``: 0 exact name, 1 ``re:`` regex, 2 class ``Linear``."""
+    if target == name:
+        return 0
+    if target.startswith("re:"):
+        try:
+            return 1 if re.match(target[3:], name) else None
+        except re.error:
+            return None
+    return 2 if target == LINEAR_CLASS else None
+
+
+class CompressedTensorsConfig(QuantConfig):
+    """``quantization_config`` (or ``compression_config``) of a compressed-tensors checkpoint."""
+
+    supports_lm_head: ClassVar[bool] = True
+
+    format: Format = None
+    config_groups: dict[str, QuantizationScheme] = {}
+    ignore: list[str] = []
+    quantization_status: str | None = None
+
+    @field_validator("quantization_status")
+    @classmethod
+    def _status(cls, value: str | None) -> str | None:
+        if value is not None and value not in STATUSES:
+            raise ValueError(f"expected one of {', '.join(STATUSES)}")
+        return value
+
+    @field_validator("ignore")
+    @classmethod
+    def _regexes(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            _check_regex(entry)
+        return value
+
+    @field_validator("config_groups")
+    @classmethod
+    def _targets(cls, value: dict[str, QuantizationScheme]) -> dict[str, QuantizationScheme]:
+        for scheme in value.values():
+            for target in scheme.targets:
+                _check_regex(target)
+        return value
+
+    def layer_rule(self, prefix: str) -> LayerRule:
+        """``ignore`` first, then the best-matching target (exact name > regex > ``Linear``)."""
+        matches = sorted(
+            (kind, order, group, target)
+            for order, (group, scheme) in enumerate(self.config_groups.items())
+            for target in scheme.targets
+            if (kind := match_kind(target, prefix)) is not None
+        )
+        target_texts = [f"targets '{t}' ({g})" for _, _, g, t in matches]
+        for entry in self.ignore:
+            if match_kind(entry, prefix) is not None:
+                return LayerRule(False, f"ignore '{entry}'", also=tuple(target_texts))
+        if not matches:
+            return LayerRule(False, f"targets: no config group targets '{prefix}'")
+        _, _, group, _ = matches[0]
+        scheme = self.config_groups[group]
+        overrides = {
+            "config_groups": {group: scheme.model_dump()},
+            "format": self.scheme_format(scheme),
+        }
+        return LayerRule(True, target_texts[0], overrides, tuple(target_texts[1:]))
+
+    def scheme_format(self, scheme: QuantizationScheme) -> str | None:
+        """The on-disk format of a group: its own, else the model's, else inferred."""
+        if scheme.format is not None:
+            return scheme.format
+        if self.format not in (None, "mixed-precision"):
+            return self.format
+        weights, acts = scheme.weights, scheme.input_activations
+        if weights is None:
+            return None
+        if weights.type == "float":
+            return "float-quantized"
+        if acts is not None and acts.type == "int":
+            return "int-quantized"
+        return "pack-quantized"
+
+    @property
+    def scheme(self) -> QuantizationScheme | None:
+        """The only scheme of an effective per-layer config (None on a whole-model config)."""
+        return next(iter(self.config_groups.values())) if len(self.config_groups) == 1 else None
+
+    def format_reason(self) -> str | None:
+        scheme = self.scheme
+        if scheme is None:
+            return None
+        fmt = self.scheme_format(scheme)
+        weights = scheme.weights
+        layer = f"targets {scheme.targets}"
+        if fmt not in SUPPORTED_FORMATS:
+            return (
+                f"format {fmt!r} ({layer}) is not supported yet; supported: "
+                f"{', '.join(SUPPORTED_FORMATS)}"
+            )
+        if weights is None:
+            return f"format {fmt!r} ({layer}) quantizes no weights"
+        strategy = weights.effective_strategy
+        if strategy not in SUPPORTED_STRATEGIES:
+            return (
+                f"weight strategy {strategy!r} ({layer}) is not supported yet; supported: "
+                f"{', '.join(SUPPORTED_STRATEGIES)}"
+            )
+        if fmt == "float-quantized":
+            if (weights.type, weights.num_bits) != ("float", 8):
+                return f"float-quantized weights must be 8-bit float; got {weights.num_bits}-bit"
+        elif weights.type != "int" or weights.num_bits not in (4, 8):
+            return (
+                f"{fmt} weights must be int4 or int8; got {weights.type}{weights.num_bits} "
+                f"({layer})"
+            )
+        elif fmt != "pack-quantized" and weights.num_bits != 8:
+            return f"{fmt} weights must be int8; got int{weights.num_bits} ({layer})"
+        return None
+
+    def notes(self) -> list[str]:
+        scheme = self.scheme
+        if scheme is not None and scheme.input_activations is not None:
+            return [
+                "the checkpoint also quantizes input activations "
+                f"({scheme.input_activations.type}{scheme.input_activations.num_bits}); "
+                "quantreg runs the layer weight-only: activations stay float"
+            ]
+        return []
+
+
+def _check_regex(entry: Any) -> None:
+    if isinstance(entry, str) and entry.startswith("re:"):
+        try:
+            re.compile(entry[3:])
+        except re.error as exc:
+            raise ValueError(f"{entry!r} is not a valid regular expression: {exc}") from exc

@@ -1,0 +1,167 @@
+"""GPTQ (AutoGPTQ, GPTQModel, optimum): ``gptq`` (reference path) and ``gptq_marlin``."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from typing import Annotated, Any, ClassVar
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, field_validator
+
+from quantreg import LayerRule, Platform, QuantConfig, is_lm_head
+from quantreg.methods._wna16 import (
+    GroupSize,
+    head_and_skip_rule,
+    marlin_group_reason,
+    marlin_platform_reason,
+)
+
+SUPPORTED_BITS = (4, 8)
+CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
+UNSUPPORTED_FORMATS = ("marlin", "bitblas", "qqq")
+# Keys of a GPTQModel ``dynamic`` rule that change how a layer is quantized.
+OVERRIDE_KEYS = ("bits", "group_size", "sym", "desc_act")
+
+
+def _check_bits(value: int) -> int:
+    if value not in SUPPORTED_BITS:
+        raise ValueError(
+            "supported GPTQ widths are 4 and 8 bits (3-bit codes straddle words, and 2-bit "
+            "and 5-7-bit layouts are not supported)"
+        )
+    return value
+
+
+Bits = Annotated[int, AfterValidator(_check_bits)]
+
+
+class DynamicOverride(BaseModel):
+    """The overrides of one GPTQModel ``dynamic`` rule (other keys are kept, unused)."""
+
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+
+    bits: Bits | None = None
+    group_size: GroupSize | None = None
+    sym: bool | None = None
+    desc_act: bool | None = None
+
+
+class GPTQConfig(QuantConfig):
+    """``quantization_config`` (or ``quantize_config.json``) of a GPTQ checkpoint."""
+
+    supports_lm_head: ClassVar[bool] = True
+
+    bits: Bits
+    group_size: GroupSize
+    desc_act: bool = False
+    sym: bool = True
+    lm_head: bool = False
+    checkpoint_format: str = "gptq"
+    format: str | None = None
+    is_marlin_format: bool = False
+    modules_to_not_convert: list[str] | None = None
+    modules_in_block_to_quantize: list[str] | list[list[str]] | None = None
+    dynamic: dict[str, DynamicOverride] | None = None
+
+    @field_validator("checkpoint_format", "format")
+    @classmethod
+    def _format(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if value.lower() in UNSUPPORTED_FORMATS:
+            raise ValueError(
+                f"the '{value}' GPTQ layout is not supported; expected one of "
+                f"{', '.join(CHECKPOINT_FORMATS)} (GPTQModel: save with format='gptq')"
+            )
+        if value.lower() not in CHECKPOINT_FORMATS:
+            raise ValueError(f"expected one of {', '.join(CHECKPOINT_FORMATS)}")
+        return value.lower()
+
+    @field_validator("is_marlin_format")
+    @classmethod
+    def _marlin(cls, value: bool) -> bool:
+        if value:
+            raise ValueError(
+                "AutoGPTQ marlin-format checkpoints are not supported; expected false "
+                "(re-save the model in the plain GPTQ format)"
+            )
+        return value
+
+    @field_validator("dynamic")
+    @classmethod
+    def _dynamic(cls, value: dict[str, DynamicOverride] | None) -> dict[str, DynamicOverride] | None:
+        for key in value or {}:
+            pattern = key[2:] if key[:2] in ("+:", "-:") else key
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"rule {key!r} is not a valid regular expression: {exc}") from exc
+        return value
+
+    @property
+    def zero_point_offset(self) -> int:
+        """What checkpoint_format ``gptq`` (v1) subtracted from every stored zero point."""
+        return 1 if self.checkpoint_format == "gptq" else 0
+
+    def dynamic_match(self, prefix: str) -> tuple[str, bool, dict[str, Any]] | None:
+        """The first ``dynamic`` rule whose regex ``re.match``-es ``prefix``.
+
+        Returns ``(key, excluded, overrides)``; ``excluded`` for a ``-:`` rule.
+        """
+        for key, rule in (self.dynamic or {}).items():
+            pattern = key[2:] if key[:2] in ("+:", "-:") else key
+            if re.match(pattern, prefix):
+                overrides = {k: getattr(rule, k) for k in OVERRIDE_KEYS if getattr(rule, k) is not None}
+                return key, key.startswith("-:"), overrides
+        return None
+
+    def layer_rule(self, prefix: str) -> LayerRule:
+        """``lm_head`` flag, then ``modules_to_not_convert``, then the first ``dynamic`` match."""
+        decided, fired = head_and_skip_rule(
+            prefix,
+            lm_head=self.lm_head,
+            lm_head_given="lm_head" in self.model_fields_set,
+            modules=self.modules_to_not_convert,
+        )
+        match = self.dynamic_match(prefix)
+        if decided is not None:
+            if match is not None:
+                decided = replace(decided, also=(*decided.also, f"dynamic '{match[0]}' (not applied)"))
+            return decided
+        if match is not None:
+            key, excluded, overrides = match
+            if excluded:
+                return LayerRule(False, f"dynamic '{key}'", also=tuple(fired))
+            text = ", ".join(f"{k}={_json(v)}" for k, v in overrides.items())
+            return LayerRule(
+                True, f"dynamic '{key}'" + (f" → {text}" if text else ""), overrides, tuple(fired)
+            )
+        if not is_lm_head(prefix) and self.modules_in_block_to_quantize:
+            names = [n for group in self.modules_in_block_to_quantize for n in _as_list(group)]
+            if not any(name in prefix for name in names):
+                return LayerRule(False, "modules_in_block_to_quantize: no entry matches")
+        return LayerRule(True, fired[0] if fired else "quant_method 'gptq': every linear layer")
+
+
+def _as_list(value: str | list[str]) -> list[str]:
+    return [value] if isinstance(value, str) else value
+
+
+def _json(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+class GPTQMarlinConfig(GPTQConfig):
+    """GPTQ tensors repacked after loading into the shared marlin layout (fast GPU kernel);
+    act-order becomes a load-time row permutation plus a runtime permutation of ``x``."""
+
+    checkpoint_formats: ClassVar[tuple[str, ...]] = ("gptq",)
+    upgrade_priority: ClassVar[int] = 20
+
+    def format_reason(self) -> str | None:
+        if not self.sym:
+            return "gptq_marlin needs symmetric quantization (sym=true); this layer has sym=false"
+        return marlin_group_reason("gptq_marlin", self.group_size)
+
+    def platform_reason(self, platform: Platform) -> str | None:
+        return marlin_platform_reason("gptq_marlin", platform)

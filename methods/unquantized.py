@@ -1,0 +1,16 @@
+"""``unquantized``: plain float weights (``Resolution.method`` is None for it)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from quantreg import LayerRule, QuantConfig
+
+
+class UnquantizedConfig(QuantConfig):
+    """The method of a checkpoint that declares no quantization: every layer stays float."""
+
+    supports_lm_head: ClassVar[bool] = True
+
+    def layer_rule(self, prefix: str) -> LayerRule:
+        return LayerRule(False, "quant_method 'unquantized'")

@@ -1,0 +1,220 @@
+"""The two classes every quantization method provides: a QuantConfig and a LinearMethod.
+
+A method is a pydantic model of its checkpoint's ``quantization_config`` (``QuantConfig``)
+that names the ``LinearMethod`` creating, loading and running a layer's weights. Built-in
+methods and plugins use exactly this contract.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Self
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from quantreg.errors import ConfigError, MethodDefinitionError
+
+if TYPE_CHECKING:
+    import torch
+
+    from quantreg.platform import Platform
+
+logger = logging.getLogger(__name__)
+
+# Class-level declarations of QuantConfig that a subclass must never turn into fields.
+_CLASS_LEVEL = ("linear_method", "supports_lm_head", "checkpoint_formats", "upgrade_priority")
+
+
+def is_lm_head(prefix: str) -> bool:
+    """Whether a module name denotes an lm_head (``lm_head``, ``model.lm_head``, ...)."""
+    return prefix.rsplit(".", 1)[-1] == "lm_head"
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """What a config says about one layer: quantized or not, which key decided, and overrides.
+
+    ``rule`` starts with the config key that decided (``lm_head``, ``ignore 'lm_head'``, ...);
+    ``also`` lists other rules that matched but did not decide.
+    """
+
+    quantized: bool
+    rule: str
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    also: tuple[str, ...] = ()
+
+
+class LinearMethod(ABC):
+    """Creates, loads, repacks and runs one layer's (quantized) weights; vLLM-shaped."""
+
+    def __init__(self, quant_config: QuantConfig | None = None) -> None:
+        self.quant_config = quant_config
+
+    @abstractmethod
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra: Any,
+    ) -> None:
+        """Register this rank's parameters on ``layer``, each with its loading metadata."""
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:  # noqa: B027
+        """Repack loaded weights for the kernel this method runs; a no-op by default."""
+
+    @abstractmethod
+    def apply(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Compute ``x @ W.T (+ bias)`` for this rank's shard of the layer."""
+
+
+class QuantConfig(BaseModel):
+    """Base of every method's config: a pydantic model of a ``quantization_config``.
+
+    Known fields are validated strictly (``bits: "4"`` is an error); unknown keys are kept,
+    since producers add many. Subclasses declare, as ClassVars (never as fields):
+
+    * ``linear_method`` -- the LinearMethod class that runs a layer of this method;
+    * ``supports_lm_head`` -- whether that LinearMethod can run a vocab-parallel lm_head;
+    * ``checkpoint_formats`` -- other ``quant_method`` values it reads (its own name always);
+    * ``upgrade_priority`` -- when several methods can run a checkpoint, the highest wins.
+    """
+
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+
+    linear_method: ClassVar[type[LinearMethod]]
+    supports_lm_head: ClassVar[bool] = False
+    checkpoint_formats: ClassVar[tuple[str, ...]] = ()
+    upgrade_priority: ClassVar[int] = 0
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Runs before pydantic collects fields, so the mistake is reported before pydantic
+        # silently turns the declaration into a field that shadows the class-level one.
+        annotations = cls.__dict__.get("__annotations__", {})
+        for name in _CLASS_LEVEL:
+            if name in annotations and "ClassVar" not in str(annotations[name]):
+                raise MethodDefinitionError(
+                    f"{cls.__module__}.{cls.__qualname__} declares '{name}' as a pydantic "
+                    f"field; annotate it as ClassVar (e.g. '{name}: ClassVar[...] = ...') "
+                    "or assign it without an annotation"
+                )
+        method = cls.__dict__.get("linear_method")
+        if method is not None and not (isinstance(method, type) and issubclass(method, LinearMethod)):
+            raise MethodDefinitionError(
+                f"{cls.__module__}.{cls.__qualname__}.linear_method must be a subclass of "
+                f"quantreg.LinearMethod, got {method!r}"
+            )
+        super().__init_subclass__(**kwargs)
+
+    @classmethod
+    def from_quant_config(
+        cls, data: Mapping[str, Any], *, method: str, source: str | None = None
+    ) -> Self:
+        """Validate a checkpoint's ``quantization_config`` dict into this config.
+
+        Raises:
+            ConfigError: a known field has a bad value; the message names the file, the
+                method, the field, the value and what is allowed.
+        """
+        if not isinstance(data, Mapping):
+            raise ConfigError(
+                f"quantization_config{_where(source)} must be a JSON object, "
+                f"got {type(data).__name__}"
+            )
+        payload = {k: v for k, v in data.items() if k != "quant_method"}
+        try:
+            config = cls.model_validate(payload)
+        except ValidationError as exc:
+            raise ConfigError(describe_validation_error(exc, method=method, source=source)) from exc
+        if config.model_extra:
+            logger.debug(
+                "%s config%s: keeping unknown keys %s",
+                method,
+                _where(source),
+                sorted(config.model_extra),
+            )
+        return config
+
+    def layer_rule(self, prefix: str) -> LayerRule:
+        """Decide whether the layer ``prefix`` is quantized under this config, and why.
+
+        The default quantizes every layer; for an lm_head it honours a boolean ``lm_head``
+        key when the config has one, else ``supports_lm_head``.
+        """
+        if is_lm_head(prefix):
+            flag = getattr(self, "lm_head", None)
+            if isinstance(flag, bool):
+                return LayerRule(flag, f"lm_head: {str(flag).lower()}")
+            return LayerRule(
+                self.supports_lm_head,
+                f"supports_lm_head: {str(self.supports_lm_head).lower()} "
+                "(the config has no lm_head key)",
+            )
+        return LayerRule(True, "quant_method: every layer is quantized")
+
+    def for_layer(self, rule: LayerRule) -> Self:
+        """The effective config of one layer: this config with the rule's overrides applied."""
+        if not rule.overrides:
+            return self
+        return type(self).model_validate({**self.model_dump(), **rule.overrides})
+
+    def format_reason(self) -> str | None:
+        """Why this method cannot compute this (effective) config at all; None if it can."""
+        return None
+
+    def platform_reason(self, platform: Platform) -> str | None:
+        """Why ``platform`` lacks this method's intended kernel; None if it has it."""
+        return None
+
+    def notes(self) -> list[str]:
+        """Facts about this (effective) config worth showing in a Resolution."""
+        return []
+
+    def get_linear_method(self, layer: object, prefix: str) -> LinearMethod | None:
+        """The LinearMethod for ``layer`` named ``prefix``; None keeps it unquantized.
+
+        Raises:
+            ConfigError: the layer is an lm_head this method cannot run quantized.
+        """
+        rule = self.layer_rule(prefix)
+        if not rule.quantized:
+            return None
+        if is_lm_head(prefix) and not self.supports_lm_head:
+            raise ConfigError(
+                f"{type(self).__name__} cannot run a quantized lm_head ('{prefix}', {rule.rule}); "
+                "the checkpoint's head is quantized, so it cannot be loaded with this method"
+            )
+        if getattr(type(self), "linear_method", None) is None:
+            raise MethodDefinitionError(
+                f"{type(self).__qualname__} sets no linear_method, so it cannot run '{prefix}'"
+            )
+        return self.linear_method(self.for_layer(rule))
+
+
+def _where(source: str | None) -> str:
+    return f" in {source}" if source else ""
+
+
+def describe_validation_error(
+    exc: ValidationError, *, method: str, source: str | None = None
+) -> str:
+    """Turn a pydantic error into one line per bad field: file, method, field, value, rule."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(part) for part in err["loc"]) or "<config>"
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        if err["type"] == "missing":
+            lines.append(f"field '{loc}' is required")
+        else:
+            lines.append(f"field '{loc}' = {err.get('input')!r}: {msg}")
+    return f"invalid {method} quantization_config{_where(source)}: " + "; ".join(lines)

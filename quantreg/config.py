@@ -1,0 +1,106 @@
+"""Finding a checkpoint's quantization config: which method wrote it, and its raw dict.
+
+Looked up in this order: ``config.json`` keys ``quantization_config``, ``compression_config``
+and ``text_config.quantization_config``; then the legacy ``quantize_config.json`` (AutoGPTQ)
+and ``quant_config.json`` (AutoAWQ) beside it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from quantreg.checkpoint import CONFIG_NAME, checked_file, read_json
+from quantreg.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# Legacy side files and the method their (often unlabelled) contents belong to.
+LEGACY_FILES = (("quantize_config.json", "gptq"), ("quant_config.json", "awq"))
+
+
+@dataclass(frozen=True)
+class DetectedQuantConfig:
+    """A checkpoint's quantization config as found: method name, dict, and where it was."""
+
+    quant_method: str
+    data: Mapping[str, Any]
+    where: str  # e.g. "/ckpt/config.json (quantization_config)"
+
+
+def load_model_config(path: Path) -> tuple[dict[str, Any], Path | None]:
+    """Read ``config.json`` from a checkpoint folder or a file path.
+
+    Returns the dict and its path; a folder without config.json gives ``({}, None)``.
+
+    Raises:
+        ConfigError: the file is unreadable, not JSON, or not a JSON object.
+    """
+    if path.is_dir():
+        config_path = path / CONFIG_NAME
+        if not (config_path.exists() or config_path.is_symlink()):
+            return {}, None
+        checked_file(path, CONFIG_NAME, what="config")
+    else:
+        config_path = path
+    data = read_json(config_path, what="config file")
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {config_path} must hold a JSON object")
+    return data, config_path
+
+
+def detect_quant_config(
+    config: Mapping[str, Any],
+    *,
+    config_path: Path | None = None,
+    root: Path | None = None,
+    label: str = "config.json",
+) -> DetectedQuantConfig | None:
+    """The checkpoint's quantization config, or None when it declares no quantization.
+
+    ``label`` names the config in messages when it did not come from a file.
+
+    Raises:
+        ConfigError: a quantization config that is not an object or names no method.
+    """
+    where_file = str(config_path) if config_path else label
+    for keys in (("quantization_config",), ("compression_config",), ("text_config", "quantization_config")):  # fmt: skip
+        value: Any = config
+        for key in keys:
+            value = value.get(key) if isinstance(value, Mapping) else None
+        if value is None:
+            continue
+        where = f"{where_file} ({'.'.join(keys)})"
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where} must be a JSON object, got {type(value).__name__}")
+        if keys == ("compression_config",) and "quant_method" not in value:
+            # compressed-tensors before 0.4 nested its quantization config one level down.
+            nested = value.get("quantization_config")
+            if isinstance(nested, Mapping):
+                value = {"quant_method": "compressed-tensors", **nested}
+        return _labelled(value, where=where, default=None)
+    if root is not None:
+        for name, method in LEGACY_FILES:
+            legacy = root / name
+            if legacy.exists() or legacy.is_symlink():
+                checked_file(root, name, what="legacy quantization config")
+                data = read_json(legacy, what="legacy quantization config")
+                if not isinstance(data, Mapping):
+                    raise ConfigError(f"{legacy} must hold a JSON object")
+                return _labelled(data, where=str(legacy), default=method)
+    return None
+
+
+def _labelled(data: Mapping[str, Any], *, where: str, default: str | None) -> DetectedQuantConfig:
+    method = data.get("quant_method", default)
+    if method is None:
+        raise ConfigError(
+            f"{where} has no 'quant_method' key: cannot tell which quantization method wrote "
+            "it (expected e.g. 'awq', 'gptq' or 'compressed-tensors')"
+        )
+    if not isinstance(method, str) or not method.strip():
+        raise ConfigError(f"{where}: field 'quant_method' = {method!r}: expected a method name")
+    return DetectedQuantConfig(method, {**data, "quant_method": method}, where)
