@@ -57,7 +57,9 @@ class AWQConfig(QuantConfig):
     @classmethod
     def _zero_point(cls, value: bool) -> bool:
         if not value:
-            raise ValueError("AWQ GEMM checkpoints always carry zero points (qzeros); expected true")
+            raise ValueError(
+                "AWQ GEMM checkpoints always carry zero points (qzeros); expected true"
+            )
         return value
 
     def layer_rule(self, prefix: str) -> LayerRule:

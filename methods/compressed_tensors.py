@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from quantreg import LayerRule, QuantConfig
 
@@ -79,7 +79,6 @@ class QuantizationScheme(BaseModel):
     format: Format = None
 
 
-
 def match_kind(target: str, name: str) -> int | None:
     """How ``target`` matches module ``name``: 0 exact name, 1 ``re:`` regex, 2 class ``Linear``."""
     if target == name:
@@ -98,8 +97,8 @@ class CompressedTensorsConfig(QuantConfig):
     supports_lm_head: ClassVar[bool] = True
 
     format: Format = None
-    config_groups: dict[str, QuantizationScheme] = {}
-    ignore: list[str] = []
+    config_groups: dict[str, QuantizationScheme] = Field(default_factory=dict)
+    ignore: list[str] = Field(default_factory=list)
     quantization_status: str | None = None
 
     @field_validator("quantization_status")

@@ -89,7 +89,9 @@ class GPTQConfig(QuantConfig):
 
     @field_validator("dynamic")
     @classmethod
-    def _dynamic(cls, value: dict[str, DynamicOverride] | None) -> dict[str, DynamicOverride] | None:
+    def _dynamic(
+        cls, value: dict[str, DynamicOverride] | None
+    ) -> dict[str, DynamicOverride] | None:
         for key in value or {}:
             pattern = key[2:] if key[:2] in ("+:", "-:") else key
             try:
@@ -111,7 +113,9 @@ class GPTQConfig(QuantConfig):
         for key, rule in (self.dynamic or {}).items():
             pattern = key[2:] if key[:2] in ("+:", "-:") else key
             if re.match(pattern, prefix):
-                overrides = {k: getattr(rule, k) for k in OVERRIDE_KEYS if getattr(rule, k) is not None}
+                overrides = {
+                    k: getattr(rule, k) for k in OVERRIDE_KEYS if getattr(rule, k) is not None
+                }
                 return key, key.startswith("-:"), overrides
         return None
 
@@ -126,7 +130,9 @@ class GPTQConfig(QuantConfig):
         match = self.dynamic_match(prefix)
         if decided is not None:
             if match is not None:
-                decided = replace(decided, also=(*decided.also, f"dynamic '{match[0]}' (not applied)"))
+                decided = replace(
+                    decided, also=(*decided.also, f"dynamic '{match[0]}' (not applied)")
+                )
             return decided
         if match is not None:
             key, excluded, overrides = match

@@ -4,25 +4,24 @@ The public API is exactly ``__all__``; everything else is internal.
 """
 
 from quantreg._version import __version__
-from quantreg.base import LayerRule
-from quantreg.base import LinearMethod
-from quantreg.base import QuantConfig
-from quantreg.base import is_lm_head
-from quantreg.errors import CheckpointError
-from quantreg.errors import ConfigError
-from quantreg.errors import DuplicateMethodError
-from quantreg.errors import MethodDefinitionError
-from quantreg.errors import PluginError
-from quantreg.errors import QuantregError
-from quantreg.errors import UnknownMethodError
+from quantreg.base import LayerRule, LinearMethod, QuantConfig, is_lm_head
+from quantreg.errors import (
+    CheckpointError,
+    ConfigError,
+    DuplicateMethodError,
+    MethodDefinitionError,
+    PluginError,
+    QuantregError,
+    UnknownMethodError,
+)
 from quantreg.platform import Platform
-from quantreg.registry import MethodInfo
-from quantreg.registry import get_quant_config_cls
-from quantreg.registry import list_quant_methods
-from quantreg.registry import register_quant_method
-from quantreg.resolution import Candidate
-from quantreg.resolution import Resolution
-from quantreg.resolution import resolve
+from quantreg.registry import (
+    MethodInfo,
+    get_quant_config_cls,
+    list_quant_methods,
+    register_quant_method,
+)
+from quantreg.resolution import Candidate, Resolution, resolve
 
 __all__ = [
     "Candidate",

@@ -7,6 +7,7 @@ methods and plugins use exactly this contract.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -98,7 +99,7 @@ class QuantConfig(BaseModel):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # Runs before pydantic collects fields, so the mistake is reported before pydantic
         # silently turns the declaration into a field that shadows the class-level one.
-        annotations = cls.__dict__.get("__annotations__", {})
+        annotations = inspect.get_annotations(cls)
         for name in _CLASS_LEVEL:
             if name in annotations and "ClassVar" not in str(annotations[name]):
                 raise MethodDefinitionError(
@@ -107,7 +108,9 @@ class QuantConfig(BaseModel):
                     "or assign it without an annotation"
                 )
         method = cls.__dict__.get("linear_method")
-        if method is not None and not (isinstance(method, type) and issubclass(method, LinearMethod)):
+        if method is not None and not (
+            isinstance(method, type) and issubclass(method, LinearMethod)
+        ):
             raise MethodDefinitionError(
                 f"{cls.__module__}.{cls.__qualname__}.linear_method must be a subclass of "
                 f"quantreg.LinearMethod, got {method!r}"

@@ -8,6 +8,7 @@ so resolution can look at names, dtypes and shapes for free.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -186,7 +187,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             continue
         infos[name] = _tensor_info(path, name, entry, data_len, spans)
     spans.sort()
-    for (_, end, first), (begin, _, second) in zip(spans, spans[1:], strict=False):
+    for (_, end, first), (begin, _, second) in itertools.pairwise(spans):
         if begin < end:
             raise CheckpointError(
                 f"{path}: tensors {first!r} and {second!r} overlap in the data section",

@@ -18,6 +18,12 @@ from quantreg.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
+# Where config.json may hold the quantization config, in the order they are tried.
+LOOKUP_ORDER = (
+    ("quantization_config",),
+    ("compression_config",),
+    ("text_config", "quantization_config"),
+)
 # Legacy side files and the method their (often unlabelled) contents belong to.
 LEGACY_FILES = (("quantize_config.json", "gptq"), ("quant_config.json", "awq"))
 
@@ -67,7 +73,7 @@ def detect_quant_config(
         ConfigError: a quantization config that is not an object or names no method.
     """
     where_file = str(config_path) if config_path else label
-    for keys in (("quantization_config",), ("compression_config",), ("text_config", "quantization_config")):  # fmt: skip
+    for keys in LOOKUP_ORDER:
         value: Any = config
         for key in keys:
             value = value.get(key) if isinstance(value, Mapping) else None

@@ -10,6 +10,7 @@ while being imported cannot deadlock another thread.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import importlib.metadata
@@ -103,8 +104,12 @@ def _describe_class(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _target_of(cls: type) -> str:
-    return f"{cls.__module__}:{cls.__qualname__}"
+def _names_class(target: str, cls: type) -> bool:
+    """Whether ``module:Class`` denotes ``cls``, also when a package re-exports it."""
+    module, _, attr = (part.strip() for part in target.partition(":"))
+    return cls.__qualname__ == attr and (
+        cls.__module__ == module or cls.__module__.startswith(module + ".")
+    )
 
 
 class Registry:
@@ -162,8 +167,7 @@ class Registry:
                 owner = self._aliases.get(alias, alias if alias in self._entries else None)
                 if owner is not None and owner != key:
                     raise DuplicateMethodError(
-                        f"cannot register alias '{alias}' for '{key}': "
-                        f"it already names '{owner}'"
+                        f"cannot register alias '{alias}' for '{key}': it already names '{owner}'"
                     )
             if existing is not None:
                 if not override:
@@ -217,9 +221,9 @@ class Registry:
             known = sorted(self._entries)
             candidates = known + sorted(self._aliases)
         close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
-        hint = f" Did you mean '{self._aliases.get(close[0], close[0])}'?" if close else ""
+        hint = f"; did you mean '{self._aliases.get(close[0], close[0])}'?" if close else ""
         raise UnknownMethodError(
-            f"unknown quantization method {name!r}; registered: {', '.join(known)}.{hint}"
+            f"unknown quantization method {name!r}; registered: {', '.join(known)}{hint}"
         )
 
     def get(self, name: str) -> type[QuantConfig]:
@@ -248,6 +252,14 @@ class Registry:
         with self._lock:
             if entry.cls is None:
                 entry.cls, entry.error = cls, None
+            elif entry.cls is not cls:
+                entry.error = (
+                    f"quantization method '{key}' ({entry.source}) points to "
+                    f"{_describe_class(cls)}, but its module registered "
+                    f"{_describe_class(entry.cls)}"
+                )
+                entry.cls = None
+                raise PluginError(entry.error)
             return entry.cls
 
     def list(self) -> list[MethodInfo]:
@@ -256,10 +268,8 @@ class Registry:
         with self._lock:
             plugin_names = [n for n, e in self._entries.items() if e.entry_point is not None]
         for name in plugin_names:
-            try:
+            with contextlib.suppress(PluginError):  # recorded on the entry
                 self.get(name)
-            except PluginError:
-                pass  # recorded on the entry
         with self._lock:
             return [
                 MethodInfo(e.name, e.aliases, e.source, e.cls is not None, e.error)
@@ -302,7 +312,7 @@ class Registry:
     def _is_same(entry: _Entry, cls: type) -> bool:
         if entry.cls is not None:
             return entry.cls is cls
-        return entry.target == _target_of(cls)
+        return entry.target is not None and _names_class(entry.target, cls)
 
     @staticmethod
     def _holder(entry: _Entry) -> str:
@@ -332,10 +342,16 @@ class Registry:
         source = f"plugin {dist_name}: {ep.name} = {ep.value}"
         key = normalize_name(ep.name)
         if not _NAME_RE.match(key):
-            logger.warning("ignoring plugin entry point %r (%s): invalid method name", ep.name, source)
+            logger.warning(
+                "ignoring plugin entry point %r (%s): invalid method name", ep.name, source
+            )
             return
         if key in self._entries or key in self._aliases:
             owner = self._entries.get(key) or self._entries[self._aliases[key]]
+            if owner.cls is not None and owner.name == key and _names_class(ep.value, owner.cls):
+                # The plugin module was imported (and registered itself) before discovery.
+                owner.source, owner.entry_point = source, ep
+                return
             logger.warning(
                 "plugin entry point '%s' (%s) ignored: the name is taken by %s (%s)",
                 key,
@@ -359,7 +375,7 @@ class Registry:
                 obj = importlib.import_module(module_name)
                 for part in attr.split("."):
                     obj = getattr(obj, part)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # a plugin calling sys.exit() must not end us
             raise PluginError(
                 f"quantization {what} failed to load: {type(exc).__name__}: {exc}"
             ) from exc
@@ -396,7 +412,7 @@ def register_quant_method(
 
     Raises:
         DuplicateMethodError: the name or an alias is taken by another class.
-        MethodDefinitionError: not a QuantConfig subclass, no linear_method, or a bad name.
+        MethodDefinitionError: not a QuantConfig subclass, or a bad name or alias.
     """
 
     def decorate(cls: C) -> C:

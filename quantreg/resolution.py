@@ -152,7 +152,9 @@ _cache_lock = threading.Lock()
 _CACHE_SIZE = 64
 
 
-def read_checkpoint(source: str | os.PathLike[str] | Mapping[str, Any], prefix: str) -> CheckpointView:
+def read_checkpoint(
+    source: str | os.PathLike[str] | Mapping[str, Any], prefix: str
+) -> CheckpointView:
     """The checkpoint view of a folder, a config.json path or a dict (cached by path + mtime).
 
     Raises:
@@ -290,7 +292,11 @@ def _decide(
     rule_text = rule.rule + ("; also: " + "; ".join(rule.also) if rule.also else "")
     common["format"] = fmt
     reader_names = sorted(name for name, _, _ in readers)
-    if req is not None and req not in reader_names and not (req == UNQUANTIZED and not rule.quantized):
+    if (
+        req is not None
+        and req not in reader_names
+        and not (req == UNQUANTIZED and not rule.quantized)
+    ):
         raise ConfigError(
             f"requested method '{req}' cannot read {view.source}: its quantization config "
             f"({where}) is quant_method '{fmt}', which only {', '.join(reader_names)} can read"
@@ -325,7 +331,11 @@ def _decide(
             why += f"; {on_platform}, so it runs its CPU path"
             notes.append(f"{req} runs its CPU path: {on_platform}")
         candidates = [Candidate(req, True, why, cls.upgrade_priority)]
-        candidates += [Candidate(p[0], False, "not requested", p[1].upgrade_priority) for p in probes if p[0] != req]
+        candidates += [
+            Candidate(p[0], False, "not requested", p[1].upgrade_priority)
+            for p in probes
+            if p[0] != req
+        ]
     else:
         winner = next((p for p in probes if p[3] is None and p[4] is None), None)
         if winner is None:
@@ -393,7 +403,9 @@ def _readers(
         except ConfigError:
             if name == fmt:
                 raise
-            declined.append(Candidate(name, False, "cannot parse this config", cls.upgrade_priority))
+            declined.append(
+                Candidate(name, False, "cannot parse this config", cls.upgrade_priority)
+            )
             continue
         except Exception as exc:
             declined.append(Candidate(name, False, f"failed: {type(exc).__name__}: {exc}"))

@@ -1,0 +1,23 @@
+"""Shared fixtures: every test gets a fresh registry and an empty resolution cache."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from quantreg.registry import Registry, set_default_registry
+from quantreg.resolution import clear_cache
+
+
+@pytest.fixture(autouse=True)
+def registry() -> Iterator[Registry]:
+    """A fresh default registry holding only the built-ins (plus installed plugins)."""
+    fresh = Registry()
+    previous = set_default_registry(fresh)
+    clear_cache()
+    try:
+        yield fresh
+    finally:
+        set_default_registry(previous)
+        clear_cache()

@@ -1,0 +1,52 @@
+"""The public facade: one sorted ``__all__``, and ``import quantreg`` stays light."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import quantreg
+
+
+def test_all_is_sorted_and_unique():
+    assert quantreg.__all__ == sorted(set(quantreg.__all__))
+
+
+def test_all_matches_the_public_names():
+    public = {name for name in vars(quantreg) if not name.startswith("_") or name == "__version__"}
+    modules = {name for name in public if type(getattr(quantreg, name)).__name__ == "module"}
+    assert set(quantreg.__all__) == public - modules
+
+
+def test_every_error_derives_from_the_root_and_a_builtin():
+    expected = {
+        "UnknownMethodError": LookupError,
+        "DuplicateMethodError": ValueError,
+        "MethodDefinitionError": TypeError,
+        "PluginError": ImportError,
+        "ConfigError": ValueError,
+        "CheckpointError": ValueError,
+    }
+    for name, builtin in expected.items():
+        cls = getattr(quantreg, name)
+        assert issubclass(cls, quantreg.QuantregError)
+        assert issubclass(cls, builtin)
+
+
+def test_import_and_listing_import_no_method_module_and_no_triton():
+    code = (
+        "import json, sys, quantreg; quantreg.list_quant_methods(); "
+        "print(json.dumps(sorted(m for m in sys.modules "
+        "if m.startswith(('quantreg.methods', 'triton')))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert json.loads(out) == []
+
+
+def test_package_ships_py_typed():
+    from importlib.resources import files
+
+    assert files("quantreg").joinpath("py.typed").is_file()
