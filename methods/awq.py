@@ -22,6 +22,8 @@ class AWQConfig(QuantConfig):
     """``quantization_config`` of an AWQ checkpoint (AutoAWQ, GPTQModel's AWQ export).
 
     ``w_bit`` / ``q_group_size`` are accepted as the legacy ``quant_config.json`` spellings.
+    ``zero_point: false`` is accepted: GPTQModel writes it for symmetric AWQ (``sym: true``)
+    while still storing ``qzeros``.
     """
 
     supports_lm_head: ClassVar[bool] = True
@@ -52,15 +54,6 @@ class AWQConfig(QuantConfig):
                 "checkpoints pack differently)"
             )
         return value.lower()
-
-    @field_validator("zero_point")
-    @classmethod
-    def _zero_point(cls, value: bool) -> bool:
-        if not value:
-            raise ValueError(
-                "AWQ GEMM checkpoints always carry zero points (qzeros); expected true"
-            )
-        return value
 
     def layer_rule(self, prefix: str) -> LayerRule:
         """``lm_head`` flag (absent = false), then ``modules_to_not_convert`` (substring)."""

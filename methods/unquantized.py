@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from quantreg import LayerRule, QuantConfig
+from quantreg import LayerRule, QuantConfig, UnquantizedLinearMethod
 
 
 class UnquantizedConfig(QuantConfig):
     """The method of a checkpoint that declares no quantization: every layer stays float."""
 
+    linear_method = UnquantizedLinearMethod
     supports_lm_head: ClassVar[bool] = True
 
     def layer_rule(self, prefix: str) -> LayerRule:

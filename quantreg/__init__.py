@@ -1,27 +1,57 @@
 """quantreg: a pluggable quantization-method registry for serving quantized LLM lm_heads.
 
-The public API is exactly ``__all__``; everything else is internal.
+The public API is exactly the names listed below; everything else is internal.
+``ParallelLMHead`` and ``load_lm_head`` import torch, so they load on first access.
 """
 
+# isort: skip_file
+import typing
+
 from quantreg._version import __version__
-from quantreg.base import LayerRule, LinearMethod, QuantConfig, is_lm_head
-from quantreg.errors import (
-    CheckpointError,
-    ConfigError,
-    DuplicateMethodError,
-    MethodDefinitionError,
-    PluginError,
-    QuantregError,
-    UnknownMethodError,
-)
+from quantreg.base import LayerRule
+from quantreg.base import LinearMethod
+from quantreg.base import QuantConfig
+from quantreg.base import is_lm_head
+from quantreg.errors import CheckpointError
+from quantreg.errors import ConfigError
+from quantreg.errors import DuplicateMethodError
+from quantreg.errors import MethodDefinitionError
+from quantreg.errors import PluginError
+from quantreg.errors import QuantregError
+from quantreg.errors import UnknownMethodError
+from quantreg.linear import UnquantizedLinearMethod
+from quantreg.linear import set_weight_attrs
 from quantreg.platform import Platform
-from quantreg.registry import (
-    MethodInfo,
-    get_quant_config_cls,
-    list_quant_methods,
-    register_quant_method,
-)
-from quantreg.resolution import Candidate, Resolution, resolve
+from quantreg.registry import MethodInfo
+from quantreg.registry import get_quant_config_cls
+from quantreg.registry import list_quant_methods
+from quantreg.registry import register_quant_method
+from quantreg.resolution import Candidate
+from quantreg.resolution import Resolution
+from quantreg.resolution import resolve
+
+if typing.TYPE_CHECKING:
+    from quantreg.lm_head import ParallelLMHead
+    from quantreg.loading import load_lm_head
+
+# Names whose modules import torch: loaded on first access so that `import quantreg`,
+# the registry and resolution stay light.
+_LAZY = {"ParallelLMHead": "quantreg.lm_head", "load_lm_head": "quantreg.loading"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'quantreg' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "Candidate",
@@ -32,16 +62,20 @@ __all__ = [
     "LinearMethod",
     "MethodDefinitionError",
     "MethodInfo",
+    "ParallelLMHead",
     "Platform",
     "PluginError",
     "QuantConfig",
     "QuantregError",
     "Resolution",
     "UnknownMethodError",
+    "UnquantizedLinearMethod",
     "__version__",
     "get_quant_config_cls",
     "is_lm_head",
     "list_quant_methods",
+    "load_lm_head",
     "register_quant_method",
     "resolve",
+    "set_weight_attrs",
 ]

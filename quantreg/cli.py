@@ -10,11 +10,12 @@ import argparse
 import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import quantreg
-from quantreg.errors import QuantregError
+from quantreg.errors import ConfigError, QuantregError
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,80 @@ def cmd_resolve(args: argparse.Namespace) -> int:
         _print_json(resolution.to_dict())
     else:
         print(resolution.explain())
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Show a checkpoint's config, its head's method, and every tensor (headers only)."""
+    from quantreg.report import inspect_checkpoint
+
+    report = inspect_checkpoint(args.path, platform=args.platform, prefix=args.prefix)
+    if args.json:
+        _print_json(report)
+        return 0
+    quant = report["config"].get("quantization_config")
+    print(f"{args.path}: {args.prefix} -> {report['method'] or 'unquantized'} ({report['rule']})")
+    if isinstance(quant, dict):
+        print(f"quantization_config: {json.dumps(quant, sort_keys=True)[:300]}")
+    width = max((len(t["name"]) for t in report["tensors"]), default=4)
+    for t in report["tensors"]:
+        flag = "q" if t["quantized"] else " "
+        print(
+            f"  {flag} {t['name']:<{width}}  {t['dtype']:<7} {t['shape']!s:<16} "
+            f"{t['bytes']:>12,d}  {t['file']}"
+        )
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Load the head, compute logits for hidden states, print top-5 ids and timings."""
+    import torch
+
+    from quantreg.loading import load_lm_head, read_hidden_states
+
+    start = time.perf_counter()
+    head = load_lm_head(
+        args.path, device=args.device, dtype=args.dtype, requested=args.quantization,
+        platform=args.platform, prefix=args.prefix,
+    )  # fmt: skip
+    load_s = time.perf_counter() - start
+    if args.hidden is not None:
+        x = read_hidden_states(args.hidden)
+        if x.shape[-1] != head.embedding_dim:
+            raise ConfigError(
+                f"{args.hidden}: tensor 'x' has {x.shape[-1]} features; the head expects "
+                f"hidden size {head.embedding_dim}"
+            )
+    else:
+        generator = torch.Generator().manual_seed(args.seed)
+        x = torch.randn(args.tokens, head.embedding_dim, generator=generator)
+    x = x.to(device=args.device, dtype=head.params_dtype)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        logits = head.compute_logits(x)
+    forward_s = time.perf_counter() - start
+    top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices.tolist()
+    if args.out is not None:
+        from safetensors.torch import save_file
+
+        save_file({"logits": logits.detach().cpu().contiguous()}, str(args.out))
+    result = {
+        "method": head.resolution.method if head.resolution else None,
+        "load_s": round(load_s, 6),
+        "forward_s": round(forward_s, 6),
+        "resident_bytes": head.resident_bytes(),
+        "top5": top5,
+    }
+    if args.json:
+        _print_json(result)
+        return 0
+    print(f"method: {result['method'] or 'unquantized'}  ({head.quant_reason})")
+    print(f"load {load_s * 1e3:.1f} ms, forward {forward_s * 1e3:.2f} ms "
+          f"({x.shape[0]} tokens), resident head {result['resident_bytes']:,d} bytes")  # fmt: skip
+    for i, ids in enumerate(top5):
+        print(f"  token {i}: top-5 ids {ids}")
+    if args.out is not None:
+        print(f"logits {list(logits.shape)} written to {args.out}")
     return 0
 
 
@@ -88,6 +163,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default="lm_head", help="layer name (default: lm_head)")
     p.add_argument("--json", action="store_true", help="print Resolution.to_dict() as JSON")
     p.set_defaults(func=cmd_resolve)
+
+    p = sub.add_parser(
+        "inspect", parents=[verbose], help="show a checkpoint's tensors and its head's method"
+    )
+    p.add_argument("path", help="checkpoint folder")
+    p.add_argument("--platform", default=None, help="platform to resolve for (default: this one)")
+    p.add_argument("--prefix", default="lm_head", help="layer name (default: lm_head)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("run", parents=[verbose], help="load a checkpoint's head and compute logits")
+    p.add_argument("path", help="checkpoint folder")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--tokens", type=int, default=4, help="random hidden states (default 4)")
+    source.add_argument(
+        "--hidden", default=None, metavar="FILE",
+        help="a safetensors file whose tensor 'x' holds [tokens, hidden]",
+    )  # fmt: skip
+    p.add_argument(
+        "--out", default=None, metavar="FILE", help="write 'logits' to a safetensors file"
+    )
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: config)")
+    p.add_argument("--quantization", default=None, metavar="NAME", help="force a method")
+    p.add_argument(
+        "--platform", default=None, help="platform to resolve for (default: the device's)"
+    )
+    p.add_argument("--prefix", default="lm_head", help="layer name (default: lm_head)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random hidden states")
+    p.add_argument("--json", action="store_true", help="print {method, load_s, forward_s, ...}")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", parents=[verbose], help="the README's main job")
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -24,6 +24,8 @@ LOOKUP_ORDER = (
     ("compression_config",),
     ("text_config", "quantization_config"),
 )
+# AWQ kernel layouts; GPTQModel may label such a checkpoint quant_method "gptq".
+AWQ_LAYOUTS = ("gemm", "gemv", "gemv_fast")
 # Legacy side files and the method their (often unlabelled) contents belong to.
 LEGACY_FILES = (("quantize_config.json", "gptq"), ("quant_config.json", "awq"))
 
@@ -35,6 +37,7 @@ class DetectedQuantConfig:
     quant_method: str
     data: Mapping[str, Any]
     where: str  # e.g. "/ckpt/config.json (quantization_config)"
+    note: str | None = None
 
 
 def load_model_config(path: Path) -> tuple[dict[str, Any], Path | None]:
@@ -109,4 +112,17 @@ def _labelled(data: Mapping[str, Any], *, where: str, default: str | None) -> De
         )
     if not isinstance(method, str) or not method.strip():
         raise ConfigError(f"{where}: field 'quant_method' = {method!r}: expected a method name")
+    layout = data.get("format") or data.get("checkpoint_format")
+    if (
+        method.strip().lower() == "gptq"
+        and isinstance(layout, str)
+        and layout.lower() in AWQ_LAYOUTS
+    ):
+        # GPTQModel's weight-only exports keep quant_method "gptq" but write AWQ tensors.
+        note = (
+            f"{where} says quant_method 'gptq' with format '{layout}': GPTQModel writes that "
+            "for AWQ-layout tensors (qweight [in, out/8], no g_idx), so it is read as awq"
+        )
+        awq = {**data, "quant_method": "awq", "version": data.get("version", layout)}
+        return DetectedQuantConfig("awq", awq, where, note)
     return DetectedQuantConfig(method, {**data, "quant_method": method}, where)

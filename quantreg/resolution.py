@@ -302,6 +302,8 @@ def _decide(
             f"({where}) is quant_method '{fmt}', which only {', '.join(reader_names)} can read"
         )
     notes = _tensor_notes(rule, state, infos, prefix)
+    if view.quant.note:
+        notes.insert(0, view.quant.note)
 
     if not rule.quantized:
         chosen = Candidate(UNQUANTIZED, True, f"the config keeps '{prefix}' unquantized")
@@ -421,6 +423,15 @@ def _format_reason(cls: type[QuantConfig], effective: QuantConfig, prefix: str) 
     return effective.format_reason()
 
 
+def is_quantized_tensor(info: TensorInfo, prefix: str) -> bool:
+    """Whether a tensor of layer ``prefix`` belongs to a quantized layout (packed codes,
+    scales, zero points, or an integer / fp8 ``weight``)."""
+    suffix = info.name[len(prefix) + 1 :]
+    return suffix in QUANTIZED_TENSOR_NAMES or (
+        suffix == "weight" and info.dtype not in FLOAT_DTYPES
+    )
+
+
 def _tensor_state(
     tensors: Mapping[str, TensorInfo] | None, prefix: str
 ) -> tuple[TensorState | None, tuple[TensorInfo, ...]]:
@@ -429,10 +440,8 @@ def _tensor_state(
     infos = tuple(sorted(tensors.values(), key=lambda t: t.name))
     if not infos:
         return "absent", ()
-    for t in infos:
-        suffix = t.name[len(prefix) + 1 :]
-        if suffix in QUANTIZED_TENSOR_NAMES or (suffix == "weight" and t.dtype not in FLOAT_DTYPES):
-            return "quantized", infos
+    if any(is_quantized_tensor(t, prefix) for t in infos):
+        return "quantized", infos
     return "unquantized", infos
 
 

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 import quantreg
 
 
@@ -14,7 +16,7 @@ def test_all_is_sorted_and_unique():
 
 
 def test_all_matches_the_public_names():
-    public = {name for name in vars(quantreg) if not name.startswith("_") or name == "__version__"}
+    public = {name for name in dir(quantreg) if not name.startswith("_") or name == "__version__"}
     modules = {name for name in public if type(getattr(quantreg, name)).__name__ == "module"}
     assert set(quantreg.__all__) == public - modules
 
@@ -34,16 +36,33 @@ def test_every_error_derives_from_the_root_and_a_builtin():
         assert issubclass(cls, builtin)
 
 
-def test_import_and_listing_import_no_method_module_and_no_triton():
+def test_import_and_listing_import_no_method_module_no_torch_and_no_triton():
     code = (
         "import json, sys, quantreg; quantreg.list_quant_methods(); "
         "print(json.dumps(sorted(m for m in sys.modules "
-        "if m.startswith(('quantreg.methods', 'triton')))))"
+        "if m.startswith(('quantreg.methods', 'triton', 'torch')))))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert json.loads(out) == []
+
+
+def test_resolving_for_a_given_platform_needs_no_torch():
+    code = (
+        "import sys, quantreg; "
+        "quantreg.resolve({'quant_method': 'awq', 'lm_head': True}, platform='cpu'); "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_lazy_names_resolve_on_access():
+    assert quantreg.ParallelLMHead.__module__ == "quantreg.lm_head"
+    assert quantreg.load_lm_head.__module__ == "quantreg.loading"
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        quantreg.nope  # noqa: B018
 
 
 def test_package_ships_py_typed():
