@@ -50,6 +50,7 @@ def parse(method: str, data: dict) -> quantreg.QuantConfig:
     [
         ("awq", AUTOAWQ, {"bits": 4, "group_size": 128, "lm_head": False}),
         ("awq", GPTQMODEL_AWQ, {"lm_head": True, "version": "gemm"}),
+        ("awq", {**GPTQMODEL_AWQ, "sym": True, "zero_point": False}, {"zero_point": False}),
         ("awq", {"w_bit": 4, "q_group_size": 64, "zero_point": True, "version": "GEMM"},
          {"bits": 4, "group_size": 64, "version": "gemm"}),
         ("gptq", AUTOGPTQ, {"bits": 4, "sym": True, "desc_act": False, "checkpoint_format": "gptq"}),
@@ -57,7 +58,7 @@ def parse(method: str, data: dict) -> quantreg.QuantConfig:
         ("gptq", {**AUTOGPTQ, "checkpoint_format": "gptq_v2"}, {"checkpoint_format": "gptq_v2"}),
         ("compressed-tensors", CT_W8A16, {"format": "pack-quantized", "ignore": []}),
     ],
-    ids=["autoawq", "gptqmodel-awq", "legacy-awq-keys", "autogptq", "gptqmodel", "gptq-v2", "ct-w8a16"],
+    ids=["autoawq", "gptqmodel-awq", "gptqmodel-awq-sym-no-zero-point", "legacy-awq-keys", "autogptq", "gptqmodel", "gptq-v2", "ct-w8a16"],
 )  # fmt: skip
 def test_real_producer_configs_parse(method, data, expected):
     config = parse(method, data)
@@ -90,7 +91,6 @@ def test_gptq_dynamic_rules_are_parsed():
         ("awq", {**AUTOAWQ, "bits": "4"}, r"field 'bits' = '4': Input should be a valid integer"),
         ("awq", {**AUTOAWQ, "bits": 3}, r"field 'bits' = 3: AWQ checkpoints are supported with 4-bit codes only"),
         ("awq", {**AUTOAWQ, "version": "gemv"}, r"field 'version' = 'gemv': only the 'gemm' layout"),
-        ("awq", {**AUTOAWQ, "zero_point": False}, r"field 'zero_point' = False: AWQ GEMM checkpoints always carry zero points"),
         ("awq", {**AUTOAWQ, "group_size": 0}, r"field 'group_size' = 0: expected -1 \(one group\) or a positive"),
         ("awq", {**AUTOAWQ, "modules_to_not_convert": "lm_head"}, r"field 'modules_to_not_convert' = 'lm_head'"),
         ("awq", {**AUTOAWQ, "lm_head": "yes"}, r"field 'lm_head' = 'yes': Input should be a valid boolean"),
@@ -114,7 +114,7 @@ def test_gptq_dynamic_rules_are_parsed():
         ("compressed-tensors", {**CT_W8A16, "config_groups": {"g": {"targets": ["Linear"], "weights": {"strategy": "rows"}}}}, r"field 'config_groups.g.weights.strategy' = 'rows': Input should be 'tensor', 'channel'"),
     ],
     ids=[
-        "awq-bits-bool", "awq-bits-string", "awq-3bit", "awq-gemv", "awq-no-zero-point",
+        "awq-bits-bool", "awq-bits-string", "awq-3bit", "awq-gemv",
         "awq-group-0", "awq-skip-not-list", "awq-lm-head-string", "gptq-3bit", "gptq-2bit",
         "gptq-no-bits", "autogptq-marlin", "gptqmodel-marlin", "gptqmodel-bitblas",
         "gptqmodel-qqq", "gptq-bad-checkpoint-format", "dynamic-3bit", "dynamic-bad-regex",
