@@ -14,6 +14,10 @@ from quantreg.base import QuantConfig
 from quantreg.base import is_lm_head
 from quantreg.errors import CheckpointError
 from quantreg.errors import ConfigError
+from quantreg.drafter import DrafterConfig
+from quantreg.drafter import has_own_lm_head
+from quantreg.drafter import share_lm_head
+from quantreg.errors import DistributedError
 from quantreg.errors import DuplicateMethodError
 from quantreg.errors import MethodDefinitionError
 from quantreg.errors import PluginError
@@ -26,6 +30,7 @@ from quantreg.registry import MethodInfo
 from quantreg.registry import get_quant_config_cls
 from quantreg.registry import list_quant_methods
 from quantreg.registry import register_quant_method
+from quantreg.report import inspect_checkpoint
 from quantreg.resolution import Candidate
 from quantreg.resolution import Resolution
 from quantreg.resolution import resolve
@@ -57,6 +62,8 @@ __all__ = [
     "Candidate",
     "CheckpointError",
     "ConfigError",
+    "DistributedError",
+    "DrafterConfig",
     "DuplicateMethodError",
     "LayerRule",
     "LinearMethod",
@@ -72,10 +79,13 @@ __all__ = [
     "UnquantizedLinearMethod",
     "__version__",
     "get_quant_config_cls",
+    "has_own_lm_head",
+    "inspect_checkpoint",
     "is_lm_head",
     "list_quant_methods",
     "load_lm_head",
     "register_quant_method",
     "resolve",
     "set_weight_attrs",
+    "share_lm_head",
 ]

@@ -207,7 +207,11 @@ def _where(source: str | None) -> str:
 
 
 def describe_validation_error(
-    exc: ValidationError, *, method: str, source: str | None = None
+    exc: ValidationError,
+    *,
+    method: str,
+    source: str | None = None,
+    what: str = "quantization_config",
 ) -> str:
     """Turn a pydantic error into one line per bad field: file, method, field, value, rule."""
     lines = []
@@ -220,4 +224,4 @@ def describe_validation_error(
             lines.append(f"field '{loc}' is required")
         else:
             lines.append(f"field '{loc}' = {err.get('input')!r}: {msg}")
-    return f"invalid {method} quantization_config{_where(source)}: " + "; ".join(lines)
+    return f"invalid {method} {what}{_where(source)}: " + "; ".join(lines)

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,10 @@ DTYPE_SIZES = {
 }  # fmt: skip
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+# Tensors outside the head that loading an Eagle3 drafter's head may need.
+EMBEDDING_NAMES = ("embed_tokens.weight", "model.embed_tokens.weight")
+D2T_NAME = "d2t"
+SIDE_TENSORS = (D2T_NAME, *EMBEDDING_NAMES)
 
 
 @dataclass(frozen=True)
@@ -229,8 +234,11 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def tensor_infos(root: Path, *, prefix: str | None = None) -> dict[str, TensorInfo] | None:
-    """Header entries of the checkpoint's tensors (only those under ``prefix.`` if given).
+def tensor_infos(
+    root: Path, *, prefix: str | None = None, names: Collection[str] = ()
+) -> dict[str, TensorInfo] | None:
+    """Header entries of the checkpoint's tensors: all of them, or only those under
+    ``prefix.`` plus the exact ``names`` (those that exist).
 
     With an index only the shards that hold matching names are opened. Returns None when
     the folder has no safetensors weights.
@@ -242,7 +250,12 @@ def tensor_infos(root: Path, *, prefix: str | None = None) -> dict[str, TensorIn
     files, weight_map = weight_files(root)
     if not files:
         return None
-    wanted = (lambda n: n == prefix or n.startswith(prefix + ".")) if prefix else (lambda n: True)
+
+    def wanted(name: str) -> bool:
+        if prefix is None:
+            return True
+        return name == prefix or name.startswith(prefix + ".") or name in names
+
     if weight_map is None:
         return {n: t for n, t in read_header(files[0]).items() if wanted(n)}
     by_file: dict[str, list[str]] = {}

@@ -7,11 +7,13 @@ Exit codes: 0 success, 1 a quantreg error (its message on stderr, no traceback),
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import quantreg
@@ -102,6 +104,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         logits = head.compute_logits(x)
     forward_s = time.perf_counter() - start
     top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices.tolist()
+    if args.rank != 0:
+        return 0  # under torchrun every rank computed the full logits; rank 0 reports them
     if args.out is not None:
         from safetensors.torch import save_file
 
@@ -127,9 +131,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job for now: show the registry (loading demos arrive with the loaders)."""
-    print(f"quantreg {quantreg.__version__}: registered quantization methods")
-    return cmd_methods(args)
+    """The main job: write example drafters, then resolve, load and run each."""
+    from quantreg.demo import format_rows, run_demo
+
+    rows = run_demo(seed=args.seed)
+    if args.json:
+        _print_json([row.to_dict() for row in rows])
+    else:
+        methods = ", ".join(info.name for info in quantreg.list_quant_methods())
+        print(f"quantreg {quantreg.__version__} (methods: {methods})\n")
+        print(format_rows(rows))
+    return 0 if all(row.target_vocab_ok for row in rows) else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,26 +207,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print {method, load_s, forward_s, ...}")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("demo", parents=[verbose], help="the README's main job")
+    p = sub.add_parser(
+        "demo", parents=[verbose], help="write example drafters, then resolve, load and run each"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the example weights")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_demo)
     return parser
 
 
+@contextlib.contextmanager
+def _process_group(args: argparse.Namespace) -> Iterator[int]:
+    """Under torchrun (``WORLD_SIZE > 1``) initialize gloo (cpu) or NCCL (cuda) for ``run``,
+    destroy it at exit, and yield this process's rank (0 without torchrun)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or args.command != "run":
+        yield 0
+        return
+    import torch
+    import torch.distributed as dist
+
+    backend = "nccl" if str(args.device).startswith("cuda") else "gloo"
+    if backend == "nccl":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        if args.device == "cuda":
+            args.device = f"cuda:{local_rank}"
+    dist.init_process_group(backend)
+    try:
+        yield dist.get_rank()
+    finally:
+        dist.destroy_process_group()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = build_parser().parse_args(argv)
-    if getattr(args, "verbose", False):
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    else:
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    level = logging.INFO if getattr(args, "verbose", False) else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    rank = 0
     try:
-        return args.func(args)
+        with _process_group(args) as rank:
+            args.rank = rank
+            return args.func(args)
     except QuantregError as exc:
-        print(f"quantreg: error: {exc}", file=sys.stderr)
+        where = f" (rank {rank})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"quantreg: error{where}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. `quantreg methods --json | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -23,6 +23,7 @@ LOOKUP_ORDER = (
     ("quantization_config",),
     ("compression_config",),
     ("text_config", "quantization_config"),
+    ("transformer_layer_config", "quantization_config"),
 )
 # AWQ kernel layouts; GPTQModel may label such a checkpoint quant_method "gptq".
 AWQ_LAYOUTS = ("gemm", "gemv", "gemv_fast")

@@ -61,12 +61,12 @@ class TPGroup:
         dist.all_gather(parts, local, group=self.group)
         return torch.cat(parts, dim=-1)
 
-    def all_ok(self, ok: bool) -> bool:
-        """Whether every rank reports ``ok`` (a collective: every rank must call it)."""
+    def failed_ranks(self, failed: bool) -> list[int]:
+        """The ranks that report ``failed`` (a collective: every rank must call it)."""
         if self.size == 1:
-            return ok
-        backend = dist.get_backend(self.group)
-        device = "cuda" if backend == "nccl" else "cpu"
-        flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.SUM, group=self.group)
-        return int(flag.item()) == 0
+            return [0] if failed else []
+        device = "cuda" if dist.get_backend(self.group) == "nccl" else "cpu"
+        flags = torch.zeros(self.size, dtype=torch.int32, device=device)
+        flags[self.rank] = int(failed)
+        dist.all_reduce(flags, op=dist.ReduceOp.SUM, group=self.group)
+        return [rank for rank, flag in enumerate(flags.tolist()) if flag]

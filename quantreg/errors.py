@@ -9,7 +9,8 @@ so callers may catch either::
     ├── MethodDefinitionError   (TypeError)    a QuantConfig subclass declared wrongly
     ├── PluginError             (ImportError)  an entry-point plugin that failed to load
     ├── ConfigError             (ValueError)   a bad or unsupported quantization config
-    └── CheckpointError         (ValueError)   a bad checkpoint file, tensor or index entry
+    ├── CheckpointError         (ValueError)   a bad checkpoint file, tensor or index entry
+    └── DistributedError        (RuntimeError) another tensor-parallel rank failed
 """
 
 from __future__ import annotations
@@ -53,3 +54,7 @@ class CheckpointError(QuantregError, ValueError):
         super().__init__(message)
         self.path = Path(path) if path is not None else None
         self.tensor = tensor
+
+
+class DistributedError(QuantregError, RuntimeError):
+    """A collective step failed on another tensor-parallel rank (this one was fine)."""

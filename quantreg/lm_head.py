@@ -83,6 +83,8 @@ class ParallelLMHead(torch.nn.Module):
         self.output_partition_sizes = [self.num_embeddings_per_partition]
         self.quant_config = quant_config
         self.resolution: Resolution | None = None
+        self.target_vocab_size = num_embeddings
+        self.register_buffer("draft_to_target", None)
 
         method = quant_config.get_linear_method(self, prefix) if quant_config is not None else None
         if method is None:
@@ -190,6 +192,39 @@ class ParallelLMHead(torch.nn.Module):
             )
         logits = self.tp.all_gather_last_dim(self.forward(x))
         return logits[..., : self.num_embeddings]
+
+    def set_vocab_map(self, draft_to_target: torch.Tensor, target_vocab_size: int) -> None:
+        """Attach an Eagle3 drafter's map from its vocab to the target's (``id + d2t[id]``)."""
+        if draft_to_target.shape != (self.num_embeddings,):
+            raise ConfigError(
+                f"vocab map has shape {list(draft_to_target.shape)}; expected "
+                f"[{self.num_embeddings}] (one target id per draft id)"
+            )
+        self.draft_to_target = draft_to_target.to(torch.int64)
+        self.target_vocab_size = target_vocab_size
+
+    def to_target_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """Scatter draft-vocab logits into the target vocab: ``[tokens, target_vocab]``,
+        -inf everywhere except at the mapped ids.
+
+        Raises:
+            ConfigError: logits of the wrong width, or a smaller draft vocab with no map.
+        """
+        if logits.shape[-1] != self.num_embeddings:
+            raise ConfigError(
+                f"logits have {logits.shape[-1]} columns; expected num_embeddings="
+                f"{self.num_embeddings} (the output of compute_logits)"
+            )
+        if self.draft_to_target is None:
+            if self.target_vocab_size == self.num_embeddings:
+                return logits
+            raise ConfigError(
+                f"{self.prefix} has no d2t map to scatter {self.num_embeddings} draft ids into "
+                f"the {self.target_vocab_size}-token target vocab"
+            )
+        out = logits.new_full((*logits.shape[:-1], self.target_vocab_size), float("-inf"))
+        out[..., self.draft_to_target.to(logits.device)] = logits
+        return out
 
     def extra_repr(self) -> str:
         return (

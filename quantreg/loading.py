@@ -11,16 +11,20 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from quantreg.checkpoint import FLOAT_DTYPES, TensorInfo
-from quantreg.errors import CheckpointError, ConfigError
+from quantreg.checkpoint import D2T_NAME, EMBEDDING_NAMES, FLOAT_DTYPES, TensorInfo
+from quantreg.distributed import TPGroup
+from quantreg.drafter import draft_to_target_ids, flatten_config
+from quantreg.errors import CheckpointError, ConfigError, DistributedError
 from quantreg.lm_head import ParallelLMHead
 from quantreg.platform import Platform
-from quantreg.resolution import Resolution, read_checkpoint, resolve
+from quantreg.progress import LoadProgress
+from quantreg.resolution import CheckpointView, Resolution, read_checkpoint, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -138,14 +142,50 @@ def load_lm_head(
     ``dtype`` is the activation and compute dtype (default: the config's ``dtype`` /
     ``torch_dtype``, else the head's float tensor dtype, else float32). ``platform``
     defaults to ``Platform.detect(device)``. With ``strict=False`` head tensors that no
-    parameter consumes only log a WARNING.
+    parameter consumes only log a WARNING. An Eagle3 drafter's ``d2t`` is loaded and checked
+    (see ``ParallelLMHead.to_target_vocab``); a drafter without ``lm_head.*`` tensors but with
+    ``tie_word_embeddings: true`` loads its head from its embedding.
+
+    Under tensor parallelism every rank reports whether its own load succeeded before any
+    returns, so a failure on one rank raises on every rank instead of leaving them waiting.
 
     Raises:
         ConfigError: bad config, dtype or requested method (see :func:`quantreg.resolve`).
         CheckpointError: missing, misshapen, mistyped or unconsumed tensors; unreadable
-            files. The message names the tensors and files.
+            files; a bad ``d2t``. The message names the tensors and files.
+        DistributedError: this rank loaded fine but another rank failed.
     """
-    root = Path(path)
+    group = TPGroup.resolve(tp)
+    head: ParallelLMHead | None = None
+    error: Exception | None = None
+    try:
+        head = _load(Path(path), device, dtype, requested, platform, group, strict, prefix)
+    except Exception as exc:  # re-raised below, after the other ranks have been told
+        error = exc
+    if group.size > 1:
+        failed = group.failed_ranks(error is not None)
+        if error is None and failed:
+            raise DistributedError(
+                f"loading {prefix} of {path} failed on rank(s) {failed} of {group.size}; "
+                f"rank {group.rank} loaded its shard, but the head is unusable without "
+                "every shard (see the failing rank's error)"
+            )
+    if error is not None:
+        raise error
+    assert head is not None
+    return head
+
+
+def _load(
+    root: Path,
+    device: str | torch.device,
+    dtype: torch.dtype | str | None,
+    requested: str | None,
+    platform: Platform | str | None,
+    group: TPGroup,
+    strict: bool,
+    prefix: str,
+) -> ParallelLMHead:
     plat = Platform.detect(device) if platform is None else Platform.coerce(platform)
     resolution = resolve(root, platform=plat, requested=requested, prefix=prefix)
     view = read_checkpoint(root, prefix)
@@ -153,25 +193,46 @@ def load_lm_head(
         raise CheckpointError(
             f"{root} has no safetensors weights (model.safetensors or an index)", path=root
         )
-    vocab, hidden = head_geometry(view.config, view.tensors, prefix, view.source)
+    tensors = dict(view.tensors)
+    if not tensors:
+        tensors, resolution = _tied_head(view, resolution, prefix)
+    vocab, hidden = head_geometry(view.config, tensors, prefix, view.source)
     compute_dtype = (
-        parse_dtype(dtype)
-        if dtype is not None
-        else default_dtype(view.config, view.tensors, prefix)
+        parse_dtype(dtype) if dtype is not None else default_dtype(view.config, tensors, prefix)
     )
     with torch.device(device):
         head = ParallelLMHead(
             vocab,
             hidden,
-            bias=f"{prefix}.bias" in view.tensors,
+            bias=f"{prefix}.bias" in tensors,
             params_dtype=compute_dtype,
             quant_config=resolution.config,
             prefix=prefix,
-            tp=tp,
+            tp=group,
         )
     head.resolution = resolution
-    plan = _check_tensors(head, view.tensors, resolution, strict=strict)
-    _read(head, plan, torch.device(device))
+    plan = _check_tensors(head, tensors, resolution, strict=strict)
+    d2t = view.side.get(D2T_NAME)
+    if d2t is not None:
+        target_vocab = flatten_config(view.config).get("vocab_size")
+        if not isinstance(target_vocab, int) or isinstance(target_vocab, bool) or target_vocab < 1:
+            raise ConfigError(
+                f"{view.source}: the checkpoint has a d2t map but field 'vocab_size' = "
+                f"{target_vocab!r} is not the target vocab size (a positive integer)"
+            )
+        ids = draft_to_target_ids(
+            _read_whole(d2t), d2t, vocab_size=target_vocab, draft_vocab_size=vocab
+        )
+        head.set_vocab_map(ids.to(device), target_vocab)
+    progress = LoadProgress(
+        sum(_slice_bytes(head, p, i) for p, i in plan),
+        f"loading {prefix}",
+        enabled=group.rank == 0,
+    )
+    try:
+        _read(head, plan, torch.device(device), progress)
+    finally:
+        progress.close()
     head.quant_method.process_weights_after_loading(head)
     head.eval()
     logger.info(
@@ -180,6 +241,39 @@ def load_lm_head(
         head.tp_rank, head.tp_size, compute_dtype,
     )  # fmt: skip
     return head
+
+
+def _tied_head(
+    view: CheckpointView, resolution: Resolution, prefix: str
+) -> tuple[dict[str, TensorInfo], Resolution]:
+    """A head with no tensors of its own: its embedding when tied, else an error."""
+    tied = flatten_config(view.config).get("tie_word_embeddings")
+    embedding = next((view.side[n] for n in EMBEDDING_NAMES if n in view.side), None)
+    if tied is not True or embedding is None:
+        have = f"embedding {embedding.name}" if embedding else "no embedding"
+        raise CheckpointError(
+            f"{view.source} has no {prefix}.* tensors (tie_word_embeddings: "
+            f"{_flag(tied)}, {have}); a drafter "
+            "without a head of its own uses its target's: load the target's head and call "
+            "quantreg.share_lm_head(None, target_head)",
+            path=view.source,
+            tensor=f"{prefix}.weight",
+        )
+    notes = list(resolution.notes)
+    if resolution.quantized:
+        notes.append(
+            f"the config quantizes '{prefix}' ({resolution.rule}) but the checkpoint ties it to "
+            f"the float {embedding.name}: loaded unquantized from the embedding"
+        )
+    tied_resolution = replace(
+        resolution,
+        method=None,
+        quantized=False,
+        config=None,
+        rule=f"tie_word_embeddings: true → {embedding.name}; also: {resolution.rule}",
+        notes=tuple(notes),
+    )
+    return {f"{prefix}.weight": embedding}, tied_resolution
 
 
 def _check_tensors(
@@ -202,6 +296,8 @@ def _check_tensors(
             problems.append(f"missing {full}: expected {want}")
             continue
         found = f"{info.dtype} {list(info.shape)} in {info.file.name}"
+        if info.name != full:
+            found += f" (tied: {info.name})"
         if info.shape != expected:
             problems.append(f"{full}: expected shape {want}, found {found}")
         elif not _dtype_ok(param.dtype, info.dtype):
@@ -241,8 +337,25 @@ def _dtype_ok(param_dtype: torch.dtype, stored: str) -> bool:
     return TORCH_DTYPES.get(stored) == param_dtype
 
 
+def _flag(value: Any) -> str:
+    if value is None:
+        return "absent"
+    return str(value).lower() if isinstance(value, bool) else repr(value)
+
+
+def _slice_bytes(head: ParallelLMHead, param: torch.nn.Parameter, info: TensorInfo) -> int:
+    region = head.checkpoint_region(param)
+    if region is None or not info.shape:
+        return info.nbytes
+    dim, start, stop = region
+    return info.nbytes // max(info.shape[dim], 1) * (stop - start)
+
+
 def _read(
-    head: ParallelLMHead, plan: list[tuple[torch.nn.Parameter, TensorInfo]], device: torch.device
+    head: ParallelLMHead,
+    plan: list[tuple[torch.nn.Parameter, TensorInfo]],
+    device: torch.device,
+    progress: LoadProgress,
 ) -> None:
     """Read each parameter's slice, one ``safe_open`` per shard."""
     from safetensors import safe_open
@@ -267,10 +380,24 @@ def _read(
                         data = piece[index]
                     param.checkpoint_dtype = TORCH_DTYPES[info.dtype]  # type: ignore[attr-defined]
                     head.load_weight(param, data.to(device=device, dtype=param.dtype))
+                    progress.update(data.numel() * data.element_size())
         except CheckpointError:
             raise
         except Exception as exc:  # safetensors' own errors: truncated or corrupt files
             raise CheckpointError(f"cannot read {file}: {exc}", path=file) from exc
+
+
+def _read_whole(info: TensorInfo) -> torch.Tensor:
+    """One small tensor in full (e.g. ``d2t``)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(info.file), framework="pt", device="cpu") as handle:
+            return handle.get_tensor(info.name)
+    except Exception as exc:
+        raise CheckpointError(
+            f"cannot read {info.name} from {info.file}: {exc}", path=info.file, tensor=info.name
+        ) from exc
 
 
 def read_hidden_states(path: str | os.PathLike[str], *, name: str = "x") -> torch.Tensor:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from quantreg.base import LayerRule, QuantConfig, is_lm_head
-from quantreg.checkpoint import FLOAT_DTYPES, TensorInfo, tensor_infos
+from quantreg.checkpoint import FLOAT_DTYPES, SIDE_TENSORS, TensorInfo, tensor_infos
 from quantreg.config import (
     LEGACY_FILES,
     DetectedQuantConfig,
@@ -144,7 +144,8 @@ class CheckpointView:
     root: Path | None
     config: Mapping[str, Any]
     quant: DetectedQuantConfig | None
-    tensors: Mapping[str, TensorInfo] | None
+    tensors: Mapping[str, TensorInfo] | None  # under the prefix; None: no weights
+    side: Mapping[str, TensorInfo] = field(default_factory=dict)  # d2t, embeddings
 
 
 _cache: dict[tuple[str, str], tuple[tuple[Any, ...], CheckpointView]] = {}
@@ -191,12 +192,21 @@ def read_checkpoint(
             f"{path} has no config.json (nor {' / '.join(n for n, _ in LEGACY_FILES)}); "
             "expected a Hugging Face checkpoint folder"
         )
-    view = CheckpointView(str(path), root, config, quant, tensor_infos(root, prefix=prefix))
+    infos = tensor_infos(root, prefix=prefix, names=SIDE_TENSORS)
+    if infos is None:
+        view = CheckpointView(str(path), root, config, quant, None)
+    else:
+        side = {n: infos.pop(n) for n in SIDE_TENSORS if n in infos and not _under(n, prefix)}
+        view = CheckpointView(str(path), root, config, quant, infos, side)
     with _cache_lock:
         if len(_cache) >= _CACHE_SIZE:
             _cache.pop(next(iter(_cache)))
         _cache[key] = (stamp, view)
     return view
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
 
 
 def _stamp(root: Path) -> tuple[Any, ...]:

@@ -29,6 +29,7 @@ def test_every_error_derives_from_the_root_and_a_builtin():
         "PluginError": ImportError,
         "ConfigError": ValueError,
         "CheckpointError": ValueError,
+        "DistributedError": RuntimeError,
     }
     for name, builtin in expected.items():
         cls = getattr(quantreg, name)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from ckpt import llama_config, write_checkpoint
-from safetensors.torch import load_file
-from tp_worker import load_and_compute
+from safetensors.torch import load_file, save_file
+from tp_worker import load_and_compute, load_per_rank
 
 import quantreg
 
@@ -47,3 +51,81 @@ def test_two_ranks_match_one_process_exactly(tmp_path, bias):
         rows = tensors["lm_head.weight"][rank * 512 : rank * 512 + 512]
         torch.testing.assert_close(shard[: rows.shape[0]], rows, rtol=0, atol=0)
         assert torch.count_nonzero(shard[rows.shape[0] :]) == 0
+
+
+def eagle_drafter(folder, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    targets = torch.randperm(4000, generator=gen)[:1000].sort().values
+    tensors = {
+        "lm_head.weight": torch.randn(1000, 64, generator=gen),
+        "d2t": targets - torch.arange(1000),
+    }
+    config = llama_config(
+        architectures=["LlamaForCausalLMEagle3"], vocab_size=4000, draft_vocab_size=1000
+    )
+    return write_checkpoint(folder, config=config, tensors=tensors)
+
+
+def run_ranks(tmp_path, ckpts: list[str]) -> list[dict]:
+    mp.spawn(load_per_rank, args=(2, free_port(), ckpts, str(tmp_path)), nprocs=2, join=True)
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_two_ranks_load_a_drafter_with_d2t(tmp_path):
+    ckpt = str(eagle_drafter(tmp_path / "ckpt"))
+    outcomes = run_ranks(tmp_path, [ckpt, ckpt])
+    assert all(o["ok"] and o["finite"] == 2 * 1000 for o in outcomes)
+
+
+def test_a_rank_that_fails_to_load_fails_every_rank_promptly(tmp_path):
+    good = eagle_drafter(tmp_path / "good")
+    bad = eagle_drafter(tmp_path / "bad")
+    d2t = torch.zeros(1000, dtype=torch.int64)
+    d2t[5] = 4000  # out of range on rank 1 only
+    save_file({"lm_head.weight": torch.zeros(1000, 64), "d2t": d2t}, str(bad / "model.safetensors"))
+    rank0, rank1 = run_ranks(tmp_path, [str(good), str(bad)])
+    print("outcomes:", rank0, rank1)  # shown by pytest when an assertion below fails
+    assert (
+        rank1 == {**rank1, "ok": False, "type": "CheckpointError"} and "'d2t'" in rank1["message"]
+    )
+    assert rank0["ok"] is False and rank0["type"] == "DistributedError"
+    assert "failed on rank(s) [1] of 2" in rank0["message"]
+    assert rank0["seconds"] < 60
+
+
+def test_torchrun_cli_prints_once_and_matches_one_process(tmp_path):
+    ckpt = eagle_drafter(tmp_path / "ckpt")
+    x = torch.randn(3, 64)
+    save_file({"x": x}, str(tmp_path / "x.safetensors"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "quantreg", "run", str(ckpt), "--hidden", str(tmp_path / "x.safetensors"),
+           "--out", str(tmp_path / "o.safetensors"), "--dtype", "float32", "--json"]  # fmt: skip
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)  # exactly one JSON document: only rank 0 printed
+    single = quantreg.load_lm_head(ckpt, dtype=torch.float32)
+    expected = single.compute_logits(x)
+    torch.testing.assert_close(
+        load_file(str(tmp_path / "o.safetensors"))["logits"], expected, rtol=0, atol=0
+    )
+    assert data["top5"] == expected.topk(5).indices.tolist()
+
+
+def test_torchrun_cli_failure_exits_1_on_every_rank(tmp_path):
+    ckpt = eagle_drafter(tmp_path / "ckpt")
+    (ckpt / "config.json").write_text("{not json")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "quantreg", "run", str(ckpt)]  # fmt: skip
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert out.returncode != 0
+    assert (
+        "quantreg: error (rank 0): config file" in out.stderr and "is not valid JSON" in out.stderr
+    )
+    ours = out.stderr.split("torch/distributed/elastic")[
+        0
+    ]  # what follows is the launcher's own report
+    assert "Traceback" not in ours and "quantreg: error (rank 1)" in ours

@@ -28,3 +28,26 @@ def load_and_compute(
                   str(Path(out) / f"rank{rank}.safetensors"))  # fmt: skip
     finally:
         dist.destroy_process_group()
+
+
+def load_per_rank(rank: int, world: int, port: int, ckpts: list[str], out: str) -> None:
+    """Each rank loads its own checkpoint path; record the outcome instead of raising."""
+    import json
+    import time
+
+    import quantreg
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    start = time.monotonic()
+    try:
+        head = quantreg.load_lm_head(ckpts[rank], dtype=torch.float32)
+        x = torch.randn(2, head.embedding_dim, generator=torch.Generator().manual_seed(0))
+        target = head.to_target_vocab(head.compute_logits(x))
+        outcome = {"ok": True, "finite": int(torch.isfinite(target).sum())}
+    except quantreg.QuantregError as exc:
+        outcome = {"ok": False, "type": type(exc).__name__, "message": str(exc)}
+    outcome["seconds"] = time.monotonic() - start
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(outcome))
+    dist.destroy_process_group()

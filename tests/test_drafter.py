@@ -1,0 +1,274 @@
+"""Eagle3 drafters: both config layouts, the d2t map, tied and shared heads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from ckpt import llama_config, write_checkpoint
+
+import quantreg
+from quantreg import (
+    CheckpointError,
+    ConfigError,
+    DrafterConfig,
+    ParallelLMHead,
+    has_own_lm_head,
+    load_lm_head,
+    share_lm_head,
+)
+from quantreg.demo import eagle3_config, run_demo, speculators_config
+
+HIDDEN, DRAFT, TARGET = 256, 1000, 4000
+
+
+def d2t_for(targets: torch.Tensor) -> torch.Tensor:
+    return targets - torch.arange(targets.numel())
+
+
+def drafter(
+    tmp_path: Path,
+    *,
+    d2t: torch.Tensor | None = None,
+    config: dict | None = None,
+    tensors: dict | None = None,
+    seed: int = 0,
+) -> tuple[Path, dict]:
+    gen = torch.Generator().manual_seed(seed)
+    if tensors is None:
+        tensors = {"lm_head.weight": torch.randn(DRAFT, HIDDEN, generator=gen).half()}
+        tensors["d2t"] = (
+            d2t
+            if d2t is not None
+            else d2t_for(torch.randperm(TARGET, generator=gen)[:DRAFT].sort().values)
+        )
+    write_checkpoint(tmp_path, config=config or eagle3_config(), tensors=tensors)
+    return tmp_path, tensors
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        (eagle3_config(), {"hidden_size": 256, "vocab_size": 4000, "head_vocab_size": 1000, "layout": "eagle3", "tie_word_embeddings": False}),
+        (eagle3_config(target_hidden_size=512), {"target_hidden_size": 512}),
+        (speculators_config(), {"hidden_size": 256, "vocab_size": 1000, "head_vocab_size": 1000, "layout": "speculators"}),
+        (speculators_config(tie_word_embeddings=True), {"tie_word_embeddings": True}),
+        (llama_config(), {"head_vocab_size": 1000, "layout": "plain", "draft_vocab_size": None}),
+    ],
+    ids=["eagle", "eagle-target-hidden", "speculators", "speculators-tied", "plain-llama"],
+)  # fmt: skip
+def test_drafter_config_layouts(config, expected):
+    drafter_config = DrafterConfig.from_config(config)
+    assert {k: getattr(drafter_config, k) for k in expected} == expected
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"vocab_size": 10}, r"invalid drafter config in x.json: field 'hidden_size' is required"),
+        ({**eagle3_config(), "draft_vocab_size": 0}, r"field 'draft_vocab_size' = 0: Input should be greater than 0"),
+        ({**eagle3_config(), "hidden_size": "256"}, r"field 'hidden_size' = '256': Input should be a valid integer"),
+        ({**eagle3_config(), "tie_word_embeddings": "yes"}, r"field 'tie_word_embeddings' = 'yes'"),
+    ],
+    ids=["no-hidden-size", "zero-draft-vocab", "hidden-size-string", "tie-string"],
+)  # fmt: skip
+def test_drafter_config_errors(config, message):
+    with pytest.raises(ConfigError, match=message):
+        DrafterConfig.from_config(config, source="x.json")
+
+
+def test_drafter_config_from_checkpoint(tmp_path):
+    path, _ = drafter(tmp_path)
+    assert DrafterConfig.from_checkpoint(path).head_vocab_size == DRAFT
+
+
+def test_d2t_is_loaded_and_to_target_vocab_scatters(tmp_path):
+    path, tensors = drafter(tmp_path)
+    head = load_lm_head(path, dtype=torch.float32)
+    assert (head.num_embeddings, head.target_vocab_size) == (DRAFT, TARGET)
+    targets = torch.arange(DRAFT) + tensors["d2t"]
+    assert torch.equal(head.draft_to_target, targets)
+    x = torch.randn(3, HIDDEN)
+    logits = head.compute_logits(x)
+    full = head.to_target_vocab(logits)
+    assert full.shape == (3, TARGET)
+    assert torch.equal(full[:, targets], logits)
+    others = torch.ones(TARGET, dtype=torch.bool)
+    others[targets] = False
+    assert torch.isneginf(full[:, others]).all()
+
+
+@pytest.mark.parametrize(
+    ("d2t", "message"),
+    [
+        (torch.full((DRAFT,), -1, dtype=torch.int64), r"tensor 'd2t' maps draft id 0 to target id -1 \(d2t\[0\] = -1\), outside \[0, 4000\) of vocab_size; 1 such entries"),
+        (torch.cat([torch.zeros(DRAFT - 1, dtype=torch.int64), torch.tensor([TARGET])]), r"maps draft id 999 to target id 4999 .*outside \[0, 4000\)"),
+        (torch.zeros(DRAFT - 1, dtype=torch.int64), r"tensor 'd2t' has shape \[999\]; expected \[1000\] \(draft_vocab_size\)"),
+        (torch.zeros(DRAFT, dtype=torch.float32), r"tensor 'd2t' has dtype torch.float32; expected int64"),
+        (torch.cat([torch.zeros(1, dtype=torch.int64), torch.full((DRAFT - 1,), -1, dtype=torch.int64)]), r"maps several draft ids to the same target id"),
+    ],
+    ids=["negative", "past-the-vocab", "wrong-length", "float", "not-one-to-one"],
+)  # fmt: skip
+def test_bad_d2t_is_refused_naming_it(tmp_path, d2t, message):
+    path, _ = drafter(tmp_path, d2t=d2t)
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_lm_head(path, dtype=torch.float32)
+    assert info.value.tensor == "d2t" and "model.safetensors" in str(info.value)
+
+
+def test_d2t_without_a_target_vocab_size(tmp_path):
+    config = eagle3_config()
+    del config["vocab_size"]
+    path, _ = drafter(tmp_path, config=config)
+    with pytest.raises(
+        ConfigError,
+        match=r"has a d2t map but field 'vocab_size' = None is not the target vocab size",
+    ):
+        load_lm_head(path, dtype=torch.float32)
+
+
+def test_to_target_vocab_without_d2t():
+    same = ParallelLMHead(100, 8)
+    logits = torch.randn(2, 100)
+    assert same.to_target_vocab(logits) is logits
+    with pytest.raises(ConfigError, match=r"logits have 99 columns; expected num_embeddings=100"):
+        same.to_target_vocab(torch.randn(2, 99))
+    smaller = ParallelLMHead(100, 8)
+    smaller.target_vocab_size = 200
+    with pytest.raises(
+        ConfigError,
+        match=r"lm_head has no d2t map to scatter 100 draft ids into the 200-token target vocab",
+    ):
+        smaller.to_target_vocab(logits)
+
+
+@pytest.mark.parametrize("embedding", ["embed_tokens.weight", "model.embed_tokens.weight"])
+def test_tied_drafter_loads_its_head_from_the_embedding(tmp_path, embedding):
+    weight = torch.randn(DRAFT, HIDDEN).half()
+    config = speculators_config(tie_word_embeddings=True)
+    path, _ = drafter(tmp_path, config=config, tensors={embedding: weight})
+    assert not has_own_lm_head(path)
+    head = load_lm_head(path, dtype=torch.float32)
+    assert head.resolution.rule.startswith(f"tie_word_embeddings: true → {embedding}")
+    x = torch.randn(2, HIDDEN)
+    torch.testing.assert_close(
+        head.compute_logits(x).double(), x.double() @ weight.double().T, rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    ("config", "tensors", "message"),
+    [
+        (speculators_config(), {"embed_tokens.weight": torch.zeros(DRAFT, HIDDEN)}, r"has no lm_head.\* tensors \(tie_word_embeddings: absent, embedding embed_tokens.weight\); .*quantreg.share_lm_head\(None, target_head\)"),
+        (speculators_config(tie_word_embeddings=True), {"fc.weight": torch.zeros(2, 2)}, r"has no lm_head.\* tensors \(tie_word_embeddings: true, no embedding\)"),
+    ],
+    ids=["not-tied", "tied-without-embedding"],
+)  # fmt: skip
+def test_a_drafter_without_a_head_points_to_share_lm_head(tmp_path, config, tensors, message):
+    path, _ = drafter(tmp_path, config=config, tensors=tensors)
+    with pytest.raises(CheckpointError, match=message):
+        load_lm_head(path, dtype=torch.float32)
+
+
+def test_tied_embedding_of_the_wrong_size_is_named(tmp_path):
+    config = speculators_config(tie_word_embeddings=True)
+    path, _ = drafter(
+        tmp_path, config=config, tensors={"embed_tokens.weight": torch.zeros(DRAFT, 128)}
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"lm_head.weight: expected shape F32 \[1000, 256\], found F32 \[1000, 128\] in model.safetensors \(tied: embed_tokens.weight\)",
+    ):
+        load_lm_head(path, dtype=torch.float32)
+
+
+def test_has_own_lm_head(tmp_path):
+    path, _ = drafter(tmp_path / "own")
+    assert has_own_lm_head(path)
+    with pytest.raises(CheckpointError, match="has no safetensors weights"):
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "empty" / "config.json").write_text(json.dumps(eagle3_config()))
+        has_own_lm_head(tmp_path / "empty")
+
+
+# -- head sharing ---------------------------------------------------------------------------
+
+
+def plain_head(
+    seed: int = 0, n: int = 100, k: int = 16, dtype: torch.dtype = torch.float32
+) -> ParallelLMHead:
+    head = ParallelLMHead(n, k, params_dtype=dtype)
+    head.load_weight(
+        head.weight, torch.randn(n, k, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    )
+    return head
+
+
+class Packed(quantreg.LinearMethod):
+    """A quantized-looking head whose ``.weight`` must never be read."""
+
+    def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size, params_dtype, **extra):  # fmt: skip
+        n = sum(output_partition_sizes)
+        layer.register_parameter("qweight", quantreg.set_weight_attrs(torch.nn.Parameter(torch.zeros(input_size_per_partition, n // 8, dtype=torch.int32), requires_grad=False), output_dim=1, packed_dim=1, pack_factor=8))  # fmt: skip
+
+    def apply(self, layer, x, bias=None):
+        raise NotImplementedError
+
+
+class PackedConfig(quantreg.QuantConfig):
+    linear_method = Packed
+    supports_lm_head = True
+
+
+class NoWeight(ParallelLMHead):
+    @property
+    def weight(self):  # a quantized head has no float weight to compare
+        raise AssertionError("share_lm_head read .weight of a quantized head")
+
+
+def packed_head(fill: int) -> ParallelLMHead:
+    head = NoWeight(100, 16, quant_config=PackedConfig())
+    head.qweight.data.fill_(fill)
+    return head
+
+
+@pytest.mark.parametrize(
+    ("make_drafter", "make_target", "shares"),
+    [
+        (lambda: None, lambda: plain_head(0), True),
+        (lambda: plain_head(0), lambda: plain_head(0), True),
+        (lambda: plain_head(1), lambda: plain_head(0), False),
+        (lambda: plain_head(0, n=99), lambda: plain_head(0), False),
+        (lambda: plain_head(0, dtype=torch.float16), lambda: plain_head(0), False),
+        (lambda: packed_head(3), lambda: packed_head(3), True),
+        (lambda: packed_head(3), lambda: packed_head(4), False),
+        (lambda: packed_head(0), lambda: plain_head(0), False),
+    ],
+    ids=["drafter-has-none", "identical-plain", "different-weights", "different-vocab", "different-dtype",
+         "identical-quantized", "different-quantized", "quantized-vs-plain"],
+)  # fmt: skip
+def test_share_lm_head(make_drafter, make_target, shares):
+    drafter_head, target_head = make_drafter(), make_target()
+    chosen = share_lm_head(drafter_head, target_head)
+    assert chosen is (target_head if shares else drafter_head)
+
+
+def test_a_drafter_with_a_subset_vocab_map_keeps_its_head():
+    drafter_head, target_head = plain_head(0), plain_head(0)
+    drafter_head.set_vocab_map(torch.arange(100).flip(0), 100)
+    assert share_lm_head(drafter_head, target_head) is drafter_head
+
+
+# -- the demo -----------------------------------------------------------------------------
+
+
+def test_demo_rows(tmp_path):
+    rows = run_demo(tmp_path)
+    assert [r.name for r in rows] == ["eagle3 unquantized", "speculators tied"]
+    for row in rows:
+        assert row.method == "unquantized" and row.target_vocab_ok
+        assert row.max_abs_error < 1e-5
+    assert rows[1].rule.startswith("tie_word_embeddings: true")
+    assert (tmp_path / "eagle3_unquantized" / "config.json").exists()
