@@ -45,8 +45,8 @@ class CPUWNA16Config(QuantConfig):
     def layer_rule(self, prefix: str) -> LayerRule:
         return self.checkpoint.layer_rule(prefix)
 
-    def for_layer(self, rule: LayerRule) -> Self:
-        return self.model_copy(update={"checkpoint": self.checkpoint.for_layer(rule)})
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Self:
+        return self.model_copy(update={"checkpoint": self.checkpoint.with_overrides(overrides)})
 
     def platform_reason(self, platform: Platform) -> str | None:
         if platform.device != "cpu":

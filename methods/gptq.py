@@ -19,6 +19,7 @@ from quantreg.methods._wna16 import (
 SUPPORTED_BITS = (4, 8)
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 UNSUPPORTED_FORMATS = ("marlin", "bitblas", "qqq")
+TENSORS = frozenset({"qweight", "qzeros", "scales", "g_idx"})
 # Keys of a GPTQModel ``dynamic`` rule that change how a layer is quantized.
 OVERRIDE_KEYS = ("bits", "group_size", "sym", "desc_act")
 
@@ -147,6 +148,14 @@ class GPTQConfig(QuantConfig):
             if not any(name in prefix for name in names):
                 return LayerRule(False, "modules_in_block_to_quantize: no entry matches")
         return LayerRule(True, fired[0] if fired else "quant_method 'gptq': every linear layer")
+
+    def rule_from_tensors(self, prefix: str, names: frozenset[str]) -> LayerRule | None:
+        """A GPTQ config that keeps the head unquantized over GPTQ-packed head tensors."""
+        if names >= TENSORS:
+            return LayerRule(
+                True, f"tensors: {prefix}.qweight, qzeros, scales and g_idx are GPTQ-packed"
+            )
+        return None
 
 
 def _as_list(value: str | list[str]) -> list[str]:

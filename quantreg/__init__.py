@@ -25,6 +25,9 @@ from quantreg.errors import QuantregError
 from quantreg.errors import UnknownMethodError
 from quantreg.linear import UnquantizedLinearMethod
 from quantreg.linear import set_weight_attrs
+from quantreg.packing import AWQ_ORDER
+from quantreg.packing import pack_codes
+from quantreg.packing import unpack_codes
 from quantreg.platform import Platform
 from quantreg.registry import MethodInfo
 from quantreg.registry import get_quant_config_cls
@@ -59,6 +62,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AWQ_ORDER",
     "Candidate",
     "CheckpointError",
     "ConfigError",
@@ -84,8 +88,10 @@ __all__ = [
     "is_lm_head",
     "list_quant_methods",
     "load_lm_head",
+    "pack_codes",
     "register_quant_method",
     "resolve",
     "set_weight_attrs",
     "share_lm_head",
+    "unpack_codes",
 ]

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
 from quantreg.errors import ConfigError, MethodDefinitionError
 
@@ -95,6 +95,7 @@ class QuantConfig(BaseModel):
     supports_lm_head: ClassVar[bool] = False
     checkpoint_formats: ClassVar[tuple[str, ...]] = ()
     upgrade_priority: ClassVar[int] = 0
+    _layer_rule: LayerRule | None = PrivateAttr(default=None)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # Runs before pydantic collects fields, so the mistake is reported before pydantic
@@ -163,11 +164,26 @@ class QuantConfig(BaseModel):
             )
         return LayerRule(True, "quant_method: every layer is quantized")
 
+    def rule_from_tensors(self, prefix: str, names: frozenset[str]) -> LayerRule | None:
+        """When the config keeps ``prefix`` unquantized but its tensors are quantized: a rule
+        that quantizes it if ``names`` (tensor names after the prefix) are this method's
+        layout, else None (and loading then fails, naming the tensors)."""
+        return None
+
     def for_layer(self, rule: LayerRule) -> Self:
-        """The effective config of one layer: this config with the rule's overrides applied."""
-        if not rule.overrides:
-            return self
-        return type(self).model_validate({**self.model_dump(), **rule.overrides})
+        """The effective config of one layer: this config with the rule's overrides applied,
+        and the rule pinned (``rule_for`` returns it for any prefix from then on)."""
+        config = self.with_overrides(rule.overrides) if rule.overrides else self.model_copy()
+        config._layer_rule = rule
+        return config
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Self:
+        """This config with some fields replaced (validated again)."""
+        return type(self).model_validate({**self.model_dump(), **overrides})
+
+    def rule_for(self, prefix: str) -> LayerRule:
+        """The rule pinned by ``for_layer`` on an effective config, else ``layer_rule``."""
+        return self._layer_rule if self._layer_rule is not None else self.layer_rule(prefix)
 
     def format_reason(self) -> str | None:
         """Why this method cannot compute this (effective) config at all; None if it can."""
@@ -176,6 +192,18 @@ class QuantConfig(BaseModel):
     def platform_reason(self, platform: Platform) -> str | None:
         """Why ``platform`` lacks this method's intended kernel; None if it has it."""
         return None
+
+    @classmethod
+    def quantize_weight(
+        cls, weight: torch.Tensor, **params: Any
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Quantize a float ``[out, in]`` weight into this method's checkpoint tensors (names
+        without the layer prefix) and the ``quantization_config`` that describes them.
+
+        Raises:
+            ConfigError: this method has no writer, or a parameter it does not support.
+        """
+        raise ConfigError(f"{cls.__qualname__} has no writer: it cannot quantize a weight")
 
     def notes(self) -> list[str]:
         """Facts about this (effective) config worth showing in a Resolution."""
@@ -187,7 +215,7 @@ class QuantConfig(BaseModel):
         Raises:
             ConfigError: the layer is an lm_head this method cannot run quantized.
         """
-        rule = self.layer_rule(prefix)
+        rule = self.rule_for(prefix)
         if not rule.quantized:
             return None
         if is_lm_head(prefix) and not self.supports_lm_head:

@@ -90,11 +90,11 @@ class ParallelLMHead(torch.nn.Module):
         if method is None:
             self.quant_reason = (
                 "no quant_config" if quant_config is None
-                else f"{type(quant_config).__name__}: {quant_config.layer_rule(prefix).rule}"
+                else f"{type(quant_config).__name__}: {quant_config.rule_for(prefix).rule}"
             )  # fmt: skip
             method = UnquantizedLinearMethod()
         else:
-            self.quant_reason = quant_config.layer_rule(prefix).rule
+            self.quant_reason = quant_config.rule_for(prefix).rule
         self.quant_method: LinearMethod = method
         method.create_weights(
             self,

@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -299,6 +299,13 @@ def _decide(
         )
     decider = next((cfg for name, _, cfg in readers if name == fmt), readers[0][2])
     rule = decider.layer_rule(prefix)
+    overridden = None
+    if not rule.quantized and state == "quantized":
+        # The tensors are the truth: a packed head is never loaded as a float one.
+        suffixes = frozenset(t.name[len(prefix) + 1 :] for t in infos)
+        by_tensors = decider.rule_from_tensors(prefix, suffixes)
+        if by_tensors is not None:
+            overridden, rule = rule, replace(by_tensors, also=(*by_tensors.also, rule.rule, *rule.also))
     rule_text = rule.rule + ("; also: " + "; ".join(rule.also) if rule.also else "")
     common["format"] = fmt
     reader_names = sorted(name for name, _, _ in readers)
@@ -312,6 +319,11 @@ def _decide(
             f"({where}) is quant_method '{fmt}', which only {', '.join(reader_names)} can read"
         )
     notes = _tensor_notes(rule, state, infos, prefix)
+    if overridden is not None:
+        notes.append(
+            f"the config keeps '{prefix}' unquantized ({overridden.rule}), but its tensors are "
+            f"packed in the {fmt} layout: they are loaded quantized, as the tensors say"
+        )
     if view.quant.note:
         notes.insert(0, view.quant.note)
 

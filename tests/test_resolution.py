@@ -211,14 +211,30 @@ def test_declined_candidates_say_why(checkpoints):
 # -- config says one thing, tensors another ------------------------------------------------
 
 
-def test_awq_config_without_lm_head_over_a_quantized_head_is_reported(tmp_path):
-    write_checkpoint(tmp_path, config=llama_config(AWQ), tensors=awq_head())
+@pytest.mark.parametrize(
+    ("qcfg", "tensors", "method", "rule"),
+    [
+        (AWQ, awq_head(), "cpu_wna16", "tensors: lm_head.qweight, qzeros and scales are AWQ-packed; also: lm_head: false (absent)"),
+        ({**AWQ, "lm_head": False}, awq_head(), "cpu_wna16", "tensors: lm_head.qweight, qzeros and scales are AWQ-packed; also: lm_head: false"),
+        ({**GPTQ, "lm_head": True, "dynamic": {"-:lm_head": {}}}, gptq_head(), "cpu_wna16", "tensors: lm_head.qweight, qzeros, scales and g_idx are GPTQ-packed; also: dynamic '-:lm_head'; lm_head: true"),
+    ],
+    ids=["awq-no-lm-head-key", "awq-lm-head-false", "gptq-excluded-by-dynamic"],
+)  # fmt: skip
+def test_packed_head_tensors_win_over_a_config_that_keeps_the_head_unquantized(
+    tmp_path, qcfg, tensors, method, rule
+):
+    write_checkpoint(tmp_path, config=llama_config(qcfg), tensors=tensors)
     res = resolve(tmp_path, platform="cpu")
-    assert res.method is None and res.tensors == "quantized" and res.tensors_agree is False
-    assert (
-        "keeps 'lm_head' unquantized (lm_head: false (absent)) but the checkpoint's tensors are quantized: lm_head.qweight (I32)"
-        in res.notes[0]
-    )
+    assert (res.method, res.quantized, res.rule) == (method, True, rule)
+    assert res.tensors == "quantized" and res.tensors_agree is True
+    assert "they are loaded quantized, as the tensors say" in res.notes[-1]
+
+
+def test_quantized_tensors_of_another_layout_are_reported_not_loaded(tmp_path):
+    write_checkpoint(tmp_path, config=llama_config(AWQ), tensors=ct_packed_head())
+    res = resolve(tmp_path, platform="cpu")
+    assert res.method is None and res.tensors_agree is False
+    assert "but the checkpoint's tensors are quantized: lm_head.weight_packed (I32)" in res.notes[0]
 
 
 def test_quantized_config_over_a_float_head_is_reported(tmp_path):
@@ -384,7 +400,7 @@ def test_resolving_again_does_not_reread_until_files_change(tmp_path, monkeypatc
     resolve(tmp_path, platform="cuda:9.0")
     assert len(reads) == 1
     config = tmp_path / "config.json"
-    config.write_text(json.dumps(llama_config(AWQ)))
+    config.write_text(json.dumps(llama_config()))
     os.utime(config, ns=(1, 1))  # a different mtime even on coarse clocks
     assert resolve(tmp_path, platform="cpu").method is None
     assert len(reads) == 2

@@ -1,0 +1,96 @@
+"""Bit packing of integer codes into int32 words, as the checkpoint formats store them.
+
+``pack_codes`` / ``unpack_codes`` pack ``32 // bits`` codes per word along one dim, code ``k``
+of a word at bits ``k*bits`` (little-endian inside the word), optionally interleaved: with
+``order``, slot ``k`` of a word holds element ``order[k]`` of its group (AWQ's GEMM layout uses
+``AWQ_ORDER``). GPTQ packs along the input dim, AWQ and compressed-tensors zero points along
+the output dim, compressed-tensors weights along the input dim -- all with these two functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from quantreg.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble k of a word holds column 8c + AWQ_ORDER[k]
+PACKABLE_BITS = (2, 4, 8)
+
+
+def pack_factor(bits: int) -> int:
+    """Codes per int32 word.
+
+    Raises:
+        ConfigError: a width that does not divide 32 evenly into whole codes.
+    """
+    if bits not in PACKABLE_BITS:
+        raise ConfigError(f"cannot pack {bits}-bit codes into int32 words; supported: 2, 4, 8")
+    return 32 // bits
+
+
+def _order(order: Sequence[int] | None, pf: int) -> list[int]:
+    if order is None:
+        return list(range(pf))
+    if sorted(order) != list(range(pf)):
+        raise ConfigError(f"interleave order {list(order)} is not a permutation of 0..{pf - 1}")
+    return list(order)
+
+
+def pack_codes(
+    codes: torch.Tensor, bits: int, *, dim: int = -1, order: Sequence[int] | None = None
+) -> torch.Tensor:
+    """Pack unsigned ``codes`` (values in ``[0, 2**bits)``) along ``dim`` into int32 words.
+
+    A length that is not a multiple of ``32 // bits`` is zero-padded.
+
+    Raises:
+        ConfigError: unsupported width, a bad ``order``, or a code out of range.
+    """
+    import torch
+
+    pf = pack_factor(bits)
+    slots = _order(order, pf)
+    x = codes.movedim(dim, -1).to(torch.int64)
+    if x.numel() and (int(x.min()) < 0 or int(x.max()) >= 1 << bits):
+        raise ConfigError(f"codes must lie in [0, {1 << bits}) to pack as {bits}-bit")
+    pad = -x.shape[-1] % pf
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    x = x.reshape(*x.shape[:-1], -1, pf)
+    words = torch.zeros(x.shape[:-1], dtype=torch.int64, device=x.device)
+    for k, source in enumerate(slots):
+        words |= x[..., source] << (bits * k)
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words)  # two's complement int32
+    return words.to(torch.int32).movedim(-1, dim)
+
+
+def unpack_codes(
+    words: torch.Tensor,
+    bits: int,
+    *,
+    dim: int = -1,
+    count: int | None = None,
+    order: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Unpack int32 ``words`` along ``dim`` into unsigned codes (int32), trimmed to ``count``.
+
+    Raises:
+        ConfigError: unsupported width or a bad ``order``.
+    """
+    import torch
+
+    pf = pack_factor(bits)
+    slots = _order(order, pf)
+    w = words.movedim(dim, -1).to(torch.int64) & 0xFFFFFFFF
+    mask = (1 << bits) - 1
+    out = torch.empty((*w.shape, pf), dtype=torch.int32, device=w.device)
+    for k, target in enumerate(slots):
+        out[..., target] = ((w >> (bits * k)) & mask).to(torch.int32)
+    out = out.reshape(*w.shape[:-1], -1)
+    if count is not None:
+        out = out[..., :count]
+    return out.movedim(-1, dim)
