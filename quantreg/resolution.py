@@ -305,7 +305,10 @@ def _decide(
         suffixes = frozenset(t.name[len(prefix) + 1 :] for t in infos)
         by_tensors = decider.rule_from_tensors(prefix, suffixes)
         if by_tensors is not None:
-            overridden, rule = rule, replace(by_tensors, also=(*by_tensors.also, rule.rule, *rule.also))
+            overridden, rule = (
+                rule,
+                replace(by_tensors, also=(*by_tensors.also, rule.rule, *rule.also)),
+            )
     rule_text = rule.rule + ("; also: " + "; ".join(rule.also) if rule.also else "")
     common["format"] = fmt
     reader_names = sorted(name for name, _, _ in readers)
