@@ -27,6 +27,7 @@ from quantreg.methods._layers import (
     rtn_asymmetric,
     rtn_symmetric,
 )
+from quantreg.methods._repack import apply_shared, repack
 from quantreg.methods._wna16 import (
     GroupSize,
     head_and_skip_rule,
@@ -92,6 +93,20 @@ class AWQLinearMethod(LinearMethod):
         zeros = unpack_codes(layer.qzeros[group : group + 1], BITS, order=AWQ_ORDER)
         scales = layer.scales[group : group + 1]
         return ((codes - zeros).to(torch.float32) * scales.to(torch.float32)).to(scales.dtype)
+
+    def repack(self, layer: torch.nn.Module) -> None:
+        """Convert the loaded tensors into the layout shared with GPTQ (see ``_repack``)."""
+        repack(
+            layer,
+            bits=BITS,
+            codes=lambda c0, c1: unpack_codes(
+                layer.qweight[:, c0 // PACK : c1 // PACK], BITS, order=AWQ_ORDER
+            ),
+            zeros=unpack_codes(layer.qzeros, BITS, order=AWQ_ORDER),
+            scales=layer.scales.data,
+            g_idx=None,
+            drop=("qweight", "qzeros", "scales"),
+        )
 
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
@@ -208,8 +223,24 @@ class AWQConfig(QuantConfig):
         return tensors, qcfg
 
 
+class AWQMarlinLinearMethod(AWQLinearMethod):
+    """AWQ tensors repacked after loading into the layout shared with GPTQ; the Triton kernel
+    reads it on CUDA, elsewhere the exact block-wise CPU path does."""
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        super().process_weights_after_loading(layer)
+        self.repack(layer)
+
+    def apply(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return apply_shared(layer, x, bias)
+
+
 class AWQMarlinConfig(AWQConfig):
     """AWQ tensors repacked after loading into the shared marlin layout (fast GPU kernel)."""
+
+    linear_method = AWQMarlinLinearMethod
 
     checkpoint_formats: ClassVar[tuple[str, ...]] = ("awq",)
     upgrade_priority: ClassVar[int] = 20

@@ -6,9 +6,31 @@ import re
 from dataclasses import replace
 from typing import Annotated, Any, ClassVar
 
+import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, field_validator
 
-from quantreg import LayerRule, Platform, QuantConfig, is_lm_head
+from quantreg import (
+    CheckpointError,
+    ConfigError,
+    LayerRule,
+    LinearMethod,
+    Platform,
+    QuantConfig,
+    is_lm_head,
+    pack_codes,
+    unpack_codes,
+)
+from quantreg.methods._layers import (
+    ROW_BLOCK,
+    check_finite,
+    frozen_param,
+    grouped,
+    reference_matmul,
+    restore_checkpoint_dtype,
+    rtn_asymmetric,
+    rtn_symmetric,
+)
+from quantreg.methods._repack import apply_shared, repack
 from quantreg.methods._wna16 import (
     GroupSize,
     head_and_skip_rule,
@@ -47,9 +69,118 @@ class DynamicOverride(BaseModel):
     desc_act: bool | None = None
 
 
+class GPTQLinearMethod(LinearMethod):
+    """Reference GPTQ path: dequantizes one block of input rows of one group at a time.
+
+    Tensors: ``qweight`` int32 ``[in/pf, out]`` packed along the input dim, ``qzeros`` int32
+    ``[groups, out/pf]`` packed along the output dim (checkpoint_format ``gptq`` stores
+    ``zero - 1``), ``scales`` ``[groups, out]``, ``g_idx`` int32 ``[in]`` (replicated).
+    ``W[o, i] = (q[i, o] - z[g_idx[i], o]) * s[g_idx[i], o]``, rounded to the scale dtype.
+    With act-order the rows of a group are scattered; they are gathered by ``g_idx``.
+    """
+
+    quant_config: GPTQConfig  # set by QuantConfig.get_linear_method
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra: Any,
+    ) -> None:
+        cfg = self.quant_config
+        k, n = input_size_per_partition, sum(output_partition_sizes)
+        pf = 32 // cfg.bits
+        groups = -(-k // cfg.group_size) if cfg.group_size > 0 else 1
+        if k % pf or n % pf:
+            raise ConfigError(
+                f"GPTQ {cfg.bits}-bit packs {pf} codes per word; in={k} and out={n} must be "
+                "multiples of it"
+            )
+        packed_out = {"output_dim": 1, "packed_dim": 1, "pack_factor": pf}
+        params = {
+            "qweight": frozen_param(
+                (k // pf, n), torch.int32, output_dim=1, input_dim=0, packed_dim=0, pack_factor=pf
+            ),
+            "qzeros": frozen_param((groups, n // pf), torch.int32, **packed_out),
+            "scales": frozen_param((groups, n), params_dtype, output_dim=1),
+            "g_idx": frozen_param((k,), torch.int32, input_dim=0),
+        }
+        for name, param in params.items():
+            layer.register_parameter(name, param)
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        """Check scales and ``g_idx``; sort input rows by group for block-wise dequant.
+
+        Raises:
+            CheckpointError: non-finite scales, or a ``g_idx`` entry outside the groups.
+        """
+        restore_checkpoint_dtype(layer, "scales")
+        check_finite(layer, "scales")
+        groups = layer.scales.shape[0]
+        g_idx = layer.g_idx.to(torch.int64)
+        bad = ((g_idx < 0) | (g_idx >= groups)).nonzero().flatten()
+        if bad.numel():
+            i = int(bad[0])
+            raise CheckpointError(
+                f"{layer.prefix}.g_idx[{i}] = {int(g_idx[i])} is outside the {groups} groups "
+                f"of {layer.prefix}.scales; {bad.numel()} such entries",
+                tensor=f"{layer.prefix}.g_idx",
+            )
+        layer.gptq_perm = torch.argsort(g_idx, stable=True)
+        layer.gptq_bounds = [0, *torch.bincount(g_idx, minlength=groups).cumsum(0).tolist()]
+
+    def dequantize_rows(
+        self, layer: torch.nn.Module, rows: torch.Tensor, group: int
+    ) -> torch.Tensor:
+        """Rows ``rows`` of ``W.T`` (all in ``group``), rounded to the scale dtype."""
+        cfg = self.quant_config
+        bits, pf, mask = cfg.bits, 32 // cfg.bits, (1 << cfg.bits) - 1
+        words = layer.qweight[rows // pf].to(torch.int64) & 0xFFFFFFFF
+        codes = (words >> ((rows % pf) * bits)[:, None]) & mask
+        zeros = unpack_codes(layer.qzeros[group : group + 1], bits, dim=1)
+        zeros = (zeros + cfg.zero_point_offset) & mask
+        scales = layer.scales[group : group + 1]
+        return ((codes - zeros).to(torch.float32) * scales.to(torch.float32)).to(scales.dtype)
+
+    def repack(self, layer: torch.nn.Module) -> None:
+        """Convert the loaded tensors into the layout shared with AWQ (see ``_repack``);
+        act-order becomes a row permutation here plus a permutation of ``x`` at run time."""
+        cfg = self.quant_config
+        mask = (1 << cfg.bits) - 1
+        k = layer.g_idx.shape[0]
+        zeros = (unpack_codes(layer.qzeros, cfg.bits, dim=1) + cfg.zero_point_offset) & mask
+        repack(
+            layer,
+            bits=cfg.bits,
+            codes=lambda c0, c1: unpack_codes(layer.qweight[:, c0:c1], cfg.bits, dim=0, count=k),
+            zeros=zeros[:, : layer.scales.shape[1]],
+            scales=layer.scales.data,
+            g_idx=layer.g_idx.data,
+            drop=("qweight", "qzeros", "scales", "g_idx"),
+        )
+
+    def apply(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        perm, bounds = layer.gptq_perm, layer.gptq_bounds
+        blocks = [
+            (rows, group)
+            for group in range(len(bounds) - 1)
+            for rows in perm[bounds[group] : bounds[group + 1]].split(ROW_BLOCK)
+        ]
+        return reference_matmul(
+            x, bias, blocks, lambda rows, g: self.dequantize_rows(layer, rows, g)
+        )
+
+
 class GPTQConfig(QuantConfig):
     """``quantization_config`` (or ``quantize_config.json``) of a GPTQ checkpoint."""
 
+    linear_method = GPTQLinearMethod
     supports_lm_head: ClassVar[bool] = True
 
     bits: Bits
@@ -100,6 +231,63 @@ class GPTQConfig(QuantConfig):
             except re.error as exc:
                 raise ValueError(f"rule {key!r} is not a valid regular expression: {exc}") from exc
         return value
+
+    @classmethod
+    def quantize_weight(
+        cls,
+        weight: torch.Tensor,
+        *,
+        bits: int = 4,
+        group_size: int = 128,
+        sym: bool = True,
+        desc_act: bool = False,
+        perm: torch.Tensor | None = None,
+        checkpoint_format: str = "gptq",
+        scale_dtype: torch.dtype = torch.float16,
+        **unused: Any,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Round-to-nearest GPTQ tensors of a float ``[out, in]`` weight.
+
+        With ``desc_act`` the input columns are processed in the order ``perm`` (default:
+        decreasing column norm) and grouped in that order, so ``g_idx`` is scattered while the
+        tensors stay in the original row order -- as GPTQ's act-order writes them.
+
+        Raises:
+            ConfigError: unsupported bits / format, a bad ``perm``, or sizes that do not pack.
+        """
+        if unused:
+            raise ConfigError(f"gptq writer: unsupported option(s) {', '.join(sorted(unused))}")
+        qcfg = {
+            "quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act,
+            "sym": sym, "lm_head": True, "checkpoint_format": checkpoint_format,
+        }  # fmt: skip
+        config = cls.from_quant_config(qcfg, method="gptq")
+        n, k = weight.shape
+        pf, mask = 32 // bits, (1 << bits) - 1
+        if k % pf or n % pf:
+            raise ConfigError(
+                f"GPTQ {bits}-bit needs in and out to be multiples of {pf}; got out={n}, in={k}"
+            )
+        order = _processing_order(weight, desc_act, perm)
+        size = group_size if group_size > 0 else k
+        if sym:
+            codes, scales, zeros = rtn_symmetric(grouped(weight[:, order], size), bits, scale_dtype)
+        else:
+            codes, scales, zeros = rtn_asymmetric(
+                grouped(weight[:, order], size), bits, scale_dtype, include_zero=True
+            )
+        in_order = torch.empty(n, k, dtype=torch.int32)
+        in_order[:, order] = codes.reshape(n, -1)[:, :k]
+        g_idx = torch.empty(k, dtype=torch.int32)
+        g_idx[order] = (torch.arange(k) // size).to(torch.int32)
+        stored_zeros = (zeros - config.zero_point_offset) & mask
+        tensors = {
+            "qweight": pack_codes(in_order.T, bits, dim=0),
+            "qzeros": pack_codes(stored_zeros.T, bits, dim=1),
+            "scales": scales.T.contiguous(),
+            "g_idx": g_idx,
+        }
+        return tensors, qcfg
 
     @property
     def zero_point_offset(self) -> int:
@@ -166,10 +354,42 @@ def _json(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def _processing_order(
+    weight: torch.Tensor, desc_act: bool, perm: torch.Tensor | None
+) -> torch.Tensor:
+    """The order GPTQ processes (and groups) input columns in."""
+    k = weight.shape[1]
+    if perm is None:
+        if not desc_act:
+            return torch.arange(k)
+        return torch.argsort(weight.double().norm(dim=0), descending=True, stable=True)
+    if not desc_act:
+        raise ConfigError("gptq writer: perm orders act-order groups; pass desc_act=True with it")
+    perm = torch.as_tensor(perm, dtype=torch.int64)
+    if perm.shape != (k,) or not torch.equal(perm.sort().values, torch.arange(k)):
+        raise ConfigError(f"gptq writer: perm must be a permutation of range({k})")
+    return perm
+
+
+class GPTQMarlinLinearMethod(GPTQLinearMethod):
+    """GPTQ tensors repacked after loading into the layout shared with AWQ; the Triton
+    kernel reads it on CUDA, elsewhere the exact block-wise CPU path does."""
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        super().process_weights_after_loading(layer)
+        self.repack(layer)
+
+    def apply(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return apply_shared(layer, x, bias)
+
+
 class GPTQMarlinConfig(GPTQConfig):
     """GPTQ tensors repacked after loading into the shared marlin layout (fast GPU kernel);
     act-order becomes a load-time row permutation plus a runtime permutation of ``x``."""
 
+    linear_method = GPTQMarlinLinearMethod
     checkpoint_formats: ClassVar[tuple[str, ...]] = ("gptq",)
     upgrade_priority: ClassVar[int] = 20
 

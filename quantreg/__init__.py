@@ -1,7 +1,8 @@
 """quantreg: a pluggable quantization-method registry for serving quantized LLM lm_heads.
 
 The public API is exactly the names listed below; everything else is internal.
-``ParallelLMHead`` and ``load_lm_head`` import torch, so they load on first access.
+The names that import torch (``ParallelLMHead``, ``load_lm_head``, the writers) load on
+first access.
 """
 
 # isort: skip_file
@@ -41,10 +42,19 @@ from quantreg.resolution import resolve
 if typing.TYPE_CHECKING:
     from quantreg.lm_head import ParallelLMHead
     from quantreg.loading import load_lm_head
+    from quantreg.writers import quantize
+    from quantreg.writers import quantize_checkpoint
+    from quantreg.writers import write_checkpoint
 
 # Names whose modules import torch: loaded on first access so that `import quantreg`,
 # the registry and resolution stay light.
-_LAZY = {"ParallelLMHead": "quantreg.lm_head", "load_lm_head": "quantreg.loading"}
+_LAZY = {
+    "ParallelLMHead": "quantreg.lm_head",
+    "load_lm_head": "quantreg.loading",
+    "quantize": "quantreg.writers",
+    "quantize_checkpoint": "quantreg.writers",
+    "write_checkpoint": "quantreg.writers",
+}
 
 
 def __getattr__(name: str) -> object:
@@ -89,9 +99,12 @@ __all__ = [
     "list_quant_methods",
     "load_lm_head",
     "pack_codes",
+    "quantize",
+    "quantize_checkpoint",
     "register_quant_method",
     "resolve",
     "set_weight_attrs",
     "share_lm_head",
     "unpack_codes",
+    "write_checkpoint",
 ]

@@ -130,6 +130,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Quantize the head of a checkpoint into a copy."""
+    from quantreg.writers import quantize_checkpoint
+
+    params = {
+        key: value
+        for key, value in (
+            ("bits", args.bits), ("group_size", args.group_size), ("sym", args.sym),
+            ("desc_act", args.desc_act or None), ("format", args.format),
+        )
+        if value is not None
+    }  # fmt: skip
+    dst = quantize_checkpoint(args.src, args.dst, args.method, prefix=args.prefix, **params)
+    print(f"wrote {dst} ({args.method}, {', '.join(f'{k}={v}' for k, v in params.items())})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job: write example drafters, then resolve, load and run each."""
     from quantreg.demo import format_rows, run_demo
@@ -206,6 +223,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random hidden states")
     p.add_argument("--json", action="store_true", help="print {method, load_s, forward_s, ...}")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "quantize", parents=[verbose], help="quantize a checkpoint's head into a copy"
+    )
+    p.add_argument("src", help="checkpoint folder with a float head")
+    p.add_argument("dst", help="new folder to write")
+    p.add_argument("--method", required=True, help="awq, gptq or compressed-tensors")
+    p.add_argument("--bits", type=int, default=None, help="4 or 8")
+    p.add_argument("--group-size", type=int, default=None, help="e.g. 32, 64, 128, or -1")
+    p.add_argument("--sym", action=argparse.BooleanOptionalAction, default=None,
+                   help="symmetric codes (default: the method's)")  # fmt: skip
+    p.add_argument("--desc-act", action="store_true", help="GPTQ act-order groups")
+    p.add_argument("--format", default=None, help="compressed-tensors format")
+    p.add_argument("--prefix", default="lm_head", help="layer name (default: lm_head)")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser(
         "demo", parents=[verbose], help="write example drafters, then resolve, load and run each"

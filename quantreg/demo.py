@@ -2,7 +2,8 @@
 
 Every row is a real round trip through the public API: the checkpoint is written to disk in
 a producer's layout, resolved, loaded with ``load_lm_head(dtype=float32)``, run, and compared
-with a float64 reference computed from the weights that were written.
+with a float64 reference computed from the float weight the checkpoint was made from (for a
+quantized head the error is the quantization error).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from quantreg.loading import load_lm_head
+from quantreg.writers import write_checkpoint
 
 HIDDEN = 256
 DRAFT_VOCAB = 1000
@@ -104,24 +106,56 @@ def tied_drafter(folder: Path, gen: torch.Generator) -> tuple[Path, torch.Tensor
     return _write(folder, config, tensors), embedding
 
 
-DEMOS: dict[str, Callable[[Path, torch.Generator], tuple[Path, torch.Tensor]]] = {
-    "eagle3 unquantized": unquantized_drafter,
-    "speculators tied": tied_drafter,
+def quantized_drafter(
+    method: str, **params: Any
+) -> Callable[[Path, torch.Generator], tuple[Path, torch.Tensor]]:
+    """A drafter whose head is written by quantreg's own writer for ``method``."""
+
+    def make(folder: Path, gen: torch.Generator) -> tuple[Path, torch.Tensor]:
+        weight = (torch.randn(DRAFT_VOCAB, HIDDEN, generator=gen) * 0.05).half()
+        path = write_checkpoint(
+            folder, weight, method, d2t=sorted_d2t(gen), vocab_size=TARGET_VOCAB, **params
+        )
+        return path, weight
+
+    return make
+
+
+Maker = Callable[[Path, torch.Generator], tuple[Path, torch.Tensor]]
+CHECKPOINTS: dict[str, Maker] = {
+    "eagle3_unquantized": unquantized_drafter,
+    "speculators_tied": tied_drafter,
+    "awq_int4_g128": quantized_drafter("awq", group_size=128),
+    "gptq_int4_g128_act_order": quantized_drafter("gptq", group_size=128, desc_act=True),
+    "gptq_int8_g64_asym": quantized_drafter("gptq", bits=8, group_size=64, sym=False),
 }
+# (row name, checkpoint, requested method: None = what resolution picks on this machine)
+DEMOS: list[tuple[str, str, str | None]] = [
+    ("eagle3 unquantized", "eagle3_unquantized", None),
+    ("speculators tied", "speculators_tied", None),
+    ("awq int4 g128", "awq_int4_g128", "awq"),
+    ("awq int4 g128", "awq_int4_g128", "awq_marlin"),
+    ("awq int4 g128", "awq_int4_g128", "cpu_wna16"),
+    ("gptq int4 g128 act-order", "gptq_int4_g128_act_order", "gptq"),
+    ("gptq int4 g128 act-order", "gptq_int4_g128_act_order", "gptq_marlin"),
+    ("gptq int4 g128 act-order", "gptq_int4_g128_act_order", "cpu_wna16"),
+    ("gptq int8 g64 asym", "gptq_int8_g64_asym", None),
+]
 
 
 def run_demo(folder: Path | None = None, *, seed: int = 0) -> list[DemoRow]:
     """Write every demo checkpoint under ``folder`` (default: a temporary folder), then
-    resolve, load and run each; returns one row per checkpoint."""
+    resolve, load and run each (with each method that can read it); one row per run."""
     if folder is None:
         with tempfile.TemporaryDirectory(prefix="quantreg-demo-") as tmp:
             return run_demo(Path(tmp), seed=seed)
     gen = torch.Generator().manual_seed(seed)
+    written = {key: make(folder / key, gen) for key, make in CHECKPOINTS.items()}
+    x = torch.randn(TOKENS, HIDDEN, generator=gen)
     rows = []
-    for name, make in DEMOS.items():
-        path, weight = make(folder / name.replace(" ", "_"), gen)
-        head = load_lm_head(path, dtype=torch.float32)
-        x = torch.randn(TOKENS, HIDDEN, generator=gen)
+    for name, key, requested in DEMOS:
+        path, weight = written[key]
+        head = load_lm_head(path, dtype=torch.float32, requested=requested)
         logits = head.compute_logits(x)
         reference = x.double() @ weight.double().T
         target = head.to_target_vocab(logits)
@@ -149,11 +183,11 @@ def run_demo(folder: Path | None = None, *, seed: int = 0) -> list[DemoRow]:
 
 def format_rows(rows: list[DemoRow]) -> str:
     """The demo table as text."""
-    header = f"{'checkpoint':<20} {'method':<20} {'resident':>10} {'vs bf16':>8} {'max |err|':>10} {'d2t':>4}  rule"  # noqa: E501
+    header = f"{'checkpoint':<26} {'method':<20} {'resident':>10} {'vs bf16':>8} {'max |err|':>10} {'d2t':>4}  rule"  # noqa: E501
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(
-            f"{r.name:<20} {r.method:<20} {r.resident_bytes:>10,d} {r.vs_bf16:>7.2f}x "
+            f"{r.name:<26} {r.method:<20} {r.resident_bytes:>10,d} {r.vs_bf16:>7.2f}x "
             f"{r.max_abs_error:>10.2e} {'ok' if r.target_vocab_ok else 'FAIL':>4}  {r.rule}"
         )
     return "\n".join(lines)

@@ -266,9 +266,24 @@ def test_a_drafter_with_a_subset_vocab_map_keeps_its_head():
 
 def test_demo_rows(tmp_path):
     rows = run_demo(tmp_path)
-    assert [r.name for r in rows] == ["eagle3 unquantized", "speculators tied"]
-    for row in rows:
-        assert row.method == "unquantized" and row.target_vocab_ok
-        assert row.max_abs_error < 1e-5
+    assert [(r.name, r.method) for r in rows] == [
+        ("eagle3 unquantized", "unquantized"),
+        ("speculators tied", "unquantized"),
+        ("awq int4 g128", "awq"),
+        ("awq int4 g128", "awq_marlin"),
+        ("awq int4 g128", "cpu_wna16"),
+        ("gptq int4 g128 act-order", "gptq"),
+        ("gptq int4 g128 act-order", "gptq_marlin"),
+        ("gptq int4 g128 act-order", "cpu_wna16"),
+        ("gptq int8 g64 asym", "cpu_wna16"),
+    ]
+    assert all(r.target_vocab_ok for r in rows)
+    assert rows[0].max_abs_error < 1e-5 and rows[1].max_abs_error < 1e-5
     assert rows[1].rule.startswith("tie_word_embeddings: true")
+    # every method computes the same float32 logits from the same checkpoint
+    for first in (2, 5):
+        errors = [r.max_abs_error for r in rows[first : first + 3]]
+        assert max(errors) - min(errors) < 1e-5
+    for row in rows[2:8]:
+        assert row.vs_bf16 <= 0.3, "a 4-bit g128 head is at most 0.3x its bf16 size"
     assert (tmp_path / "eagle3_unquantized" / "config.json").exists()

@@ -1,0 +1,178 @@
+"""Writing quantized heads: a float weight into a method's checkpoint tensors and folders.
+
+Each method owns its format (``QuantConfig.quantize_weight``); these functions pick the method
+from the registry and write what real checkpoints hold: ``config.json`` with the matching
+``quantization_config`` and ``model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantreg.checkpoint import CONFIG_NAME, INDEX_NAME, SINGLE_FILE, weight_files
+from quantreg.config import detect_quant_config, load_model_config
+from quantreg.errors import CheckpointError, ConfigError
+from quantreg.registry import get_quant_config_cls, normalize_name
+
+logger = logging.getLogger(__name__)
+
+
+def quantize(weight: torch.Tensor, method: str, **params: Any) -> dict[str, torch.Tensor]:
+    """Quantize a float ``[out, in]`` (``[vocab, hidden]``) weight by round-to-nearest into
+    ``method``'s checkpoint tensors, named without the layer prefix (``qweight``, ...).
+
+    ``params`` are the method's writer options (e.g. ``bits``, ``group_size``, ``sym``,
+    ``desc_act``, ``perm`` for GPTQ; ``format`` for compressed-tensors).
+
+    Raises:
+        ConfigError: not a 2-D float weight, a method without a writer, or a bad option.
+        UnknownMethodError: unknown method.
+    """
+    return _quantize(weight, method, **params)[0]
+
+
+def _quantize(
+    weight: torch.Tensor, method: str, **params: Any
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        shape = list(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ConfigError(f"quantize() takes a 2-D float [out, in] weight; got {shape}")
+    cls = get_quant_config_cls(method)
+    return cls.quantize_weight(weight.detach().cpu(), **params)
+
+
+def write_checkpoint(
+    folder: str | os.PathLike[str],
+    weight: torch.Tensor,
+    method: str | None = None,
+    *,
+    d2t: torch.Tensor | None = None,
+    vocab_size: int | None = None,
+    bias: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float16,
+    config: dict[str, Any] | None = None,
+    **params: Any,
+) -> Path:
+    """Write an Eagle3 drafter folder whose lm_head is ``weight`` quantized with ``method``
+    (None or ``"unquantized"``: a plain weight in ``dtype``).
+
+    ``config.json`` follows the EAGLE layout (``draft_vocab_size`` = rows of ``weight``,
+    ``vocab_size`` = the target vocab, default the same) plus the method's
+    ``quantization_config``; ``d2t`` (draft id -> target id offsets) is written when given.
+    ``config`` adds or replaces config.json keys.
+
+    Raises:
+        ConfigError: see :func:`quantize`.
+        CheckpointError: the folder already holds a checkpoint (nothing is overwritten).
+    """
+    root = Path(folder)
+    for name in (CONFIG_NAME, SINGLE_FILE, INDEX_NAME):
+        if (root / name).exists():
+            raise CheckpointError(
+                f"{root / name} exists; write_checkpoint never overwrites", path=root / name
+            )
+    if normalize_name(method or "unquantized") == "unquantized":
+        tensors, qcfg = {"weight": weight.detach().cpu().to(dtype)}, None
+    else:
+        tensors, qcfg = _quantize(weight, method, scale_dtype=dtype, **params)  # type: ignore[arg-type]
+    out = {f"lm_head.{name}": t.contiguous() for name, t in tensors.items()}
+    if bias is not None:
+        out["lm_head.bias"] = bias.detach().cpu().to(dtype).contiguous()
+    if d2t is not None:
+        out["d2t"] = d2t.detach().cpu().to(torch.int64).contiguous()
+    n, k = weight.shape
+    cfg: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLMEagle3"],
+        "model_type": "llama",
+        "num_hidden_layers": 1,
+        "hidden_size": k,
+        "vocab_size": vocab_size or n,
+        "draft_vocab_size": n,
+        "tie_word_embeddings": False,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    if qcfg is not None:
+        cfg["quantization_config"] = qcfg
+    cfg.update(config or {})
+    _save(root, cfg, out)
+    return root
+
+
+def quantize_checkpoint(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    method: str,
+    *,
+    prefix: str = "lm_head",
+    **params: Any,
+) -> Path:
+    """Copy the checkpoint ``src`` to ``dst`` with its float head quantized by ``method``.
+
+    Every other tensor, config key and file is kept; ``config.json`` gains the method's
+    ``quantization_config``.
+
+    Raises:
+        ConfigError: ``src`` already declares a quantization, or a bad method option.
+        CheckpointError: ``src`` has no float ``{prefix}.weight``, or ``dst`` is not empty.
+    """
+    from safetensors import safe_open
+
+    source, target = Path(src), Path(dst)
+    if target.exists() and any(target.iterdir()):
+        raise CheckpointError(
+            f"{target} is not empty; quantize writes into a new folder", path=target
+        )
+    config, config_path = load_model_config(source)
+    if config_path is None:
+        raise ConfigError(f"{source} has no config.json")
+    existing = detect_quant_config(config, config_path=config_path, root=source)
+    if existing is not None:
+        raise ConfigError(
+            f"{existing.where} already declares quant_method '{existing.quant_method}'; "
+            "quantreg quantize only quantizes the head of an unquantized checkpoint"
+        )
+    files, _ = weight_files(source)
+    if not files:
+        raise CheckpointError(f"{source} has no safetensors weights", path=source)
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            tensors.update({name: handle.get_tensor(name) for name in handle.keys()})  # noqa: SIM118
+    name = f"{prefix}.weight"
+    weight = tensors.pop(name, None)
+    if weight is None or not weight.is_floating_point() or weight.dim() != 2:
+        raise CheckpointError(
+            f"{source} has no float 2-D {name} to quantize", path=source, tensor=name
+        )
+    quantized, qcfg = _quantize(weight, method, scale_dtype=_scale_dtype(weight), **params)
+    tensors.update({f"{prefix}.{n}": t.contiguous() for n, t in quantized.items()})
+    target.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        if (
+            item.is_file()
+            and item.suffix != ".safetensors"
+            and item.name not in (CONFIG_NAME, INDEX_NAME)
+        ):
+            shutil.copy2(item, target / item.name)
+    _save(target, {**config, "quantization_config": qcfg}, tensors)
+    logger.info("quantized %s of %s with %s into %s", name, source, method, target)
+    return target
+
+
+def _scale_dtype(weight: torch.Tensor) -> torch.dtype:
+    return weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else torch.float16
+
+
+def _save(root: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    save_file(tensors, str(root / SINGLE_FILE), metadata={"format": "pt"})
