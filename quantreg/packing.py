@@ -65,7 +65,7 @@ def pack_codes(
     for k, source in enumerate(slots):
         words |= x[..., source] << (bits * k)
     words = torch.where(words >= 1 << 31, words - (1 << 32), words)  # two's complement int32
-    return words.to(torch.int32).movedim(-1, dim)
+    return words.to(torch.int32).movedim(-1, dim).contiguous()
 
 
 def unpack_codes(
