@@ -9,11 +9,14 @@ which is an ``nn.Linear`` when compressed-tensors writes the file. ``ignore`` wi
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from typing import Annotated, Any, ClassVar, Literal
 
+import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from quantreg import LayerRule, QuantConfig
+from quantreg.methods._ct_linear import CompressedTensorsLinearMethod, quantize_ct
 
 FORMATS = (
     "dense", "int-quantized", "float-quantized", "naive-quantized", "pack-quantized",
@@ -94,6 +97,7 @@ def match_kind(target: str, name: str) -> int | None:
 class CompressedTensorsConfig(QuantConfig):
     """``quantization_config`` (or ``compression_config``) of a compressed-tensors checkpoint."""
 
+    linear_method = CompressedTensorsLinearMethod
     supports_lm_head: ClassVar[bool] = True
 
     format: Format = None
@@ -196,6 +200,26 @@ class CompressedTensorsConfig(QuantConfig):
         elif fmt != "pack-quantized" and weights.num_bits != 8:
             return f"{fmt} weights must be int8; got int{weights.num_bits} ({layer})"
         return None
+
+    @classmethod
+    def quantize_weight(
+        cls, weight: torch.Tensor, **params: Any
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Round-to-nearest tensors of one format (see ``_ct_linear.quantize_ct``)."""
+        return quantize_ct(weight, **params)
+
+    def unmatched_entries(self, modules: Collection[str]) -> list[str]:
+        """``ignore`` and ``targets`` entries that match no module of the checkpoint (class
+        names other than ``Linear`` cannot be checked from tensor names and are skipped)."""
+        entries = [("ignore", e) for e in self.ignore]
+        for group, scheme in self.config_groups.items():
+            entries += [(f"targets ({group})", t) for t in scheme.targets]
+        checkable = [(k, e) for k, e in entries if not (e[:1].isupper() and e != LINEAR_CLASS)]
+        return [
+            f"{kind} entry '{entry}' matches no module of the checkpoint"
+            for kind, entry in checkable
+            if not any(match_kind(entry, m) is not None for m in modules)
+        ]
 
     def notes(self) -> list[str]:
         scheme = self.scheme

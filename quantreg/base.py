@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
@@ -204,6 +204,11 @@ class QuantConfig(BaseModel):
             ConfigError: this method has no writer, or a parameter it does not support.
         """
         raise ConfigError(f"{cls.__qualname__} has no writer: it cannot quantize a weight")
+
+    def unmatched_entries(self, modules: Collection[str]) -> list[str]:
+        """Config entries that name modules the checkpoint does not have (each becomes a
+        WARNING at resolution); ``modules`` are the checkpoint's module names."""
+        return []
 
     def notes(self) -> list[str]:
         """Facts about this (effective) config worth showing in a Resolution."""

@@ -275,3 +275,16 @@ def tensor_infos(
                 )
             result[name] = header[name]
     return result
+
+
+def tensor_names(root: Path) -> list[str]:
+    """Every tensor name of the checkpoint: the index's ``weight_map`` keys, or the single
+    file's header (no shard is opened when there is an index).
+
+    Raises:
+        CheckpointError: see :func:`weight_files` and :func:`read_header`.
+    """
+    files, weight_map = weight_files(root)
+    if weight_map is not None:
+        return list(weight_map)
+    return list(read_header(files[0])) if files else []

@@ -128,6 +128,14 @@ CHECKPOINTS: dict[str, Maker] = {
     "awq_int4_g128": quantized_drafter("awq", group_size=128),
     "gptq_int4_g128_act_order": quantized_drafter("gptq", group_size=128, desc_act=True),
     "gptq_int8_g64_asym": quantized_drafter("gptq", bits=8, group_size=64, sym=False),
+    "ct_w8a16_channel": quantized_drafter(
+        "compressed-tensors", format="pack-quantized", bits=8, strategy="channel"
+    ),
+    "ct_w4a16_g128_asym": quantized_drafter(
+        "compressed-tensors", format="pack-quantized", bits=4, group_size=128, sym=False
+    ),
+    "ct_w8a8_int8": quantized_drafter("compressed-tensors", format="int-quantized"),
+    "ct_fp8_channel": quantized_drafter("compressed-tensors", format="float-quantized"),
 }
 # (row name, checkpoint, requested method: None = what resolution picks on this machine)
 DEMOS: list[tuple[str, str, str | None]] = [
@@ -140,6 +148,10 @@ DEMOS: list[tuple[str, str, str | None]] = [
     ("gptq int4 g128 act-order", "gptq_int4_g128_act_order", "gptq_marlin"),
     ("gptq int4 g128 act-order", "gptq_int4_g128_act_order", "cpu_wna16"),
     ("gptq int8 g64 asym", "gptq_int8_g64_asym", None),
+    ("ct w8a16 int8 per-channel", "ct_w8a16_channel", None),
+    ("ct w4a16 g128 asym", "ct_w4a16_g128_asym", None),
+    ("ct w8a8 int8 (weight-only)", "ct_w8a8_int8", None),
+    ("ct fp8 per-channel", "ct_fp8_channel", None),
 ]
 
 

@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from quantreg.base import LayerRule, QuantConfig, is_lm_head
-from quantreg.checkpoint import FLOAT_DTYPES, SIDE_TENSORS, TensorInfo, tensor_infos
+from quantreg.checkpoint import (
+    FLOAT_DTYPES,
+    SIDE_TENSORS,
+    TensorInfo,
+    tensor_infos,
+    tensor_names,
+)
 from quantreg.config import (
     LEGACY_FILES,
     DetectedQuantConfig,
@@ -146,6 +152,7 @@ class CheckpointView:
     quant: DetectedQuantConfig | None
     tensors: Mapping[str, TensorInfo] | None  # under the prefix; None: no weights
     side: Mapping[str, TensorInfo] = field(default_factory=dict)  # d2t, embeddings
+    modules: frozenset[str] = frozenset()  # every module name of the checkpoint
 
 
 _cache: dict[tuple[str, str], tuple[tuple[Any, ...], CheckpointView]] = {}
@@ -197,7 +204,8 @@ def read_checkpoint(
         view = CheckpointView(str(path), root, config, quant, None)
     else:
         side = {n: infos.pop(n) for n in SIDE_TENSORS if n in infos and not _under(n, prefix)}
-        view = CheckpointView(str(path), root, config, quant, infos, side)
+        modules = frozenset(name.rpartition(".")[0] for name in tensor_names(root))
+        view = CheckpointView(str(path), root, config, quant, infos, side, modules)
     with _cache_lock:
         if len(_cache) >= _CACHE_SIZE:
             _cache.pop(next(iter(_cache)))
@@ -322,6 +330,10 @@ def _decide(
             f"({where}) is quant_method '{fmt}', which only {', '.join(reader_names)} can read"
         )
     notes = _tensor_notes(rule, state, infos, prefix)
+    if view.modules:
+        for entry in decider.unmatched_entries(view.modules):
+            logger.warning("%s: %s", where, entry)
+            notes.append(entry)
     if overridden is not None:
         notes.append(
             f"the config keeps '{prefix}' unquantized ({overridden.rule}), but its tensors are "

@@ -28,6 +28,11 @@ QUANTIZED_HEADS = {
     "gptq_gptqmodel_lmhead_default": ["gptq", "gptq_marlin", "cpu_wna16"],
     "gptq_gptqmodel_dynamic_w8g64": ["gptq", "gptq_marlin", "cpu_wna16"],
     "gptq_gptqmodel_asym": ["gptq", "cpu_wna16"],
+    "ct_w8a16_lmhead": ["compressed-tensors"],
+    "ct_w4a16_group_lmhead": ["compressed-tensors"],
+    "ct_w4a16_asym_lmhead": ["compressed-tensors"],
+    "ct_int8_w8a8_lmhead": ["compressed-tensors"],
+    "ct_fp8_lmhead": ["compressed-tensors"],
 }
 # fixture -> (method chosen on cpu by default, on cuda:9.0, deciding rule prefix)
 RESOLUTIONS = {
@@ -41,6 +46,11 @@ RESOLUTIONS = {
     "gptq_gptqmodel_dynamic_exclude": (None, None, "dynamic '-:lm_head'"),
     "gptq_gptqmodel_asym": ("cpu_wna16", "gptq", "dynamic '+:lm_head' → bits=4, group_size=64, sym=false"),
     "ct_ignore_lmhead": (None, None, "ignore 'lm_head'"),
+    "ct_w8a16_lmhead": ("compressed-tensors", "compressed-tensors", "targets 're:.*lm_head' (group_0)"),
+    "ct_w4a16_group_lmhead": ("compressed-tensors", "compressed-tensors", "targets 'Linear' (group_0)"),
+    "ct_w4a16_asym_lmhead": ("compressed-tensors", "compressed-tensors", "targets 'lm_head' (group_0)"),
+    "ct_int8_w8a8_lmhead": ("compressed-tensors", "compressed-tensors", "targets 'lm_head' (group_0)"),
+    "ct_fp8_lmhead": ("compressed-tensors", "compressed-tensors", "targets 'lm_head' (group_0)"),
 }  # fmt: skip
 UNQUANTIZED_HEADS = [name for name, (cpu, _, _) in RESOLUTIONS.items() if cpu is None]
 
@@ -91,7 +101,14 @@ def test_unquantized_heads_load_as_float(name):
 
 
 @pytest.mark.parametrize(
-    "name", ["awq_autoawq_g64", "gptq_gptqmodel_lmhead_desc_act", "gptq_gptqmodel_dynamic_w8g64"]
+    "name",
+    [
+        "awq_autoawq_g64",
+        "gptq_gptqmodel_lmhead_desc_act",
+        "gptq_gptqmodel_dynamic_w8g64",
+        "ct_w8a16_lmhead",
+        "ct_w4a16_asym_lmhead",
+    ],
 )
 def test_two_ranks_default_cpu_method(tmp_path, name):
     mp.spawn(

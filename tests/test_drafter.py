@@ -276,6 +276,10 @@ def test_demo_rows(tmp_path):
         ("gptq int4 g128 act-order", "gptq_marlin"),
         ("gptq int4 g128 act-order", "cpu_wna16"),
         ("gptq int8 g64 asym", "cpu_wna16"),
+        ("ct w8a16 int8 per-channel", "compressed-tensors"),
+        ("ct w4a16 g128 asym", "compressed-tensors"),
+        ("ct w8a8 int8 (weight-only)", "compressed-tensors"),
+        ("ct fp8 per-channel", "compressed-tensors"),
     ]
     assert all(r.target_vocab_ok for r in rows)
     assert rows[0].max_abs_error < 1e-5 and rows[1].max_abs_error < 1e-5

@@ -1,0 +1,73 @@
+"""Checkpoints compressed by the compressed-tensors library itself, for conformance tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+STRATEGIES_WITH_OBSERVED_GROUPS = ("group", "tensor_group", "tensor")
+
+
+def compress_head(
+    folder: Path, weight: torch.Tensor, scheme: dict[str, Any], *, fc: bool = False
+) -> torch.Tensor:
+    """Quantize ``lm_head`` (weight ``[vocab, hidden]``) with the library, write a drafter folder
+    (``config.json`` with the library's own ``quantization_config`` and ``model.safetensors``),
+    and return the library's own decompressed weight."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationConfig,
+        QuantizationScheme,
+        apply_quantization_config,
+        preset_name_to_scheme,
+    )
+    from compressed_tensors.quantization.utils import (
+        calculate_qparams,
+        compute_dynamic_scales_and_zp,
+    )
+
+    n, k = weight.shape
+    model = nn.Module()
+    if fc:
+        model.fc = nn.Linear(3 * k, k, bias=False).to(weight.dtype)
+    model.lm_head = nn.Linear(k, n, bias=False).to(weight.dtype)
+    model.lm_head.weight.data.copy_(weight)
+    if "preset" in scheme:
+        qscheme = preset_name_to_scheme(scheme["preset"], scheme["targets"])
+    else:
+        qscheme = QuantizationScheme(**scheme)
+    apply_quantization_config(
+        model,
+        QuantizationConfig(config_groups={"group_0": qscheme}, ignore=scheme.get("ignore", [])),
+    )
+    for module in model.modules():
+        qs = getattr(module, "quantization_scheme", None)
+        if qs is None or qs.weights is None:
+            continue
+        args, w = qs.weights, module.weight.data
+        if args.strategy in STRATEGIES_WITH_OBSERVED_GROUPS:
+            scale, zero_point = compute_dynamic_scales_and_zp(w, args, module)
+        else:
+            scale, zero_point = calculate_qparams(
+                w.amin(1, keepdim=True), w.amax(1, keepdim=True), args
+            )
+        module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
+        if hasattr(module, "weight_zero_point"):
+            module.weight_zero_point.data.copy_(zero_point.reshape(module.weight_zero_point.shape))
+    compressor = ModelCompressor.from_pretrained_model(model)
+    compressor.compress_model(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {name: t.detach().contiguous() for name, t in model.state_dict().items()},
+        str(folder / "model.safetensors"),
+    )
+    config = {"architectures": ["LlamaForCausalLMEagle3"], "hidden_size": k, "vocab_size": n, "draft_vocab_size": n, "torch_dtype": str(weight.dtype).removeprefix("torch.")}  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config))
+    compressor.update_config(str(folder))
+    compressor.decompress_model(model)
+    return model.lm_head.weight.detach().clone()
