@@ -147,6 +147,37 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Time every method against dense F.linear in one process; print the table."""
+    from pathlib import Path
+
+    from quantreg import bench
+
+    shapes = tuple(_shape(s) for s in args.shape) if args.shape else None
+    ms = tuple(int(m) for m in args.m.split(",")) if args.m else bench.MS
+    budget = args.budget if args.budget is not None else (0.2 if args.quick else 2.0)
+    result = bench.run_bench(
+        quick=args.quick, shapes=shapes, ms=ms, budget_s=budget,
+        progress=lambda message: print(message, file=sys.stderr),
+    )  # fmt: skip
+    print(bench.format_table(result))
+    if args.json:
+        bench.write_json(result, Path(args.json))
+    if args.plot:
+        bench.plot(result, Path(args.plot))
+    if args.append_results:
+        bench.append_results(result, Path(args.append_results))
+    return 0
+
+
+def _shape(text: str) -> tuple[int, int]:
+    try:
+        n, k = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--shape {text!r}: expected NxK, e.g. 32000x4096") from None
+    return n, k
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job: write example drafters, then resolve, load and run each."""
     from quantreg.demo import format_rows, run_demo
@@ -238,6 +269,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default=None, help="compressed-tensors format")
     p.add_argument("--prefix", default="lm_head", help="layer name (default: lm_head)")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("bench", parents=[verbose], help="time every method against dense F.linear")
+    p.add_argument("--quick", action="store_true", help="small shapes: a smoke run")
+    p.add_argument("--shape", action="append", metavar="NxK", help="override the shapes")
+    p.add_argument("--m", default=None, metavar="M1,M2", help="token counts (default 1,4,16,64)")
+    p.add_argument(
+        "--budget", type=float, default=None, help="seconds of timing per M (default 2, quick 0.2)"
+    )
+    p.add_argument("--json", default=None, metavar="PATH", help="write {machine, rows} as JSON")
+    p.add_argument("--plot", default=None, metavar="PNG", help="time vs M (needs matplotlib)")
+    p.add_argument(
+        "--append-results", default=None, metavar="MD",
+        help="append a dated table to this Markdown file (e.g. bench/RESULTS.md)",
+    )  # fmt: skip
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
         "demo", parents=[verbose], help="write example drafters, then resolve, load and run each"

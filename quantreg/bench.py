@@ -1,0 +1,419 @@
+"""``quantreg bench``: every quantized lm_head method side by side with dense ``F.linear``.
+
+One process, one table: dense fp32 and bf16 ``F.linear`` and each method's ``apply`` (built
+through the real loader path from tensors in each checkpoint format), plus torch's own
+weight-only ops as peers, for (N, K) in {(32000, 4096), (128256, 4096)} and M in {1, 4, 16,
+64}. Heads are rotated across copies until their weights exceed the caches, every case is
+warmed up, runs are interleaved across methods, and the median is reported.
+
+* ``ratio_vs_bf16`` = median time of dense bf16 ``F.linear`` / median time of the case
+  (higher is faster);
+* ``gbps`` = resident weight bytes / median time;
+* ``peak_transient_bytes``: the peak of (bytes allocated - bytes freed) by torch's CPU
+  allocator during one call, from ``torch.profiler`` memory events (the output included);
+* ``max_rel_err`` = max |y - y_ref| / max |y_ref|, where ``y_ref`` is the exact float32
+  reference (the format's reference method) on the same activations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from quantreg.lm_head import ParallelLMHead
+from quantreg.registry import get_quant_config_cls
+from quantreg.writers import _quantize
+
+logger = logging.getLogger(__name__)
+
+FULL_SHAPES = ((32000, 4096), (128256, 4096))
+QUICK_SHAPES = ((1024, 512),)
+MS = (1, 4, 16, 64)
+CACHE_BYTES = 256 * 2**20  # rotate copies until the weights exceed this
+ROW_CHUNK = 8192  # vocab rows quantized per step when building a head
+
+
+@dataclass(frozen=True)
+class Format:
+    """One quantized layout to benchmark: the writer's method and options, and the methods
+    that run it (the first one is the exact reference)."""
+
+    label: str
+    writer: str
+    bits: int
+    params: dict[str, Any]
+    methods: tuple[str, ...]
+
+
+FORMATS = (
+    Format("awq int4 g128", "awq", 4, {"group_size": 128}, ("awq", "awq_marlin", "cpu_wna16")),
+    Format("gptq int4 g128", "gptq", 4, {"group_size": 128}, ("gptq", "gptq_marlin", "cpu_wna16")),
+    Format("gptq int8 g128", "gptq", 8, {"bits": 8, "group_size": 128}, ("gptq", "cpu_wna16")),
+    Format("gptq int8 channel", "gptq", 8, {"bits": 8, "group_size": -1}, ("gptq", "cpu_wna16")),
+    Format("ct int4 g128", "compressed-tensors", 4,
+           {"format": "pack-quantized", "bits": 4, "group_size": 128}, ("compressed-tensors",)),
+    Format("ct int8 channel", "compressed-tensors", 8,
+           {"format": "pack-quantized", "bits": 8, "strategy": "channel"}, ("compressed-tensors",)),
+)  # fmt: skip
+
+
+@dataclass
+class Row:
+    """One benchmark case, as written to ``--json``."""
+
+    method: str
+    format: str
+    bits: int
+    N: int
+    K: int
+    M: int
+    dtype: str
+    median_ms: float
+    ratio_vs_bf16: float
+    gbps: float
+    resident_bytes: int
+    peak_transient_bytes: int
+    max_rel_err: float
+    computes: str
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    flags = ""
+    with contextlib.suppress(OSError):
+        flags = Path("/proc/cpuinfo").read_text()
+    names = [
+        line.split(":", 1)[1].strip()
+        for line in flags.splitlines()
+        if line.startswith("model name")
+    ]
+    model = names[0] if names else platform.processor()
+    isa = [
+        f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8") if f" {f}" in flags
+    ]
+    mem = 0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        mem = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "isa": isa,
+        "memory_bytes": mem,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def build_head(
+    fmt: Format, method: str, n: int, k: int, dtype: torch.dtype, seed: int
+) -> ParallelLMHead:
+    """A head of ``method`` loaded from ``fmt`` tensors of a random ``[n, k]`` weight, through
+    the same steps as ``load_lm_head`` (create, load this rank's slice, repack)."""
+    tensors, qcfg = _tensors(fmt, n, k, seed)
+    cls = get_quant_config_cls(method)
+    config = cls.from_quant_config(qcfg, method=method)
+    config = config.for_layer(config.layer_rule("lm_head"))
+    head = ParallelLMHead(n, k, params_dtype=dtype, quant_config=config, tp=1)
+    for name, param in head.named_parameters(recurse=False):
+        source = tensors[name]
+        param.checkpoint_dtype = source.dtype
+        head.load_weight(param, source.to(param.dtype) if param.dtype.is_floating_point else source)
+    head.quant_method.process_weights_after_loading(head)
+    return head.eval()
+
+
+_TENSOR_CACHE: dict[tuple[str, int, int], tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}
+
+
+def _tensors(
+    fmt: Format, n: int, k: int, seed: int
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The format's tensors of a random fp16 weight, quantized ROW_CHUNK vocab rows at a time
+    (the writers work in float64; one chunk at a time keeps that small)."""
+    key = (fmt.label, n, k)
+    if key in _TENSOR_CACHE:
+        return _TENSOR_CACHE[key]
+    vocab_dim = 0 if fmt.writer == "compressed-tensors" else 1
+    parts, qcfg = [], {}
+    for start in range(0, n, ROW_CHUNK):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + start)
+        weight = (torch.randn(min(ROW_CHUNK, n - start), k, generator=gen) * 0.02).half()
+        part, qcfg = _quantize(weight, fmt.writer, **fmt.params)
+        parts.append(part)
+    tensors = {}
+    for name, first in parts[0].items():
+        if name == "weight_shape":
+            tensors[name] = torch.tensor([n, k], dtype=torch.int64)
+        elif name == "g_idx" or first.numel() == 1:  # replicated: same for every chunk
+            tensors[name] = first
+        else:
+            tensors[name] = torch.cat([p[name] for p in parts], dim=vocab_dim)
+    _TENSOR_CACHE.clear()  # one format at a time: the big heads are large
+    _TENSOR_CACHE[key] = (tensors, qcfg)
+    return tensors, qcfg
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """The profiler's native layer prints to fd 2; keep the table readable."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def peak_transient_bytes(call: Callable[[], Any]) -> int:
+    """Peak of allocated-minus-freed CPU bytes during one call (torch.profiler events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call()
+    events = sorted(
+        (e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start
+    )
+    running = peak = 0
+    for event in events:
+        running += event.cpu_memory_usage
+        peak = max(peak, running)
+    return peak
+
+
+def _median_ms(
+    calls: list[Callable[[], Any]], budget_s: float, min_runs: int, max_runs: int
+) -> list[float]:
+    """Interleaved timing: one call of every case per round, until the budget or max runs."""
+    for call in calls:  # warm-up
+        call()
+    times: list[list[float]] = [[] for _ in calls]
+    start = time.perf_counter()
+    for round_ in range(max_runs):
+        for i, call in enumerate(calls):
+            t0 = time.perf_counter()
+            call()
+            times[i].append((time.perf_counter() - t0) * 1e3)
+        if round_ + 1 >= min_runs and time.perf_counter() - start > budget_s:
+            break
+    return [statistics.median(t) for t in times]
+
+
+@dataclass
+class Case:
+    """Something to time: a name, what it computes, and one callable per rotated copy."""
+
+    method: str
+    format: str
+    bits: int
+    dtype: torch.dtype
+    fns: list[Callable[[torch.Tensor], torch.Tensor]]
+    resident_bytes: int
+    computes: str
+    reference: Callable[[torch.Tensor], torch.Tensor]  # exact float32 result for max_rel_err
+
+
+def run_bench(
+    *,
+    quick: bool = False,
+    shapes: tuple[tuple[int, int], ...] | None = None,
+    ms: tuple[int, ...] = MS,
+    budget_s: float = 2.0,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run every case; returns ``{"machine": ..., "rows": [...]}`` (see the module doc)."""
+    say = progress or (lambda message: logger.info("%s", message))
+    rows: list[Row] = []
+    for n, k in shapes or (QUICK_SHAPES if quick else FULL_SHAPES):
+        copies = max(1, min(8, math.ceil(CACHE_BYTES / (n * k * 2))))
+        cases = _dense_cases(n, k) + _method_cases(n, k, copies, say) + _torch_peers(n, k, copies)
+        for m in ms:
+            x32 = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+            inputs = [x32.to(case.dtype) for case in cases]
+            say(f"timing N={n} K={k} M={m}: {len(cases)} cases")
+            medians = _medians(
+                [_cycle(case.fns, x) for case, x in zip(cases, inputs, strict=True)], budget_s
+            )
+            bf16 = medians[1]
+            for case, x, median in zip(cases, inputs, medians, strict=True):
+                out, ref = case.fns[0](x).float(), case.reference(x.float())
+                err = float((out - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
+                rows.append(
+                    Row(
+                        method=case.method, format=case.format, bits=case.bits, N=n, K=k, M=m,
+                        dtype=str(case.dtype).removeprefix("torch."), median_ms=round(median, 4),
+                        ratio_vs_bf16=round(bf16 / median, 3),
+                        gbps=round(case.resident_bytes / median / 1e6, 2),
+                        resident_bytes=case.resident_bytes,
+                        peak_transient_bytes=peak_transient_bytes(lambda c=case, x=x: c.fns[0](x)),
+                        max_rel_err=err, computes=case.computes,
+                    )
+                )  # fmt: skip
+    return {"machine": machine(), "rows": [asdict(r) for r in rows]}
+
+
+def _dense_cases(n: int, k: int) -> list[Case]:
+    """The baselines: dense ``F.linear`` in fp32 (row 0) and bf16 (row 1, the ratio's base)."""
+    w32 = torch.randn(n, k, generator=torch.Generator().manual_seed(1)) * 0.02
+    w16 = w32.to(torch.bfloat16)
+    w16_exact = w16.float()
+    return [
+        Case("dense fp32", "float32", 32, torch.float32, [lambda x: F.linear(x, w32)], n * k * 4,
+             "x @ W.T, fp32", lambda x: F.linear(x, w32)),
+        Case("dense bf16", "bfloat16", 16, torch.bfloat16, [lambda x: F.linear(x, w16)], n * k * 2,
+             "x @ W.T, bf16", lambda x: F.linear(x, w16_exact)),
+    ]  # fmt: skip
+
+
+def _method_cases(n: int, k: int, copies: int, say: Callable[[str], None]) -> list[Case]:
+    """Every method of every format, in bf16, with ``copies`` heads to rotate through."""
+    cases = []
+    for fmt in FORMATS:
+        say(f"building {fmt.label} heads for N={n} K={k}")
+        reference = build_head(fmt, fmt.methods[0], n, k, torch.float32, seed=0)
+        for method in fmt.methods:
+            heads = [build_head(fmt, method, n, k, torch.bfloat16, seed=0) for _ in range(copies)]
+            kernel = getattr(heads[0], "cpu_kernel", None) or "exact block-wise dequant"
+            cases.append(
+                Case(method, fmt.label, fmt.bits, torch.bfloat16,
+                     [h.compute_logits for h in heads], heads[0].resident_bytes(),
+                     f"{method}: {kernel}, weight-only", reference.compute_logits)
+            )  # fmt: skip
+    return cases
+
+
+def _cycle(fns: list[Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor) -> Callable[[], Any]:
+    """One call per invocation, rotating through the copies so weights come from memory."""
+    position = [0]
+
+    def call() -> Any:
+        position[0] += 1
+        return fns[position[0] % len(fns)](x)
+
+    return call
+
+
+def _medians(calls: list[Callable[[], Any]], budget_s: float) -> list[float]:
+    """Median ms per call: warm-up, then rounds of one call each (interleaved) until the
+    budget is spent (at least 3 rounds, at most 50)."""
+    for call in calls:
+        call()
+    times: list[list[float]] = [[] for _ in calls]
+    start = time.perf_counter()
+    for round_ in range(50):
+        for i, call in enumerate(calls):
+            t0 = time.perf_counter()
+            call()
+            times[i].append((time.perf_counter() - t0) * 1e3)
+        if round_ >= 2 and time.perf_counter() - start > budget_s:
+            break
+    return [statistics.median(t) for t in times]
+
+
+def _torch_peers(n: int, k: int, copies: int) -> list[Case]:
+    """torch's own weight-only CPU ops on random codes (what each computes is in its label)."""
+    peers = []
+    gen = torch.Generator().manual_seed(7)
+    if hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and n % 16 == 0 and k % 128 == 0:
+        codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        scales = (torch.rand(k // 128, n, generator=gen) * 0.002 + 0.001).to(torch.bfloat16)
+        sz = torch.stack([scales, torch.zeros_like(scales)], -1).contiguous()
+        w4 = (codes - 8).float() * scales.float().T.repeat_interleave(128, 1)
+        peers.append(
+            Case("torch int4pack", "int4 g128", 4, torch.bfloat16,
+                 [lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 128, sz)],
+                 packed.numel() + sz.numel() * 2,
+                 "torch._weight_int4pack_mm_for_cpu (zeros added as floats)", lambda x: x @ w4.T)
+        )  # fmt: skip
+    if hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        w8 = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+        s8 = (torch.rand(n, generator=gen) * 0.002 + 0.001).to(torch.bfloat16)
+        w8f = w8.float() * s8.float()[:, None]
+        peers.append(
+            Case("torch int8pack", "int8 channel", 8, torch.bfloat16,
+                 [lambda x: torch.ops.aten._weight_int8pack_mm(x, w8, s8)], w8.numel() + n * 2,
+                 "torch._weight_int8pack_mm", lambda x: x @ w8f.T)
+        )  # fmt: skip
+    return peers
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The rows as a Markdown table."""
+    lines = [
+        "| method | format | N | K | M | dtype | median ms | × bf16 | GB/s | resident MiB "
+        "| peak transient MiB | max rel err |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['method']} | {r['format']} | {r['N']} | {r['K']} | {r['M']} | {r['dtype']} | "
+            f"{r['median_ms']:.3f} | {r['ratio_vs_bf16']:.2f} | {r['gbps']:.1f} | "
+            f"{r['resident_bytes'] / 2**20:.1f} | {r['peak_transient_bytes'] / 2**20:.1f} | "
+            f"{r['max_rel_err']:.1e} |"
+        )
+    return "\n".join(lines)
+
+
+def append_results(result: dict[str, Any], path: Path, note: str = "") -> None:
+    """Append a dated table with the machine to ``path`` (e.g. bench/RESULTS.md)."""
+    m = result["machine"]
+    header = (
+        f"\n## {m['date']} — {m['cpu']}, {m['cores']} cores ({m['threads']} threads), "
+        f"{', '.join(m['isa']) or 'no AVX-512'}, torch {m['torch']}\n"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as out:
+        out.write(header + (f"\n{note}\n" if note else "") + "\n" + format_table(result) + "\n")
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Time vs M per method, one panel per shape (needs the ``bench`` extra: matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = sorted({(r["N"], r["K"]) for r in result["rows"]})
+    fig, axes = plt.subplots(1, len(shapes), figsize=(7 * len(shapes), 5), squeeze=False)
+    for ax, (n, k) in zip(axes[0], shapes, strict=True):
+        series: dict[str, list[tuple[int, float]]] = {}
+        for r in result["rows"]:
+            if (r["N"], r["K"]) == (n, k):
+                series.setdefault(f"{r['method']} [{r['format']}]", []).append(
+                    (r["M"], r["median_ms"])
+                )
+        for label, points in sorted(series.items()):
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="M (tokens)",
+            ylabel="median ms",
+            title=f"N={n} K={k}",
+        )
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write_json(result: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(result, indent=2) + "\n")
