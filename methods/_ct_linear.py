@@ -21,9 +21,11 @@ import torch
 
 from quantreg import CheckpointError, ConfigError, LinearMethod, pack_codes, unpack_codes
 from quantreg.methods._layers import (
-    ROW_BLOCK,
     check_finite,
+    dequantize,
     frozen_param,
+    group_blocks,
+    group_order,
     reference_matmul,
     restore_checkpoint_dtype,
 )
@@ -120,27 +122,15 @@ class CompressedTensorsLinearMethod(LinearMethod):
                     tensor=f"{layer.prefix}.weight_shape",
                 )
         if self.actorder_group:
-            g_idx = layer.weight_g_idx.to(torch.int64)
-            bad = ((g_idx < 0) | (g_idx >= layer.ct_groups)).nonzero().flatten()
-            if bad.numel():
-                i = int(bad[0])
-                raise CheckpointError(
-                    f"{layer.prefix}.weight_g_idx[{i}] = {int(g_idx[i])} is outside the "
-                    f"{layer.ct_groups} groups of {layer.prefix}.weight_scale",
-                    tensor=f"{layer.prefix}.weight_g_idx",
-                )
-            order = torch.argsort(g_idx, stable=True)
-            counts = torch.bincount(g_idx, minlength=layer.ct_groups).tolist()
+            g_idx = layer.weight_g_idx
         else:
             size = self.args.group_size if self.strategy == "group" else k
-            order = torch.arange(k)
-            counts = [min(size, k - start) for start in range(0, k, size)]
-        blocks, start = [], 0
-        for group, count in enumerate(counts):
-            for cols in order[start : start + count].split(ROW_BLOCK):
-                blocks.append((cols, group))
-            start += count
-        layer.ct_blocks = blocks
+            g_idx = torch.arange(k) // size
+        prefix = layer.prefix
+        order, bounds = group_order(
+            g_idx, layer.ct_groups, f"{prefix}.weight_g_idx", f"{prefix}.weight_scale"
+        )
+        layer.ct_blocks = group_blocks(order, bounds)
 
     def dequantize_columns(
         self, layer: torch.nn.Module, cols: torch.Tensor, group: int
@@ -158,7 +148,7 @@ class CompressedTensorsLinearMethod(LinearMethod):
             q = layer.weight[:, cols].to(torch.int64)
         if not self.args.symmetric:
             q = q - self._zero_points(layer, group)
-        return (q.to(torch.float32) * scale.to(torch.float32)).to(scale.dtype).T
+        return dequantize(q, 0, scale).T
 
     def _zero_points(self, layer: torch.nn.Module, group: int) -> torch.Tensor:
         zp = layer.weight_zero_point

@@ -128,3 +128,43 @@ def reference_matmul(
     if bias is not None:
         out = out + bias.to(x.dtype)
     return out.reshape(*lead, out.shape[-1])
+
+
+def dequantize(
+    codes: torch.Tensor, zeros: torch.Tensor | int, scales: torch.Tensor
+) -> torch.Tensor:
+    """``(codes - zeros) * scales``, exact in float32, then rounded once to the scale dtype --
+    what AutoAWQ, GPTQModel and compressed-tensors compute in that dtype."""
+    diff = (codes - zeros).to(torch.float32)
+    return (diff * scales.to(torch.float32)).to(scales.dtype)
+
+
+def group_order(
+    g_idx: torch.Tensor, groups: int, name: str, scales: str = "its scales"
+) -> tuple[torch.Tensor, list[int]]:
+    """Rows sorted by group (stable) and the first row of every group, after checking that
+    every entry of ``g_idx`` names one of ``groups`` groups.
+
+    Raises:
+        CheckpointError: an entry outside ``[0, groups)``, naming ``name`` and the index.
+    """
+    g = g_idx.to(torch.int64)
+    bad = ((g < 0) | (g >= groups)).nonzero().flatten()
+    if bad.numel():
+        i = int(bad[0])
+        raise CheckpointError(
+            f"{name}[{i}] = {int(g[i])} is outside the {groups} groups of {scales}; "
+            f"{bad.numel()} such entries",
+            tensor=name,
+        )
+    bounds = [0, *torch.bincount(g, minlength=groups).cumsum(0).tolist()]
+    return torch.argsort(g, stable=True), bounds
+
+
+def group_blocks(order: torch.Tensor, bounds: list[int]) -> list[tuple[torch.Tensor, int]]:
+    """``(rows, group)`` blocks of at most ``ROW_BLOCK`` rows of ``order``, each in one group."""
+    return [
+        (rows, group)
+        for group in range(len(bounds) - 1)
+        for rows in order[bounds[group] : bounds[group + 1]].split(ROW_BLOCK)
+    ]

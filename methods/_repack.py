@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 
 from quantreg import pack_codes, unpack_codes
-from quantreg.methods._layers import ROW_BLOCK, reference_matmul
+from quantreg.methods._layers import ROW_BLOCK, dequantize, group_order, reference_matmul
 
 # Output columns repacked per step: bounds the temporary codes to K x COLUMN_CHUNK.
 COLUMN_CHUNK = 4096
@@ -50,12 +50,8 @@ def repack(
     if g_idx is None:
         size = -(-k // groups)
         g_idx = torch.arange(k, device=scales.device) // size
-    g_idx = g_idx.to(torch.int64)
-    perm = None
-    if not bool((g_idx[1:] >= g_idx[:-1]).all()):
-        perm = torch.argsort(g_idx, stable=True)
-    counts = torch.bincount(g_idx, minlength=groups)
-    bounds = [0, *counts.cumsum(0).tolist()]
+    order, bounds = group_order(g_idx, groups, "g_idx")
+    perm = None if bool((g_idx[1:] >= g_idx[:-1]).all()) else order
     pf = 32 // bits
     wq = torch.empty((-(-k // pf), n), dtype=torch.int32, device=scales.device)
     for c0 in range(0, n, COLUMN_CHUNK):
@@ -80,8 +76,7 @@ def dequantize_shared(layer: torch.nn.Module, start: int, stop: int, group: int)
     first, last = start // pf, -(-stop // pf)
     codes = unpack_codes(layer.wq[first:last], bits, dim=0)[start - first * pf : stop - first * pf]
     zeros = layer.wzeros[group : group + 1].to(torch.int32)
-    scales = layer.wscales[group : group + 1]
-    return ((codes - zeros).to(torch.float32) * scales.to(torch.float32)).to(scales.dtype)
+    return dequantize(codes, zeros, layer.wscales[group : group + 1])
 
 
 def shared_blocks(layer: torch.nn.Module) -> list[tuple[slice, int]]:

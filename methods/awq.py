@@ -19,6 +19,7 @@ from quantreg import (
 )
 from quantreg.methods._layers import (
     check_finite,
+    dequantize,
     frozen_param,
     grouped,
     reference_matmul,
@@ -91,8 +92,7 @@ class AWQLinearMethod(LinearMethod):
         """``W.T`` rows ``start:stop`` (one group), rounded to the scale dtype: ``[rows, out]``."""
         codes = unpack_codes(layer.qweight[start:stop], BITS, order=AWQ_ORDER)
         zeros = unpack_codes(layer.qzeros[group : group + 1], BITS, order=AWQ_ORDER)
-        scales = layer.scales[group : group + 1]
-        return ((codes - zeros).to(torch.float32) * scales.to(torch.float32)).to(scales.dtype)
+        return dequantize(codes, zeros, layer.scales[group : group + 1])
 
     def repack(self, layer: torch.nn.Module) -> None:
         """Convert the loaded tensors into the layout shared with GPTQ (see ``_repack``)."""

@@ -10,7 +10,6 @@ import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, field_validator
 
 from quantreg import (
-    CheckpointError,
     ConfigError,
     LayerRule,
     LinearMethod,
@@ -21,9 +20,11 @@ from quantreg import (
     unpack_codes,
 )
 from quantreg.methods._layers import (
-    ROW_BLOCK,
     check_finite,
+    dequantize,
     frozen_param,
+    group_blocks,
+    group_order,
     grouped,
     reference_matmul,
     restore_checkpoint_dtype,
@@ -120,18 +121,11 @@ class GPTQLinearMethod(LinearMethod):
         """
         restore_checkpoint_dtype(layer, "scales")
         check_finite(layer, "scales")
-        groups = layer.scales.shape[0]
-        g_idx = layer.g_idx.to(torch.int64)
-        bad = ((g_idx < 0) | (g_idx >= groups)).nonzero().flatten()
-        if bad.numel():
-            i = int(bad[0])
-            raise CheckpointError(
-                f"{layer.prefix}.g_idx[{i}] = {int(g_idx[i])} is outside the {groups} groups "
-                f"of {layer.prefix}.scales; {bad.numel()} such entries",
-                tensor=f"{layer.prefix}.g_idx",
-            )
-        layer.gptq_perm = torch.argsort(g_idx, stable=True)
-        layer.gptq_bounds = [0, *torch.bincount(g_idx, minlength=groups).cumsum(0).tolist()]
+        prefix = layer.prefix
+        order, bounds = group_order(
+            layer.g_idx, layer.scales.shape[0], f"{prefix}.g_idx", f"{prefix}.scales"
+        )
+        layer.gptq_blocks = group_blocks(order, bounds)
 
     def dequantize_rows(
         self, layer: torch.nn.Module, rows: torch.Tensor, group: int
@@ -143,8 +137,7 @@ class GPTQLinearMethod(LinearMethod):
         codes = (words >> ((rows % pf) * bits)[:, None]) & mask
         zeros = unpack_codes(layer.qzeros[group : group + 1], bits, dim=1)
         zeros = (zeros + cfg.zero_point_offset) & mask
-        scales = layer.scales[group : group + 1]
-        return ((codes - zeros).to(torch.float32) * scales.to(torch.float32)).to(scales.dtype)
+        return dequantize(codes, zeros, layer.scales[group : group + 1])
 
     def repack(self, layer: torch.nn.Module) -> None:
         """Convert the loaded tensors into the layout shared with AWQ (see ``_repack``);
@@ -166,14 +159,8 @@ class GPTQLinearMethod(LinearMethod):
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        perm, bounds = layer.gptq_perm, layer.gptq_bounds
-        blocks = [
-            (rows, group)
-            for group in range(len(bounds) - 1)
-            for rows in perm[bounds[group] : bounds[group + 1]].split(ROW_BLOCK)
-        ]
         return reference_matmul(
-            x, bias, blocks, lambda rows, g: self.dequantize_rows(layer, rows, g)
+            x, bias, layer.gptq_blocks, lambda rows, g: self.dequantize_rows(layer, rows, g)
         )
 
 
