@@ -15,11 +15,13 @@ The vocab is on dim 0 of every tensor. The head runs weight-only: activations st
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
 
 from quantreg import CheckpointError, ConfigError, LinearMethod, pack_codes, unpack_codes
+from quantreg.methods._cpu_kernels import apply_kernel, attach
 from quantreg.methods._layers import (
     check_finite,
     dequantize,
@@ -131,6 +133,46 @@ class CompressedTensorsLinearMethod(LinearMethod):
             g_idx, layer.ct_groups, f"{prefix}.weight_g_idx", f"{prefix}.weight_scale"
         )
         layer.ct_blocks = group_blocks(order, bounds)
+        layer.ct_kernel = self.format != FLOAT and self._attach_kernel(layer, order, bounds)
+
+    def _attach_kernel(
+        self, layer: torch.nn.Module, order: torch.Tensor, bounds: list[int]
+    ) -> bool:
+        """On a CPU, hand integer formats to the AVX-512 kernel (see ``_cpu_kernels``)."""
+        if layer.weight_scale.device.type != "cpu":
+            return False
+        bits, k = self.bits, layer.input_size_per_partition
+        n, offset = layer.output_size_per_partition, 1 << (self.bits - 1)
+        sizes = {b - a for a, b in itertools.pairwise(bounds[:-1])} or {bounds[-1]}
+        if len(sizes) != 1 or bounds[-1] - bounds[-2] > min(sizes):
+            return False
+        perm = order if self.actorder_group else None
+        packed = self.format == PACKED
+
+        def codes(c0: int, c1: int) -> torch.Tensor:
+            if packed:
+                u = unpack_codes(layer.weight_packed[c0:c1], bits, dim=1, count=k)
+            else:
+                u = layer.weight[c0:c1].to(torch.int32) + offset
+            return (u if perm is None else u[:, perm]).T
+
+        scale = layer.weight_scale
+        scales = scale.reshape(1, 1).expand(1, n) if self.strategy == "tensor" else scale.T
+        if self.args.symmetric:
+            zeros = torch.full(scales.shape, float(offset))
+        elif packed:
+            zeros = unpack_codes(layer.weight_zero_point, bits, dim=0, count=n).T.to(torch.float32)
+        else:
+            zp = layer.weight_zero_point.to(torch.float32) + offset
+            zeros = zp.reshape(1, 1).expand(1, n) if self.strategy == "tensor" else zp.T
+        group = min(sizes)
+        if not attach(layer, bits=bits, k=k, n=n, codes=codes, scales=scales.contiguous(),
+                      zeros=zeros.contiguous(), perm=perm, group=group):  # fmt: skip
+            return False
+        for name in ("weight_packed", "weight", "weight_zero_point"):
+            if hasattr(layer, name):
+                delattr(layer, name)
+        return True
 
     def dequantize_columns(
         self, layer: torch.nn.Module, cols: torch.Tensor, group: int
@@ -163,6 +205,8 @@ class CompressedTensorsLinearMethod(LinearMethod):
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
+        if layer.ct_kernel:
+            return apply_kernel(layer, x, bias)
         return reference_matmul(
             x, bias, layer.ct_blocks, lambda cols, g: self.dequantize_columns(layer, cols, g)
         )

@@ -1,12 +1,15 @@
 """``cpu_wna16`` (alias ``cpu_awq``): AWQ and GPTQ int4/int8 heads on the CPU.
 
 Loads the checkpoint exactly as ``awq`` / ``gptq`` do and repacks into the layout shared with
-the marlin methods. With bf16 / fp16 activations, eligible heads go to torch's weight-only CPU
-ops: int4 with group sizes 32/64/128/256 (``_weight_int4pack_mm_for_cpu``) and symmetric int8
-per-channel (``_weight_int8pack_mm``). Those ops add zero points as floats, so their weights are
-not rounded to the checkpoint's scale dtype as the producers' are; with float32 activations the
-precision contract asks for exactly that rounding, so float32 heads (and everything the ops do
-not fit) run the exact block-wise path of the shared layout.
+the marlin methods, then picks a CPU kernel once:
+
+* bf16 / fp16 activations: torch's weight-only ops where they fit -- int4 with group sizes
+  32/64/128/256 (``_weight_int4pack_mm_for_cpu``), symmetric int8 per-channel
+  (``_weight_int8pack_mm``). They add zero points as floats, so their weights are not rounded
+  to the checkpoint's scale dtype as the producers' are (within the 1e-2 of half precision);
+* otherwise quantreg's AVX-512 kernel (``_cpu_kernels``), whose float32 mode rounds every weight
+  to the scale dtype exactly as the producers do;
+* without AVX-512 or a compiler: the exact block-wise path of the shared layout.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any, ClassVar, Literal, Self
 import torch
 
 from quantreg import ConfigError, LayerRule, LinearMethod, Platform, QuantConfig, unpack_codes
+from quantreg.methods._cpu_kernels import apply_kernel, attach
 from quantreg.methods._repack import (
     TORCH_INT4_GROUPS,
     apply_shared,
@@ -52,17 +56,22 @@ class CPUWNA16LinearMethod(LinearMethod):
         self.family.process_weights_after_loading(layer)
         self.family.repack(layer)
         layer.cpu_kernel = "shared"
-        if layer.wq.device.type != "cpu" or layer.params_dtype not in HALF_DTYPES:
+        if layer.wq.device.type != "cpu":
             return
-        if _to_torch_int4(layer) or _to_torch_int8(layer):
+        # torch's int4 op is the fastest at decode sizes but not exact: half precision only.
+        if layer.params_dtype in HALF_DTYPES and (_to_torch_int4(layer) or _to_torch_int8(layer)):
             return
-        logger.debug("%s: no torch weight-only op fits; using the block-wise path", layer.prefix)
+        if _to_avx512(layer):
+            return
+        logger.debug("%s: no CPU kernel fits; using the exact block-wise path", layer.prefix)
 
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         if layer.cpu_kernel == "shared":
             return apply_shared(layer, x, bias)
+        if layer.cpu_kernel == "avx512":
+            return apply_kernel(layer, x, bias)
         lead = x.shape[:-1]
         x2 = permute_input(layer, x).reshape(-1, x.shape[-1])
         if layer.cpu_kernel == "int4":
@@ -79,6 +88,22 @@ class CPUWNA16LinearMethod(LinearMethod):
         if bias is not None:
             out = out + bias.to(x.dtype)
         return out.reshape(*lead, out.shape[-1])
+
+
+def _to_avx512(layer: torch.nn.Module) -> bool:
+    """Replace the shared layout by the blocked layout of quantreg's AVX-512 kernel."""
+    k, bits = layer.wbounds[-1], layer.wbits
+    attached = attach(
+        layer, bits=bits, k=k, n=layer.wq.shape[1],
+        codes=lambda c0, c1: unpack_codes(layer.wq[:, c0:c1], bits, dim=0, count=k),
+        scales=layer.wscales, zeros=layer.wzeros, perm=layer.wperm,
+        group=regular_group_size(layer),
+    )  # fmt: skip
+    if attached:
+        layer.cpu_kernel = "avx512"
+        for name in ("wq", "wscales", "wzeros"):
+            delattr(layer, name)
+    return attached
 
 
 def _to_torch_int4(layer: torch.nn.Module) -> bool:
@@ -114,7 +139,7 @@ def _to_torch_int8(layer: torch.nn.Module) -> bool:
         op is None
         or layer.wbits != 8
         or len(layer.wbounds) != 2
-        or not bool((layer.wzeros == 128).all())
+        or not bool(((layer.wzeros == 128) | (layer.wscales == 0)).all())  # padding: scale 0
     ):
         return False
     k = layer.wbounds[-1]

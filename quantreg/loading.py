@@ -196,7 +196,8 @@ def _load(
     tensors = dict(view.tensors)
     if not tensors:
         tensors, resolution = _tied_head(view, resolution, prefix)
-    vocab, hidden = head_geometry(view.config, tensors, prefix, view.source)
+    config_where = str(view.config_file or view.source)
+    vocab, hidden = head_geometry(view.config, tensors, prefix, config_where)
     compute_dtype = (
         parse_dtype(dtype) if dtype is not None else default_dtype(view.config, tensors, prefix)
     )
@@ -217,7 +218,7 @@ def _load(
         target_vocab = flatten_config(view.config).get("vocab_size")
         if not isinstance(target_vocab, int) or isinstance(target_vocab, bool) or target_vocab < 1:
             raise ConfigError(
-                f"{view.source}: the checkpoint has a d2t map but field 'vocab_size' = "
+                f"{config_where}: the checkpoint has a d2t map but field 'vocab_size' = "
                 f"{target_vocab!r} is not the target vocab size (a positive integer)"
             )
         ids = draft_to_target_ids(
@@ -233,7 +234,13 @@ def _load(
         _read(head, plan, torch.device(device), progress)
     finally:
         progress.close()
-    head.quant_method.process_weights_after_loading(head)
+    try:
+        head.quant_method.process_weights_after_loading(head)
+    except CheckpointError as exc:
+        info = tensors.get(exc.tensor or "")
+        if exc.path is not None or info is None:
+            raise
+        raise CheckpointError(f"{info.file}: {exc}", path=info.file, tensor=exc.tensor) from exc
     head.eval()
     logger.info(
         "loaded %s of %s: %s, vocab %d x hidden %d, rank %d/%d, %s",

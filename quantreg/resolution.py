@@ -153,6 +153,7 @@ class CheckpointView:
     tensors: Mapping[str, TensorInfo] | None  # under the prefix; None: no weights
     side: Mapping[str, TensorInfo] = field(default_factory=dict)  # d2t, embeddings
     modules: frozenset[str] = frozenset()  # every module name of the checkpoint
+    config_file: Path | None = None
 
 
 _cache: dict[tuple[str, str], tuple[tuple[Any, ...], CheckpointView]] = {}
@@ -201,11 +202,11 @@ def read_checkpoint(
         )
     infos = tensor_infos(root, prefix=prefix, names=SIDE_TENSORS)
     if infos is None:
-        view = CheckpointView(str(path), root, config, quant, None)
+        view = CheckpointView(str(path), root, config, quant, None, config_file=config_path)
     else:
         side = {n: infos.pop(n) for n in SIDE_TENSORS if n in infos and not _under(n, prefix)}
         modules = frozenset(name.rpartition(".")[0] for name in tensor_names(root))
-        view = CheckpointView(str(path), root, config, quant, infos, side, modules)
+        view = CheckpointView(str(path), root, config, quant, infos, side, modules, config_path)
     with _cache_lock:
         if len(_cache) >= _CACHE_SIZE:
             _cache.pop(next(iter(_cache)))
@@ -278,6 +279,8 @@ def _decide(
     view: CheckpointView, platform: Platform, requested: str | None, prefix: str, registry: Registry
 ) -> Resolution:
     req = registry.canonical_name(requested) if requested is not None else None
+    if req is not None:
+        registry.get(req)  # a requested plugin that fails to load is an error, named as such
     state, infos = _tensor_state(view.tensors, prefix)
     common: dict[str, Any] = dict(
         prefix=prefix, platform=platform, source=view.source, requested=req,
