@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
+import gc
 import json
 import logging
 import math
@@ -239,39 +241,58 @@ def run_bench(
     budget_s: float = 2.0,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Run every case; returns ``{"machine": ..., "rows": [...]}`` (see the module doc)."""
+    """Run every case; returns ``{"machine": ..., "rows": [...]}`` (see the module doc).
+
+    Cases are timed one group at a time (the dense baselines, each format with all the
+    methods that run it, torch's ops), interleaved with dense bf16 ``F.linear`` inside every
+    group, so that only one group's heads are in memory and every ratio has a baseline
+    measured alongside it.
+    """
     say = progress or (lambda message: logger.info("%s", message))
     rows: list[Row] = []
     for n, k in shapes or (QUICK_SHAPES if quick else FULL_SHAPES):
         copies = max(1, min(8, math.ceil(CACHE_BYTES / (n * k * 2))))
-        cases = _dense_cases(n, k) + _method_cases(n, k, copies, say) + _torch_peers(n, k, copies)
-        for m in ms:
-            x32 = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
-            inputs = [x32.to(case.dtype) for case in cases]
-            say(f"timing N={n} K={k} M={m}: {len(cases)} cases")
-            medians = _medians(
-                [_cycle(case.fns, x) for case, x in zip(cases, inputs, strict=True)], budget_s
-            )
-            bf16 = medians[1]
-            references: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # one per format
-            for case, x, median in zip(cases, inputs, medians, strict=True):
-                key = (id(getattr(case.reference, "__self__", case.reference)), case.dtype)
-                if key not in references:
-                    references[key] = case.reference(x.float())
-                out, ref = case.fns[0](x).float(), references[key]
-                err = float((out - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
-                rows.append(
-                    Row(
-                        method=case.method, format=case.format, bits=case.bits, N=n, K=k, M=m,
-                        dtype=str(case.dtype).removeprefix("torch."), median_ms=round(median, 4),
-                        ratio_vs_bf16=round(bf16 / median, 3),
-                        gbps=round(case.resident_bytes / median / 1e6, 2),
-                        resident_bytes=case.resident_bytes,
-                        peak_transient_bytes=peak_transient_bytes(lambda c=case, x=x: c.fns[0](x)),
-                        max_rel_err=err, computes=case.computes,
-                    )
-                )  # fmt: skip
+        dense = _dense_cases(n, k)
+        groups: list[Callable[[], list[Case]]] = [list]
+        groups += [functools.partial(_method_cases, fmt, n, k, copies, say) for fmt in FORMATS]
+        groups.append(functools.partial(_torch_peers, n, k, copies))
+        for index, make in enumerate(groups):
+            cases = dense if index == 0 else [dense[1], *make()]
+            for m in ms:
+                say(f"timing N={n} K={k} M={m}: {', '.join(c.method for c in cases)}")
+                rows += _time_group(cases, n, k, m, budget_s, skip=0 if index == 0 else 1)
+            del cases
+            gc.collect()
     return {"machine": machine(), "rows": [asdict(r) for r in rows]}
+
+
+def _time_group(cases: list[Case], n: int, k: int, m: int, budget_s: float, skip: int) -> list[Row]:
+    """Time ``cases`` interleaved (``cases[0]`` or ``[1]`` is dense bf16: the baseline) and
+    return a row for each case after the first ``skip``."""
+    x32 = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    inputs = [x32.to(case.dtype) for case in cases]
+    medians = _medians([_cycle(c.fns, x) for c, x in zip(cases, inputs, strict=True)], budget_s)
+    bf16 = next(t for c, t in zip(cases, medians, strict=True) if c.method == "dense bf16")
+    references: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # one exact result per format
+    rows = []
+    for case, x, median in list(zip(cases, inputs, medians, strict=True))[skip:]:
+        key = (id(getattr(case.reference, "__self__", case.reference)), case.dtype)
+        if key not in references:
+            references[key] = case.reference(x.float())
+        out, ref = case.fns[0](x).float(), references[key]
+        rows.append(
+            Row(
+                method=case.method, format=case.format, bits=case.bits, N=n, K=k, M=m,
+                dtype=str(case.dtype).removeprefix("torch."), median_ms=round(median, 4),
+                ratio_vs_bf16=round(bf16 / median, 3),
+                gbps=round(case.resident_bytes / median / 1e6, 2),
+                resident_bytes=case.resident_bytes,
+                peak_transient_bytes=peak_transient_bytes(lambda c=case, x=x: c.fns[0](x)),
+                max_rel_err=float((out - ref).abs().max() / ref.abs().max().clamp(min=1e-30)),
+                computes=case.computes,
+            )
+        )  # fmt: skip
+    return rows
 
 
 def _dense_cases(n: int, k: int) -> list[Case]:
@@ -287,23 +308,25 @@ def _dense_cases(n: int, k: int) -> list[Case]:
     ]  # fmt: skip
 
 
-def _method_cases(n: int, k: int, copies: int, say: Callable[[str], None]) -> list[Case]:
-    """Every method of every format, in bf16, with ``copies`` heads to rotate through."""
+def _method_cases(
+    fmt: Format, n: int, k: int, copies: int, say: Callable[[str], None]
+) -> list[Case]:
+    """Every method of one format, in bf16, with ``copies`` heads to rotate through."""
+    say(f"building {fmt.label} heads for N={n} K={k}")
+    # float32 heads dequantize exactly (rounded to the scale dtype); cpu_wna16's kernel does
+    # it fastest, bit for bit like the reference methods
+    exact = "cpu_wna16" if "cpu_wna16" in fmt.methods else fmt.methods[0]
+    reference = build_head(fmt, exact, n, k, torch.float32, seed=0)
     cases = []
-    for fmt in FORMATS:
-        say(f"building {fmt.label} heads for N={n} K={k}")
-        # float32 heads dequantize exactly (rounded to the scale dtype); cpu_wna16's kernel
-        # does it fastest, bit for bit like the reference methods
-        exact = "cpu_wna16" if "cpu_wna16" in fmt.methods else fmt.methods[0]
-        reference = build_head(fmt, exact, n, k, torch.float32, seed=0)
-        for method in fmt.methods:
-            heads = [build_head(fmt, method, n, k, torch.bfloat16, seed=0) for _ in range(copies)]
-            kernel = getattr(heads[0], "cpu_kernel", None) or "exact block-wise dequant"
-            cases.append(
-                Case(method, fmt.label, fmt.bits, torch.bfloat16,
-                     [h.compute_logits for h in heads], heads[0].resident_bytes(),
-                     f"{method}: {kernel}, weight-only", reference.compute_logits)
-            )  # fmt: skip
+    for method in fmt.methods:
+        heads = [build_head(fmt, method, n, k, torch.bfloat16, seed=0) for _ in range(copies)]
+        kernel = getattr(heads[0], "cpu_kernel", None) or "exact block-wise dequant"
+        cases.append(
+            Case(method, fmt.label, fmt.bits, torch.bfloat16,
+                 [h.compute_logits for h in heads], heads[0].resident_bytes(),
+                 f"{method}: {kernel}, weight-only", reference.compute_logits)
+        )  # fmt: skip
+    _TENSOR_CACHE.clear()
     return cases
 
 
@@ -340,27 +363,43 @@ def _torch_peers(n: int, k: int, copies: int) -> list[Case]:
     peers = []
     gen = torch.Generator().manual_seed(7)
     if hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and n % 16 == 0 and k % 128 == 0:
-        codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+        convert = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+        packed = torch.cat(
+            [convert(codes[r : r + 1024].to(torch.int32), 1) for r in range(0, n, 1024)]
+        )
         scales = (torch.rand(k // 128, n, generator=gen) * 0.002 + 0.001).to(torch.bfloat16)
         sz = torch.stack([scales, torch.zeros_like(scales)], -1).contiguous()
-        w4 = (codes - 8).float() * scales.float().T.repeat_interleave(128, 1)
+        col_scales = scales.float().T.repeat_interleave(128, 1)  # [n, k]: the weights' scale
+
+        def rows4(r0: int, r1: int) -> torch.Tensor:
+            return (codes[r0:r1].float() - 8) * col_scales[r0:r1]
+
         peers.append(
             Case("torch int4pack", "int4 g128", 4, torch.bfloat16,
                  [lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 128, sz)],
                  packed.numel() + sz.numel() * 2,
-                 "torch._weight_int4pack_mm_for_cpu (zeros added as floats)", lambda x: x @ w4.T)
+                 "torch._weight_int4pack_mm_for_cpu (zeros added as floats)",
+                 lambda x: _by_rows(x, rows4, n))
         )  # fmt: skip
     if hasattr(torch.ops.aten, "_weight_int8pack_mm"):
         w8 = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
         s8 = (torch.rand(n, generator=gen) * 0.002 + 0.001).to(torch.bfloat16)
-        w8f = w8.float() * s8.float()[:, None]
+
+        def rows8(r0: int, r1: int) -> torch.Tensor:
+            return w8[r0:r1].float() * s8[r0:r1].float()[:, None]
+
         peers.append(
             Case("torch int8pack", "int8 channel", 8, torch.bfloat16,
                  [lambda x: torch.ops.aten._weight_int8pack_mm(x, w8, s8)], w8.numel() + n * 2,
-                 "torch._weight_int8pack_mm", lambda x: x @ w8f.T)
+                 "torch._weight_int8pack_mm", lambda x: _by_rows(x, rows8, n))
         )  # fmt: skip
     return peers
+
+
+def _by_rows(x: torch.Tensor, rows: Callable[[int, int], torch.Tensor], n: int) -> torch.Tensor:
+    """``x @ W.T`` with ``W`` built 4096 rows at a time (never the whole float weight)."""
+    return torch.cat([x @ rows(r, min(r + 4096, n)).T for r in range(0, n, 4096)], dim=-1)
 
 
 def format_table(result: dict[str, Any]) -> str:
