@@ -10,7 +10,8 @@ warmed up, runs are interleaved across methods, and the median is reported.
   (higher is faster);
 * ``gbps`` = resident weight bytes / median time;
 * ``peak_transient_bytes``: the peak of (bytes allocated - bytes freed) by torch's CPU
-  allocator during one call, from ``torch.profiler`` memory events (the output included);
+  allocator during one call, from ``torch.profiler`` memory events (each op's own
+  allocations, the output included);
 * ``max_rel_err`` = max |y - y_ref| / max |y_ref|, where ``y_ref`` is the exact float32
   result of the same format (weights dequantized and rounded to the scale dtype, as the
   producers do) on the same activations.
@@ -37,6 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from quantreg.errors import ConfigError
 from quantreg.lm_head import ParallelLMHead
 from quantreg.registry import get_quant_config_cls
 from quantreg.writers import _quantize
@@ -191,12 +193,13 @@ def peak_transient_bytes(call: Callable[[], Any]) -> int:
 
     with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         call()
+    # self_ (not total) usage: an op's total also counts what its children allocated
     events = sorted(
-        (e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start
+        (e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start
     )
     running = peak = 0
     for event in events:
-        running += event.cpu_memory_usage
+        running += event.self_cpu_memory_usage
         peak = max(peak, running)
     return peak
 
@@ -432,8 +435,15 @@ def append_results(result: dict[str, Any], path: Path, note: str = "") -> None:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    """Time vs M per method, one panel per shape (needs the ``bench`` extra: matplotlib)."""
-    import matplotlib
+    """Time vs M per method, one panel per shape (needs the ``bench`` extra: matplotlib).
+
+    Raises:
+        ConfigError: matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ConfigError("--plot needs matplotlib: pip install 'quantreg[bench]'") from exc
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

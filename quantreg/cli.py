@@ -163,10 +163,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(bench.format_table(result))
     if args.json:
         bench.write_json(result, Path(args.json))
-    if args.plot:
-        bench.plot(result, Path(args.plot))
     if args.append_results:
         bench.append_results(result, Path(args.append_results))
+    if args.plot:
+        bench.plot(result, Path(args.plot))
     return 0
 
 

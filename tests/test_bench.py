@@ -51,3 +51,20 @@ def test_format_table_and_append(tmp_path):
         "## 2026-01-01 00:00 UTC — X, 2 cores (2 threads), no AVX-512, torch 2.13"
         in (tmp_path / "R.md").read_text()
     )
+
+
+def test_plot_needs_matplotlib_or_writes_a_png(tmp_path):
+    import importlib.util
+
+    out = subprocess.run(
+        [sys.executable, "-m", "quantreg", "bench", "--shape", "256x256", "--m", "1", "--budget", "0",
+         "--plot", str(tmp_path / "p.png")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    if importlib.util.find_spec("matplotlib") is None:
+        assert (
+            out.returncode == 1
+            and "--plot needs matplotlib: pip install 'quantreg[bench]'" in out.stderr
+        )
+    else:
+        assert out.returncode == 0 and (tmp_path / "p.png").stat().st_size > 0
