@@ -3,13 +3,13 @@
 Loads the checkpoint exactly as ``awq`` / ``gptq`` do and repacks into the layout shared with
 the marlin methods, then picks a CPU kernel once:
 
-* bf16 / fp16 activations: torch's weight-only ops where they fit -- int4 with group sizes
-  32/64/128/256 (``_weight_int4pack_mm_for_cpu``), symmetric int8 per-channel
-  (``_weight_int8pack_mm``). They add zero points as floats, so their weights are not rounded
-  to the checkpoint's scale dtype as the producers' are (within the 1e-2 of half precision);
-* otherwise quantreg's AVX-512 kernel (``_cpu_kernels``), whose float32 mode rounds every weight
-  to the scale dtype exactly as the producers do;
-* without AVX-512 or a compiler: the exact block-wise path of the shared layout.
+* quantreg's kernel (``_cpu_kernels``) when it builds: float32 activations run its exact float32
+  path (every weight rounded to the scale dtype, as the producers do); bf16 / fp16 activations
+  its AVX512-BF16 / AMX paths, chosen per call by the number of rows;
+* otherwise, for bf16 / fp16 heads, torch's weight-only ops where they fit -- int4 with group
+  sizes 32/64/128/256 (``_weight_int4pack_mm_for_cpu``), symmetric int8 per-channel
+  (``_weight_int8pack_mm``);
+* otherwise the exact block-wise path of the shared layout.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Literal, Self
 import torch
 
 from quantreg import ConfigError, LayerRule, LinearMethod, Platform, QuantConfig, unpack_codes
-from quantreg.methods._cpu_kernels import apply_kernel, attach
+from quantreg.methods._cpu_kernels import apply_kernel, attach, bf16_paths
 from quantreg.methods._repack import (
     TORCH_INT4_GROUPS,
     apply_shared,
@@ -58,10 +58,12 @@ class CPUWNA16LinearMethod(LinearMethod):
         layer.cpu_kernel = "shared"
         if layer.wq.device.type != "cpu":
             return
-        # torch's int4 op is the fastest at decode sizes but not exact: half precision only.
-        if layer.params_dtype in HALF_DTYPES and (_to_torch_int4(layer) or _to_torch_int8(layer)):
+        half = layer.params_dtype in HALF_DTYPES
+        if (not half or bf16_paths()[0]) and _to_kernel(layer):
             return
-        if _to_avx512(layer):
+        if half and (_to_torch_int4(layer) or _to_torch_int8(layer)):
+            return
+        if _to_kernel(layer):  # float32 path: slower than torch's ops, still faster than blocks
             return
         logger.debug("%s: no CPU kernel fits; using the exact block-wise path", layer.prefix)
 
@@ -90,8 +92,8 @@ class CPUWNA16LinearMethod(LinearMethod):
         return out.reshape(*lead, out.shape[-1])
 
 
-def _to_avx512(layer: torch.nn.Module) -> bool:
-    """Replace the shared layout by the blocked layout of quantreg's AVX-512 kernel."""
+def _to_kernel(layer: torch.nn.Module) -> bool:
+    """Replace the shared layout by the layout of quantreg's CPU kernel."""
     k, bits = layer.wbounds[-1], layer.wbits
     attached = attach(
         layer, bits=bits, k=k, n=layer.wq.shape[1],
