@@ -31,7 +31,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -243,8 +243,12 @@ def run_bench(
     ms: tuple[int, ...] = MS,
     budget_s: float = 2.0,
     progress: Callable[[str], None] | None = None,
+    methods: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
     """Run every case; returns ``{"machine": ..., "rows": [...]}`` (see the module doc).
+
+    ``methods`` keeps only those methods (``"torch"`` for torch's ops); the dense baselines
+    always run.
 
     Cases are timed one group at a time (the dense baselines, each format with all the
     methods that run it, torch's ops), interleaved with dense bf16 ``F.linear`` inside every
@@ -257,8 +261,13 @@ def run_bench(
         copies = max(1, min(8, math.ceil(CACHE_BYTES / (n * k * 2))))
         dense = _dense_cases(n, k)
         groups: list[Callable[[], list[Case]]] = [list]
-        groups += [functools.partial(_method_cases, fmt, n, k, copies, say) for fmt in FORMATS]
-        groups.append(functools.partial(_torch_peers, n, k, copies))
+        for fmt in FORMATS:
+            kept = tuple(m for m in fmt.methods if methods is None or m in methods)
+            if kept:
+                fmt = replace(fmt, methods=kept)
+                groups.append(functools.partial(_method_cases, fmt, n, k, copies, say))
+        if methods is None or "torch" in methods:
+            groups.append(functools.partial(_torch_peers, n, k, copies))
         for index, make in enumerate(groups):
             cases = dense if index == 0 else [dense[1], *make()]
             for m in ms:

@@ -156,8 +156,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     shapes = tuple(_shape(s) for s in args.shape) if args.shape else None
     ms = tuple(int(m) for m in args.m.split(",")) if args.m else bench.MS
     budget = args.budget if args.budget is not None else (0.2 if args.quick else 2.0)
+    methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else None
+    if methods:
+        known = {m for fmt in bench.FORMATS for m in fmt.methods} | {"torch"}
+        unknown = sorted(set(methods) - known)
+        if unknown:
+            raise ConfigError(
+                f"--methods: unknown {', '.join(unknown)}; expected some of "
+                f"{', '.join(sorted(known))}"
+            )
     result = bench.run_bench(
-        quick=args.quick, shapes=shapes, ms=ms, budget_s=budget,
+        quick=args.quick, shapes=shapes, ms=ms, budget_s=budget, methods=methods,
         progress=lambda message: print(message, file=sys.stderr),
     )  # fmt: skip
     print(bench.format_table(result))
@@ -277,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--budget", type=float, default=None, help="seconds of timing per M (default 2, quick 0.2)"
     )
+    p.add_argument(
+        "--methods", default=None, metavar="A,B",
+        help="only these methods (torch = torch's ops); dense baselines always run",
+    )  # fmt: skip
     p.add_argument("--json", default=None, metavar="PATH", help="write {machine, rows} as JSON")
     p.add_argument("--plot", default=None, metavar="PNG", help="time vs M (needs matplotlib)")
     p.add_argument(

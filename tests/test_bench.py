@@ -68,3 +68,25 @@ def test_plot_needs_matplotlib_or_writes_a_png(tmp_path):
         )
     else:
         assert out.returncode == 0 and (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_methods_keeps_only_those_and_the_dense_baselines(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "quantreg", "bench", "--shape", "256x256", "--m", "1",
+         "--budget", "0", "--methods", "cpu_wna16,torch", "--json", str(tmp_path / "o.json")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((tmp_path / "o.json").read_text())["rows"]
+    assert {r["method"] for r in rows} == {
+        "dense fp32", "dense bf16", "cpu_wna16", "torch int4pack", "torch int8pack"
+    }  # fmt: skip
+
+
+def test_unknown_methods_are_a_clear_error():
+    out = subprocess.run(
+        [sys.executable, "-m", "quantreg", "bench", "--quick", "--methods", "awq,nope"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert "--methods: unknown nope; expected some of" in out.stderr
