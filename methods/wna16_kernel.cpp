@@ -15,6 +15,7 @@
 #include <unistd.h>
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -218,7 +219,8 @@ struct alignas(64) TileConfig {
 #define QR_AMX __attribute__((target("amx-tile,amx-bf16,avx512bf16")))
 
 constexpr int TILE = 16 * 32;  // bf16 elements of one tile: 16 rows of 32
-constexpr int SUB = 2;  // 32-row steps dequantized at a time (2 blocks x 2 tiles), double-buffered
+constexpr int SUB = 2;    // 32-row steps dequantized at a time (2 blocks x 2 tiles)
+constexpr int DEPTH = 2;  // sub-steps in flight: dequantized DEPTH - 1 ahead (3 and 5 measured no faster)
 
 // Tiles: 0-3 accumulators (2 row tiles x 2 blocks), 4-5 activations, 6-7 weights.
 // xt: activations as tiles, [M/16][Kp/32][16][32] bf16. With more than 32 rows the
@@ -304,25 +306,18 @@ struct AmxPair {
     }
   }
 
-  // Software pipeline: the weights of the next sub-step are dequantized before the tiles of
-  // this one are multiplied, so no tile load waits on stores still in flight.
+  // Software pipeline: the weights of sub-step i + DEPTH - 1 are dequantized before the tiles
+  // of sub-step i are multiplied, so no tile load waits on stores still in flight.
   template <int BITS>
-  QR_AMX void run(uint16_t* wb0, uint16_t* wb1) const {
-    uint16_t* wb[2] = {wb0, wb1};
-    int64_t grp = 0, s0 = 0;
-    int cur = 0;
-    dequantize<BITS>(grp, s0, wb[cur]);
-    while (grp < g.G) {
-      int64_t ng = grp, ns0 = s0 + SUB;
-      if (ns0 >= steps_in(grp)) {
-        ng = grp + 1;
-        ns0 = 0;
-      }
-      if (ng < g.G) dequantize<BITS>(ng, ns0, wb[cur ^ 1]);
-      multiply(grp, s0, wb[cur]);
-      grp = ng;
-      s0 = ns0;
-      cur ^= 1;
+  QR_AMX void run(const std::vector<std::pair<int64_t, int64_t>>& subs, uint16_t* wb) const {
+    const int64_t n = (int64_t)subs.size();
+    auto buffer = [&](int64_t i) { return wb + (i % DEPTH) * 2 * SUB * TILE; };
+    for (int64_t i = 0; i < std::min<int64_t>(DEPTH - 1, n); ++i)
+      dequantize<BITS>(subs[i].first, subs[i].second, buffer(i));
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t ahead = i + DEPTH - 1;
+      if (ahead < n) dequantize<BITS>(subs[ahead].first, subs[ahead].second, buffer(ahead));
+      multiply(subs[i].first, subs[i].second, buffer(i));
     }
   }
 };
@@ -337,13 +332,18 @@ QR_AMX void amx_pairs(const Geo& g, const uint16_t* xt, const float* xsum, int64
   }
   _tile_loadconfig(&cfg);
   const int64_t mpairs = ((g.M + 15) / 16 + 1) / 2;
-  std::vector<float> buf(2 * SUB * TILE + mpairs * 4 * NB * NB + 32);  // 2 x (2 blocks x SUB tiles)
+  std::vector<float> buf(DEPTH * SUB * TILE + mpairs * 4 * NB * NB + 32);  // DEPTH x 2 x SUB tiles
   uint16_t* wb = (uint16_t*)(((uintptr_t)buf.data() + 63) & ~(uintptr_t)63);
-  float* cacc = (float*)(wb + 4 * SUB * TILE);
+  float* cacc = (float*)(wb + DEPTH * 2 * SUB * TILE);
+  std::vector<std::pair<int64_t, int64_t>> subs;  // (group, first step) of every sub-step
+  for (int64_t grp = 0; grp < g.G; ++grp) {
+    const int64_t steps = (group_end(g, grp) - grp * g.gs) / KU;
+    for (int64_t s0 = 0; s0 < steps; s0 += SUB) subs.emplace_back(grp, s0);
+  }
   const int64_t blocks = g.N / NB;
   for (int64_t pb = p0; pb < p1; ++pb) {
     const AmxPair pair{g, xt, xsum, cacc, 2 * pb, 2 * pb + 1 < blocks};
-    pair.run<BITS>(wb, wb + 2 * SUB * TILE);
+    pair.run<BITS>(subs, wb);
   }
   _tile_release();
 }
