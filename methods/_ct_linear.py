@@ -133,18 +133,20 @@ class CompressedTensorsLinearMethod(LinearMethod):
             g_idx, layer.ct_groups, f"{prefix}.weight_g_idx", f"{prefix}.weight_scale"
         )
         layer.ct_blocks = group_blocks(order, bounds)
-        layer.ct_kernel = self.format != FLOAT and self._attach_kernel(layer, order, bounds)
+        target = kernel_target(layer.weight_scale.device) if self.format != FLOAT else ""
+        attached = bool(target) and self.attach_kernel(layer, order, bounds, target)
+        layer.ct_kernel = target if attached else ""
 
-    def _attach_kernel(
-        self, layer: torch.nn.Module, order: torch.Tensor, bounds: list[int]
+    def attach_kernel(
+        self, layer: torch.nn.Module, order: torch.Tensor, bounds: list[int], target: str
     ) -> bool:
-        """On a CPU, hand integer formats to the AVX-512 kernel (see ``_cpu_kernels``)."""
-        if layer.weight_scale.device.type != "cpu":
-            return False
+        """Hand an integer head to quantreg's CPU kernel (``target="cpu"``, see
+        ``_cpu_kernels``) or to the Triton kernel (``"triton"``: the shared layout)."""
         bits, k = self.bits, layer.input_size_per_partition
         n, offset = layer.output_size_per_partition, 1 << (self.bits - 1)
         sizes = {b - a for a, b in itertools.pairwise(bounds[:-1])} or {bounds[-1]}
-        if len(sizes) != 1 or bounds[-1] - bounds[-2] > min(sizes):
+        regular = len(sizes) == 1 and bounds[-1] - bounds[-2] <= min(sizes)
+        if target == "cpu" and not regular:
             return False
         perm = order if self.actorder_group else None
         packed = self.format == PACKED
@@ -165,9 +167,13 @@ class CompressedTensorsLinearMethod(LinearMethod):
         else:
             zp = layer.weight_zero_point.to(torch.float32) + offset
             zeros = zp.reshape(1, 1).expand(1, n) if self.strategy == "tensor" else zp.T
-        group = min(sizes)
-        if not attach(layer, bits=bits, k=k, n=n, codes=codes, scales=scales.contiguous(),
-                      zeros=zeros.contiguous(), perm=perm, group=group):  # fmt: skip
+        if target == "triton":
+            from quantreg.methods._triton_kernels import attach_triton
+
+            attach_triton(layer, bits=bits, k=k, n=n, codes=codes, scales=scales.contiguous(),
+                          zeros=zeros.contiguous(), perm=perm, bounds=bounds)  # fmt: skip
+        elif not attach(layer, bits=bits, k=k, n=n, codes=codes, scales=scales.contiguous(),
+                        zeros=zeros.contiguous(), perm=perm, group=min(sizes)):  # fmt: skip
             return False
         for name in ("weight_packed", "weight", "weight_zero_point"):
             if hasattr(layer, name):
@@ -205,11 +211,26 @@ class CompressedTensorsLinearMethod(LinearMethod):
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if layer.ct_kernel:
+        if layer.ct_kernel == "cpu":
             return apply_kernel(layer, x, bias)
+        if layer.ct_kernel == "triton":
+            from quantreg.methods._triton_kernels import apply_triton
+
+            return apply_triton(layer, x, bias)
         return reference_matmul(
             x, bias, layer.ct_blocks, lambda cols, g: self.dequantize_columns(layer, cols, g)
         )
+
+
+def kernel_target(device: torch.device) -> str:
+    """Which kernel integer heads use on ``device``: "cpu", "triton" or "" (none)."""
+    if device.type == "cpu":
+        return "cpu"
+    if device.type == "cuda":
+        from quantreg.methods._triton_kernels import triton_ready
+
+        return "triton" if triton_ready(device) else ""
+    return ""
 
 
 def quantize_ct(

@@ -10,8 +10,9 @@ Layout (buffers on the layer, vocab = ``N`` columns, hidden = ``K`` rows):
   and ``x`` is permuted the same way at run time (as Marlin does);
 * ``wbounds`` the first row of every group (groups are contiguous after sorting).
 
-The GPU kernels read this layout; on a CPU the head runs ``apply_shared`` (block-wise exact
-dequantization). ``cpu_wna16`` converts further to torch's weight-only CPU ops where they fit.
+The Triton kernels (``_triton_kernels``) read this layout on CUDA; on a CPU the head runs
+``apply_shared`` (block-wise exact dequantization). ``cpu_wna16`` converts further to its
+CPU kernels.
 """
 
 from __future__ import annotations
@@ -92,6 +93,18 @@ def shared_blocks(layer: torch.nn.Module) -> list[tuple[slice, int]]:
 def permute_input(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``x`` with its features in the layout's (group-sorted) row order."""
     return x if layer.wperm is None else x.index_select(-1, layer.wperm.to(x.device))
+
+
+def apply_repacked(
+    layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The Triton kernel on CUDA >= 8.0 with triton; the exact block-wise path elsewhere."""
+    if layer.wq.is_cuda:
+        from quantreg.methods import _triton_kernels as tk
+
+        if tk.triton_ready(layer.wq.device):
+            return tk.apply_triton(layer, x, bias)
+    return apply_shared(layer, x, bias)
 
 
 def apply_shared(

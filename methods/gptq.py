@@ -31,7 +31,7 @@ from quantreg.methods._layers import (
     rtn_asymmetric,
     rtn_symmetric,
 )
-from quantreg.methods._repack import apply_shared, repack
+from quantreg.methods._repack import apply_repacked, repack
 from quantreg.methods._wna16 import (
     GroupSize,
     head_and_skip_rule,
@@ -369,7 +369,7 @@ class GPTQMarlinLinearMethod(GPTQLinearMethod):
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return apply_shared(layer, x, bias)
+        return apply_repacked(layer, x, bias)
 
 
 class GPTQMarlinConfig(GPTQConfig):

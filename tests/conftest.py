@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
+import torch
 
 from quantreg.registry import Registry, set_default_registry
 from quantreg.resolution import clear_cache
+
+# Without a GPU the Triton kernels run on the interpreter; it must be set before they import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,279 @@
+"""Triton weight-only int4 / int8 matmul for the shared layout (the ``gpu`` extra).
+
+Reads the layout ``_repack`` builds for ``awq_marlin`` / ``gptq_marlin`` -- ``wq`` int32
+``[ceil(K / pf), N]`` with ``pf = 32 // bits`` codes per word along K (code ``j`` at bits
+``j * bits``), scales ``[G, N]`` in the checkpoint's dtype, uint8 zero points ``[G, N]``, rows in
+group order (act-order through the load-time permutation of ``x``) -- and compressed-tensors
+integer heads, which ``attach_triton`` packs into the same layout after loading.
+
+Each program multiplies a ``BLOCK_M x BLOCK_N`` tile over one slice of K (split-K for small M:
+the partial sums are added in float32 afterwards). Weights are dequantized in registers,
+``(q - z) * s`` in float32 rounded to the scale dtype (the producers' weights), then cast to
+the activation dtype, and fed to ``tl.dot`` with float32
+accumulation. ``tl.dot`` needs at least 16 rows, so M is padded by masking. On CUDA a small set
+of configurations is timed once per (M bucket, N, K, group, bits, dtype) and cached; under the
+interpreter (``TRITON_INTERPRET=1``, set before this module is imported) the first one runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from quantreg import pack_codes
+
+logger = logging.getLogger(__name__)
+
+try:  # the gpu extra
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where triton is absent
+    triton = None
+    tl = None
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels on the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_ready(device: torch.device) -> bool:
+    """Whether the kernels can run on ``device``: triton, and CUDA >= 8.0 or the interpreter."""
+    if triton is None:
+        return False
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type == "cpu" and interpreting()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _wna16_kernel(
+        x_ptr, wq_ptr, s_ptr, z_ptr, gidx_ptr, out_ptr,
+        M, N, K, stride_xm, stride_om, group_size, k_per_split,
+        BITS: tl.constexpr, PER_ROW_GROUPS: tl.constexpr, FP32_DOT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        PF: tl.constexpr = 32 // BITS
+        MASK: tl.constexpr = (1 << BITS) - 1
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        k_start = pid_k * k_per_split
+        k_stop = tl.minimum(k_start + k_per_split, K)
+        for k0 in range(k_start, k_stop, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < k_stop
+            a = tl.load(
+                x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                mask=mask_m[:, None] & mask_k[None, :], other=0.0,
+            )  # fmt: skip
+            mask_w = mask_k[:, None] & mask_n[None, :]
+            words = tl.load(wq_ptr + (offs_k // PF)[:, None] * N + offs_n[None, :], mask=mask_w,
+                            other=0)  # fmt: skip
+            q = (words >> ((offs_k % PF) * BITS)[:, None]) & MASK
+            if PER_ROW_GROUPS:  # irregular groups: every row names its own
+                g = tl.load(gidx_ptr + offs_k, mask=mask_k, other=0)
+                sz = g[:, None] * N + offs_n[None, :]
+                s = tl.load(s_ptr + sz, mask=mask_w, other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + sz, mask=mask_w, other=0).to(tl.float32)
+            else:  # BLOCK_K divides the group size: one group per step
+                g0 = k0 // group_size
+                s = tl.load(s_ptr + g0 * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+                z = tl.load(z_ptr + g0 * N + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
+            # rounded to the scale dtype first: the producers' weights, then the activation dtype
+            w = ((q.to(tl.float32) - z) * s).to(s_ptr.dtype.element_ty).to(a.dtype)
+            if FP32_DOT:
+                acc += tl.dot(a, w, input_precision="ieee")
+            else:
+                acc += tl.dot(a, w)
+        out = out_ptr + pid_k * M * stride_om + offs_m[:, None] * stride_om + offs_n[None, :]
+        tl.store(out, acc, mask=mask_m[:, None] & mask_n[None, :])
+
+
+@dataclass(frozen=True)
+class Config:
+    """One launch configuration of the kernel."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def _block_m(m: int) -> int:
+    return 16 if m <= 16 else (32 if m <= 32 else 64)
+
+
+def candidates(m: int, n: int, k: int, group: int) -> list[Config]:
+    """The configurations worth timing for this shape (the first is the heuristic pick)."""
+    bm = _block_m(m)
+    blocks_k = [b for b in (128, 64, 32, 16) if group % b == 0] or [16]
+    splits = (4, 8, 1) if m <= 16 else ((2, 1) if m <= 64 else (1,))
+    configs = []
+    for split in splits:
+        for bk in blocks_k[:2]:
+            for bn in (64, 128):
+                if k >= split * bk:
+                    configs.append(Config(bm, bn, bk, split, 4, 3 if bm <= 32 else 4))
+    return configs or [Config(bm, 64, blocks_k[-1], 1)]
+
+
+_tuned: dict[tuple[Any, ...], Config] = {}
+_tune_lock = threading.Lock()
+
+
+def _bucket(m: int) -> int:
+    return 1 << max(0, (m - 1).bit_length())
+
+
+def wna16_matmul(
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    *,
+    bits: int,
+    group: int | None,
+    gidx: torch.Tensor | None = None,
+    config: Config | None = None,
+) -> torch.Tensor:
+    """``x [M, K] @ W`` with W in the shared layout; float32 ``[M, N]``.
+
+    ``group`` is the regular group size (rows ``k // group``), or None with ``gidx`` int32 ``[K]``
+    naming every row's group. ``config`` overrides the tuned choice.
+    """
+    if triton is None:
+        raise RuntimeError("the Triton kernels need the gpu extra: pip install 'quantreg[gpu]'")
+    k = x.shape[1]
+    per_row = group is None
+    group_size = k if per_row else group
+    if per_row and gidx is None:
+        raise ValueError("irregular groups need gidx (the group of every row)")
+    if not per_row and group_size % 16:
+        per_row, gidx = True, (torch.arange(k, device=x.device) // group_size).to(torch.int32)
+    x = x.contiguous()
+    cfg = config or _choose(x, wq, scales, zeros, bits, group_size, gidx, per_row)
+    return _launch(x, wq, scales, zeros, bits, group_size, gidx, per_row, cfg)
+
+
+def _launch(x, wq, scales, zeros, bits, group_size, gidx, per_row, cfg: Config) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    m, k = x.shape
+    n = wq.shape[1]
+    block_k = cfg.block_k if not per_row else min(cfg.block_k, 64)
+    if not per_row and group_size % block_k:
+        block_k = 16
+    k_per_split = -(-k // (cfg.split_k * block_k)) * block_k
+    splits = -(-k // k_per_split)
+    out = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
+    grid = (-(-m // cfg.block_m), -(-n // cfg.block_n), splits)
+    _wna16_kernel[grid](
+        x, wq, scales, zeros, gidx if gidx is not None else zeros, out,
+        m, n, k, x.stride(0), n, group_size, k_per_split,
+        BITS=bits, PER_ROW_GROUPS=per_row, FP32_DOT=x.dtype == torch.float32,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out[0] if splits == 1 else out.sum(0)
+
+
+def _choose(x, wq, scales, zeros, bits, group_size, gidx, per_row) -> Config:  # type: ignore[no-untyped-def]
+    """The cached best configuration; timed once per key on CUDA, the heuristic elsewhere."""
+    m, k = x.shape
+    n = wq.shape[1]
+    options = candidates(m, n, k, group_size)
+    if x.device.type != "cuda" or len(options) == 1:
+        return options[0]
+    key = (_bucket(m), n, k, group_size, bits, per_row, x.dtype, x.device.index)
+    with _tune_lock:
+        if key in _tuned:
+            return _tuned[key]
+    from triton.testing import do_bench
+
+    times = []
+    for cfg in options:
+        try:
+            fn = functools.partial(_launch, x, wq, scales, zeros, bits, group_size, gidx, per_row,
+                                   cfg)  # fmt: skip
+            times.append((do_bench(fn, warmup=5, rep=20), cfg))
+        except Exception as exc:  # e.g. out of shared memory on a small GPU
+            logger.debug("config %s failed: %s", cfg, exc)
+    best = min(times, key=lambda t: t[0])[1] if times else options[0]
+    logger.info("tuned %s -> %s", key, best)
+    with _tune_lock:
+        _tuned[key] = best
+    return best
+
+
+def apply_triton(
+    layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` for a layer with the shared layout (``wq``, ``wscales``, ...)."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if layer.wperm is not None:
+        x2 = x2.index_select(-1, layer.wperm.to(x2.device))
+    group, gidx = _groups(layer)
+    out = wna16_matmul(
+        x2, layer.wq, layer.wscales, layer.wzeros, bits=layer.wbits, group=group, gidx=gidx
+    ).to(x.dtype)
+    if bias is not None:
+        out = out + bias.to(x.dtype)
+    return out.reshape(*lead, out.shape[-1])
+
+
+def _groups(layer: torch.nn.Module) -> tuple[int | None, torch.Tensor | None]:
+    """The regular group size of the layer's sorted rows, or None and every row's group."""
+    cached = getattr(layer, "tgroups", None)
+    if cached is not None:
+        return cached
+    from quantreg.methods._repack import regular_group_size
+
+    group = regular_group_size(layer)
+    gidx = None
+    if group is None:
+        bounds = torch.tensor(layer.wbounds, device=layer.wq.device)
+        rows = torch.arange(bounds[-1].item(), device=layer.wq.device)
+        gidx = (torch.bucketize(rows, bounds[1:], right=True)).to(torch.int32)
+    layer.tgroups = (group, gidx)
+    return layer.tgroups
+
+
+def attach_triton(
+    layer: torch.nn.Module,
+    *,
+    bits: int,
+    k: int,
+    n: int,
+    codes: Any,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    perm: torch.Tensor | None,
+    bounds: list[int],
+) -> None:
+    """Pack ``codes(c0, c1)`` (unsigned ``[K, c1 - c0]``, group-sorted rows) into the shared layout
+    on ``layer`` so that ``apply_triton`` runs it (compressed-tensors heads on CUDA)."""
+    pf = 32 // bits
+    wq = torch.empty((-(-k // pf), n), dtype=torch.int32, device=scales.device)
+    for c0 in range(0, n, 4096):
+        c1 = min(c0 + 4096, n)
+        wq[:, c0:c1] = pack_codes(codes(c0, c1).to(torch.int32), bits, dim=0)
+    layer.register_buffer("wq", wq, persistent=False)
+    layer.register_buffer("wscales", scales.contiguous(), persistent=False)
+    layer.register_buffer("wzeros", zeros.to(torch.uint8).contiguous(), persistent=False)
+    layer.register_buffer("wperm", perm, persistent=False)
+    layer.wbits, layer.wbounds = bits, bounds

@@ -1,0 +1,181 @@
+"""The Triton kernels under the interpreter (no GPU in CI): fp16 / fp32 against exact dequant.
+
+``tests/conftest.py`` sets ``TRITON_INTERPRET=1`` before any kernel module is imported when
+no CUDA device is present. The interpreter computes bf16 wrongly, so bf16 is left to the GPU
+check (``bench/gpu.py``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import quantreg
+from quantreg import ParallelLMHead
+from quantreg.distributed import TPGroup
+
+triton = pytest.importorskip("triton")
+
+from quantreg.methods import _ct_linear  # noqa: E402
+from quantreg.methods import _triton_kernels as tk  # noqa: E402
+from quantreg.methods._repack import apply_repacked, apply_shared  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() or tk.interpreting()), reason="needs CUDA or TRITON_INTERPRET=1"
+)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float16, torch.float32]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double().cpu(), ref.double().cpu()
+    return float((out - ref).abs().max() / ref.abs().max())
+
+
+def tol(dtype: torch.dtype) -> float:
+    return 1e-5 if dtype == torch.float32 else 2e-3
+
+
+# writer, options: int4 groups, act-order (4 and 8 bits), int8 per-channel
+SHARED = [
+    ("awq", {"group_size": 128}),
+    ("awq", {"group_size": 32}),
+    ("gptq", {"bits": 4, "group_size": 32, "desc_act": True}),
+    ("gptq", {"bits": 8, "group_size": 32, "desc_act": True}),
+    ("gptq", {"bits": 8, "group_size": -1}),
+]
+SHARED_IDS = ["awq-g128", "awq-g32", "gptq4-actorder", "gptq8-actorder", "gptq8-channel"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "fp32"])
+@pytest.mark.parametrize(("writer", "params"), SHARED, ids=SHARED_IDS)
+@pytest.mark.parametrize("m", [1, 5, 33])
+def test_marlin_layout_matches_exact_dequant(tmp_path, dtype, writer, params, m):
+    """Odd vocab (1000 rows, padded to 1024), K = 256: the shared layout of awq/gptq_marlin."""
+    weight = (torch.randn(1000, 256) * 0.05).half()
+    quantreg.write_checkpoint(tmp_path, weight, writer, **params)
+    head = quantreg.load_lm_head(tmp_path, dtype=dtype, requested=f"{writer}_marlin")
+    x = torch.randn(m, 256).to(dtype)
+    out = tk.apply_triton(head, x)
+    assert out.dtype == dtype and out.shape == (m, head.output_size_per_partition)
+    assert rel_err(out, apply_shared(head, x)) < tol(dtype)
+
+
+def shard(folder, rank: int, size: int, method: str) -> ParallelLMHead:
+    """Rank ``rank`` of ``size`` of the head, loaded region by region as the loader does."""
+    (file,) = folder.glob("*.safetensors")
+    tensors = load_file(file)
+    config = quantreg.resolve(folder, requested=method).config
+    vocab, hidden = tensors["lm_head.scales"].shape[1], tensors["lm_head.qweight"].shape[0] * 8
+    head = ParallelLMHead(vocab, hidden, params_dtype=torch.float16, quant_config=config,
+                          prefix="lm_head", tp=TPGroup(None, rank, size))  # fmt: skip
+    for name, param in head.named_parameters():
+        full = tensors[f"lm_head.{name}"]
+        region = head.checkpoint_region(param)
+        if region is not None:
+            dim, start, stop = region
+            full = full.narrow(dim, start, stop - start)
+        head.load_weight(param, full)
+    head.quant_method.process_weights_after_loading(head)
+    return head
+
+
+def test_a_tensor_parallel_shard_matches_its_slice(tmp_path):
+    weight = (torch.randn(1000, 128) * 0.05).half()
+    quantreg.write_checkpoint(tmp_path, weight, "gptq", bits=4, group_size=32, desc_act=True)
+    whole = quantreg.load_lm_head(tmp_path, dtype=torch.float16, requested="gptq_marlin")
+    x = torch.randn(3, 128).half()
+    full = apply_shared(whole, x)
+    for rank in (0, 1):
+        head = shard(tmp_path, rank, 2, "gptq_marlin")
+        out = tk.apply_triton(head, x)
+        rows = head.num_embeddings_per_partition
+        assert rel_err(out, full[:, rank * rows : (rank + 1) * rows]) < 2e-3
+
+
+CT_SCHEMES = [
+    {"format": "pack-quantized", "bits": 4, "group_size": 32},
+    {"format": "pack-quantized", "bits": 4, "group_size": 64, "sym": False},
+    {"format": "pack-quantized", "bits": 8, "strategy": "channel"},
+    {"format": "int-quantized", "bits": 8, "strategy": "channel"},
+    {"format": "pack-quantized", "bits": 4, "group_size": 32, "actorder": "group"},
+]
+CT_IDS = ["int4-g32", "int4-g64-asym", "int8-channel", "int8-unpacked", "int4-actorder"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "fp32"])
+@pytest.mark.parametrize("scheme", CT_SCHEMES, ids=CT_IDS)
+def test_compressed_tensors_heads_match_the_reference(tmp_path, monkeypatch, dtype, scheme):
+    weight = (torch.randn(520, 192) * 0.05).half()
+    quantreg.write_checkpoint(tmp_path, weight, "compressed-tensors", **scheme)
+    monkeypatch.setattr(_ct_linear, "kernel_target", lambda device: "")
+    reference = quantreg.load_lm_head(tmp_path, dtype=dtype)
+    monkeypatch.setattr(_ct_linear, "kernel_target", lambda device: "triton")
+    head = quantreg.load_lm_head(tmp_path, dtype=dtype)
+    assert head.ct_kernel == "triton" and not hasattr(head, "weight_packed")
+    x = torch.randn(7, 192).to(dtype)
+    assert rel_err(head.compute_logits(x), reference.compute_logits(x)) < tol(dtype)
+
+
+def random_layout(bits: int, k: int, n: int, group: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, (k, n), generator=gen, dtype=torch.int32)
+    groups = -(-k // group)
+    scales = (torch.rand(groups, n, generator=gen) * 0.01 + 0.001).half()
+    zeros = torch.randint(0, 1 << bits, (groups, n), generator=gen).to(torch.uint8)
+    rows = torch.arange(k) // group
+    weight = ((codes - zeros[rows].int()).double() * scales[rows].double()).half()  # [K, N]
+    return quantreg.pack_codes(codes, bits, dim=0), scales, zeros, weight
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group", [8, 24, 128], ids=["g8", "g24", "g128"])
+def test_group_sizes_off_the_block_grid_take_the_per_row_path(bits, group):
+    wq, scales, zeros, weight = random_layout(bits, 200, 48, group)
+    x = torch.randn(4, 200).half()
+    out = tk.wna16_matmul(x, wq, scales, zeros, bits=bits, group=group)
+    assert rel_err(out, x.double() @ weight.double()) < 2e-3
+
+
+def test_irregular_groups_name_every_row():
+    wq, scales, zeros, weight = random_layout(4, 96, 32, 32)
+    bounds = [0, 20, 64, 96]  # uneven groups: each row's group comes from gidx
+    gidx = torch.bucketize(torch.arange(96), torch.tensor(bounds[1:]), right=True).int()
+    weight = ((quantreg.unpack_codes(wq, 4, dim=0) - zeros[gidx].int()).double()
+              * scales[gidx].double()).half()  # fmt: skip
+    x = torch.randn(2, 96).half()
+    out = tk.wna16_matmul(x, wq, scales, zeros, bits=4, group=None, gidx=gidx)
+    assert rel_err(out, x.double() @ weight.double()) < 2e-3
+    with pytest.raises(ValueError, match="irregular groups need gidx"):
+        tk.wna16_matmul(x, wq, scales, zeros, bits=4, group=None)
+
+
+@pytest.mark.parametrize("m", [1, 16, 40, 100])
+def test_every_candidate_configuration_gives_the_same_result(m):
+    wq, scales, zeros, weight = random_layout(4, 256, 128, 64)
+    x = torch.randn(m, 256).half()
+    ref = x.double() @ weight.double()
+    configs = tk.candidates(m, 128, 256, 64)
+    assert configs and configs[0].block_m == (16 if m <= 16 else 32 if m <= 32 else 64)
+    for cfg in configs:
+        assert rel_err(tk.wna16_matmul(x, wq, scales, zeros, bits=4, group=64, config=cfg),
+                       ref) < 2e-3, cfg  # fmt: skip
+
+
+def test_on_the_cpu_the_methods_keep_the_exact_path(tmp_path, monkeypatch):
+    """``apply_repacked`` runs Triton only for CUDA tensors; CPU heads stay exact."""
+    quantreg.write_checkpoint(tmp_path, (torch.randn(64, 64) * 0.05).half(), "awq", group_size=32)
+    head = quantreg.load_lm_head(tmp_path, dtype=torch.float16, requested="awq_marlin")
+    called = []
+    monkeypatch.setattr(tk, "apply_triton", lambda *a, **k: called.append(1))
+    x = torch.randn(2, 64).half()
+    assert torch.equal(apply_repacked(head, x), apply_shared(head, x)) and not called
+
+
+def test_without_triton_the_error_names_the_extra(monkeypatch):
+    monkeypatch.setattr(tk, "triton", None)
+    assert not tk.triton_ready(torch.device("cpu"))
+    with pytest.raises(RuntimeError, match=r"pip install 'quantreg\[gpu\]'"):
+        tk.wna16_matmul(torch.randn(1, 8), torch.zeros(1, 8, dtype=torch.int32),
+                        torch.ones(1, 8), torch.zeros(1, 8, dtype=torch.uint8), bits=4, group=8)  # fmt: skip
