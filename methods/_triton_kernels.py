@@ -81,9 +81,13 @@ if triton is not None:
                 mask=mask_m[:, None] & mask_k[None, :], other=0.0,
             )  # fmt: skip
             mask_w = mask_k[:, None] & mask_n[None, :]
-            words = tl.load(wq_ptr + (offs_k // PF)[:, None] * N + offs_n[None, :], mask=mask_w,
+            # each int32 word once: [BLOCK_K / PF, BLOCK_N], unpacked to [BLOCK_K, BLOCK_N]
+            offs_kw = k0 // PF + tl.arange(0, BLOCK_K // PF)
+            words = tl.load(wq_ptr + offs_kw[:, None] * N + offs_n[None, :],
+                            mask=(offs_kw[:, None] < (K + PF - 1) // PF) & mask_n[None, :],
                             other=0)  # fmt: skip
-            q = (words >> ((offs_k % PF) * BITS)[:, None]) & MASK
+            shifts = tl.arange(0, PF) * BITS
+            q = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & MASK, (BLOCK_K, BLOCK_N))
             if PER_ROW_GROUPS:  # irregular groups: every row names its own
                 g = tl.load(gidx_ptr + offs_k, mask=mask_k, other=0)
                 sz = g[:, None] * N + offs_n[None, :]
