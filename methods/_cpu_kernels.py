@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 NB = 16  # outputs per block: one AVX-512 register of float32
 KU = 32  # K is padded to a multiple of 32: one AMX tile row of bf16
-DOT_MAX_ROWS = 2  # bf16 activations: vdpbf16ps up to this many rows, AMX above (measured)
+DOT_MAX_ROWS = 1  # bf16 activations: vdpbf16ps for one row (decode), AMX above (measured)
 _SOURCE = Path(__file__).with_name("wna16_kernel.cpp")
 _BASE_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512vbmi", "f16c")
 

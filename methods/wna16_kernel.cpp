@@ -243,10 +243,15 @@ struct AmxPair {
     const int64_t ns = std::min<int64_t>(SUB, steps_in(grp) - s0);
     const uint8_t* src = g.codes + b0 * g.blk_bytes + ((grp * g.gs + s0 * KU) / STEP) * 32;
     const int blocks = two ? 2 : 1;
+    // Software prefetch 2 KiB ahead keeps more misses in flight than the hardware streamer
+    // does here (int8: +15-25 %); int4 with more than 32 rows is compute bound and loses by it.
+    const bool prefetch = BITS == 8 || g.M <= 32;
     for (int64_t u = 0; u < ns * (KU / STEP); ++u) {
       for (int j = 0; j < blocks; ++j) {  // both blocks' streams at once
         __m512i rows[2];
-        unit_rows<BITS>(src + j * g.blk_bytes + u * 32, rows);
+        const uint8_t* unit = src + j * g.blk_bytes + u * 32;
+        if (prefetch) _mm_prefetch((const char*)(unit + 2048), _MM_HINT_T0);
+        unit_rows<BITS>(unit, rows);
         for (int p = 0; p < PAIRS; ++p)
           _mm512_store_si512((__m512i*)(wb + j * SUB * TILE + (u * PAIRS + p) * 32), rows[p]);
       }
