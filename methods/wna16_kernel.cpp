@@ -156,10 +156,13 @@ inline Coef coef(const Geo& g, int64_t b, int64_t grp) {
   return {load_scales(g, off), _mm512_add_ps(load_zeros(g, off), _mm512_set1_ps(c))};
 }
 
-inline void accumulate(const Geo& g, const Coef& c, int64_t b, int64_t m, float xs, __m512 acc) {
-  float* o = g.out + m * g.N + b * NB;
+inline void accumulate_at(float* o, const Coef& c, float xs, __m512 acc) {
   const __m512 r = _mm512_fnmadd_ps(c.zc, _mm512_set1_ps(xs), acc);
   _mm512_storeu_ps(o, _mm512_fmadd_ps(c.s, r, _mm512_loadu_ps(o)));
+}
+
+inline void accumulate(const Geo& g, const Coef& c, int64_t b, int64_t m, float xs, __m512 acc) {
+  accumulate_at(g.out + m * g.N + b * NB, c, xs, acc);
 }
 
 // ---------------------------------------------------------- path 1: bf16, vdpbf16ps
@@ -230,6 +233,7 @@ struct AmxPair {
   const uint16_t* xt;
   const float* xsum;
   float* cacc;
+  float* obuf;  // this pair's output rows, [M][32] float32, written to out at the end
   int64_t b0;
   bool two;
 
@@ -304,7 +308,8 @@ struct AmxPair {
           const int64_t rt = mt + h, rows = std::min<int64_t>(16, g.M - rt * 16);
           for (int64_t r = 0; r < rows; ++r) {
             const int64_t m = rt * 16 + r;
-            accumulate(g, c, b0 + j, m, xsum[m * g.G + grp], _mm512_load_ps(tile + r * NB));
+            accumulate_at(obuf + m * 2 * NB + j * NB, c, xsum[m * g.G + grp],
+                          _mm512_load_ps(tile + r * NB));
           }
         }
       }
@@ -337,9 +342,11 @@ QR_AMX void amx_pairs(const Geo& g, const uint16_t* xt, const float* xsum, int64
   }
   _tile_loadconfig(&cfg);
   const int64_t mpairs = ((g.M + 15) / 16 + 1) / 2;
-  std::vector<float> buf(DEPTH * SUB * TILE + mpairs * 4 * NB * NB + 32);  // DEPTH x 2 x SUB tiles
+  // DEPTH x 2 x SUB weight tiles, the row pairs' accumulators, the pair's output rows
+  std::vector<float> buf(DEPTH * SUB * TILE + mpairs * 4 * NB * NB + g.M * 2 * NB + 32);
   uint16_t* wb = (uint16_t*)(((uintptr_t)buf.data() + 63) & ~(uintptr_t)63);
   float* cacc = (float*)(wb + DEPTH * 2 * SUB * TILE);
+  float* obuf = cacc + mpairs * 4 * NB * NB;
   std::vector<std::pair<int64_t, int64_t>> subs;  // (group, first step) of every sub-step
   for (int64_t grp = 0; grp < g.G; ++grp) {
     const int64_t steps = (group_end(g, grp) - grp * g.gs) / KU;
@@ -347,8 +354,16 @@ QR_AMX void amx_pairs(const Geo& g, const uint16_t* xt, const float* xsum, int64
   }
   const int64_t blocks = g.N / NB;
   for (int64_t pb = p0; pb < p1; ++pb) {
-    const AmxPair pair{g, xt, xsum, cacc, 2 * pb, 2 * pb + 1 < blocks};
+    const bool two = 2 * pb + 1 < blocks;
+    std::fill(obuf, obuf + g.M * 2 * NB, 0.0f);
+    const AmxPair pair{g, xt, xsum, cacc, obuf, 2 * pb, two};
     pair.run<BITS>(subs, wb);
+    // one contiguous pass over the output (rows of out are N floats apart: a page each)
+    for (int64_t m = 0; m < g.M; ++m) {
+      float* o = g.out + m * g.N + 2 * pb * NB;
+      _mm512_storeu_ps(o, _mm512_load_ps(obuf + m * 2 * NB));
+      if (two) _mm512_storeu_ps(o + NB, _mm512_load_ps(obuf + m * 2 * NB + NB));
+    }
   }
   _tile_release();
 }
