@@ -1,9 +1,10 @@
 """quantreg's weight-only int4 / int8 CPU matmul (``wna16_kernel.cpp``), compiled just in time.
 
-``load_inline`` builds a small C++ extension on first use (cached under
-``~/.cache/quantreg/kernels``; nothing is built at install time, where an isolated build
-would pull a CUDA torch). Without AVX-512 (F/BW/VL/VBMI + F16C), a compiler or ninja,
-``kernels()`` returns None once with the reason logged, and callers keep torch's ops.
+``load_inline`` builds a small C++ extension on first use, cached under
+``~/.cache/quantreg/kernels/<hash of source, flags and torch version>`` (nothing is built at
+install time, where an isolated build would pull a CUDA torch). Without AVX-512
+(F/BW/VL/VBMI + F16C), a compiler or ninja, ``kernels()`` returns None once with the reason
+logged, and callers keep torch's ops.
 
 Layout (``to_blocked``), repacked once after loading: K padded to a multiple of 32 with zero
 codes, 16 outputs per block, 32-byte units. Byte ``2o + j`` of an int4 unit ``t`` holds output
@@ -22,6 +23,7 @@ Paths, chosen per call (``apply_kernel``):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -72,14 +74,21 @@ def kernels() -> Any | None:
             try:
                 from torch.utils.cpp_extension import load_inline
 
+                source = _SOURCE.read_text()
+                flags = ["-O3", "-fopenmp", *(f"-m{f}" for f in _BASE_FLAGS)]
+                # one build folder per source, flags and torch: processes with different
+                # versions of quantreg never rebuild each other's extension in place
+                key = hashlib.sha256(
+                    "\0".join([source, *flags, torch.__version__]).encode()
+                ).hexdigest()[:16]
                 default = Path.home() / ".cache" / "quantreg" / "kernels"
-                build = Path(os.environ.get("QUANTREG_KERNEL_CACHE", default))
+                build = Path(os.environ.get("QUANTREG_KERNEL_CACHE", default)) / key
                 build.mkdir(parents=True, exist_ok=True)
                 module = load_inline(
-                    name="quantreg_wna16_v2",
-                    cpp_sources=_SOURCE.read_text(),
+                    name=f"quantreg_wna16_{key}",
+                    cpp_sources=source,
                     functions=["wna16_gemm", "amx_ready"],
-                    extra_cflags=["-O3", "-fopenmp", *(f"-m{f}" for f in _BASE_FLAGS)],
+                    extra_cflags=flags,
                     extra_ldflags=["-fopenmp"],
                     build_directory=str(build),
                     verbose=False,
