@@ -31,6 +31,7 @@ from quantreg.methods._layers import (
     reference_matmul,
     restore_checkpoint_dtype,
 )
+from quantreg.methods._repack import repack
 
 PACKED, INT, NAIVE, FLOAT = "pack-quantized", "int-quantized", "naive-quantized", "float-quantized"
 FP8_MAX = 448.0  # largest float8_e4m3fn value
@@ -134,14 +135,20 @@ class CompressedTensorsLinearMethod(LinearMethod):
         )
         layer.ct_blocks = group_blocks(order, bounds)
         target = kernel_target(layer.weight_scale.device) if self.format != FLOAT else ""
-        attached = bool(target) and self.attach_kernel(layer, order, bounds, target)
+        attached = bool(target) and self.attach_kernel(layer, g_idx, order, bounds, target)
         layer.ct_kernel = target if attached else ""
 
     def attach_kernel(
-        self, layer: torch.nn.Module, order: torch.Tensor, bounds: list[int], target: str
+        self,
+        layer: torch.nn.Module,
+        g_idx: torch.Tensor,
+        order: torch.Tensor,
+        bounds: list[int],
+        target: str,
     ) -> bool:
         """Hand an integer head to quantreg's CPU kernel (``target="cpu"``, see
-        ``_cpu_kernels``) or to the Triton kernel (``"triton"``: the shared layout)."""
+        ``_cpu_kernels``) or to the Triton kernel (``"triton"``: the shared layout of
+        ``_repack``, which awq_marlin / gptq_marlin build too)."""
         bits, k = self.bits, layer.input_size_per_partition
         n, offset = layer.output_size_per_partition, 1 << (self.bits - 1)
         sizes = {b - a for a, b in itertools.pairwise(bounds[:-1])} or {bounds[-1]}
@@ -151,12 +158,15 @@ class CompressedTensorsLinearMethod(LinearMethod):
         perm = order if self.actorder_group else None
         packed = self.format == PACKED
 
-        def codes(c0: int, c1: int) -> torch.Tensor:
+        def codes(c0: int, c1: int) -> torch.Tensor:  # [K, c1 - c0], checkpoint row order
             if packed:
                 u = unpack_codes(layer.weight_packed[c0:c1], bits, dim=1, count=k)
             else:
                 u = layer.weight[c0:c1].to(torch.int32) + offset
-            return (u if perm is None else u[:, perm]).T
+            return u.T
+
+        def sorted_codes(c0: int, c1: int) -> torch.Tensor:  # rows in group order
+            return codes(c0, c1) if perm is None else codes(c0, c1)[perm]
 
         scale = layer.weight_scale
         scales = scale.reshape(1, 1).expand(1, n) if self.strategy == "tensor" else scale.T
@@ -168,11 +178,8 @@ class CompressedTensorsLinearMethod(LinearMethod):
             zp = layer.weight_zero_point.to(torch.float32) + offset
             zeros = zp.reshape(1, 1).expand(1, n) if self.strategy == "tensor" else zp.T
         if target == "triton":
-            from quantreg.methods._triton_kernels import attach_triton
-
-            attach_triton(layer, bits=bits, k=k, n=n, codes=codes, scales=scales.contiguous(),
-                          zeros=zeros.contiguous(), perm=perm, bounds=bounds)  # fmt: skip
-        elif not attach(layer, bits=bits, k=k, n=n, codes=codes, scales=scales.contiguous(),
+            repack(layer, bits=bits, codes=codes, zeros=zeros, scales=scales, g_idx=g_idx, drop=())
+        elif not attach(layer, bits=bits, k=k, n=n, codes=sorted_codes, scales=scales.contiguous(),
                         zeros=zeros.contiguous(), perm=perm, group=min(sizes)):  # fmt: skip
             return False
         for name in ("weight_packed", "weight", "weight_zero_point"):

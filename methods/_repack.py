@@ -95,6 +95,20 @@ def permute_input(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x if layer.wperm is None else x.index_select(-1, layer.wperm.to(x.device))
 
 
+class RepackedLinearMethod:
+    """Mixin for a family's LinearMethod: repack into the shared layout after loading, then
+    run it (``awq_marlin``, ``gptq_marlin``). The family class supplies ``repack(layer)``."""
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        super().process_weights_after_loading(layer)  # type: ignore[misc]
+        self.repack(layer)  # type: ignore[attr-defined]
+
+    def apply(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return apply_repacked(layer, x, bias)
+
+
 def apply_repacked(
     layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:

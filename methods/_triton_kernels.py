@@ -3,8 +3,8 @@
 Reads the layout ``_repack`` builds for ``awq_marlin`` / ``gptq_marlin`` -- ``wq`` int32
 ``[ceil(K / pf), N]`` with ``pf = 32 // bits`` codes per word along K (code ``j`` at bits
 ``j * bits``), scales ``[G, N]`` in the checkpoint's dtype, uint8 zero points ``[G, N]``, rows in
-group order (act-order through the load-time permutation of ``x``) -- and compressed-tensors
-integer heads, which ``attach_triton`` packs into the same layout after loading.
+group order (act-order through the load-time permutation of ``x``) -- which compressed-tensors
+integer heads are converted to after loading on CUDA as well.
 
 Each program multiplies a ``BLOCK_M x BLOCK_N`` tile over one slice of K (split-K for small M:
 the partial sums are added in float32 afterwards). Weights are dequantized in registers,
@@ -25,8 +25,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-
-from quantreg import pack_codes
 
 logger = logging.getLogger(__name__)
 
@@ -248,36 +246,10 @@ def _groups(layer: torch.nn.Module) -> tuple[int | None, torch.Tensor | None]:
     from quantreg.methods._repack import regular_group_size
 
     group = regular_group_size(layer)
-    gidx = None
-    if group is None:
+    if group is not None and group % 16 == 0:  # BLOCK_K divides it: one group per step
+        layer.tgroups = (group, None)
+    else:  # every row names its group; computed once per layer
         bounds = torch.tensor(layer.wbounds, device=layer.wq.device)
         rows = torch.arange(bounds[-1].item(), device=layer.wq.device)
-        gidx = (torch.bucketize(rows, bounds[1:], right=True)).to(torch.int32)
-    layer.tgroups = (group, gidx)
+        layer.tgroups = (None, torch.bucketize(rows, bounds[1:], right=True).to(torch.int32))
     return layer.tgroups
-
-
-def attach_triton(
-    layer: torch.nn.Module,
-    *,
-    bits: int,
-    k: int,
-    n: int,
-    codes: Any,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    perm: torch.Tensor | None,
-    bounds: list[int],
-) -> None:
-    """Pack ``codes(c0, c1)`` (unsigned ``[K, c1 - c0]``, group-sorted rows) into the shared layout
-    on ``layer`` so that ``apply_triton`` runs it (compressed-tensors heads on CUDA)."""
-    pf = 32 // bits
-    wq = torch.empty((-(-k // pf), n), dtype=torch.int32, device=scales.device)
-    for c0 in range(0, n, 4096):
-        c1 = min(c0 + 4096, n)
-        wq[:, c0:c1] = pack_codes(codes(c0, c1).to(torch.int32), bits, dim=0)
-    layer.register_buffer("wq", wq, persistent=False)
-    layer.register_buffer("wscales", scales.contiguous(), persistent=False)
-    layer.register_buffer("wzeros", zeros.to(torch.uint8).contiguous(), persistent=False)
-    layer.register_buffer("wperm", perm, persistent=False)
-    layer.wbits, layer.wbounds = bits, bounds

@@ -59,11 +59,13 @@ class CPUWNA16LinearMethod(LinearMethod):
         if layer.wq.device.type != "cpu":
             return
         half = layer.params_dtype in HALF_DTYPES
-        if (not half or bf16_paths()[0]) and _to_kernel(layer):
+        kernel_first = not half or bf16_paths()[0]
+        if kernel_first and _to_kernel(layer):
             return
         if half and (_to_torch_int4(layer) or _to_torch_int8(layer)):
             return
-        if _to_kernel(layer):  # float32 path: slower than torch's ops, still faster than blocks
+        # half precision without AVX512-BF16: the float32 path, slower than torch's ops
+        if not kernel_first and _to_kernel(layer):
             return
         logger.debug("%s: no CPU kernel fits; using the exact block-wise path", layer.prefix)
 

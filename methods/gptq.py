@@ -31,7 +31,7 @@ from quantreg.methods._layers import (
     rtn_asymmetric,
     rtn_symmetric,
 )
-from quantreg.methods._repack import apply_repacked, repack
+from quantreg.methods._repack import RepackedLinearMethod, repack
 from quantreg.methods._wna16 import (
     GroupSize,
     head_and_skip_rule,
@@ -358,18 +358,9 @@ def _processing_order(
     return perm
 
 
-class GPTQMarlinLinearMethod(GPTQLinearMethod):
+class GPTQMarlinLinearMethod(RepackedLinearMethod, GPTQLinearMethod):
     """GPTQ tensors repacked after loading into the layout shared with AWQ; the Triton
     kernel reads it on CUDA, elsewhere the exact block-wise CPU path does."""
-
-    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        super().process_weights_after_loading(layer)
-        self.repack(layer)
-
-    def apply(
-        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        return apply_repacked(layer, x, bias)
 
 
 class GPTQMarlinConfig(GPTQConfig):

@@ -138,6 +138,20 @@ def test_group_sizes_off_the_block_grid_take_the_per_row_path(bits, group):
     assert rel_err(out, x.double() @ weight.double()) < 2e-3
 
 
+def test_a_head_with_groups_off_the_grid_reads_them_per_row(tmp_path, monkeypatch):
+    """compressed-tensors allows any group size; g8 is below tl.dot's K block of 16."""
+    weight = (torch.randn(100, 64) * 0.05).half()
+    quantreg.write_checkpoint(tmp_path, weight, "compressed-tensors", bits=4, group_size=8)
+    monkeypatch.setattr(_ct_linear, "kernel_target", lambda device: "")
+    reference = quantreg.load_lm_head(tmp_path, dtype=torch.float16)
+    monkeypatch.setattr(_ct_linear, "kernel_target", lambda device: "triton")
+    head = quantreg.load_lm_head(tmp_path, dtype=torch.float16)
+    x = torch.randn(3, 64).half()
+    assert rel_err(head.compute_logits(x), reference.compute_logits(x)) < 2e-3
+    group, gidx = head.tgroups
+    assert group is None and gidx.tolist() == [row // 8 for row in range(64)]
+
+
 def test_irregular_groups_name_every_row():
     wq, scales, zeros, weight = random_layout(4, 96, 32, 32)
     bounds = [0, 20, 64, 96]  # uneven groups: each row's group comes from gidx
