@@ -31,7 +31,7 @@ from quantreg.methods._layers import (
     reference_matmul,
     restore_checkpoint_dtype,
 )
-from quantreg.methods._repack import repack
+from quantreg.methods._repack import repack, triton_on
 
 PACKED, INT, NAIVE, FLOAT = "pack-quantized", "int-quantized", "naive-quantized", "float-quantized"
 FP8_MAX = 448.0  # largest float8_e4m3fn value
@@ -233,11 +233,7 @@ def kernel_target(device: torch.device) -> str:
     """Which kernel integer heads use on ``device``: "cpu", "triton" or "" (none)."""
     if device.type == "cpu":
         return "cpu"
-    if device.type == "cuda":
-        from quantreg.methods._triton_kernels import triton_ready
-
-        return "triton" if triton_ready(device) else ""
-    return ""
+    return "triton" if triton_on(device) else ""
 
 
 def quantize_ct(

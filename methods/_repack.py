@@ -8,7 +8,8 @@ Layout (buffers on the layer, vocab = ``N`` columns, hidden = ``K`` rows):
   zero points (GPTQ v1's ``- 1`` undone);
 * ``wperm``   int64 ``[K]`` or None: with act-order the rows are sorted by group at load time,
   and ``x`` is permuted the same way at run time (as Marlin does);
-* ``wbounds`` the first row of every group (groups are contiguous after sorting).
+* ``wbounds`` the first row of every group (groups are contiguous after sorting);
+* ``wtriton`` whether ``apply_repacked`` runs the Triton kernel (decided once, by device).
 
 The Triton kernels (``_triton_kernels``) read this layout on CUDA; on a CPU the head runs
 ``apply_shared`` (block-wise exact dequantization). ``cpu_wna16`` converts further to its
@@ -68,6 +69,7 @@ def repack(
     layer.register_buffer("wzeros", zeros.to(torch.uint8).contiguous(), persistent=False)
     layer.register_buffer("wperm", perm, persistent=False)
     layer.wbits, layer.wbounds = bits, bounds
+    layer.wtriton = triton_on(wq.device)  # decided once, not on every call
 
 
 def dequantize_shared(layer: torch.nn.Module, start: int, stop: int, group: int) -> torch.Tensor:
@@ -109,15 +111,23 @@ class RepackedLinearMethod:
         return apply_repacked(layer, x, bias)
 
 
+def triton_on(device: torch.device) -> bool:
+    """Whether the Triton kernel runs the shared layout on ``device`` (CUDA >= 8.0, triton)."""
+    if device.type != "cuda":
+        return False
+    from quantreg.methods._triton_kernels import triton_ready
+
+    return triton_ready(device)
+
+
 def apply_repacked(
     layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The Triton kernel on CUDA >= 8.0 with triton; the exact block-wise path elsewhere."""
-    if layer.wq.is_cuda:
-        from quantreg.methods import _triton_kernels as tk
+    """The Triton kernel where ``repack`` found it can run; the exact block-wise path elsewhere."""
+    if layer.wtriton:
+        from quantreg.methods._triton_kernels import apply_triton
 
-        if tk.triton_ready(layer.wq.device):
-            return tk.apply_triton(layer, x, bias)
+        return apply_triton(layer, x, bias)
     return apply_shared(layer, x, bias)
 
 
