@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from quantreg.methods._layers import rows_matmul
+
 logger = logging.getLogger(__name__)
 
 NB = 16  # outputs per block: one AVX-512 register of float32
@@ -187,16 +189,13 @@ def apply_kernel(
     layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``x @ W.T (+ bias)`` with the kernel's layout, the path chosen by dtype and rows."""
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    if layer.kperm is not None:
-        x2 = x2.index_select(-1, layer.kperm)
-    path = kernel_path(x.dtype, x2.shape[0])
-    xk = x2.to(torch.float32 if path == 0 else torch.bfloat16).contiguous()
-    out = kernels().wna16_gemm(
-        xk, layer.kblocked, layer.kscales, layer.kzeros, layer.kbits, layer.kgroup,
-        layer.kexact, path,
-    ).to(x.dtype)  # fmt: skip
-    if bias is not None:
-        out = out + bias.to(x.dtype)
-    return out.reshape(*lead, out.shape[-1])
+
+    def matmul(x2: torch.Tensor) -> torch.Tensor:
+        path = kernel_path(x.dtype, x2.shape[0])
+        xk = x2.to(torch.float32 if path == 0 else torch.bfloat16).contiguous()
+        return kernels().wna16_gemm(
+            xk, layer.kblocked, layer.kscales, layer.kzeros, layer.kbits, layer.kgroup,
+            layer.kexact, path,
+        )  # fmt: skip
+
+    return rows_matmul(x, bias, layer.kperm, matmul)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -106,6 +107,24 @@ def rtn_symmetric(
     return codes.to(torch.int32), scale.to(scale_dtype), zero.to(torch.int32)
 
 
+def rows_matmul(
+    x: torch.Tensor,
+    bias: torch.Tensor | None,
+    perm: torch.Tensor | None,
+    matmul: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` for any leading shape: ``matmul`` gets ``x`` as ``[rows, in]``
+    with its features in ``perm`` order (None: as they are); the result is in ``x``'s dtype."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if perm is not None:
+        x2 = x2.index_select(-1, perm.to(x2.device))
+    out = matmul(x2).to(x.dtype)
+    if bias is not None:
+        out = out + bias.to(x.dtype)
+    return out.reshape(*lead, out.shape[-1])
+
+
 def reference_matmul(
     x: torch.Tensor,
     bias: torch.Tensor | None,
@@ -117,17 +136,17 @@ def reference_matmul(
     ``blocks`` are ``(input rows, group)``; ``dequantize(rows, group)`` returns those rows of
     ``W.T`` (``[rows, out]``), already rounded to the checkpoint's scale dtype.
     """
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
-    acc: torch.Tensor | None = None
-    for rows, group in blocks:
-        part = x2[:, rows] @ dequantize(rows, group).to(torch.float32)
-        acc = part if acc is None else acc.add_(part)
-    assert acc is not None
-    out = acc.to(x.dtype)
-    if bias is not None:
-        out = out + bias.to(x.dtype)
-    return out.reshape(*lead, out.shape[-1])
+
+    def blockwise(x2: torch.Tensor) -> torch.Tensor:
+        x2 = x2.to(torch.float32)
+        acc: torch.Tensor | None = None
+        for rows, group in blocks:
+            part = x2[:, rows] @ dequantize(rows, group).to(torch.float32)
+            acc = part if acc is None else acc.add_(part)
+        assert acc is not None
+        return acc
+
+    return rows_matmul(x, bias, None, blockwise)
 
 
 def dequantize(

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from quantreg.methods._layers import rows_matmul
+
 logger = logging.getLogger(__name__)
 
 try:  # the gpu extra
@@ -225,17 +227,13 @@ def apply_triton(
     layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``x @ W.T (+ bias)`` for a layer with the shared layout (``wq``, ``wscales``, ...)."""
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    if layer.wperm is not None:
-        x2 = x2.index_select(-1, layer.wperm.to(x2.device))
     group, gidx = _groups(layer)
-    out = wna16_matmul(
-        x2, layer.wq, layer.wscales, layer.wzeros, bits=layer.wbits, group=group, gidx=gidx
-    ).to(x.dtype)
-    if bias is not None:
-        out = out + bias.to(x.dtype)
-    return out.reshape(*lead, out.shape[-1])
+    return rows_matmul(
+        x, bias, layer.wperm,
+        lambda x2: wna16_matmul(
+            x2, layer.wq, layer.wscales, layer.wzeros, bits=layer.wbits, group=group, gidx=gidx
+        ),
+    )  # fmt: skip
 
 
 def _groups(layer: torch.nn.Module) -> tuple[int | None, torch.Tensor | None]:

@@ -22,10 +22,10 @@ import torch
 
 from quantreg import ConfigError, LayerRule, LinearMethod, Platform, QuantConfig, unpack_codes
 from quantreg.methods._cpu_kernels import apply_kernel, attach, bf16_paths
+from quantreg.methods._layers import rows_matmul
 from quantreg.methods._repack import (
     TORCH_INT4_GROUPS,
     apply_shared,
-    permute_input,
     regular_group_size,
 )
 from quantreg.methods.awq import AWQConfig
@@ -76,22 +76,20 @@ class CPUWNA16LinearMethod(LinearMethod):
             return apply_shared(layer, x, bias)
         if layer.cpu_kernel == "avx512":
             return apply_kernel(layer, x, bias)
-        lead = x.shape[:-1]
-        x2 = permute_input(layer, x).reshape(-1, x.shape[-1])
-        if layer.cpu_kernel == "int4":
-            sz = layer.int4_scales_zeros
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x2.to(sz.dtype).contiguous(), layer.int4_weight, layer.int4_group, sz
-            )
-        else:
-            scales = layer.int8_scales
-            out = torch.ops.aten._weight_int8pack_mm(
-                x2.to(scales.dtype).contiguous(), layer.int8_weight, scales
-            )
-        out = out.to(x.dtype)
-        if bias is not None:
-            out = out + bias.to(x.dtype)
-        return out.reshape(*lead, out.shape[-1])
+        return rows_matmul(x, bias, layer.wperm, lambda x2: _torch_op(layer, x2))
+
+
+def _torch_op(layer: torch.nn.Module, x2: torch.Tensor) -> torch.Tensor:
+    """torch's int4 / int8 weight-only op on ``[rows, in]`` (features in layout order)."""
+    if layer.cpu_kernel == "int4":
+        sz = layer.int4_scales_zeros
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x2.to(sz.dtype).contiguous(), layer.int4_weight, layer.int4_group, sz
+        )
+    scales = layer.int8_scales
+    return torch.ops.aten._weight_int8pack_mm(
+        x2.to(scales.dtype).contiguous(), layer.int8_weight, scales
+    )
 
 
 def _to_kernel(layer: torch.nn.Module) -> bool:
