@@ -41,11 +41,12 @@ def say(*args: object) -> None:
     print(*args, file=sys.stderr, flush=True)
 
 
-def make_layout(bits: int, n: int, k: int, group: int, dtype: torch.dtype, device: str,
-                act_order: bool = False, seed: int = 0):  # fmt: skip
-    """Random codes in the shared layout and the float32 weight ``[K, N]`` they mean (rows in
-    the layout's sorted order) plus the permutation of ``x`` (act-order) or None."""
-    from quantreg import pack_codes
+def make_weights(bits: int, n: int, k: int, group: int, dtype: torch.dtype, device: str,
+                 act_order: bool = False, seed: int = 0):  # fmt: skip
+    """Random codes as ``quantreg.IntWeights`` and the float32 ``W.T`` ``[K, N]`` they mean
+    (rounded to the scale dtype, as the producers store it); with ``act_order`` the rows'
+    groups are scattered (a random ``g_idx``)."""
+    from quantreg import IntWeights
 
     gen = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 1 << bits, (k, n), generator=gen, dtype=torch.int32)
@@ -55,23 +56,23 @@ def make_layout(bits: int, n: int, k: int, group: int, dtype: torch.dtype, devic
         zeros = torch.full((groups, n), 128, dtype=torch.uint8)
     else:
         zeros = torch.randint(0, 16, (groups, n), generator=gen).to(torch.uint8)
-    rows = torch.arange(k) // group
-    weight = ((codes - zeros[rows].int()).float() * scales[rows].float()).to(dtype).float()
-    perm = torch.randperm(k, generator=gen) if act_order else None
-    wq = pack_codes(codes, bits, dim=0)
-    to = lambda t: None if t is None else t.to(device)  # noqa: E731
-    return to(wq), to(scales), to(zeros), to(weight), to(perm)
+    g_idx = torch.arange(k) // group
+    if act_order:
+        g_idx = g_idx[torch.randperm(k, generator=gen)]
+    weight = ((codes - zeros[g_idx].int()).float() * scales[g_idx].float()).to(dtype).float()
+    codes, scales, zeros, g_idx = (t.to(device) for t in (codes, scales, zeros, g_idx))
+    weights = IntWeights.create(bits=bits, k=k, codes=lambda c0, c1: codes[:, c0:c1],
+                                scales=scales, zeros=zeros, g_idx=g_idx)  # fmt: skip
+    return weights, weight.to(device)
 
 
-def quantreg_fn(x, wq, scales, zeros, perm, bits, group):  # type: ignore[no-untyped-def]
-    from quantreg.methods._triton_kernels import wna16_matmul
+def quantreg_fn(weights, dtype: torch.dtype):  # type: ignore[no-untyped-def]
+    """quantreg's Triton kernel for ``weights``, chosen through the public selection."""
+    import quantreg
 
-    def call(xx: torch.Tensor) -> torch.Tensor:
-        if perm is not None:
-            xx = xx.index_select(-1, perm)
-        return wna16_matmul(xx, wq, scales, zeros, bits=bits, group=group).to(xx.dtype)
-
-    return call
+    kernel = quantreg.select_kernel(weights, dtype=dtype, requested="triton")
+    assert kernel.name == "triton", kernel
+    return kernel
 
 
 def smoke(device: str) -> None:
@@ -82,10 +83,9 @@ def smoke(device: str) -> None:
 
     say(f"triton {triton.__version__}, quantreg {quantreg.__version__}, torch {torch.__version__}")
     for bits in (4, 8):
-        wq, s, z, _w, _ = make_layout(bits, 64, 256, 128 if bits == 4 else 256, torch.float16,
-                                     device)  # fmt: skip
+        weights, _ = make_weights(bits, 64, 256, 128 if bits == 4 else 256, torch.float16, device)
         x = torch.randn(2, 256, dtype=torch.float16, device=device)
-        quantreg_fn(x, wq, s, z, None, bits, 128 if bits == 4 else 256)(x)
+        quantreg_fn(weights, torch.float16)(x)
     if device == "cuda":
         torch.cuda.synchronize()
     say(f"smoke: import + compile + run in {time.perf_counter() - t0:.1f} s")
@@ -99,13 +99,11 @@ def correctness(device: str, cpu_smoke: bool) -> list[dict]:
     rows = []
     for label, bits, group, act in cases:
         for dtype in dtypes:
-            g = group or k
-            wq, s, z, w, perm = make_layout(bits, n, k, g, dtype, device, act, seed=7)
-            fn = quantreg_fn(None, wq, s, z, perm, bits, g)
+            weights, w = make_weights(bits, n, k, group or k, dtype, device, act, seed=7)
+            fn = quantreg_fn(weights, dtype)
             for m in (1, 5, 16, 64):
                 x = torch.randn(m, k, device=device).to(dtype)
-                xs = x if perm is None else x.index_select(-1, perm)
-                ref = xs.float() @ w
+                ref = x.float() @ w
                 err = float((fn(x).float() - ref).abs().max() / ref.abs().max())
                 rows.append({"case": label, "dtype": str(dtype)[6:], "M": m, "max_rel_err": err,
                              "ok": err < 1e-2})  # fmt: skip
@@ -141,9 +139,13 @@ def timings(device: str, shapes, ms, reps: int) -> list[dict]:  # type: ignore[n
     rows = []
     for n, k in shapes:
         w16 = (torch.randn(n, k, device=device) * 0.02).to(torch.bfloat16)
-        heads = {
-            "quantreg int4 g128": (*make_layout(4, n, k, 128, torch.bfloat16, device), 4, 128),
-            "quantreg int8 channel": (*make_layout(8, n, k, k, torch.bfloat16, device), 8, k),
+        heads = {  # each kernel's layout is built once per shape, as at load time
+            "quantreg int4 g128": quantreg_fn(
+                make_weights(4, n, k, 128, torch.bfloat16, device)[0], torch.bfloat16
+            ),
+            "quantreg int8 channel": quantreg_fn(
+                make_weights(8, n, k, k, torch.bfloat16, device)[0], torch.bfloat16
+            ),
         }
         int4op = _torch_int4(n, k, device)
         for m in ms:
@@ -152,8 +154,8 @@ def timings(device: str, shapes, ms, reps: int) -> list[dict]:  # type: ignore[n
             line = {"N": n, "K": k, "M": m, "bf16 cuBLAS ms": base}
             if int4op is not None:
                 line["torch int4 op ms"] = timed(int4op, x)
-            for name, (wq, s, z, _w, perm, bits, group) in heads.items():
-                line[f"{name} ms"] = timed(quantreg_fn(x, wq, s, z, perm, bits, group), x)
+            for name, kernel in heads.items():
+                line[f"{name} ms"] = timed(kernel, x)
             rows.append(line)
             say("time " + ", ".join(f"{key} {value:.4g}" if isinstance(value, float) else
                                     f"{key} {value}" for key, value in line.items()))  # fmt: skip

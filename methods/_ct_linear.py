@@ -11,36 +11,40 @@ compressed-tensors computes it in that dtype); ``g(i)`` is ``i // group_size`` (
 * ``float-quantized``: float8_e4m3fn ``weight [out, in]``.
 
 The vocab is on dim 0 of every tensor. The head runs weight-only: activations stay float.
+Integer formats decode to ``quantreg.IntWeights`` and run whichever kernel selection picks
+(quantreg's CPU kernel, torch's ops, Triton, or the exact reference); float8 runs the exact
+reference kernel.
 """
 
 from __future__ import annotations
 
-import itertools
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from quantreg import CheckpointError, ConfigError, LinearMethod, pack_codes, unpack_codes
-from quantreg.methods._cpu_kernels import apply_kernel, attach
-from quantreg.methods._layers import (
-    check_finite,
-    dequantize,
+from quantreg import (
+    CheckpointError,
+    ConfigError,
+    InputError,
+    IntWeights,
     frozen_param,
-    group_blocks,
-    group_order,
-    reference_matmul,
-    restore_checkpoint_dtype,
+    layer_geometry,
+    pack_codes,
+    unpack_codes,
 )
-from quantreg.methods._repack import repack, triton_on
+from quantreg.kernels import Float8Layout
+from quantreg.methods._checks import check_finite
+from quantreg.methods._decoded import DecodedLinearMethod
 
 PACKED, INT, NAIVE, FLOAT = "pack-quantized", "int-quantized", "naive-quantized", "float-quantized"
 FP8_MAX = 448.0  # largest float8_e4m3fn value
 WRITER = "compressed-tensors writer"
 
 
-class CompressedTensorsLinearMethod(LinearMethod):
-    """Loads one compressed-tensors scheme's tensors and runs them by exact block-wise
-    dequantization (input columns in blocks of at most 128, one group at a time)."""
+class CompressedTensorsLinearMethod(DecodedLinearMethod):
+    """Loads one compressed-tensors scheme's tensors; integer formats run the kernel selected
+    for them (any of quantreg's), float8 the exact reference kernel."""
 
     def __init__(self, quant_config: Any) -> None:
         super().__init__(quant_config)
@@ -89,151 +93,79 @@ class CompressedTensorsLinearMethod(LinearMethod):
                 zp_shape = (1,) if self.strategy == "tensor" else (n, groups)
                 zp_rows = {} if self.strategy == "tensor" else rows
                 params["weight_zero_point"] = frozen_param(zp_shape, torch.int8, **zp_rows)
+        scale = {"keep_checkpoint_dtype": True}
         if self.strategy == "tensor":
-            params["weight_scale"] = frozen_param((1,), params_dtype)
+            params["weight_scale"] = frozen_param((1,), params_dtype, **scale)
         else:
-            params["weight_scale"] = frozen_param((n, groups), params_dtype, **rows)
+            params["weight_scale"] = frozen_param((n, groups), params_dtype, **rows, **scale)
         if self.actorder_group:
             params["weight_g_idx"] = frozen_param((k,), torch.int32, input_dim=0)
         if self.static_input:
             params["input_scale"] = frozen_param((1,), params_dtype)  # kept, unused: weight-only
         for name, param in params.items():
             layer.register_parameter(name, param)
-        layer.ct_groups = groups
 
     def _groups(self, k: int) -> int:
         if self.strategy == "group":
             return -(-k // self.args.group_size)
         return 1
 
-    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        """Check scales, ``weight_shape`` and ``weight_g_idx``; order columns by group.
+    def decode(self, layer: torch.nn.Module) -> IntWeights | Float8Layout:
+        """The scheme's codes as ``IntWeights`` (float8: a ``Float8Layout``).
 
         Raises:
             CheckpointError: non-finite scales, a ``weight_shape`` that disagrees with the
                 head, or a ``weight_g_idx`` entry outside the groups.
         """
-        restore_checkpoint_dtype(layer, "weight_scale")
         check_finite(layer, "weight_scale")
-        k = layer.input_size_per_partition
+        geometry = layer_geometry(layer)
+        k, prefix = geometry.input_size, geometry.prefix
         if self.format == PACKED:
             shape = layer.weight_shape.tolist()
-            if shape != [layer.org_num_embeddings, k]:
+            if shape != [geometry.output_size, k]:
                 raise CheckpointError(
-                    f"{layer.prefix}.weight_shape = {shape}; expected [{layer.org_num_embeddings}, "
+                    f"{prefix}.weight_shape = {shape}; expected [{geometry.output_size}, "
                     f"{k}] (vocab rows, hidden size)",
-                    tensor=f"{layer.prefix}.weight_shape",
+                    tensor=f"{prefix}.weight_shape",
                 )
-        if self.actorder_group:
-            g_idx = layer.weight_g_idx
-        else:
-            size = self.args.group_size if self.strategy == "group" else k
-            g_idx = torch.arange(k) // size
-        prefix = layer.prefix
-        order, bounds = group_order(
-            g_idx, layer.ct_groups, f"{prefix}.weight_g_idx", f"{prefix}.weight_scale"
-        )
-        layer.ct_blocks = group_blocks(order, bounds)
-        target = kernel_target(layer.weight_scale.device) if self.format != FLOAT else ""
-        attached = bool(target) and self.attach_kernel(layer, g_idx, order, bounds, target)
-        layer.ct_kernel = target if attached else ""
-
-    def attach_kernel(
-        self,
-        layer: torch.nn.Module,
-        g_idx: torch.Tensor,
-        order: torch.Tensor,
-        bounds: list[int],
-        target: str,
-    ) -> bool:
-        """Hand an integer head to quantreg's CPU kernel (``target="cpu"``, see
-        ``_cpu_kernels``) or to the Triton kernel (``"triton"``: the shared layout of
-        ``_repack``, which awq_marlin / gptq_marlin build too)."""
-        bits, k = self.bits, layer.input_size_per_partition
-        n, offset = layer.output_size_per_partition, 1 << (self.bits - 1)
-        sizes = {b - a for a, b in itertools.pairwise(bounds[:-1])} or {bounds[-1]}
-        regular = len(sizes) == 1 and bounds[-1] - bounds[-2] <= min(sizes)
-        if target == "cpu" and not regular:
-            return False
-        perm = order if self.actorder_group else None
-        packed = self.format == PACKED
-
-        def codes(c0: int, c1: int) -> torch.Tensor:  # [K, c1 - c0], checkpoint row order
-            if packed:
-                u = unpack_codes(layer.weight_packed[c0:c1], bits, dim=1, count=k)
-            else:
-                u = layer.weight[c0:c1].to(torch.int32) + offset
-            return u.T
-
-        def sorted_codes(c0: int, c1: int) -> torch.Tensor:  # rows in group order
-            return codes(c0, c1) if perm is None else codes(c0, c1)[perm]
-
-        scale = layer.weight_scale
+        g_idx = layer.weight_g_idx.data if self.actorder_group else None
+        if g_idx is None and self.strategy == "group":
+            g_idx = torch.arange(k) // self.args.group_size
+        names = (f"{prefix}.weight_g_idx", f"{prefix}.weight_scale")
+        n = geometry.output_size_per_partition
+        scale = layer.weight_scale.data
         scales = scale.reshape(1, 1).expand(1, n) if self.strategy == "tensor" else scale.T
-        if self.args.symmetric:
-            zeros = torch.full(scales.shape, float(offset))
-        elif packed:
-            zeros = unpack_codes(layer.weight_zero_point, bits, dim=0, count=n).T.to(torch.float32)
-        else:
-            zp = layer.weight_zero_point.to(torch.float32) + offset
-            zeros = zp.reshape(1, 1).expand(1, n) if self.strategy == "tensor" else zp.T
-        if target == "triton":
-            repack(layer, bits=bits, codes=codes, zeros=zeros, scales=scales, g_idx=g_idx, drop=())
-        elif not attach(layer, bits=bits, k=k, n=n, codes=sorted_codes, scales=scales.contiguous(),
-                        zeros=zeros.contiguous(), perm=perm, group=min(sizes)):  # fmt: skip
-            return False
-        for name in ("weight_packed", "weight", "weight_zero_point"):
-            if hasattr(layer, name):
-                delattr(layer, name)
-        return True
+        if self.format == FLOAT:
+            zeros = None if self.args.symmetric else self._float_zeros(layer, n)
+            return Float8Layout.build(layer.weight.data, scales, zeros, g_idx, names)
+        return IntWeights.create(
+            bits=self.bits, k=k, codes=self._codes(layer, k), scales=scales,
+            zeros=self._zeros(layer, n, scales.shape), g_idx=g_idx, names=names,
+        )  # fmt: skip
 
-    def dequantize_columns(
-        self, layer: torch.nn.Module, cols: torch.Tensor, group: int
-    ) -> torch.Tensor:
-        """``W[:, cols].T`` (all in ``group``), rounded to the scale dtype: ``[cols, out]``."""
-        scale = layer.weight_scale
-        scale = scale[:, group : group + 1] if self.strategy != "tensor" else scale.reshape(1, 1)
+    def _codes(self, layer: torch.nn.Module, k: int) -> Callable[[int, int], torch.Tensor]:
+        """Unsigned (offset-binary) codes ``[K, c1 - c0]`` of output columns ``c0:c1``."""
+        bits, offset = self.bits, 1 << (self.bits - 1)
         if self.format == PACKED:
-            pf, offset = 32 // self.bits, 1 << (self.bits - 1)
-            words = layer.weight_packed[:, cols // pf].to(torch.int64) & 0xFFFFFFFF
-            q = ((words >> ((cols % pf) * self.bits)) & ((1 << self.bits) - 1)) - offset
-        elif self.format == FLOAT:
-            q = layer.weight[:, cols].to(torch.float32)
-        else:
-            q = layer.weight[:, cols].to(torch.int64)
-        if not self.args.symmetric:
-            q = q - self._zero_points(layer, group)
-        return dequantize(q, 0, scale).T
+            packed = layer.weight_packed
+            return lambda c0, c1: unpack_codes(packed[c0:c1], bits, dim=1, count=k).T
+        weight = layer.weight
+        return lambda c0, c1: (weight[c0:c1].to(torch.int32) + offset).T
 
-    def _zero_points(self, layer: torch.nn.Module, group: int) -> torch.Tensor:
+    def _zeros(self, layer: torch.nn.Module, n: int, shape: torch.Size) -> torch.Tensor:
+        """Unsigned zero points ``[G, N]`` (symmetric: the code offset)."""
+        offset = 1 << (self.bits - 1)
+        if self.args.symmetric:
+            return torch.full(tuple(shape), offset, dtype=torch.int32)
         zp = layer.weight_zero_point
         if self.format == PACKED:
-            n = layer.weight_packed.shape[0]
-            codes = unpack_codes(zp[:, group : group + 1], self.bits, dim=0, count=n)
-            return (codes - (1 << (self.bits - 1))).to(torch.int64)
-        if self.strategy == "tensor":
-            return zp.reshape(1, 1).to(torch.int64)
-        return zp[:, group : group + 1].to(torch.int64)
+            return unpack_codes(zp, self.bits, dim=0, count=n).T
+        zp = zp.to(torch.int32) + offset
+        return zp.reshape(1, 1).expand(1, n) if self.strategy == "tensor" else zp.T
 
-    def apply(
-        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        if layer.ct_kernel == "cpu":
-            return apply_kernel(layer, x, bias)
-        if layer.ct_kernel == "triton":
-            from quantreg.methods._triton_kernels import apply_triton
-
-            return apply_triton(layer, x, bias)
-        return reference_matmul(
-            x, bias, layer.ct_blocks, lambda cols, g: self.dequantize_columns(layer, cols, g)
-        )
-
-
-def kernel_target(device: torch.device) -> str:
-    """Which kernel integer heads use on ``device``: "cpu", "triton" or "" (none)."""
-    if device.type == "cpu":
-        return "cpu"
-    return "triton" if triton_on(device) else ""
+    def _float_zeros(self, layer: torch.nn.Module, n: int) -> torch.Tensor:
+        zp = layer.weight_zero_point.to(torch.float32)
+        return zp.reshape(1, 1).expand(1, n) if self.strategy == "tensor" else zp.T
 
 
 def quantize_ct(
@@ -257,27 +189,28 @@ def quantize_ct(
     weight-only) or float-quantized (fp8 e4m3 weights + dynamic fp8 activations: FP8_DYNAMIC).
 
     Raises:
-        ConfigError: an unsupported combination or option.
+        InputError: an unsupported combination or option.
     """
     if unused:
-        raise ConfigError(f"{WRITER}: unsupported option(s) {', '.join(sorted(unused))}")
+        raise InputError(f"{WRITER}: unsupported option(s) {', '.join(sorted(unused))}")
     n, k = weight.shape
     is_float = format == FLOAT
     bits = bits or (4 if format == PACKED else 8)
     strategy = strategy or ("group" if format == PACKED and group_size > 0 else "channel")
     if format not in (PACKED, INT, NAIVE, FLOAT):
-        raise ConfigError(
+        raise InputError(
             f"{WRITER}: format {format!r} is not supported; expected pack-quantized, "
-            "int-quantized, naive-quantized or float-quantized"
+            "int-quantized, naive-quantized or float-quantized",
+            field="format",
         )
     if (format == PACKED and bits not in (4, 8)) or (format != PACKED and bits != 8):
-        raise ConfigError(f"{WRITER}: {format} with {bits}-bit weights is not supported")
+        raise InputError(f"{WRITER}: {format} with {bits}-bit weights is not supported")
     if strategy not in ("group", "channel", "tensor") or (strategy == "group" and format != PACKED):
-        raise ConfigError(f"{WRITER}: strategy {strategy!r} is not supported for {format}")
+        raise InputError(f"{WRITER}: strategy {strategy!r} is not supported for {format}")
     if is_float and not sym:
-        raise ConfigError(f"{WRITER}: fp8 weights are symmetric")
+        raise InputError(f"{WRITER}: fp8 weights are symmetric")
     if actorder not in (None, "group") or (actorder == "group" and strategy != "group"):
-        raise ConfigError(f"{WRITER}: actorder must be None, or 'group' with strategy 'group'")
+        raise InputError(f"{WRITER}: actorder must be None, or 'group' with strategy 'group'")
     size = group_size if strategy == "group" else k
     order = _column_order(weight, actorder, perm)
     w = weight.double()[:, order]
@@ -345,13 +278,13 @@ def _column_order(
     k = weight.shape[1]
     if actorder is None:
         if perm is not None:
-            raise ConfigError(f"{WRITER}: perm needs actorder='group'")
+            raise InputError(f"{WRITER}: perm needs actorder='group'")
         return torch.arange(k)
     if perm is None:
         return torch.argsort(weight.double().norm(dim=0), descending=True, stable=True)
     perm = torch.as_tensor(perm, dtype=torch.int64)
     if perm.shape != (k,) or not torch.equal(perm.sort().values, torch.arange(k)):
-        raise ConfigError(f"{WRITER}: perm must be a permutation of range({k})")
+        raise InputError(f"{WRITER}: perm must be a permutation of range({k})")
     return perm
 
 

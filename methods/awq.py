@@ -1,4 +1,5 @@
-"""AWQ (AutoAWQ "GEMM" layout): ``awq`` (reference path) and ``awq_marlin`` (repacked)."""
+"""AWQ (AutoAWQ "GEMM" layout): ``awq`` (exact reference kernel) and ``awq_marlin`` (the
+Triton kernel on CUDA). The tensors themselves: ``_awq_linear``."""
 
 from __future__ import annotations
 
@@ -7,28 +8,13 @@ from typing import Any, ClassVar
 import torch
 from pydantic import AliasChoices, Field, field_validator
 
-from quantreg import (
-    AWQ_ORDER,
-    ConfigError,
-    LayerRule,
-    LinearMethod,
-    Platform,
-    QuantConfig,
-    pack_codes,
-    unpack_codes,
+from quantreg import InputError, LayerRule, Platform, QuantConfig
+from quantreg.methods._awq_linear import (
+    TENSORS,
+    AWQLinearMethod,
+    AWQMarlinLinearMethod,
+    quantize_awq,
 )
-from quantreg.methods._layers import (
-    check_finite,
-    dequantize,
-    frozen_param,
-    grouped,
-    reference_matmul,
-    restore_checkpoint_dtype,
-    row_blocks,
-    rtn_asymmetric,
-    rtn_symmetric,
-)
-from quantreg.methods._repack import RepackedLinearMethod, repack
 from quantreg.methods._wna16 import (
     GroupSize,
     head_and_skip_rule,
@@ -38,86 +24,6 @@ from quantreg.methods._wna16 import (
 
 SUPPORTED_BITS = (4,)
 SUPPORTED_VERSIONS = ("gemm",)
-BITS = 4
-PACK = 8  # 4-bit codes per int32 word
-TENSORS = frozenset({"qweight", "qzeros", "scales"})
-
-
-class AWQLinearMethod(LinearMethod):
-    """Reference AWQ path: dequantizes one block of input rows at a time, exactly.
-
-    Tensors (vocab on dim 1): ``qweight`` int32 ``[in, out/8]`` and ``qzeros`` int32
-    ``[groups, out/8]`` packed along the output dim in AWQ's nibble order, ``scales``
-    ``[groups, out]``. ``W[o, i] = (q[i, o] - z[g, o]) * s[g, o]`` rounded to the scale dtype.
-    """
-
-    quant_config: AWQConfig  # set by QuantConfig.get_linear_method
-
-    def create_weights(
-        self,
-        layer: torch.nn.Module,
-        input_size_per_partition: int,
-        output_partition_sizes: list[int],
-        input_size: int,
-        output_size: int,
-        params_dtype: torch.dtype,
-        **extra: Any,
-    ) -> None:
-        cfg = self.quant_config
-        k, n = input_size_per_partition, sum(output_partition_sizes)
-        group = cfg.group_size if cfg.group_size > 0 else k
-        if k % group:
-            raise ConfigError(
-                f"AWQ needs the input size ({k}) to be a multiple of group_size ({cfg.group_size})"
-            )
-        if n % PACK:
-            raise ConfigError(f"AWQ packs 8 outputs per word; {n} output rows is not a multiple")
-        packed = {"output_dim": 1, "packed_dim": 1, "pack_factor": PACK}
-        params = {
-            "qweight": frozen_param((k, n // PACK), torch.int32, input_dim=0, **packed),
-            "qzeros": frozen_param((k // group, n // PACK), torch.int32, **packed),
-            "scales": frozen_param((k // group, n), params_dtype, output_dim=1),
-        }
-        for name, param in params.items():
-            layer.register_parameter(name, param)
-        layer.awq_group_size = group
-
-    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        restore_checkpoint_dtype(layer, "scales")
-        check_finite(layer, "scales")
-
-    def dequantize_rows(
-        self, layer: torch.nn.Module, start: int, stop: int, group: int
-    ) -> torch.Tensor:
-        """``W.T`` rows ``start:stop`` (one group), rounded to the scale dtype: ``[rows, out]``."""
-        codes = unpack_codes(layer.qweight[start:stop], BITS, order=AWQ_ORDER)
-        zeros = unpack_codes(layer.qzeros[group : group + 1], BITS, order=AWQ_ORDER)
-        return dequantize(codes, zeros, layer.scales[group : group + 1])
-
-    def repack(self, layer: torch.nn.Module) -> None:
-        """Convert the loaded tensors into the layout shared with GPTQ (see ``_repack``)."""
-        repack(
-            layer,
-            bits=BITS,
-            codes=lambda c0, c1: unpack_codes(
-                layer.qweight[:, c0 // PACK : c1 // PACK], BITS, order=AWQ_ORDER
-            ),
-            zeros=unpack_codes(layer.qzeros, BITS, order=AWQ_ORDER),
-            scales=layer.scales.data,
-            g_idx=None,
-            drop=("qweight", "qzeros", "scales"),
-        )
-
-    def apply(
-        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        blocks = row_blocks(layer.input_size_per_partition, layer.awq_group_size)
-        return reference_matmul(
-            x,
-            bias,
-            [(slice(start, stop), group) for start, stop, group in blocks],
-            lambda rows, group: self.dequantize_rows(layer, rows.start, rows.stop, group),
-        )
 
 
 class AWQConfig(QuantConfig):
@@ -130,6 +36,7 @@ class AWQConfig(QuantConfig):
 
     linear_method = AWQLinearMethod
     supports_lm_head: ClassVar[bool] = True
+    tensor_names: ClassVar[frozenset[str]] = TENSORS
 
     bits: int = Field(4, validation_alias=AliasChoices("bits", "w_bit"))
     group_size: GroupSize = Field(128, validation_alias=AliasChoices("group_size", "q_group_size"))
@@ -191,27 +98,15 @@ class AWQConfig(QuantConfig):
         ``[out, in]`` weight, with AutoAWQ's zero-point rule (``sym=True``: zero fixed at 8).
 
         Raises:
-            ConfigError: bits other than 4, an output size not a multiple of 8, an input size
-                not a multiple of the group size, or an unsupported option.
+            ConfigError: bits other than 4, an output size not a multiple of 8, or an input
+                size not a multiple of the group size.
+            InputError: an unsupported option.
         """
         _refuse(unused, "awq")
         config = cls.from_quant_config(
             {"bits": bits, "group_size": group_size, "zero_point": not sym}, method="awq"
         )
-        n, k = weight.shape
-        group = group_size if group_size > 0 else k
-        if n % PACK or k % group:
-            raise ConfigError(
-                f"AWQ needs out % 8 == 0 and in % group_size == 0; got out={n}, in={k}, "
-                f"group_size={group_size}"
-            )
-        quantize = rtn_symmetric if sym else rtn_asymmetric
-        codes, scales, zeros = quantize(grouped(weight, group), BITS, scale_dtype)
-        tensors = {
-            "qweight": pack_codes(codes.reshape(n, k).T, BITS, dim=1, order=AWQ_ORDER),
-            "qzeros": pack_codes(zeros.T, BITS, dim=1, order=AWQ_ORDER),
-            "scales": scales.T.contiguous(),
-        }
+        tensors = quantize_awq(config, weight, sym=sym, scale_dtype=scale_dtype)
         qcfg = {
             "quant_method": "awq",
             "bits": config.bits,
@@ -223,13 +118,8 @@ class AWQConfig(QuantConfig):
         return tensors, qcfg
 
 
-class AWQMarlinLinearMethod(RepackedLinearMethod, AWQLinearMethod):
-    """AWQ tensors repacked after loading into the layout shared with GPTQ; the Triton kernel
-    reads it on CUDA, elsewhere the exact block-wise CPU path does."""
-
-
 class AWQMarlinConfig(AWQConfig):
-    """AWQ tensors repacked after loading into the shared marlin layout (fast GPU kernel)."""
+    """AWQ tensors run by the Triton kernel (CUDA >= 8.0, groups of -1/32/64/128)."""
 
     linear_method = AWQMarlinLinearMethod
 
@@ -245,4 +135,7 @@ class AWQMarlinConfig(AWQConfig):
 
 def _refuse(unused: dict[str, Any], method: str) -> None:
     if unused:
-        raise ConfigError(f"{method} writer: unsupported option(s) {', '.join(sorted(unused))}")
+        raise InputError(
+            f"{method} writer: unsupported option(s) {', '.join(sorted(unused))}",
+            field=sorted(unused)[0],
+        )

@@ -27,6 +27,11 @@ SUPPORTED_FORMATS = ("pack-quantized", "int-quantized", "naive-quantized", "floa
 SUPPORTED_STRATEGIES = ("group", "channel", "tensor")
 STATUSES = ("initialized", "calibration", "frozen", "compressed", "decompressed")
 LINEAR_CLASS = "Linear"
+# Tensor names (after the layer prefix) of the formats; an int8 / fp8 ``weight`` is told
+# apart by its dtype.
+TENSORS = frozenset(
+    {"weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx"}
+)
 _STRICT = ConfigDict(extra="allow", strict=True, frozen=True)
 
 
@@ -99,6 +104,7 @@ class CompressedTensorsConfig(QuantConfig):
 
     linear_method = CompressedTensorsLinearMethod
     supports_lm_head: ClassVar[bool] = True
+    tensor_names: ClassVar[frozenset[str]] = TENSORS
 
     format: Format = None
     config_groups: dict[str, QuantizationScheme] = Field(default_factory=dict)

@@ -1,37 +1,27 @@
-"""GPTQ (AutoGPTQ, GPTQModel, optimum): ``gptq`` (reference path) and ``gptq_marlin``."""
+"""GPTQ (AutoGPTQ, GPTQModel, optimum): ``gptq`` (exact reference kernel) and ``gptq_marlin``
+(the Triton kernel on CUDA). The tensors themselves: ``_gptq_linear``.
+
+GPTQModel labels its AWQ-layout exports ``quant_method: "gptq"`` with ``format: "gemm"`` (or
+``gemv`` / ``gemv_fast``): :meth:`GPTQConfig.relabel` hands those to the AWQ methods.
+"""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Annotated, Any, ClassVar
 
 import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, field_validator
 
-from quantreg import (
-    ConfigError,
-    LayerRule,
-    LinearMethod,
-    Platform,
-    QuantConfig,
-    is_lm_head,
-    pack_codes,
-    unpack_codes,
+from quantreg import InputError, LayerRule, Platform, QuantConfig, Relabel, is_lm_head
+from quantreg.methods._gptq_linear import (
+    TENSORS,
+    GPTQLinearMethod,
+    GPTQMarlinLinearMethod,
+    quantize_gptq,
 )
-from quantreg.methods._layers import (
-    check_finite,
-    dequantize,
-    frozen_param,
-    group_blocks,
-    group_order,
-    grouped,
-    reference_matmul,
-    restore_checkpoint_dtype,
-    rtn_asymmetric,
-    rtn_symmetric,
-)
-from quantreg.methods._repack import RepackedLinearMethod, repack
 from quantreg.methods._wna16 import (
     GroupSize,
     head_and_skip_rule,
@@ -42,7 +32,8 @@ from quantreg.methods._wna16 import (
 SUPPORTED_BITS = (4, 8)
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 UNSUPPORTED_FORMATS = ("marlin", "bitblas", "qqq")
-TENSORS = frozenset({"qweight", "qzeros", "scales", "g_idx"})
+# AWQ kernel layouts: GPTQModel labels such exports quant_method "gptq".
+AWQ_LAYOUTS = ("gemm", "gemv", "gemv_fast")
 # Keys of a GPTQModel ``dynamic`` rule that change how a layer is quantized.
 OVERRIDE_KEYS = ("bits", "group_size", "sym", "desc_act")
 
@@ -70,105 +61,12 @@ class DynamicOverride(BaseModel):
     desc_act: bool | None = None
 
 
-class GPTQLinearMethod(LinearMethod):
-    """Reference GPTQ path: dequantizes one block of input rows of one group at a time.
-
-    Tensors: ``qweight`` int32 ``[in/pf, out]`` packed along the input dim, ``qzeros`` int32
-    ``[groups, out/pf]`` packed along the output dim (checkpoint_format ``gptq`` stores
-    ``zero - 1``), ``scales`` ``[groups, out]``, ``g_idx`` int32 ``[in]`` (replicated).
-    ``W[o, i] = (q[i, o] - z[g_idx[i], o]) * s[g_idx[i], o]``, rounded to the scale dtype.
-    With act-order the rows of a group are scattered; they are gathered by ``g_idx``.
-    """
-
-    quant_config: GPTQConfig  # set by QuantConfig.get_linear_method
-
-    def create_weights(
-        self,
-        layer: torch.nn.Module,
-        input_size_per_partition: int,
-        output_partition_sizes: list[int],
-        input_size: int,
-        output_size: int,
-        params_dtype: torch.dtype,
-        **extra: Any,
-    ) -> None:
-        cfg = self.quant_config
-        k, n = input_size_per_partition, sum(output_partition_sizes)
-        pf = 32 // cfg.bits
-        groups = -(-k // cfg.group_size) if cfg.group_size > 0 else 1
-        if k % pf or n % pf:
-            raise ConfigError(
-                f"GPTQ {cfg.bits}-bit packs {pf} codes per word; in={k} and out={n} must be "
-                "multiples of it"
-            )
-        packed_out = {"output_dim": 1, "packed_dim": 1, "pack_factor": pf}
-        params = {
-            "qweight": frozen_param(
-                (k // pf, n), torch.int32, output_dim=1, input_dim=0, packed_dim=0, pack_factor=pf
-            ),
-            "qzeros": frozen_param((groups, n // pf), torch.int32, **packed_out),
-            "scales": frozen_param((groups, n), params_dtype, output_dim=1),
-            "g_idx": frozen_param((k,), torch.int32, input_dim=0),
-        }
-        for name, param in params.items():
-            layer.register_parameter(name, param)
-
-    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        """Check scales and ``g_idx``; sort input rows by group for block-wise dequant.
-
-        Raises:
-            CheckpointError: non-finite scales, or a ``g_idx`` entry outside the groups.
-        """
-        restore_checkpoint_dtype(layer, "scales")
-        check_finite(layer, "scales")
-        prefix = layer.prefix
-        order, bounds = group_order(
-            layer.g_idx, layer.scales.shape[0], f"{prefix}.g_idx", f"{prefix}.scales"
-        )
-        layer.gptq_blocks = group_blocks(order, bounds)
-
-    def dequantize_rows(
-        self, layer: torch.nn.Module, rows: torch.Tensor, group: int
-    ) -> torch.Tensor:
-        """Rows ``rows`` of ``W.T`` (all in ``group``), rounded to the scale dtype."""
-        cfg = self.quant_config
-        bits, pf, mask = cfg.bits, 32 // cfg.bits, (1 << cfg.bits) - 1
-        words = layer.qweight[rows // pf].to(torch.int64) & 0xFFFFFFFF
-        codes = (words >> ((rows % pf) * bits)[:, None]) & mask
-        zeros = unpack_codes(layer.qzeros[group : group + 1], bits, dim=1)
-        zeros = (zeros + cfg.zero_point_offset) & mask
-        return dequantize(codes, zeros, layer.scales[group : group + 1])
-
-    def repack(self, layer: torch.nn.Module) -> None:
-        """Convert the loaded tensors into the layout shared with AWQ (see ``_repack``);
-        act-order becomes a row permutation here plus a permutation of ``x`` at run time."""
-        cfg = self.quant_config
-        mask = (1 << cfg.bits) - 1
-        k = layer.g_idx.shape[0]
-        zeros = (unpack_codes(layer.qzeros, cfg.bits, dim=1) + cfg.zero_point_offset) & mask
-        repack(
-            layer,
-            bits=cfg.bits,
-            codes=lambda c0, c1: unpack_codes(layer.qweight[:, c0:c1], cfg.bits, dim=0, count=k),
-            zeros=zeros[:, : layer.scales.shape[1]],
-            scales=layer.scales.data,
-            g_idx=layer.g_idx.data,
-            drop=("qweight", "qzeros", "scales", "g_idx"),
-        )
-
-    def apply(
-        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        return reference_matmul(
-            x, bias, layer.gptq_blocks, lambda rows, g: self.dequantize_rows(layer, rows, g)
-        )
-
-
 class GPTQConfig(QuantConfig):
     """``quantization_config`` (or ``quantize_config.json``) of a GPTQ checkpoint."""
 
     linear_method = GPTQLinearMethod
     supports_lm_head: ClassVar[bool] = True
+    tensor_names: ClassVar[frozenset[str]] = TENSORS
 
     bits: Bits
     group_size: GroupSize
@@ -240,41 +138,34 @@ class GPTQConfig(QuantConfig):
         tensors stay in the original row order -- as GPTQ's act-order writes them.
 
         Raises:
-            ConfigError: unsupported bits / format, a bad ``perm``, or sizes that do not pack.
+            ConfigError: unsupported bits / format, or sizes that do not pack.
+            InputError: a bad ``perm`` or an unsupported option.
         """
         if unused:
-            raise ConfigError(f"gptq writer: unsupported option(s) {', '.join(sorted(unused))}")
+            raise InputError(
+                f"gptq writer: unsupported option(s) {', '.join(sorted(unused))}",
+                field=sorted(unused)[0],
+            )
         qcfg = {
             "quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act,
             "sym": sym, "lm_head": True, "checkpoint_format": checkpoint_format,
         }  # fmt: skip
         config = cls.from_quant_config(qcfg, method="gptq")
-        n, k = weight.shape
-        pf, mask = 32 // bits, (1 << bits) - 1
-        if k % pf or n % pf:
-            raise ConfigError(
-                f"GPTQ {bits}-bit needs in and out to be multiples of {pf}; got out={n}, in={k}"
-            )
-        order = _processing_order(weight, desc_act, perm)
-        size = group_size if group_size > 0 else k
-        if sym:
-            codes, scales, zeros = rtn_symmetric(grouped(weight[:, order], size), bits, scale_dtype)
-        else:
-            codes, scales, zeros = rtn_asymmetric(
-                grouped(weight[:, order], size), bits, scale_dtype, include_zero=True
-            )
-        in_order = torch.empty(n, k, dtype=torch.int32)
-        in_order[:, order] = codes.reshape(n, -1)[:, :k]
-        g_idx = torch.empty(k, dtype=torch.int32)
-        g_idx[order] = (torch.arange(k) // size).to(torch.int32)
-        stored_zeros = (zeros - config.zero_point_offset) & mask
-        tensors = {
-            "qweight": pack_codes(in_order.T, bits, dim=0),
-            "qzeros": pack_codes(stored_zeros.T, bits, dim=1),
-            "scales": scales.T.contiguous(),
-            "g_idx": g_idx,
-        }
-        return tensors, qcfg
+        return quantize_gptq(config, weight, perm=perm, scale_dtype=scale_dtype), qcfg
+
+    @classmethod
+    def relabel(cls, data: Mapping[str, Any]) -> Relabel | None:
+        """GPTQModel's weight-only exports keep quant_method "gptq" but write AWQ tensors when
+        their ``format`` (or ``checkpoint_format``) is an AWQ layout: read them as ``awq``."""
+        layout = data.get("format") or data.get("checkpoint_format")
+        if not (isinstance(layout, str) and layout.lower() in AWQ_LAYOUTS):
+            return None
+        note = (
+            f"says quant_method 'gptq' with format '{layout}': GPTQModel writes that for "
+            "AWQ-layout tensors (qweight [in, out/8], no g_idx), so it is read as awq"
+        )
+        awq = {**data, "quant_method": "awq", "version": data.get("version", layout)}
+        return Relabel("awq", awq, note)
 
     @property
     def zero_point_offset(self) -> int:
@@ -341,31 +232,9 @@ def _json(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def _processing_order(
-    weight: torch.Tensor, desc_act: bool, perm: torch.Tensor | None
-) -> torch.Tensor:
-    """The order GPTQ processes (and groups) input columns in."""
-    k = weight.shape[1]
-    if perm is None:
-        if not desc_act:
-            return torch.arange(k)
-        return torch.argsort(weight.double().norm(dim=0), descending=True, stable=True)
-    if not desc_act:
-        raise ConfigError("gptq writer: perm orders act-order groups; pass desc_act=True with it")
-    perm = torch.as_tensor(perm, dtype=torch.int64)
-    if perm.shape != (k,) or not torch.equal(perm.sort().values, torch.arange(k)):
-        raise ConfigError(f"gptq writer: perm must be a permutation of range({k})")
-    return perm
-
-
-class GPTQMarlinLinearMethod(RepackedLinearMethod, GPTQLinearMethod):
-    """GPTQ tensors repacked after loading into the layout shared with AWQ; the Triton
-    kernel reads it on CUDA, elsewhere the exact block-wise CPU path does."""
-
-
 class GPTQMarlinConfig(GPTQConfig):
-    """GPTQ tensors repacked after loading into the shared marlin layout (fast GPU kernel);
-    act-order becomes a load-time row permutation plus a runtime permutation of ``x``."""
+    """GPTQ tensors run by the Triton kernel (CUDA >= 8.0, symmetric, groups of -1/32/64/128);
+    act-order becomes a load-time row permutation plus a run-time permutation of ``x``."""
 
     linear_method = GPTQMarlinLinearMethod
     checkpoint_formats: ClassVar[tuple[str, ...]] = ("gptq",)

@@ -1,43 +1,54 @@
 """quantreg: a pluggable quantization-method registry for serving quantized LLM lm_heads.
 
-The public API is exactly the names listed below; everything else is internal.
-The names that import torch (``ParallelLMHead``, ``load_lm_head``, the writers) load on
-first access.
+The public API is exactly the names listed below (plus the documented subpackage
+``quantreg.kernels``); everything else is internal. A method plugin needs nothing else: the
+contract (``QuantConfig``, ``LinearMethod``, ``Relabel``), the parameter helpers
+(``frozen_param``, ``set_weight_attrs``, ``layer_geometry``), and the kernels
+(``IntWeights`` -> ``select_kernel`` -> ``Kernel``). The names that import torch
+(``ParallelLMHead``, ``load_lm_head``, the writers) load on first access.
 """
 
 # isort: skip_file
 import typing
 
 from quantreg._version import __version__
-from quantreg.base import LayerRule
-from quantreg.base import LinearMethod
-from quantreg.base import QuantConfig
-from quantreg.base import is_lm_head
-from quantreg.errors import CheckpointError
-from quantreg.errors import ConfigError
+from quantreg.contract import LayerRule
+from quantreg.contract import LinearMethod
+from quantreg.contract import QuantConfig
+from quantreg.contract import Relabel
+from quantreg.contract import is_lm_head
+from quantreg.contract import select_kernel
+from quantreg.decision import resolve
+from quantreg.dense import UnquantizedLinearMethod
 from quantreg.drafter import DrafterConfig
 from quantreg.drafter import has_own_lm_head
 from quantreg.drafter import share_lm_head
+from quantreg.errors import CheckpointError
+from quantreg.errors import ConfigError
 from quantreg.errors import DistributedError
 from quantreg.errors import DuplicateMethodError
+from quantreg.errors import InputError
 from quantreg.errors import MethodDefinitionError
 from quantreg.errors import PluginError
 from quantreg.errors import QuantregError
 from quantreg.errors import UnknownMethodError
-from quantreg.linear import UnquantizedLinearMethod
-from quantreg.linear import set_weight_attrs
-from quantreg.packing import AWQ_ORDER
-from quantreg.packing import pack_codes
-from quantreg.packing import unpack_codes
+from quantreg.kernels.packing import pack_codes
+from quantreg.kernels.packing import unpack_codes
+from quantreg.kernels.selection import Kernel
+from quantreg.kernels.weights import IntWeights
+from quantreg.parameters import LayerGeometry
+from quantreg.parameters import frozen_param
+from quantreg.parameters import layer_geometry
+from quantreg.parameters import set_weight_attrs
 from quantreg.platform import Platform
 from quantreg.registry import MethodInfo
+from quantreg.registry import Registry
 from quantreg.registry import get_quant_config_cls
 from quantreg.registry import list_quant_methods
 from quantreg.registry import register_quant_method
 from quantreg.report import inspect_checkpoint
 from quantreg.resolution import Candidate
 from quantreg.resolution import Resolution
-from quantreg.resolution import resolve
 
 if typing.TYPE_CHECKING:
     from quantreg.lm_head import ParallelLMHead
@@ -72,13 +83,16 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "AWQ_ORDER",
     "Candidate",
     "CheckpointError",
     "ConfigError",
     "DistributedError",
     "DrafterConfig",
     "DuplicateMethodError",
+    "InputError",
+    "IntWeights",
+    "Kernel",
+    "LayerGeometry",
     "LayerRule",
     "LinearMethod",
     "MethodDefinitionError",
@@ -88,14 +102,18 @@ __all__ = [
     "PluginError",
     "QuantConfig",
     "QuantregError",
+    "Registry",
+    "Relabel",
     "Resolution",
     "UnknownMethodError",
     "UnquantizedLinearMethod",
     "__version__",
+    "frozen_param",
     "get_quant_config_cls",
     "has_own_lm_head",
     "inspect_checkpoint",
     "is_lm_head",
+    "layer_geometry",
     "list_quant_methods",
     "load_lm_head",
     "pack_codes",
@@ -103,6 +121,7 @@ __all__ = [
     "quantize_checkpoint",
     "register_quant_method",
     "resolve",
+    "select_kernel",
     "set_weight_attrs",
     "share_lm_head",
     "unpack_codes",

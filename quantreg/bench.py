@@ -1,8 +1,9 @@
 """``quantreg bench``: every quantized lm_head method side by side with dense ``F.linear``.
 
-One process, one table: dense fp32 and bf16 ``F.linear`` and each method's ``apply`` (built
-through the real loader path from tensors in each checkpoint format), plus torch's own
-weight-only ops as peers, for (N, K) in {(32000, 4096), (128256, 4096)} and M in {1, 4, 16,
+One process, one table: dense fp32 and bf16 ``F.linear`` and each method's head -- written as a
+checkpoint in the format's own layout and loaded by ``load_lm_head``, so every row runs the
+kernel the loader selected and names it (``kernel``) -- plus torch's own weight-only ops as
+peers, for (N, K) in {(32000, 4096), (128256, 4096)} and M in {1, 4, 16,
 64}. Heads are rotated across copies until their weights exceed the caches, every case is
 warmed up, runs are interleaved across methods, and the median is reported.
 
@@ -29,6 +30,7 @@ import math
 import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
@@ -38,10 +40,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from quantreg.errors import ConfigError
-from quantreg.lm_head import ParallelLMHead
-from quantreg.registry import get_quant_config_cls
-from quantreg.writers import _quantize
+from quantreg import ParallelLMHead, get_quant_config_cls, load_lm_head
+from quantreg.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,7 @@ class Row:
     peak_transient_bytes: int
     max_rel_err: float
     computes: str
+    kernel: str
 
 
 def machine() -> dict[str, Any]:
@@ -125,41 +126,19 @@ def machine() -> dict[str, Any]:
     }
 
 
-def build_head(
-    fmt: Format, method: str, n: int, k: int, dtype: torch.dtype, seed: int
-) -> ParallelLMHead:
-    """A head of ``method`` loaded from ``fmt`` tensors of a random ``[n, k]`` weight, through
-    the same steps as ``load_lm_head`` (create, load this rank's slice, repack)."""
-    tensors, qcfg = _tensors(fmt, n, k, seed)
-    cls = get_quant_config_cls(method)
-    config = cls.from_quant_config(qcfg, method=method)
-    config = config.for_layer(config.layer_rule("lm_head"))
-    head = ParallelLMHead(n, k, params_dtype=dtype, quant_config=config, tp=1)
-    for name, param in head.named_parameters(recurse=False):
-        source = tensors[name]
-        param.checkpoint_dtype = source.dtype
-        head.load_weight(param, source.to(param.dtype) if param.dtype.is_floating_point else source)
-    head.quant_method.process_weights_after_loading(head)
-    return head.eval()
+def write_format(folder: Path, fmt: Format, n: int, k: int, seed: int) -> Path:
+    """Write a checkpoint whose lm_head is ``fmt`` tensors of a random fp16 ``[n, k]``
+    weight, quantized by the method's own writer ``ROW_CHUNK`` vocab rows at a time (the
+    writers work in float64; one chunk at a time keeps that small)."""
+    from safetensors.torch import save_file
 
-
-_TENSOR_CACHE: dict[tuple[str, int, int], tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}
-
-
-def _tensors(
-    fmt: Format, n: int, k: int, seed: int
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The format's tensors of a random fp16 weight, quantized ROW_CHUNK vocab rows at a time
-    (the writers work in float64; one chunk at a time keeps that small)."""
-    key = (fmt.label, n, k)
-    if key in _TENSOR_CACHE:
-        return _TENSOR_CACHE[key]
+    writer = get_quant_config_cls(fmt.writer)
     vocab_dim = 0 if fmt.writer == "compressed-tensors" else 1
     parts, qcfg = [], {}
     for start in range(0, n, ROW_CHUNK):
         gen = torch.Generator().manual_seed(seed * 1_000_003 + start)
         weight = (torch.randn(min(ROW_CHUNK, n - start), k, generator=gen) * 0.02).half()
-        part, qcfg = _quantize(weight, fmt.writer, **fmt.params)
+        part, qcfg = writer.quantize_weight(weight, scale_dtype=torch.float16, **fmt.params)
         parts.append(part)
     tensors = {}
     for name, first in parts[0].items():
@@ -169,9 +148,18 @@ def _tensors(
             tensors[name] = first
         else:
             tensors[name] = torch.cat([p[name] for p in parts], dim=vocab_dim)
-    _TENSOR_CACHE.clear()  # one format at a time: the big heads are large
-    _TENSOR_CACHE[key] = (tensors, qcfg)
-    return tensors, qcfg
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"hidden_size": k, "vocab_size": n, "torch_dtype": "float16",
+              "quantization_config": qcfg}  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file({f"lm_head.{name}": t.contiguous() for name, t in tensors.items()},
+              str(folder / "model.safetensors"))  # fmt: skip
+    return folder
+
+
+def load_head(folder: Path, method: str, dtype: torch.dtype) -> ParallelLMHead:
+    """A head of ``method`` loaded by ``load_lm_head`` (resolution, checks, kernel choice)."""
+    return load_lm_head(folder, dtype=dtype, requested=method, tp=1)
 
 
 @contextlib.contextmanager
@@ -234,6 +222,7 @@ class Case:
     resident_bytes: int
     computes: str
     reference: Callable[[torch.Tensor], torch.Tensor]  # exact float32 result for max_rel_err
+    kernel: str
 
 
 def run_bench(
@@ -301,7 +290,7 @@ def _time_group(cases: list[Case], n: int, k: int, m: int, budget_s: float, skip
                 resident_bytes=case.resident_bytes,
                 peak_transient_bytes=peak_transient_bytes(lambda c=case, x=x: c.fns[0](x)),
                 max_rel_err=float((out - ref).abs().max() / ref.abs().max().clamp(min=1e-30)),
-                computes=case.computes,
+                computes=case.computes, kernel=case.kernel,
             )
         )  # fmt: skip
     return rows
@@ -314,9 +303,9 @@ def _dense_cases(n: int, k: int) -> list[Case]:
     w16_exact = w16.float()
     return [
         Case("dense fp32", "float32", 32, torch.float32, [lambda x: F.linear(x, w32)], n * k * 4,
-             "x @ W.T, fp32", lambda x: F.linear(x, w32)),
+             "x @ W.T, fp32", lambda x: F.linear(x, w32), "dense"),
         Case("dense bf16", "bfloat16", 16, torch.bfloat16, [lambda x: F.linear(x, w16)], n * k * 2,
-             "x @ W.T, bf16", lambda x: F.linear(x, w16_exact)),
+             "x @ W.T, bf16", lambda x: F.linear(x, w16_exact), "dense"),
     ]  # fmt: skip
 
 
@@ -324,21 +313,24 @@ def _method_cases(
     fmt: Format, n: int, k: int, copies: int, say: Callable[[str], None]
 ) -> list[Case]:
     """Every method of one format, in bf16, with ``copies`` heads to rotate through."""
-    say(f"building {fmt.label} heads for N={n} K={k}")
-    # float32 heads dequantize exactly (rounded to the scale dtype); cpu_wna16's kernel does
-    # it fastest, bit for bit like the reference methods
-    exact = "cpu_wna16" if "cpu_wna16" in fmt.methods else fmt.methods[0]
-    reference = build_head(fmt, exact, n, k, torch.float32, seed=0)
-    cases = []
-    for method in fmt.methods:
-        heads = [build_head(fmt, method, n, k, torch.bfloat16, seed=0) for _ in range(copies)]
-        kernel = getattr(heads[0], "cpu_kernel", None) or "exact block-wise dequant"
-        cases.append(
-            Case(method, fmt.label, fmt.bits, torch.bfloat16,
-                 [h.compute_logits for h in heads], heads[0].resident_bytes(),
-                 f"{method}: {kernel}, weight-only", reference.compute_logits)
-        )  # fmt: skip
-    _TENSOR_CACHE.clear()
+    say(f"writing and loading {fmt.label} heads for N={n} K={k}")
+    with tempfile.TemporaryDirectory(prefix="quantreg-bench-") as tmp:
+        folder = write_format(Path(tmp), fmt, n, k, seed=0)
+        # float32 heads dequantize exactly (rounded to the scale dtype); cpu_wna16's kernels
+        # do it fastest, bit for bit like the reference methods
+        exact = "cpu_wna16" if "cpu_wna16" in fmt.methods else fmt.methods[0]
+        reference = load_head(folder, exact, torch.float32)
+        cases = []
+        for method in fmt.methods:
+            heads = [load_head(folder, method, torch.bfloat16) for _ in range(copies)]
+            kernel = heads[0].kernel
+            assert kernel is not None  # recorded by the loader
+            cases.append(
+                Case(method, fmt.label, fmt.bits, torch.bfloat16,
+                     [h.compute_logits for h in heads], heads[0].resident_bytes(),
+                     f"{method}: {kernel.reason}, weight-only", reference.compute_logits,
+                     kernel.name)
+            )  # fmt: skip
     return cases
 
 
@@ -392,7 +384,7 @@ def _torch_peers(n: int, k: int, copies: int) -> list[Case]:
                  [lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 128, sz)],
                  packed.numel() + sz.numel() * 2,
                  "torch._weight_int4pack_mm_for_cpu (zeros added as floats)",
-                 lambda x: _by_rows(x, rows4, n))
+                 lambda x: _by_rows(x, rows4, n), "torch-int4pack")
         )  # fmt: skip
     if hasattr(torch.ops.aten, "_weight_int8pack_mm"):
         w8 = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
@@ -404,7 +396,7 @@ def _torch_peers(n: int, k: int, copies: int) -> list[Case]:
         peers.append(
             Case("torch int8pack", "int8 channel", 8, torch.bfloat16,
                  [lambda x: torch.ops.aten._weight_int8pack_mm(x, w8, s8)], w8.numel() + n * 2,
-                 "torch._weight_int8pack_mm", lambda x: _by_rows(x, rows8, n))
+                 "torch._weight_int8pack_mm", lambda x: _by_rows(x, rows8, n), "torch-int8pack")
         )  # fmt: skip
     return peers
 
@@ -417,13 +409,14 @@ def _by_rows(x: torch.Tensor, rows: Callable[[int, int], torch.Tensor], n: int) 
 def format_table(result: dict[str, Any]) -> str:
     """The rows as a Markdown table."""
     lines = [
-        "| method | format | N | K | M | dtype | median ms | × bf16 | GB/s | resident MiB "
-        "| peak transient MiB | max rel err |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | kernel | format | N | K | M | dtype | median ms | × bf16 | GB/s "
+        "| resident MiB | peak transient MiB | max rel err |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
-            f"| {r['method']} | {r['format']} | {r['N']} | {r['K']} | {r['M']} | {r['dtype']} | "
+            f"| {r['method']} | {r.get('kernel', '')} | {r['format']} | {r['N']} | {r['K']} | "
+            f"{r['M']} | {r['dtype']} | "
             f"{r['median_ms']:.3f} | {r['ratio_vs_bf16']:.2f} | {r['gbps']:.1f} | "
             f"{r['resident_bytes'] / 2**20:.1f} | {r['peak_transient_bytes'] / 2**20:.1f} | "
             f"{r['max_rel_err']:.1e} |"
@@ -447,12 +440,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
     """Time vs M per method, one panel per shape (needs the ``bench`` extra: matplotlib).
 
     Raises:
-        ConfigError: matplotlib is not installed.
+        InputError: matplotlib is not installed.
     """
     try:
         import matplotlib
     except ImportError as exc:
-        raise ConfigError("--plot needs matplotlib: pip install 'quantreg[bench]'") from exc
+        raise InputError("--plot needs matplotlib: pip install 'quantreg[bench]'") from exc
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

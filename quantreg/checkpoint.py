@@ -60,14 +60,15 @@ def read_json(path: Path, *, what: str) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}", path=path) from exc
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{what} {path} is not UTF-8 text: {exc}") from exc
+        raise ConfigError(f"{what} {path} is not UTF-8 text: {exc}", path=path) from exc
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(
-            f"{what} {path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+            f"{what} {path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+            path=path,
         ) from exc
 
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import quantreg
-from quantreg.errors import ConfigError, QuantregError
+from quantreg.errors import InputError, QuantregError
 
 logger = logging.getLogger(__name__)
 
@@ -85,15 +85,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     head = load_lm_head(
         args.path, device=args.device, dtype=args.dtype, requested=args.quantization,
-        platform=args.platform, prefix=args.prefix,
+        platform=args.platform, prefix=args.prefix, kernel=args.kernel,
     )  # fmt: skip
     load_s = time.perf_counter() - start
     if args.hidden is not None:
         x = read_hidden_states(args.hidden)
         if x.shape[-1] != head.embedding_dim:
-            raise ConfigError(
+            raise InputError(
                 f"{args.hidden}: tensor 'x' has {x.shape[-1]} features; the head expects "
-                f"hidden size {head.embedding_dim}"
+                f"hidden size {head.embedding_dim}",
+                field="hidden",
             )
     else:
         generator = torch.Generator().manual_seed(args.seed)
@@ -110,8 +111,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         from safetensors.torch import save_file
 
         save_file({"logits": logits.detach().cpu().contiguous()}, str(args.out))
+    assert head.kernel is not None  # recorded by the loader
     result = {
         "method": head.resolution.method if head.resolution else None,
+        "kernel": head.kernel.name,
+        "kernel_reason": head.kernel.reason,
         "load_s": round(load_s, 6),
         "forward_s": round(forward_s, 6),
         "resident_bytes": head.resident_bytes(),
@@ -121,6 +125,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         _print_json(result)
         return 0
     print(f"method: {result['method'] or 'unquantized'}  ({head.quant_reason})")
+    print(f"kernel: {head.kernel.name}  ({head.kernel.reason})")
     print(f"load {load_s * 1e3:.1f} ms, forward {forward_s * 1e3:.2f} ms "
           f"({x.shape[0]} tokens), resident head {result['resident_bytes']:,d} bytes")  # fmt: skip
     for i, ids in enumerate(top5):
@@ -161,7 +166,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         known = {m for fmt in bench.FORMATS for m in fmt.methods} | {"torch"}
         unknown = sorted(set(methods) - known)
         if unknown:
-            raise ConfigError(
+            raise InputError(
                 f"--methods: unknown {', '.join(unknown)}; expected some of "
                 f"{', '.join(sorted(known))}"
             )
@@ -183,7 +188,9 @@ def _shape(text: str) -> tuple[int, int]:
     try:
         n, k = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise ConfigError(f"--shape {text!r}: expected NxK, e.g. 32000x4096") from None
+        raise InputError(
+            f"--shape {text!r}: expected NxK, e.g. 32000x4096", field="shape"
+        ) from None
     return n, k
 
 
@@ -261,7 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--prefix", default="lm_head", help="layer name (default: lm_head)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random hidden states")
-    p.add_argument("--json", action="store_true", help="print {method, load_s, forward_s, ...}")
+    p.add_argument(
+        "--kernel", default=None, metavar="NAME",
+        help="force a kernel (reference, triton, cpu-avx512, ...; default: the fastest that fits)",
+    )  # fmt: skip
+    p.add_argument(
+        "--json", action="store_true", help="print {method, kernel, load_s, forward_s, ...}"
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(

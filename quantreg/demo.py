@@ -33,6 +33,7 @@ class DemoRow:
 
     name: str
     method: str
+    kernel: str
     rule: str
     resident_bytes: int
     vs_bf16: float
@@ -183,6 +184,7 @@ def run_demo(folder: Path | None = None, *, seed: int = 0) -> list[DemoRow]:
             DemoRow(
                 name=name,
                 method=resolution.method or "unquantized",
+                kernel=head.kernel.name if head.kernel is not None else "?",
                 rule=resolution.rule.split(";")[0],
                 resident_bytes=head.resident_bytes(),
                 vs_bf16=head.resident_bytes() / (weight.numel() * 2),
@@ -195,11 +197,15 @@ def run_demo(folder: Path | None = None, *, seed: int = 0) -> list[DemoRow]:
 
 def format_rows(rows: list[DemoRow]) -> str:
     """The demo table as text."""
-    header = f"{'checkpoint':<26} {'method':<20} {'resident':>10} {'vs bf16':>8} {'max |err|':>10} {'d2t':>4}  rule"  # noqa: E501
+    header = (
+        f"{'checkpoint':<26} {'method':<20} {'kernel':<15} {'resident':>10} {'vs bf16':>8} "
+        f"{'max |err|':>10} {'d2t':>4}  rule"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(
-            f"{r.name:<26} {r.method:<20} {r.resident_bytes:>10,d} {r.vs_bf16:>7.2f}x "
+            f"{r.name:<26} {r.method:<20} {r.kernel:<15} {r.resident_bytes:>10,d} "
+            f"{r.vs_bf16:>7.2f}x "
             f"{r.max_abs_error:>10.2e} {'ok' if r.target_vocab_ok else 'FAIL':>4}  {r.rule}"
         )
     return "\n".join(lines)

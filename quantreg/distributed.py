@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from quantreg.errors import ConfigError
+from quantreg.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class TPGroup:
         a ProcessGroup: shard over it.
 
         Raises:
-            ConfigError: any other value.
+            InputError: any other value.
         """
         if tp is None:
             if dist.is_available() and dist.is_initialized():
@@ -44,13 +44,16 @@ class TPGroup:
         if isinstance(tp, int) and not isinstance(tp, bool):
             if tp == 1:
                 return cls.single()
-            raise ConfigError(
+            raise InputError(
                 f"tp={tp}: an integer tp must be 1 (one process); to shard over several "
-                "processes pass a torch.distributed ProcessGroup, or None for the default group"
+                "processes pass a torch.distributed ProcessGroup, or None for the default group",
+                field="tp",
             )
         if dist.is_available() and isinstance(tp, dist.ProcessGroup):
             return cls(tp, dist.get_rank(tp), dist.get_world_size(tp))
-        raise ConfigError(f"tp must be None, 1 or a torch.distributed ProcessGroup; got {tp!r}")
+        raise InputError(
+            f"tp must be None, 1 or a torch.distributed ProcessGroup; got {tp!r}", field="tp"
+        )
 
     def all_gather_last_dim(self, local: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's equally-shaped ``local`` along the last dim, in rank order."""

@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from quantreg.base import describe_validation_error
 from quantreg.checkpoint import D2T_NAME, TensorInfo
+from quantreg.contract import describe_validation_error
+from quantreg.detection import flatten_config
 from quantreg.errors import CheckpointError, ConfigError
-from quantreg.resolution import read_checkpoint
+from quantreg.view import read_checkpoint
 
 if TYPE_CHECKING:
     import torch
@@ -29,18 +30,6 @@ logger = logging.getLogger(__name__)
 
 EAGLE3_ARCHITECTURES = ("LlamaForCausalLMEagle3", "Eagle3Speculator", "Eagle3LlamaForCausalLM")
 _EAGLE_KEYS = ("draft_vocab_size", "target_hidden_size", "architectures", "norm_before_residual")
-
-
-def flatten_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """One flat dict of a config: a nested ``transformer_layer_config`` (speculators) or
-    ``text_config`` (multimodal), overlaid by the top-level keys, as vLLM flattens it."""
-    flat: dict[str, Any] = {}
-    for section in ("text_config", "transformer_layer_config"):
-        nested = config.get(section)
-        if isinstance(nested, Mapping):
-            flat.update(nested)
-    flat.update({k: v for k, v in config.items() if v is not None or k not in flat})
-    return flat
 
 
 class DrafterConfig(BaseModel):
@@ -183,12 +172,22 @@ def _same_head(a: ParallelLMHead, b: ParallelLMHead) -> bool:
         a.draft_to_target, torch.arange(a.num_embeddings, device=a.draft_to_target.device)
     ):
         return False  # the drafter maps its vocab onto a subset of the target's
-    params_a, params_b = dict(a.named_parameters()), dict(b.named_parameters())
-    if params_a.keys() != params_b.keys():
+    tensors_a, tensors_b = _head_tensors(a), _head_tensors(b)
+    if tensors_a.keys() != tensors_b.keys():
         return False
     return all(
-        p.shape == params_b[n].shape
-        and p.dtype == params_b[n].dtype
-        and torch.equal(p, params_b[n])
-        for n, p in params_a.items()
+        t.shape == tensors_b[n].shape
+        and t.dtype == tensors_b[n].dtype
+        and torch.equal(t, tensors_b[n])
+        for n, t in tensors_a.items()
     )
+
+
+def _head_tensors(head: ParallelLMHead) -> dict[str, torch.Tensor]:
+    """Every tensor that defines a head's weights: its parameters and its kernel's layout
+    (a quantized head's checkpoint tensors are replaced by that layout after loading)."""
+    tensors = {f"param.{n}": p for n, p in head.named_parameters()}
+    kernel = getattr(head, "kernel", None)
+    if kernel is not None:
+        tensors.update({f"kernel.{kernel.name}.{n}": t for n, t in kernel.tensors().items()})
+    return tensors

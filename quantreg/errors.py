@@ -8,9 +8,15 @@ so callers may catch either::
     ├── DuplicateMethodError    (ValueError)   a name already taken by another class
     ├── MethodDefinitionError   (TypeError)    a QuantConfig subclass declared wrongly
     ├── PluginError             (ImportError)  an entry-point plugin that failed to load
+    ├── InputError              (ValueError)   a bad argument of a call (dtype, tp, sizes, ...)
     ├── ConfigError             (ValueError)   a bad or unsupported quantization config
     ├── CheckpointError         (ValueError)   a bad checkpoint file, tensor or index entry
     └── DistributedError        (RuntimeError) another tensor-parallel rank failed
+
+``InputError`` is the caller's mistake (fix the call); ``ConfigError`` and ``CheckpointError``
+are the checkpoint's (fix or convert the files). Errors carry what they are about where it is
+known: ``path`` (the file), ``field`` (a config field or argument name) and, for
+``CheckpointError``, ``tensor``.
 """
 
 from __future__ import annotations
@@ -38,8 +44,26 @@ class PluginError(QuantregError, ImportError):
     """An entry-point plugin of the ``quantreg.methods`` group that could not be loaded."""
 
 
+class InputError(QuantregError, ValueError):
+    """A bad argument of a call: ``field`` names the argument when known."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 class ConfigError(QuantregError, ValueError):
-    """A quantization config (or a request about one) that is invalid or unsupported."""
+    """A quantization config (or a request about one) that is invalid or unsupported.
+
+    ``path`` is the config file and ``field`` the field concerned, when known.
+    """
+
+    def __init__(
+        self, message: str, *, path: str | Path | None = None, field: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.path = Path(path) if path is not None else None
+        self.field = field
 
 
 class CheckpointError(QuantregError, ValueError):

@@ -10,17 +10,18 @@ narrows along each parameter's declared ``output_dim``.
 from __future__ import annotations
 
 import logging
-import math
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from quantreg.base import LinearMethod, QuantConfig
+from quantreg.contract import LinearMethod, QuantConfig
+from quantreg.dense import UnquantizedLinearMethod
 from quantreg.distributed import TPGroup
-from quantreg.errors import CheckpointError, ConfigError
-from quantreg.linear import UnquantizedLinearMethod, new_param, weight_attrs
+from quantreg.errors import InputError
+from quantreg.parameters import LayerGeometry, frozen_param
 
 if TYPE_CHECKING:
+    from quantreg.kernels.selection import Kernel
     from quantreg.resolution import Resolution
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,8 @@ class ParallelLMHead(torch.nn.Module):
     """A vocab-parallel lm_head (``num_embeddings`` rows of ``embedding_dim``).
 
     Its LinearMethod comes from ``quant_config.get_linear_method(self, prefix)``; None (or no
-    config) keeps it unquantized, and ``quant_reason`` says why.
+    config) keeps it unquantized, and ``quant_reason`` says why. After loading, ``kernel`` is
+    the kernel the method chose (a :class:`quantreg.Kernel`: name, reason, declined ones).
     """
 
     def __init__(
@@ -56,13 +58,14 @@ class ParallelLMHead(torch.nn.Module):
         sizes = {"num_embeddings": num_embeddings, "embedding_dim": embedding_dim}
         for name, value in {**sizes, "padding_size": padding_size}.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(
-                    f"ParallelLMHead {name} must be a positive integer, got {value!r}"
+                raise InputError(
+                    f"ParallelLMHead {name} must be a positive integer, got {value!r}", field=name
                 )
         org = num_embeddings if org_num_embeddings is None else org_num_embeddings
         if not 1 <= org <= num_embeddings:
-            raise ConfigError(
-                f"org_num_embeddings={org} must be between 1 and num_embeddings={num_embeddings}"
+            raise InputError(
+                f"org_num_embeddings={org} must be between 1 and num_embeddings={num_embeddings}",
+                field="org_num_embeddings",
             )
         self.tp = TPGroup.resolve(tp)
         self.num_embeddings = num_embeddings
@@ -83,6 +86,8 @@ class ParallelLMHead(torch.nn.Module):
         self.output_partition_sizes = [self.num_embeddings_per_partition]
         self.quant_config = quant_config
         self.resolution: Resolution | None = None
+        self.kernel: Kernel | None = None
+        self.requested_kernel: str | None = None  # a kernel the loader was asked to force
         self.target_vocab_size = num_embeddings
         self.register_buffer("draft_to_target", None)
 
@@ -108,7 +113,7 @@ class ParallelLMHead(torch.nn.Module):
         if bias:
             self.register_parameter(
                 "bias",
-                new_param((self.num_embeddings_per_partition,), self.params_dtype, output_dim=0),
+                frozen_param((self.num_embeddings_per_partition,), self.params_dtype, output_dim=0),
             )
         else:
             self.register_parameter("bias", None)
@@ -128,54 +133,64 @@ class ParallelLMHead(torch.nn.Module):
 
     # -- loading ------------------------------------------------------------------------
 
+    @property
+    def geometry(self) -> LayerGeometry:
+        """What a LinearMethod may read about this head (see :class:`quantreg.LayerGeometry`)."""
+        return LayerGeometry(
+            prefix=self.prefix,
+            input_size=self.embedding_dim,
+            output_size=self.org_num_embeddings,
+            output_size_per_partition=self.num_embeddings_per_partition,
+            output_start=self.shard_start,
+            params_dtype=self.params_dtype,
+            tp_rank=self.tp.rank,
+            tp_size=self.tp.size,
+        )
+
     def checkpoint_shape(self, param: torch.Tensor) -> tuple[int, ...]:
         """The full (all ranks, unpadded) shape the checkpoint must hold for ``param``."""
-        attrs = weight_attrs(param)
-        shape = list(param.shape)
-        dim = attrs["output_dim"]
-        if dim is not None:
-            rows = self.org_num_embeddings
-            shape[dim] = (
-                math.ceil(rows / attrs["pack_factor"]) if attrs["packed_dim"] == dim else rows
-            )
-        return tuple(shape)
+        return self.geometry.checkpoint_shape(param)
 
     def checkpoint_region(self, param: torch.Tensor) -> tuple[int, int, int] | None:
         """``(dim, start, stop)`` of this rank's slice in the checkpoint; None = all of it."""
-        attrs = weight_attrs(param)
-        dim = attrs["output_dim"]
-        if dim is None:
-            return None
-        start, stop = self.shard_start, min(self.shard_end, self.org_num_embeddings)
-        stop = max(start, stop)
-        if attrs["packed_dim"] == dim:
-            pf = attrs["pack_factor"]
-            start, stop = start // pf, math.ceil(stop / pf)
-        return dim, start, stop
+        return self.geometry.checkpoint_region(param)
 
     def load_weight(self, param: torch.Tensor, loaded: torch.Tensor) -> None:
-        """Copy this rank's ``loaded`` region into ``param``; the vocab padding stays zero.
+        """Load this rank's ``loaded`` slice (in the checkpoint's dtype) into ``param`` through
+        the method's per-parameter hook (``LinearMethod.load_weight``).
 
         Raises:
-            CheckpointError: the region does not fit the parameter.
+            CheckpointError: the slice does not fit the parameter.
         """
-        region = self.checkpoint_region(param)
-        target = param.data
-        if region is not None:
-            dim, start, stop = region
-            target = target.narrow(dim, 0, stop - start)
-        if tuple(loaded.shape) != tuple(target.shape):
-            raise CheckpointError(
-                f"cannot load a {tuple(loaded.shape)} slice into a {tuple(target.shape)} region "
-                f"of {self.prefix} parameter {tuple(param.shape)}",
-            )
-        param.data.zero_()
-        target.copy_(loaded)
+        self.quant_method.load_weight(self, param, loaded)  # type: ignore[arg-type]
 
     def resident_bytes(self) -> int:
-        """Bytes this rank holds for the head: every parameter and buffer."""
+        """Bytes this rank holds for the head: every parameter, buffer and kernel tensor."""
         tensors = [*self.parameters(), *self.buffers()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        if self.kernel is not None:
+            tensors += self.kernel.tensors().values()
+        seen: dict[int, int] = {}
+        for t in tensors:
+            seen[t.data_ptr()] = max(seen.get(t.data_ptr(), 0), t.numel() * t.element_size())
+        return sum(seen.values())
+
+    def explain(self) -> str:
+        """The resolution's account of the decision, then the kernel that runs and why."""
+        lines = [self.resolution.explain()] if self.resolution is not None else []
+        if self.kernel is not None:
+            lines.append(self.kernel.explain())
+        return "\n".join(lines)
+
+    def report(self) -> dict[str, Any]:
+        """JSON-safe: ``{resolution, kernel, method, tp_rank, tp_size, resident_bytes}``."""
+        return {
+            "resolution": self.resolution.to_dict() if self.resolution is not None else None,
+            "kernel": self.kernel.to_dict() if self.kernel is not None else None,
+            "method": type(self.quant_method).__name__,
+            "tp_rank": self.tp_rank,
+            "tp_size": self.tp_size,
+            "resident_bytes": self.resident_bytes(),
+        }
 
     # -- running ------------------------------------------------------------------------
 
@@ -186,9 +201,10 @@ class ParallelLMHead(torch.nn.Module):
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Full, unpadded logits ``[tokens, num_embeddings]`` on every rank (all-gathered)."""
         if x.shape[-1] != self.embedding_dim:
-            raise ConfigError(
+            raise InputError(
                 f"hidden states have {x.shape[-1]} features; {self.prefix} expects "
-                f"embedding_dim={self.embedding_dim}"
+                f"embedding_dim={self.embedding_dim}",
+                field="x",
             )
         logits = self.tp.all_gather_last_dim(self.forward(x))
         return logits[..., : self.num_embeddings]
@@ -196,7 +212,7 @@ class ParallelLMHead(torch.nn.Module):
     def set_vocab_map(self, draft_to_target: torch.Tensor, target_vocab_size: int) -> None:
         """Attach an Eagle3 drafter's map from its vocab to the target's (``id + d2t[id]``)."""
         if draft_to_target.shape != (self.num_embeddings,):
-            raise ConfigError(
+            raise InputError(
                 f"vocab map has shape {list(draft_to_target.shape)}; expected "
                 f"[{self.num_embeddings}] (one target id per draft id)"
             )
@@ -208,17 +224,17 @@ class ParallelLMHead(torch.nn.Module):
         -inf everywhere except at the mapped ids.
 
         Raises:
-            ConfigError: logits of the wrong width, or a smaller draft vocab with no map.
+            InputError: logits of the wrong width, or a smaller draft vocab with no map.
         """
         if logits.shape[-1] != self.num_embeddings:
-            raise ConfigError(
+            raise InputError(
                 f"logits have {logits.shape[-1]} columns; expected num_embeddings="
                 f"{self.num_embeddings} (the output of compute_logits)"
             )
         if self.draft_to_target is None:
             if self.target_vocab_size == self.num_embeddings:
                 return logits
-            raise ConfigError(
+            raise InputError(
                 f"{self.prefix} has no d2t map to scatter {self.num_embeddings} draft ids into "
                 f"the {self.target_vocab_size}-token target vocab"
             )
@@ -230,5 +246,6 @@ class ParallelLMHead(torch.nn.Module):
         return (
             f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, "
             f"padded={self.num_embeddings_padded}, tp={self.tp_rank}/{self.tp_size}, "
-            f"method={type(self.quant_method).__name__}"
+            f"method={type(self.quant_method).__name__}, "
+            f"kernel={self.kernel.name if self.kernel is not None else None}"
         )

@@ -3,7 +3,8 @@
 Every expected tensor's name, shape and dtype is checked against the safetensors headers
 before any data is read, and every problem is reported at once. Data is read lazily with
 ``safe_open(...).get_slice`` -- only the tensors under the prefix, only this rank's slice,
-each shard opened once. A failure leaves nothing behind; checkpoint files are never written.
+each shard opened once -- and handed to the method's per-parameter hook in the checkpoint's
+own dtype. A failure leaves nothing behind; checkpoint files are never written.
 """
 
 from __future__ import annotations
@@ -11,118 +12,35 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from quantreg.checkpoint import D2T_NAME, EMBEDDING_NAMES, FLOAT_DTYPES, TensorInfo
+from quantreg.checkpoint import D2T_NAME, FLOAT_DTYPES, TensorInfo
+from quantreg.decision import resolve
+from quantreg.detection import flatten_config
 from quantreg.distributed import TPGroup
-from quantreg.drafter import draft_to_target_ids, flatten_config
-from quantreg.errors import CheckpointError, ConfigError, DistributedError
+from quantreg.drafter import draft_to_target_ids
+from quantreg.errors import CheckpointError, ConfigError, DistributedError, InputError
+from quantreg.head_config import (
+    _FLOATS,
+    TORCH_DTYPES,
+    default_dtype,
+    head_geometry,
+    parse_dtype,
+)
+from quantreg.kernels.selection import Kernel
 from quantreg.lm_head import ParallelLMHead
 from quantreg.platform import Platform
 from quantreg.progress import LoadProgress
-from quantreg.resolution import CheckpointView, Resolution, read_checkpoint, resolve
+from quantreg.registry import Registry
+from quantreg.resolution import Resolution
+from quantreg.view import CheckpointView
 
 logger = logging.getLogger(__name__)
 
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16,
-    "I32": torch.int32, "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F32": torch.float32, "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}  # fmt: skip
-DTYPE_NAMES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-}  # fmt: skip
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def parse_dtype(value: torch.dtype | str) -> torch.dtype:
-    """A compute dtype from a torch dtype or a name (``float32``, ``bf16``, ``torch.float16``).
-
-    Raises:
-        ConfigError: not one of float32, float16, bfloat16.
-    """
-    if isinstance(value, torch.dtype):
-        dtype = value
-    elif isinstance(value, str):
-        key = value.strip().lower().removeprefix("torch.")
-        if key not in DTYPE_NAMES:
-            raise ConfigError(f"unsupported dtype {value!r}: expected float32, float16 or bfloat16")
-        dtype = DTYPE_NAMES[key]
-    else:
-        raise ConfigError(f"dtype must be a torch.dtype or a string, got {value!r}")
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ConfigError(f"unsupported dtype {dtype}: expected float32, float16 or bfloat16")
-    return dtype
-
-
-def _nested(config: Mapping[str, Any], key: str) -> Any:
-    """``config[key]``, else the same key in ``text_config`` / ``transformer_layer_config``."""
-    if config.get(key) is not None:
-        return config[key]
-    for section in ("text_config", "transformer_layer_config"):
-        sub = config.get(section)
-        if isinstance(sub, Mapping) and sub.get(key) is not None:
-            return sub[key]
-    return None
-
-
-def head_geometry(
-    config: Mapping[str, Any], tensors: Mapping[str, TensorInfo], prefix: str, where: str
-) -> tuple[int, int]:
-    """``(vocab rows, hidden size)`` of the head: ``draft_vocab_size`` (Eagle3) or
-    ``vocab_size``, and ``hidden_size`` -- from config.json, else from a float weight.
-
-    Raises:
-        ConfigError: a size that is not a positive integer.
-        CheckpointError: neither the config nor the tensors tell a size.
-    """
-    float_weight = tensors.get(f"{prefix}.weight")
-    if float_weight is not None and (
-        float_weight.dtype not in FLOAT_DTYPES or len(float_weight.shape) != 2
-    ):
-        float_weight = None
-    sizes = []
-    for keys, axis in ((("draft_vocab_size", "vocab_size"), 0), (("hidden_size",), 1)):
-        value, field = None, None
-        for key in keys:
-            value = _nested(config, key)
-            if value is not None:
-                field = key
-                break
-        if value is None and float_weight is not None:
-            value, field = float_weight.shape[axis], f"shape of {float_weight.name}"
-        if value is None:
-            raise CheckpointError(
-                f"{where}: cannot tell the {prefix} size: config.json has no "
-                f"{' / '.join(keys)} and there is no float {prefix}.weight to infer it from",
-                path=where,
-            )
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{where}: field '{field}' = {value!r}: expected a positive integer")
-        sizes.append(value)
-    return sizes[0], sizes[1]
-
-
-def default_dtype(
-    config: Mapping[str, Any], tensors: Mapping[str, TensorInfo], prefix: str
-) -> torch.dtype:
-    """The config's ``dtype`` / ``torch_dtype``, else the head's float dtype, else float32."""
-    for key in ("dtype", "torch_dtype"):
-        value = _nested(config, key)
-        if isinstance(value, str) and value.strip().lower().removeprefix("torch.") in DTYPE_NAMES:
-            return parse_dtype(value)
-    for name in (f"{prefix}.weight", f"{prefix}.scales", f"{prefix}.weight_scale"):
-        info = tensors.get(name)
-        if info is not None and info.dtype in ("F16", "BF16", "F32"):
-            return TORCH_DTYPES[info.dtype]
-    return torch.float32
+METHOD_DEFINED = "method-defined"
 
 
 def load_lm_head(
@@ -135,22 +53,28 @@ def load_lm_head(
     tp: Any = None,
     strict: bool = True,
     prefix: str = "lm_head",
+    registry: Registry | None = None,
+    kernel: str | None = None,
 ) -> ParallelLMHead:
     """Resolve, build and load the lm_head of a checkpoint folder; returns it with
-    ``.resolution``.
+    ``.resolution`` (the method, and why) and ``.kernel`` (the kernel it runs, and why).
 
     ``dtype`` is the activation and compute dtype (default: the config's ``dtype`` /
-    ``torch_dtype``, else the head's float tensor dtype, else float32). ``platform``
-    defaults to ``Platform.detect(device)``. With ``strict=False`` head tensors that no
-    parameter consumes only log a WARNING. An Eagle3 drafter's ``d2t`` is loaded and checked
-    (see ``ParallelLMHead.to_target_vocab``); a drafter without ``lm_head.*`` tensors but with
-    ``tie_word_embeddings: true`` loads its head from its embedding.
+    ``torch_dtype``, else the head's float tensor dtype, else float32). ``platform`` steers
+    resolution and defaults to ``Platform.detect(device)``; it must describe the kind of
+    device the head is loaded on. The kernel is chosen for that device, once; ``kernel``
+    forces one of ``quantreg.kernels.kernel_names()`` (the method must run it). With
+    ``strict=False`` head tensors that no parameter consumes only log a WARNING. An Eagle3
+    drafter's ``d2t`` is loaded and checked (see ``ParallelLMHead.to_target_vocab``); a tied
+    head loads from its embedding.
 
     Under tensor parallelism every rank reports whether its own load succeeded before any
     returns, so a failure on one rank raises on every rank instead of leaving them waiting.
 
     Raises:
-        ConfigError: bad config, dtype or requested method (see :func:`quantreg.resolve`).
+        ConfigError: bad config or requested method (see :func:`quantreg.resolve`).
+        InputError: a bad ``dtype``, ``tp``, ``device``, ``kernel``, or a ``platform`` of
+            another device kind than ``device``.
         CheckpointError: missing, misshapen, mistyped or unconsumed tensors; unreadable
             files; a bad ``d2t``. The message names the tensors and files.
         DistributedError: this rank loaded fine but another rank failed.
@@ -159,7 +83,11 @@ def load_lm_head(
     head: ParallelLMHead | None = None
     error: Exception | None = None
     try:
-        head = _load(Path(path), device, dtype, requested, platform, group, strict, prefix)
+        plat = _platform(platform, device)
+        resolution = resolve(
+            Path(path), platform=plat, requested=requested, prefix=prefix, registry=registry
+        )
+        head = _load(resolution, device, dtype, group, strict, kernel)
     except Exception as exc:  # re-raised below, after the other ranks have been told
         error = exc
     if group.size > 1:
@@ -176,64 +104,129 @@ def load_lm_head(
     return head
 
 
+def _platform(platform: Platform | str | None, device: str | torch.device) -> Platform:
+    """The platform to resolve for: the device's, or the given one if it is of that kind.
+
+    Raises:
+        InputError: a platform of another device kind than ``device`` (nothing silent: a
+            'cuda:9.0' resolution on a CPU device would choose GPU methods that then run CPU
+            kernels).
+    """
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as exc:
+        raise InputError(f"invalid device {device!r}: {exc}", field="device") from exc
+    if platform is None:
+        return Platform.detect(device)
+    plat = Platform.coerce(platform)
+    if plat.device != kind:
+        raise InputError(
+            f"platform '{plat}' describes a {plat.device} device, but the head is loaded on "
+            f"'{device}'; pass platform=None to probe the device (or load on a {plat.device} "
+            "device); to force a method anyway use requested=...",
+            field="platform",
+        )
+    return plat
+
+
 def _load(
-    root: Path,
+    resolution: Resolution,
     device: str | torch.device,
     dtype: torch.dtype | str | None,
-    requested: str | None,
-    platform: Platform | str | None,
     group: TPGroup,
     strict: bool,
-    prefix: str,
+    kernel: str | None,
 ) -> ParallelLMHead:
-    plat = Platform.detect(device) if platform is None else Platform.coerce(platform)
-    resolution = resolve(root, platform=plat, requested=requested, prefix=prefix)
-    view = read_checkpoint(root, prefix)
+    view = resolution.view
+    assert view is not None  # resolved from a folder
     if view.tensors is None:
         raise CheckpointError(
-            f"{root} has no safetensors weights (model.safetensors or an index)", path=root
+            f"{view.source} has no safetensors weights (model.safetensors or an index)",
+            path=view.source,
         )
-    tensors = dict(view.tensors)
-    if not tensors:
-        tensors, resolution = _tied_head(view, resolution, prefix)
-    config_where = str(view.config_file or view.source)
-    vocab, hidden = head_geometry(view.config, tensors, prefix, config_where)
+    tensors = _head_tensors(view, resolution)
+    vocab, hidden = head_geometry(view.config, tensors, resolution.prefix, view.where)
     compute_dtype = (
-        parse_dtype(dtype) if dtype is not None else default_dtype(view.config, tensors, prefix)
+        parse_dtype(dtype)
+        if dtype is not None
+        else default_dtype(view.config, tensors, resolution.prefix)
     )
     with torch.device(device):
         head = ParallelLMHead(
-            vocab,
-            hidden,
-            bias=f"{prefix}.bias" in tensors,
-            params_dtype=compute_dtype,
-            quant_config=resolution.config,
-            prefix=prefix,
-            tp=group,
-        )
+            vocab, hidden, bias=f"{resolution.prefix}.bias" in tensors,
+            params_dtype=compute_dtype, quant_config=resolution.config,
+            prefix=resolution.prefix, tp=group,
+        )  # fmt: skip
     head.resolution = resolution
+    head.requested_kernel = kernel
     plan = _check_tensors(head, tensors, resolution, strict=strict)
-    d2t = view.side.get(D2T_NAME)
-    if d2t is not None:
-        target_vocab = flatten_config(view.config).get("vocab_size")
-        if not isinstance(target_vocab, int) or isinstance(target_vocab, bool) or target_vocab < 1:
-            raise ConfigError(
-                f"{config_where}: the checkpoint has a d2t map but field 'vocab_size' = "
-                f"{target_vocab!r} is not the target vocab size (a positive integer)"
-            )
-        ids = draft_to_target_ids(
-            _read_whole(d2t), d2t, vocab_size=target_vocab, draft_vocab_size=vocab
+    _attach_vocab_map(head, view, device)
+    _read_into(head, plan, torch.device(device))
+    _process(head, tensors)
+    head.eval()
+    assert head.kernel is not None
+    if kernel is not None and head.kernel.name != kernel:
+        raise InputError(
+            f"kernel {kernel!r} was requested, but '{resolution.prefix}' resolved as "
+            f"{resolution.method or 'unquantized'} runs {head.kernel.name} ({head.kernel.reason})",
+            field="kernel",
         )
-        head.set_vocab_map(ids.to(device), target_vocab)
-    progress = LoadProgress(
-        sum(_slice_bytes(head, p, i) for p, i in plan),
-        f"loading {prefix}",
-        enabled=group.rank == 0,
+    logger.info(
+        "loaded %s of %s: method %s, kernel %s, vocab %d x hidden %d, rank %d/%d, %s",
+        resolution.prefix, view.source, resolution.method or "unquantized", head.kernel.name,
+        vocab, hidden, head.tp_rank, head.tp_size, compute_dtype,
+    )  # fmt: skip
+    return head
+
+
+def _head_tensors(view: CheckpointView, resolution: Resolution) -> dict[str, TensorInfo]:
+    """The tensors the head loads: its own, or the embedding it is tied to.
+
+    Raises:
+        CheckpointError: no head tensors and no tied embedding (use ``share_lm_head``).
+    """
+    assert view.tensors is not None
+    prefix = resolution.prefix
+    if resolution.tied_to is not None:
+        return {f"{prefix}.weight": view.side[resolution.tied_to]}
+    if view.tensors:
+        return dict(view.tensors)
+    tied = flatten_config(view.config).get("tie_word_embeddings")
+    embedding = next((name for name in view.side if name != D2T_NAME), None)
+    have = f"embedding {embedding}" if embedding else "no embedding"
+    raise CheckpointError(
+        f"{view.source} has no {prefix}.* tensors (tie_word_embeddings: {_flag(tied)}, "
+        f"{have}); a drafter without a head of its own uses its target's: load the target's "
+        "head and call quantreg.share_lm_head(None, target_head)",
+        path=view.source,
+        tensor=f"{prefix}.weight",
     )
-    try:
-        _read(head, plan, torch.device(device), progress)
-    finally:
-        progress.close()
+
+
+def _attach_vocab_map(
+    head: ParallelLMHead, view: CheckpointView, device: str | torch.device
+) -> None:
+    """Load and check an Eagle3 drafter's ``d2t``, if the checkpoint has one."""
+    d2t = view.side.get(D2T_NAME)
+    if d2t is None:
+        return
+    target_vocab = flatten_config(view.config).get("vocab_size")
+    if not isinstance(target_vocab, int) or isinstance(target_vocab, bool) or target_vocab < 1:
+        raise ConfigError(
+            f"{view.where}: the checkpoint has a d2t map but field 'vocab_size' = "
+            f"{target_vocab!r} is not the target vocab size (a positive integer)",
+            path=view.config_file,
+            field="vocab_size",
+        )
+    ids = draft_to_target_ids(
+        _read_whole(d2t), d2t, vocab_size=target_vocab, draft_vocab_size=head.num_embeddings
+    )
+    head.set_vocab_map(ids.to(device), target_vocab)
+
+
+def _process(head: ParallelLMHead, tensors: Mapping[str, TensorInfo]) -> None:
+    """The method's post-load step; errors name the file; a head without a recorded kernel
+    gets a ``method-defined`` record."""
     try:
         head.quant_method.process_weights_after_loading(head)
     except CheckpointError as exc:
@@ -241,46 +234,12 @@ def _load(
         if exc.path is not None or info is None:
             raise
         raise CheckpointError(f"{info.file}: {exc}", path=info.file, tensor=exc.tensor) from exc
-    head.eval()
-    logger.info(
-        "loaded %s of %s: %s, vocab %d x hidden %d, rank %d/%d, %s",
-        prefix, view.source, resolution.method or "unquantized", vocab, hidden,
-        head.tp_rank, head.tp_size, compute_dtype,
-    )  # fmt: skip
-    return head
-
-
-def _tied_head(
-    view: CheckpointView, resolution: Resolution, prefix: str
-) -> tuple[dict[str, TensorInfo], Resolution]:
-    """A head with no tensors of its own: its embedding when tied, else an error."""
-    tied = flatten_config(view.config).get("tie_word_embeddings")
-    embedding = next((view.side[n] for n in EMBEDDING_NAMES if n in view.side), None)
-    if tied is not True or embedding is None:
-        have = f"embedding {embedding.name}" if embedding else "no embedding"
-        raise CheckpointError(
-            f"{view.source} has no {prefix}.* tensors (tie_word_embeddings: "
-            f"{_flag(tied)}, {have}); a drafter "
-            "without a head of its own uses its target's: load the target's head and call "
-            "quantreg.share_lm_head(None, target_head)",
-            path=view.source,
-            tensor=f"{prefix}.weight",
+    if head.kernel is None:
+        head.kernel = Kernel.record(
+            METHOD_DEFINED,
+            f"{type(head.quant_method).__qualname__}.apply computes the head itself; it "
+            "records no quantreg kernel",
         )
-    notes = list(resolution.notes)
-    if resolution.quantized:
-        notes.append(
-            f"the config quantizes '{prefix}' ({resolution.rule}) but the checkpoint ties it to "
-            f"the float {embedding.name}: loaded unquantized from the embedding"
-        )
-    tied_resolution = replace(
-        resolution,
-        method=None,
-        quantized=False,
-        config=None,
-        rule=f"tie_word_embeddings: true → {embedding.name}; also: {resolution.rule}",
-        notes=tuple(notes),
-    )
-    return {f"{prefix}.weight": embedding}, tied_resolution
 
 
 def _check_tensors(
@@ -358,13 +317,27 @@ def _slice_bytes(head: ParallelLMHead, param: torch.nn.Parameter, info: TensorIn
     return info.nbytes // max(info.shape[dim], 1) * (stop - start)
 
 
+def _read_into(
+    head: ParallelLMHead, plan: list[tuple[torch.nn.Parameter, TensorInfo]], device: torch.device
+) -> None:
+    """Read each parameter's slice, one ``safe_open`` per shard, with a progress report."""
+    progress = LoadProgress(
+        sum(_slice_bytes(head, p, i) for p, i in plan),
+        f"loading {head.prefix}",
+        enabled=head.tp_rank == 0,
+    )
+    try:
+        _read(head, plan, device, progress)
+    finally:
+        progress.close()
+
+
 def _read(
     head: ParallelLMHead,
     plan: list[tuple[torch.nn.Parameter, TensorInfo]],
     device: torch.device,
     progress: LoadProgress,
 ) -> None:
-    """Read each parameter's slice, one ``safe_open`` per shard."""
     from safetensors import safe_open
 
     by_file: dict[Path, list[tuple[torch.nn.Parameter, TensorInfo]]] = {}
@@ -374,24 +347,24 @@ def _read(
         try:
             with safe_open(str(file), framework="pt", device="cpu") as handle:
                 for param, info in items:
-                    region = head.checkpoint_region(param)
-                    piece = handle.get_slice(info.name)
-                    if region is None:
-                        data = piece[:]
-                    else:
-                        dim, start, stop = region
-                        index = tuple(
-                            slice(start, stop) if d == dim else slice(None)
-                            for d in range(len(info.shape))
-                        )
-                        data = piece[index]
-                    param.checkpoint_dtype = TORCH_DTYPES[info.dtype]  # type: ignore[attr-defined]
-                    head.load_weight(param, data.to(device=device, dtype=param.dtype))
+                    data = _slice(handle, head, param, info)
+                    head.load_weight(param, data.to(device=device))
                     progress.update(data.numel() * data.element_size())
         except CheckpointError:
             raise
         except Exception as exc:  # safetensors' own errors: truncated or corrupt files
             raise CheckpointError(f"cannot read {file}: {exc}", path=file) from exc
+
+
+def _slice(handle: Any, head: ParallelLMHead, param: torch.nn.Parameter, info: TensorInfo) -> Any:
+    """This rank's region of tensor ``info`` from an open safetensors file."""
+    region = head.checkpoint_region(param)
+    piece = handle.get_slice(info.name)
+    if region is None:
+        return piece[:]
+    dim, start, stop = region
+    index = tuple(slice(start, stop) if d == dim else slice(None) for d in range(len(info.shape)))
+    return piece[index]
 
 
 def _read_whole(info: TensorInfo) -> torch.Tensor:
@@ -424,7 +397,9 @@ def read_hidden_states(path: str | os.PathLike[str], *, name: str = "x") -> torc
                     path=file,
                     tensor=name,
                 )
-            x = handle.get_tensor(name)
+            # an owned, freshly allocated copy: a view into the file would make the matmul's
+            # float sums depend on where the tensor happens to sit in it
+            x = handle.get_tensor(name).clone()
     except CheckpointError:
         raise
     except Exception as exc:

@@ -1,4 +1,4 @@
-"""What this process can run: device type, CUDA capability, Triton, torch's CPU ops.
+"""What this process can run: device type, CUDA capability, Triton, torch's CPU ops, CPU ISA.
 
 ``Platform`` only describes; methods decide from it. ``Platform.detect`` probes the real
 machine; ``Platform.parse`` builds one from a string so that every decision can be tested
@@ -10,10 +10,15 @@ from __future__ import annotations
 import importlib.util
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
-from quantreg.errors import ConfigError
+from quantreg.errors import InputError
 
+# CPU flags (as /proc/cpuinfo spells them) that decide which CPU kernels can run.
+CPU_ISA_FLAGS = (
+    "avx512f", "avx512bw", "avx512vl", "avx512vbmi", "f16c", "avx512_bf16", "amx_tile", "amx_bf16",
+)  # fmt: skip
 _CUDA_RE = re.compile(r"^cuda:(\d+)\.(\d+)(-notriton)?$")
 
 PLATFORM_SYNTAX = "'cpu', 'cuda:MAJOR.MINOR' (e.g. 'cuda:9.0') or 'cuda:MAJOR.MINOR-notriton'"
@@ -27,16 +32,21 @@ class Platform:
     capability: tuple[int, int] | None = None
     triton: bool = False
     cpu_weight_only_ops: bool = True
+    # The CPU's ISA flags that kernels care about (avx512f, avx512_bf16, amx_bf16, ...);
+    # None: not probed (a parsed platform), and kernel selection probes this machine.
+    cpu_isa: frozenset[str] | None = None
 
     @classmethod
     def parse(cls, text: str) -> Platform:
         """Build a platform from ``'cpu'``, ``'cuda:9.0'`` or ``'cuda:9.0-notriton'``.
 
         Raises:
-            ConfigError: anything else, e.g. a torch device string such as ``'cuda:0'``.
+            InputError: anything else, e.g. a torch device string such as ``'cuda:0'``.
         """
         if not isinstance(text, str):
-            raise ConfigError(f"a platform must be a string or Platform, got {text!r}")
+            raise InputError(
+                f"a platform must be a string or Platform, got {text!r}", field="platform"
+            )
         spec = text.strip().lower()
         if spec == "cpu":
             return cls("cpu")
@@ -50,14 +60,16 @@ class Platform:
                 f" '{text}' looks like a torch device; a platform names a compute capability "
                 f"(e.g. 'cuda:9.0'), or use Platform.detect('{text}') to probe that device."
             )
-        raise ConfigError(f"invalid platform {text!r}: expected {PLATFORM_SYNTAX}.{hint}")
+        raise InputError(
+            f"invalid platform {text!r}: expected {PLATFORM_SYNTAX}.{hint}", field="platform"
+        )
 
     @classmethod
     def detect(cls, device: Any = None) -> Platform:
         """Probe the platform that a torch ``device`` (default: cuda if available) runs on.
 
         Raises:
-            ConfigError: the device is neither cpu nor cuda, or cuda is not available.
+            InputError: the device is neither cpu nor cuda, or cuda is not available.
         """
         import torch
 
@@ -66,15 +78,17 @@ class Platform:
         try:
             dev = torch.device(device)
         except (RuntimeError, TypeError) as exc:
-            raise ConfigError(f"invalid device {device!r}: {exc}") from exc
+            raise InputError(f"invalid device {device!r}: {exc}") from exc
         if dev.type == "cpu":
-            return cls("cpu", cpu_weight_only_ops=_has_cpu_weight_only_ops())
+            return cls(
+                "cpu", cpu_weight_only_ops=_has_cpu_weight_only_ops(), cpu_isa=probe_cpu_isa()
+            )
         if dev.type == "cuda":
             if not torch.cuda.is_available():
-                raise ConfigError(f"device {device!r} requested but CUDA is not available")
+                raise InputError(f"device {device!r} requested but CUDA is not available")
             capability = torch.cuda.get_device_capability(dev)
             return cls("cuda", tuple(capability), triton=_triton_available())
-        raise ConfigError(f"unsupported device {device!r}: quantreg runs on cpu or cuda")
+        raise InputError(f"unsupported device {device!r}: quantreg runs on cpu or cuda")
 
     @classmethod
     def coerce(cls, value: Platform | str | None) -> Platform:
@@ -108,3 +122,15 @@ def _has_cpu_weight_only_ops() -> bool:
     return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
         torch.ops.aten, "_weight_int8pack_mm"
     )
+
+
+def probe_cpu_isa() -> frozenset[str]:
+    """The flags of ``CPU_ISA_FLAGS`` this CPU has (from ``/proc/cpuinfo``; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split()) & frozenset(CPU_ISA_FLAGS)
+    return frozenset()

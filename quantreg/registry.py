@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from quantreg.base import QuantConfig
+from quantreg.contract import QuantConfig
 from quantreg.errors import (
     DuplicateMethodError,
     MethodDefinitionError,

@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from quantreg.checkpoint import tensor_infos
+from quantreg.decision import is_quantized_tensor, resolve
 from quantreg.errors import CheckpointError
 from quantreg.platform import Platform
-from quantreg.resolution import is_quantized_tensor, read_checkpoint, resolve
+from quantreg.registry import Registry, default_registry
 
 
 def inspect_checkpoint(
@@ -17,6 +18,7 @@ def inspect_checkpoint(
     *,
     platform: Platform | str | None = None,
     prefix: str = "lm_head",
+    registry: Registry | None = None,
 ) -> dict[str, Any]:
     """A JSON-safe summary: ``{config, method, rule, tensors: [{name, dtype, shape, bytes,
     quantized, file}]}`` (every tensor of the checkpoint, from the headers only).
@@ -25,9 +27,11 @@ def inspect_checkpoint(
         ConfigError, CheckpointError: as :func:`quantreg.resolve`.
     """
     root = Path(path)
-    resolution = resolve(root, platform=platform, prefix=prefix)
-    view = read_checkpoint(root, prefix)
-    infos = tensor_infos(view.root or root)
+    registry = registry or default_registry()
+    resolution = resolve(root, platform=platform, prefix=prefix, registry=registry)
+    view = resolution.view
+    infos = tensor_infos(view.root if view is not None and view.root else root)
+    names = frozenset().union(*(cls.tensor_names for cls in registry.loaded().values()))
     if infos is None:
         raise CheckpointError(f"{root} has no safetensors weights", path=root)
     tensors = [
@@ -36,7 +40,7 @@ def inspect_checkpoint(
             "dtype": info.dtype,
             "shape": list(info.shape),
             "bytes": info.nbytes,
-            "quantized": is_quantized_tensor(info, info.name.rpartition(".")[0]),
+            "quantized": is_quantized_tensor(info, info.name.rpartition(".")[0], names),
             "file": info.file.name,
         }
         for info in sorted(infos.values(), key=lambda i: i.name)

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from quantreg.checkpoint import CONFIG_NAME, INDEX_NAME, SINGLE_FILE, weight_files
-from quantreg.config import detect_quant_config, load_model_config
-from quantreg.errors import CheckpointError, ConfigError
+from quantreg.detection import detect_quant_config, load_model_config
+from quantreg.errors import CheckpointError, ConfigError, InputError
 from quantreg.registry import get_quant_config_cls, normalize_name
 
 logger = logging.getLogger(__name__)
@@ -32,7 +32,8 @@ def quantize(weight: torch.Tensor, method: str, **params: Any) -> dict[str, torc
     ``desc_act``, ``perm`` for GPTQ; ``format`` for compressed-tensors).
 
     Raises:
-        ConfigError: not a 2-D float weight, a method without a writer, or a bad option.
+        InputError: not a 2-D float weight, a method without a writer, or a bad option (the
+            message names it).
         UnknownMethodError: unknown method.
     """
     return _quantize(weight, method, **params)[0]
@@ -43,9 +44,14 @@ def _quantize(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
         shape = list(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
-        raise ConfigError(f"quantize() takes a 2-D float [out, in] weight; got {shape}")
+        raise InputError(
+            f"quantize() takes a 2-D float [out, in] weight; got {shape}", field="weight"
+        )
     cls = get_quant_config_cls(method)
-    return cls.quantize_weight(weight.detach().cpu(), **params)
+    try:
+        return cls.quantize_weight(weight.detach().cpu(), **params)
+    except ConfigError as exc:  # the writer's options are this call's arguments
+        raise InputError(str(exc), field=exc.field) from exc
 
 
 def write_checkpoint(
@@ -69,7 +75,7 @@ def write_checkpoint(
     ``config`` adds or replaces config.json keys.
 
     Raises:
-        ConfigError: see :func:`quantize`.
+        InputError: see :func:`quantize`.
         CheckpointError: the folder already holds a checkpoint (nothing is overwritten).
     """
     root = Path(folder)
@@ -119,7 +125,8 @@ def quantize_checkpoint(
     ``quantization_config``.
 
     Raises:
-        ConfigError: ``src`` already declares a quantization, or a bad method option.
+        ConfigError: ``src`` already declares a quantization.
+        InputError: a bad method option (see :func:`quantize`).
         CheckpointError: ``src`` has no float ``{prefix}.weight``, or ``dst`` is not empty.
     """
     from safetensors import safe_open

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from quantreg.registry import Registry, set_default_registry
-from quantreg.resolution import clear_cache
+from quantreg.view import clear_cache
 
 # Without a GPU the Triton kernels run on the interpreter; it must be set before they import.
 if not torch.cuda.is_available():

@@ -22,6 +22,7 @@ import quantreg
 from quantreg import (
     CheckpointError,
     ConfigError,
+    InputError,
     load_lm_head,
     quantize,
     quantize_checkpoint,
@@ -138,13 +139,13 @@ def test_writer_shapes_follow_the_formats(method, params, shapes):
     ids=["awq-8bit", "awq-group-does-not-divide", "awq-desc-act", "gptq-3bit", "perm-without-desc-act", "perm-not-permutation", "marlin-format", "no-writer"],
 )  # fmt: skip
 def test_writer_errors(method, params, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(InputError, match=message):
         quantize(random_weight(1000, 256), method, **params)
 
 
 def test_quantize_takes_a_2d_float_weight():
     with pytest.raises(
-        ConfigError, match=r"quantize\(\) takes a 2-D float \[out, in\] weight; got \[10\]"
+        InputError, match=r"quantize\(\) takes a 2-D float \[out, in\] weight; got \[10\]"
     ):
         quantize(torch.zeros(10), "gptq")
     with pytest.raises(quantreg.UnknownMethodError, match="did you mean 'gptq'"):

@@ -71,7 +71,7 @@ def test_verbose_logs_the_decision(tmp_path):
         run_cli("-v", "resolve", str(tmp_path), "--platform", "cpu"),
     )
     assert "INFO" not in quiet.stderr
-    assert "INFO quantreg.resolution: lm_head of" in loud.stderr and "-> cpu_wna16" in loud.stderr
+    assert "INFO quantreg.decision: lm_head of" in loud.stderr and "-> cpu_wna16" in loud.stderr
 
 
 def test_a_quantreg_error_exits_1_with_the_message_and_no_traceback(tmp_path, capsys):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import quantreg
-from quantreg.resolution import clear_cache
+from quantreg.view import clear_cache
 
 
 @pytest.mark.parametrize(

@@ -66,7 +66,7 @@ def test_real_producer_configs_parse(method, data, expected):
 
 
 def test_unknown_keys_are_kept_and_logged_at_debug(caplog):
-    with caplog.at_level(logging.DEBUG, logger="quantreg.base"):
+    with caplog.at_level(logging.DEBUG, logger="quantreg.contract"):
         config = parse("gptq", GPTQMODEL)
     assert config.model_extra["meta"]["quantizer"] == ["gptqmodel:7.6.0"]
     assert config.model_extra["pack_dtype"] == "int32"

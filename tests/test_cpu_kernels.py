@@ -10,17 +10,30 @@ import sys
 import pytest
 import torch
 
-from quantreg.methods import _cpu_kernels
-from quantreg.methods._cpu_kernels import (
-    bf16_paths,
+from quantreg.kernels.catalog import cpu_path
+from quantreg.kernels.cpu import (
+    amx_ready,
     block_columns,
     cpu_supports_avx512,
-    kernel_path,
-    kernels,
+    extension,
     to_blocked,
 )
+from quantreg.platform import probe_cpu_isa
 
 pytestmark = pytest.mark.skipif(not cpu_supports_avx512(), reason="needs AVX-512")
+
+
+def kernels():
+    """The compiled extension (built once per test run, cached on disk)."""
+    return extension()
+
+
+def bf16_paths() -> tuple[bool, bool]:
+    """(vdpbf16ps, AMX) available to this process."""
+    isa = probe_cpu_isa()
+    dot = "avx512_bf16" in isa
+    return dot, dot and {"amx_tile", "amx_bf16"} <= isa and amx_ready()
+
 
 MODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}
 FLOAT32, DOT, AMX = 0, 1, 2
@@ -124,36 +137,27 @@ def test_bad_geometry_is_refused():
 
 
 @pytest.mark.parametrize(
-    ("dtype", "rows", "expected"),
+    ("kernel", "dtype", "rows", "expected"),
     [
-        (torch.float32, 1, FLOAT32),
-        (torch.float32, 64, FLOAT32),
-        (torch.bfloat16, 1, DOT),
-        (torch.float16, 1, DOT),
-        (torch.bfloat16, 2, AMX),
-        (torch.bfloat16, 64, AMX),
+        ("cpu-avx512", torch.float32, 1, FLOAT32),
+        ("cpu-amx", torch.float32, 64, FLOAT32),
+        ("cpu-amx", torch.bfloat16, 1, DOT),
+        ("cpu-amx", torch.float16, 1, DOT),
+        ("cpu-amx", torch.bfloat16, 2, AMX),
+        ("cpu-amx", torch.bfloat16, 64, AMX),
+        ("cpu-avx512-bf16", torch.bfloat16, 64, DOT),
+        ("cpu-avx512", torch.bfloat16, 64, FLOAT32),
     ],
-    ids=["fp32-1", "fp32-64", "bf16-1", "fp16-1", "bf16-2", "bf16-64"],
+    ids=["fp32-1", "fp32-64", "bf16-1", "fp16-1", "bf16-2", "bf16-64", "no-amx-64", "no-bf16-64"],
 )
-def test_the_path_is_chosen_by_dtype_and_rows(monkeypatch, dtype, rows, expected):
-    monkeypatch.setattr(_cpu_kernels, "bf16_paths", lambda: (True, True))
-    assert kernel_path(dtype, rows) == expected
-
-
-@pytest.mark.parametrize(
-    ("dot", "amx", "expected"),
-    [(True, False, DOT), (False, False, FLOAT32)],
-    ids=["no-amx", "no-bf16"],
-)
-def test_without_amx_or_bf16_the_next_path_runs(monkeypatch, dot, amx, expected):
-    monkeypatch.setattr(_cpu_kernels, "bf16_paths", lambda: (dot, amx))
-    assert kernel_path(torch.bfloat16, 64) == expected
+def test_the_path_is_chosen_by_kernel_dtype_and_rows(kernel, dtype, rows, expected):
+    assert cpu_path(kernel, dtype, rows) == expected
 
 
 def test_without_the_kernel_a_reason_is_logged_once():
     code = (
         "import logging, torch, quantreg; logging.basicConfig(level=logging.WARNING); "
-        "from quantreg.methods._cpu_kernels import kernels; print(kernels(), kernels())"
+        "from quantreg.kernels.cpu import extension; print(extension(), extension())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "QUANTREG_NO_CPU_KERNELS": "1"})  # fmt: skip
@@ -185,7 +189,11 @@ def test_cpu_wna16_runs_the_kernel(tmp_path, dtype, family, params, m):
     quantreg.write_checkpoint(tmp_path, weight, family, **params)
     fast = quantreg.load_lm_head(tmp_path, dtype=dtype)
     exact = quantreg.load_lm_head(tmp_path, dtype=torch.float32, requested=family)
-    assert fast.cpu_kernel == "avx512"
+    dot, amx = bf16_paths()
+    if dtype != torch.float32 and not dot:
+        pytest.skip("this CPU has no AVX512-BF16: half-precision heads take torch's ops")
+    expected = "cpu-avx512" if dtype == torch.float32 else ("cpu-amx" if amx else "cpu-avx512-bf16")
+    assert fast.kernel.name == expected
     x = torch.randn(m, 256)
     ref = exact.compute_logits(x).double()
     got = fast.compute_logits(x.to(dtype))
@@ -200,9 +208,9 @@ def test_cpu_wna16_runs_the_kernel(tmp_path, dtype, family, params, m):
 def test_without_bf16_paths_half_heads_use_torch_ops(tmp_path, monkeypatch, caplog, bits):
     import quantreg
 
-    monkeypatch.setattr("quantreg.methods.cpu_wna16.bf16_paths", lambda: (False, False))
+    monkeypatch.setenv("QUANTREG_NO_BF16", "1")
     params = {"bits": bits, "group_size": 128 if bits == 4 else -1, "sym": True}
     quantreg.write_checkpoint(tmp_path, (torch.randn(256, 256) * 0.05).half(), "gptq", **params)
     with caplog.at_level(logging.DEBUG):
         head = quantreg.load_lm_head(tmp_path, dtype=torch.bfloat16)
-    assert head.cpu_kernel == ("int4" if bits == 4 else "int8")
+    assert head.kernel.name == ("torch-int4pack" if bits == 4 else "torch-int8pack")

@@ -14,6 +14,7 @@ from quantreg import (
     CheckpointError,
     ConfigError,
     DrafterConfig,
+    InputError,
     ParallelLMHead,
     has_own_lm_head,
     load_lm_head,
@@ -133,12 +134,12 @@ def test_to_target_vocab_without_d2t():
     same = ParallelLMHead(100, 8)
     logits = torch.randn(2, 100)
     assert same.to_target_vocab(logits) is logits
-    with pytest.raises(ConfigError, match=r"logits have 99 columns; expected num_embeddings=100"):
+    with pytest.raises(InputError, match=r"logits have 99 columns; expected num_embeddings=100"):
         same.to_target_vocab(torch.randn(2, 99))
     smaller = ParallelLMHead(100, 8)
     smaller.target_vocab_size = 200
     with pytest.raises(
-        ConfigError,
+        InputError,
         match=r"lm_head has no d2t map to scatter 100 draft ids into the 200-token target vocab",
     ):
         smaller.to_target_vocab(logits)

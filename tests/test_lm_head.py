@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from quantreg import (
-    ConfigError,
+    InputError,
     LinearMethod,
     MethodDefinitionError,
     ParallelLMHead,
@@ -72,7 +72,7 @@ def test_geometry_attributes_and_defaults():
 )
 def test_bad_geometry(kwargs, message):
     args = {"num_embeddings": 1000, "embedding_dim": 64, **kwargs}
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(InputError, match=message):
         ParallelLMHead(args.pop("num_embeddings"), args.pop("embedding_dim"), **args)
 
 
@@ -163,7 +163,7 @@ def test_unquantized_forward_and_compute_logits():
         logits.double(), x.double() @ w.double().T + b.double(), rtol=1e-5, atol=1e-5
     )
     with pytest.raises(
-        ConfigError, match=r"hidden states have 63 features; lm_head expects embedding_dim=64"
+        InputError, match=r"hidden states have 63 features; lm_head expects embedding_dim=64"
     ):
         head.compute_logits(torch.randn(3, 63))
 

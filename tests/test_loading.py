@@ -15,7 +15,7 @@ from ckpt import awq_head, float_head, llama_config, write_checkpoint
 from safetensors.torch import load_file, save_file
 
 import quantreg
-from quantreg import CheckpointError, ConfigError, load_lm_head
+from quantreg import CheckpointError, ConfigError, InputError, load_lm_head
 from quantreg.loading import parse_dtype
 
 FIXTURES = Path(__file__).parent / "fixtures" / "producers"
@@ -117,7 +117,7 @@ def test_parse_dtype(value, expected):
     ids=["int8", "float64", "number"],
 )
 def test_parse_dtype_rejects(value, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(InputError, match=message):
         parse_dtype(value)
 
 
@@ -252,8 +252,11 @@ def test_cli_run_hidden_out(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
-    assert set(data) == {"method", "load_s", "forward_s", "resident_bytes", "top5"}
+    assert set(data) == {
+        "method", "kernel", "kernel_reason", "load_s", "forward_s", "resident_bytes", "top5"
+    }  # fmt: skip
     assert data["method"] is None and data["resident_bytes"] == (1024 * 64 + 1024) * 4
+    assert data["kernel"] == "dense" and "F.linear" in data["kernel_reason"]
     logits = load_file(str(tmp_path / "o.safetensors"))["logits"]
     ref = reference_logits(tensors, x)
     torch.testing.assert_close(logits.double(), ref, rtol=1e-5, atol=1e-4)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from quantreg import ConfigError, Platform
+from quantreg import InputError, Platform
 
 
 @pytest.mark.parametrize(
@@ -38,7 +38,7 @@ def test_parse(text, device, capability, triton):
     ids=["torch-device", "bare-cuda", "no-minor", "tpu", "empty"],
 )
 def test_parse_rejects(text, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(InputError, match=message):
         Platform.parse(text)
 
 
@@ -58,9 +58,9 @@ def test_detect_cpu_probes_torch_ops():
 
 
 def test_detect_rejects_unknown_devices():
-    with pytest.raises(ConfigError, match=r"unsupported device 'meta'"):
+    with pytest.raises(InputError, match=r"unsupported device 'meta'"):
         Platform.detect("meta")
-    with pytest.raises(ConfigError, match=r"invalid device 'nonsense'"):
+    with pytest.raises(InputError, match=r"invalid device 'nonsense'"):
         Platform.detect("nonsense")
 
 

@@ -24,6 +24,7 @@ import quantreg
 from quantreg import (
     CheckpointError,
     ConfigError,
+    InputError,
     LayerRule,
     LinearMethod,
     Platform,
@@ -321,7 +322,7 @@ def test_quantization_config_wins_over_legacy_files(tmp_path):
         (lambda p: {"quant_method": "awqq", "bits": 4}, ConfigError, r"field 'quant_method': unknown quantization method 'awqq'.*did you mean 'awq'"),
         (lambda p: {"quant_method": 4}, ConfigError, r"field 'quant_method' = 4: expected a method name"),
         (lambda p: {**GPTQ, "bits": 3}, ConfigError, r"invalid gptq quantization_config in <quantization_config dict>: field 'bits' = 3"),
-        (lambda p: 42, ConfigError, r"resolve\(\) takes a checkpoint folder, a config.json path or a dict; got 42"),
+        (lambda p: 42, InputError, r"resolve\(\) takes a checkpoint folder, a config.json path or a dict; got 42"),
     ],
     ids=["missing-path", "no-config", "config-not-json", "config-not-object", "no-quant-method",
          "quant-config-not-object", "unknown-quant-method", "quant-method-not-string", "bad-field", "bad-source"],
@@ -332,7 +333,7 @@ def test_bad_sources(tmp_path, make, error, message):
 
 
 def test_bad_platform_argument():
-    with pytest.raises(ConfigError, match=r"'cuda:0' looks like a torch device"):
+    with pytest.raises(InputError, match=r"'cuda:0' looks like a torch device"):
         resolve(AWQ, platform="cuda:0")
 
 
@@ -389,13 +390,11 @@ def test_one_info_line_per_decision(checkpoints, caplog):
 
 def test_resolving_again_does_not_reread_until_files_change(tmp_path, monkeypatch):
     write_checkpoint(tmp_path, config=llama_config({**AWQ, "lm_head": True}), tensors=awq_head())
-    from quantreg import resolution
+    from quantreg import view
 
     reads = []
-    real = resolution.tensor_infos
-    monkeypatch.setattr(
-        resolution, "tensor_infos", lambda *a, **k: reads.append(1) or real(*a, **k)
-    )
+    real = view.tensor_infos
+    monkeypatch.setattr(view, "tensor_infos", lambda *a, **k: reads.append(1) or real(*a, **k))
     resolve(tmp_path, platform="cpu")
     resolve(tmp_path, platform="cuda:9.0")
     assert len(reads) == 1

@@ -17,9 +17,7 @@ from quantreg.distributed import TPGroup
 
 triton = pytest.importorskip("triton")
 
-from quantreg.methods import _ct_linear  # noqa: E402
-from quantreg.methods import _triton_kernels as tk  # noqa: E402
-from quantreg.methods._repack import apply_repacked, apply_shared  # noqa: E402
+from quantreg.kernels import triton_wna16 as tk  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() or tk.interpreting()), reason="needs CUDA or TRITON_INTERPRET=1"
@@ -51,18 +49,21 @@ SHARED_IDS = ["awq-g128", "awq-g32", "gptq4-actorder", "gptq8-actorder", "gptq8-
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "fp32"])
 @pytest.mark.parametrize(("writer", "params"), SHARED, ids=SHARED_IDS)
 @pytest.mark.parametrize("m", [1, 5, 33])
-def test_marlin_layout_matches_exact_dequant(tmp_path, dtype, writer, params, m):
-    """Odd vocab (1000 rows, padded to 1024), K = 256: the shared layout of awq/gptq_marlin."""
+def test_the_triton_kernel_matches_the_exact_kernel(tmp_path, dtype, writer, params, m):
+    """Odd vocab (1000 rows, padded to 1024), K = 256: the k-packed layout of awq/gptq_marlin."""
     weight = (torch.randn(1000, 256) * 0.05).half()
     quantreg.write_checkpoint(tmp_path, weight, writer, **params)
-    head = quantreg.load_lm_head(tmp_path, dtype=dtype, requested=f"{writer}_marlin")
+    method = f"{writer}_marlin"
+    head = quantreg.load_lm_head(tmp_path, dtype=dtype, requested=method, kernel="triton")
+    exact = quantreg.load_lm_head(tmp_path, dtype=dtype, requested=method, kernel="reference")
+    assert head.kernel.name == "triton" and head.kernel.requested
     x = torch.randn(m, 256).to(dtype)
-    out = tk.apply_triton(head, x)
+    out = head.forward(x)
     assert out.dtype == dtype and out.shape == (m, head.output_size_per_partition)
-    assert rel_err(out, apply_shared(head, x)) < tol(dtype)
+    assert rel_err(out, exact.forward(x)) < tol(dtype)
 
 
-def shard(folder, rank: int, size: int, method: str) -> ParallelLMHead:
+def shard(folder, rank: int, size: int, method: str, kernel: str) -> ParallelLMHead:
     """Rank ``rank`` of ``size`` of the head, loaded region by region as the loader does."""
     (file,) = folder.glob("*.safetensors")
     tensors = load_file(file)
@@ -70,6 +71,7 @@ def shard(folder, rank: int, size: int, method: str) -> ParallelLMHead:
     vocab, hidden = tensors["lm_head.scales"].shape[1], tensors["lm_head.qweight"].shape[0] * 8
     head = ParallelLMHead(vocab, hidden, params_dtype=torch.float16, quant_config=config,
                           prefix="lm_head", tp=TPGroup(None, rank, size))  # fmt: skip
+    head.requested_kernel = kernel
     for name, param in head.named_parameters():
         full = tensors[f"lm_head.{name}"]
         region = head.checkpoint_region(param)
@@ -85,11 +87,13 @@ def test_a_tensor_parallel_shard_matches_its_slice(tmp_path):
     weight = (torch.randn(1000, 128) * 0.05).half()
     quantreg.write_checkpoint(tmp_path, weight, "gptq", bits=4, group_size=32, desc_act=True)
     whole = quantreg.load_lm_head(tmp_path, dtype=torch.float16, requested="gptq_marlin")
+    assert whole.kernel.name == "reference"  # on a CPU without request
     x = torch.randn(3, 128).half()
-    full = apply_shared(whole, x)
+    full = whole.forward(x)
     for rank in (0, 1):
-        head = shard(tmp_path, rank, 2, "gptq_marlin")
-        out = tk.apply_triton(head, x)
+        head = shard(tmp_path, rank, 2, "gptq_marlin", "triton")
+        assert head.kernel.name == "triton"
+        out = head.forward(x)
         rows = head.num_embeddings_per_partition
         assert rel_err(out, full[:, rank * rows : (rank + 1) * rows]) < 2e-3
 
@@ -106,14 +110,12 @@ CT_IDS = ["int4-g32", "int4-g64-asym", "int8-channel", "int8-unpacked", "int4-ac
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "fp32"])
 @pytest.mark.parametrize("scheme", CT_SCHEMES, ids=CT_IDS)
-def test_compressed_tensors_heads_match_the_reference(tmp_path, monkeypatch, dtype, scheme):
+def test_compressed_tensors_heads_match_the_reference(tmp_path, dtype, scheme):
     weight = (torch.randn(520, 192) * 0.05).half()
     quantreg.write_checkpoint(tmp_path, weight, "compressed-tensors", **scheme)
-    monkeypatch.setattr(_ct_linear, "kernel_target", lambda device: "")
-    reference = quantreg.load_lm_head(tmp_path, dtype=dtype)
-    monkeypatch.setattr(_ct_linear, "kernel_target", lambda device: "triton")
-    head = quantreg.load_lm_head(tmp_path, dtype=dtype)
-    assert head.ct_kernel == "triton" and not hasattr(head, "weight_packed")
+    reference = quantreg.load_lm_head(tmp_path, dtype=dtype, kernel="reference")
+    head = quantreg.load_lm_head(tmp_path, dtype=dtype, kernel="triton")
+    assert head.kernel.name == "triton" and not hasattr(head, "weight_packed")
     x = torch.randn(7, 192).to(dtype)
     assert rel_err(head.compute_logits(x), reference.compute_logits(x)) < tol(dtype)
 
@@ -138,18 +140,16 @@ def test_group_sizes_off_the_block_grid_take_the_per_row_path(bits, group):
     assert rel_err(out, x.double() @ weight.double()) < 2e-3
 
 
-def test_a_head_with_groups_off_the_grid_reads_them_per_row(tmp_path, monkeypatch):
+def test_a_head_with_groups_off_the_grid_reads_them_per_row(tmp_path):
     """compressed-tensors allows any group size; g8 is below tl.dot's K block of 16."""
     weight = (torch.randn(100, 64) * 0.05).half()
     quantreg.write_checkpoint(tmp_path, weight, "compressed-tensors", bits=4, group_size=8)
-    monkeypatch.setattr(_ct_linear, "kernel_target", lambda device: "")
-    reference = quantreg.load_lm_head(tmp_path, dtype=torch.float16)
-    monkeypatch.setattr(_ct_linear, "kernel_target", lambda device: "triton")
-    head = quantreg.load_lm_head(tmp_path, dtype=torch.float16)
+    reference = quantreg.load_lm_head(tmp_path, dtype=torch.float16, kernel="reference")
+    head = quantreg.load_lm_head(tmp_path, dtype=torch.float16, kernel="triton")
     x = torch.randn(3, 64).half()
     assert rel_err(head.compute_logits(x), reference.compute_logits(x)) < 2e-3
-    group, gidx = head.tgroups
-    assert group is None and gidx.tolist() == [row // 8 for row in range(64)]
+    layout = head.kernel.layout
+    assert layout.group_size == 8 and layout.row_groups.tolist() == [row // 8 for row in range(64)]
 
 
 def test_irregular_groups_name_every_row():
@@ -178,13 +178,15 @@ def test_every_candidate_configuration_gives_the_same_result(m):
 
 
 def test_on_the_cpu_the_methods_keep_the_exact_path(tmp_path, monkeypatch):
-    """``apply_repacked`` runs Triton only for CUDA tensors; CPU heads stay exact."""
+    """Triton runs CUDA heads; on a CPU only when requested (under the interpreter)."""
     quantreg.write_checkpoint(tmp_path, (torch.randn(64, 64) * 0.05).half(), "awq", group_size=32)
     head = quantreg.load_lm_head(tmp_path, dtype=torch.float16, requested="awq_marlin")
+    assert head.kernel.name == "reference"
+    assert dict(head.kernel.declined)["triton"].startswith("runs on CUDA")
     called = []
-    monkeypatch.setattr(tk, "apply_triton", lambda *a, **k: called.append(1))
-    x = torch.randn(2, 64).half()
-    assert torch.equal(apply_repacked(head, x), apply_shared(head, x)) and not called
+    monkeypatch.setattr(tk, "triton_matmul", lambda *a, **k: called.append(1))
+    head.compute_logits(torch.randn(2, 64).half())
+    assert not called
 
 
 def test_without_triton_the_error_names_the_extra(monkeypatch):

@@ -23,8 +23,10 @@ def load_and_compute(
         head = quantreg.load_lm_head(ckpt, dtype=torch.float32, **kwargs)
         x = torch.randn(6, head.embedding_dim, generator=torch.Generator().manual_seed(0))
         logits = head.compute_logits(x)
-        shards = {n: p.detach().clone().contiguous() for n, p in head.named_parameters()}
-        save_file({"logits": logits.contiguous(), **{f"param.{n}": t for n, t in shards.items()}},
+        shards = {f"param.{n}": p for n, p in head.named_parameters()}
+        shards |= {f"kernel.{n}": t for n, t in head.kernel.tensors().items()}
+        save_file({"logits": logits.contiguous(),
+                   **{n: t.detach().clone().contiguous() for n, t in shards.items()}},
                   str(Path(out) / f"rank{rank}.safetensors"))  # fmt: skip
     finally:
         dist.destroy_process_group()

@@ -2,9 +2,10 @@
 
 ``pack_codes`` / ``unpack_codes`` pack ``32 // bits`` codes per word along one dim, code ``k``
 of a word at bits ``k*bits`` (little-endian inside the word), optionally interleaved: with
-``order``, slot ``k`` of a word holds element ``order[k]`` of its group (AWQ's GEMM layout uses
-``AWQ_ORDER``). GPTQ packs along the input dim, AWQ and compressed-tensors zero points along
-the output dim, compressed-tensors weights along the input dim -- all with these two functions.
+``order``, slot ``k`` of a word holds element ``order[k]`` of its group (AWQ's GEMM layout
+interleaves ``0 2 4 6 1 3 5 7``). GPTQ packs along the input dim, AWQ and compressed-tensors
+zero points along the output dim, compressed-tensors weights along the input dim, and the
+``KPackedLayout`` along the input dim -- all with these two functions.
 """
 
 from __future__ import annotations
@@ -12,12 +13,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from quantreg.errors import ConfigError
+from quantreg.errors import InputError
 
 if TYPE_CHECKING:
     import torch
 
-AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble k of a word holds column 8c + AWQ_ORDER[k]
 PACKABLE_BITS = (2, 4, 8)
 
 
@@ -25,10 +25,12 @@ def pack_factor(bits: int) -> int:
     """Codes per int32 word.
 
     Raises:
-        ConfigError: a width that does not divide 32 evenly into whole codes.
+        InputError: a width that does not divide 32 evenly into whole codes.
     """
     if bits not in PACKABLE_BITS:
-        raise ConfigError(f"cannot pack {bits}-bit codes into int32 words; supported: 2, 4, 8")
+        raise InputError(
+            f"cannot pack {bits}-bit codes into int32 words; supported: 2, 4, 8", field="bits"
+        )
     return 32 // bits
 
 
@@ -36,7 +38,9 @@ def _order(order: Sequence[int] | None, pf: int) -> list[int]:
     if order is None:
         return list(range(pf))
     if sorted(order) != list(range(pf)):
-        raise ConfigError(f"interleave order {list(order)} is not a permutation of 0..{pf - 1}")
+        raise InputError(
+            f"interleave order {list(order)} is not a permutation of 0..{pf - 1}", field="order"
+        )
     return list(order)
 
 
@@ -48,7 +52,7 @@ def pack_codes(
     A length that is not a multiple of ``32 // bits`` is zero-padded.
 
     Raises:
-        ConfigError: unsupported width, a bad ``order``, or a code out of range.
+        InputError: unsupported width, a bad ``order``, or a code out of range.
     """
     import torch
 
@@ -56,7 +60,7 @@ def pack_codes(
     slots = _order(order, pf)
     x = codes.movedim(dim, -1).to(torch.int64)
     if x.numel() and (int(x.min()) < 0 or int(x.max()) >= 1 << bits):
-        raise ConfigError(f"codes must lie in [0, {1 << bits}) to pack as {bits}-bit")
+        raise InputError(f"codes must lie in [0, {1 << bits}) to pack as {bits}-bit", field="codes")
     pad = -x.shape[-1] % pf
     if pad:
         x = torch.nn.functional.pad(x, (0, pad))
@@ -79,7 +83,7 @@ def unpack_codes(
     """Unpack int32 ``words`` along ``dim`` into unsigned codes (int32), trimmed to ``count``.
 
     Raises:
-        ConfigError: unsupported width or a bad ``order``.
+        InputError: unsupported width or a bad ``order``.
     """
     import torch
 

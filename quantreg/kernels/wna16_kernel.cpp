@@ -1,4 +1,4 @@
-// quantreg's weight-only int4/int8 CPU matmul; built by methods/_cpu_kernels.py.
+// quantreg's weight-only int4/int8 CPU matmul; built and called by quantreg/kernels/cpu.py.
 //
 // One layout, three paths (chosen by the caller per call):
 //   path 0  float32 activations, AVX-512 FMA; every weight (q - z) * s rounded to the scale dtype

@@ -1,8 +1,10 @@
-"""Finding a checkpoint's quantization config: which method wrote it, and its raw dict.
+"""Detecting a checkpoint's quantization config: which method it names, and its raw dict.
 
-Looked up in this order: ``config.json`` keys ``quantization_config``, ``compression_config``
-and ``text_config.quantization_config``; then the legacy ``quantize_config.json`` (AutoGPTQ)
-and ``quant_config.json`` (AutoAWQ) beside it.
+Looked up in this order: ``config.json`` keys ``quantization_config``, ``compression_config``,
+``text_config.quantization_config`` and ``transformer_layer_config.quantization_config``;
+then the legacy ``quantize_config.json`` (AutoGPTQ) and ``quant_config.json`` (AutoAWQ) beside
+it. What a label really means (GPTQModel's ``gptq``-labelled AWQ exports, say) is for the
+methods to say (``QuantConfig.relabel``), not for detection.
 """
 
 from __future__ import annotations
@@ -25,8 +27,6 @@ LOOKUP_ORDER = (
     ("text_config", "quantization_config"),
     ("transformer_layer_config", "quantization_config"),
 )
-# AWQ kernel layouts; GPTQModel may label such a checkpoint quant_method "gptq".
-AWQ_LAYOUTS = ("gemm", "gemv", "gemv_fast")
 # Legacy side files and the method their (often unlabelled) contents belong to.
 LEGACY_FILES = (("quantize_config.json", "gptq"), ("quant_config.json", "awq"))
 
@@ -38,6 +38,7 @@ class DetectedQuantConfig:
     quant_method: str
     data: Mapping[str, Any]
     where: str  # e.g. "/ckpt/config.json (quantization_config)"
+    path: Path | None = None  # the file it came from
     note: str | None = None
 
 
@@ -58,7 +59,7 @@ def load_model_config(path: Path) -> tuple[dict[str, Any], Path | None]:
         config_path = path
     data = read_json(config_path, what="config file")
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {config_path} must hold a JSON object")
+        raise ConfigError(f"config file {config_path} must hold a JSON object", path=config_path)
     return data, config_path
 
 
@@ -85,13 +86,17 @@ def detect_quant_config(
             continue
         where = f"{where_file} ({'.'.join(keys)})"
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{where} must be a JSON object, got {type(value).__name__}")
+            raise ConfigError(
+                f"{where} must be a JSON object, got {type(value).__name__}",
+                path=config_path,
+                field=".".join(keys),
+            )
         if keys == ("compression_config",) and "quant_method" not in value:
             # compressed-tensors before 0.4 nested its quantization config one level down.
             nested = value.get("quantization_config")
             if isinstance(nested, Mapping):
                 value = {"quant_method": "compressed-tensors", **nested}
-        return _labelled(value, where=where, default=None)
+        return _labelled(value, where=where, default=None, path=config_path)
     if root is not None:
         for name, method in LEGACY_FILES:
             legacy = root / name
@@ -99,31 +104,38 @@ def detect_quant_config(
                 checked_file(root, name, what="legacy quantization config")
                 data = read_json(legacy, what="legacy quantization config")
                 if not isinstance(data, Mapping):
-                    raise ConfigError(f"{legacy} must hold a JSON object")
-                return _labelled(data, where=str(legacy), default=method)
+                    raise ConfigError(f"{legacy} must hold a JSON object", path=legacy)
+                return _labelled(data, where=str(legacy), default=method, path=legacy)
     return None
 
 
-def _labelled(data: Mapping[str, Any], *, where: str, default: str | None) -> DetectedQuantConfig:
+def _labelled(
+    data: Mapping[str, Any], *, where: str, default: str | None, path: Path | None
+) -> DetectedQuantConfig:
     method = data.get("quant_method", default)
     if method is None:
         raise ConfigError(
             f"{where} has no 'quant_method' key: cannot tell which quantization method wrote "
-            "it (expected e.g. 'awq', 'gptq' or 'compressed-tensors')"
+            "it (expected e.g. 'awq', 'gptq' or 'compressed-tensors')",
+            path=path,
+            field="quant_method",
         )
     if not isinstance(method, str) or not method.strip():
-        raise ConfigError(f"{where}: field 'quant_method' = {method!r}: expected a method name")
-    layout = data.get("format") or data.get("checkpoint_format")
-    if (
-        method.strip().lower() == "gptq"
-        and isinstance(layout, str)
-        and layout.lower() in AWQ_LAYOUTS
-    ):
-        # GPTQModel's weight-only exports keep quant_method "gptq" but write AWQ tensors.
-        note = (
-            f"{where} says quant_method 'gptq' with format '{layout}': GPTQModel writes that "
-            "for AWQ-layout tensors (qweight [in, out/8], no g_idx), so it is read as awq"
+        raise ConfigError(
+            f"{where}: field 'quant_method' = {method!r}: expected a method name",
+            path=path,
+            field="quant_method",
         )
-        awq = {**data, "quant_method": "awq", "version": data.get("version", layout)}
-        return DetectedQuantConfig("awq", awq, where, note)
-    return DetectedQuantConfig(method, {**data, "quant_method": method}, where)
+    return DetectedQuantConfig(method, {**data, "quant_method": method}, where, path)
+
+
+def flatten_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """One flat dict of a config: a nested ``transformer_layer_config`` (speculators) or
+    ``text_config`` (multimodal), overlaid by the top-level keys, as vLLM flattens it."""
+    flat: dict[str, Any] = {}
+    for section in ("text_config", "transformer_layer_config"):
+        nested = config.get(section)
+        if isinstance(nested, Mapping):
+            flat.update(nested)
+    flat.update({k: v for k, v in config.items() if v is not None or k not in flat})
+    return flat

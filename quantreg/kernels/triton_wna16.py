@@ -1,10 +1,9 @@
-"""Triton weight-only int4 / int8 matmul for the shared layout (the ``gpu`` extra).
+"""Triton weight-only int4 / int8 matmul over the ``KPackedLayout`` (the ``gpu`` extra).
 
-Reads the layout ``_repack`` builds for ``awq_marlin`` / ``gptq_marlin`` -- ``wq`` int32
-``[ceil(K / pf), N]`` with ``pf = 32 // bits`` codes per word along K (code ``j`` at bits
-``j * bits``), scales ``[G, N]`` in the checkpoint's dtype, uint8 zero points ``[G, N]``, rows in
-group order (act-order through the load-time permutation of ``x``) -- which compressed-tensors
-integer heads are converted to after loading on CUDA as well.
+Reads ``KPackedLayout.codes`` -- int32 ``[ceil(K / pf), N]`` with ``pf = 32 // bits`` codes per
+word along K (code ``j`` at bits ``j * bits``) -- with scales ``[G, N]`` in the checkpoint's
+dtype and uint8 zero points ``[G, N]``, rows in group order (act-order through the load-time
+permutation of ``x``): the layout of every AWQ, GPTQ and compressed-tensors integer head.
 
 Each program multiplies a ``BLOCK_M x BLOCK_N`` tile over one slice of K (split-K for small M:
 the partial sums are added in float32 afterwards). Weights are dequantized in registers,
@@ -26,7 +25,8 @@ from typing import Any
 
 import torch
 
-from quantreg.methods._layers import rows_matmul
+from quantreg.errors import InputError
+from quantreg.kernels.layouts import TRITON_GROUP_MULTIPLE, KPackedLayout
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def wna16_matmul(
     per_row = group is None
     group_size = k if per_row else group
     if per_row and gidx is None:
-        raise ValueError("irregular groups need gidx (the group of every row)")
+        raise InputError("irregular groups need gidx (the group of every row)", field="gidx")
     if not per_row and group_size % 16:
         per_row, gidx = True, (torch.arange(k, device=x.device) // group_size).to(torch.int32)
     x = x.contiguous()
@@ -223,31 +223,11 @@ def _choose(x, wq, scales, zeros, bits, group_size, gidx, per_row) -> Config:  #
     return best
 
 
-def apply_triton(
-    layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``x @ W.T (+ bias)`` for a layer with the shared layout (``wq``, ``wscales``, ...)."""
-    group, gidx = _groups(layer)
-    return rows_matmul(
-        x, bias, layer.wperm,
-        lambda x2: wna16_matmul(
-            x2, layer.wq, layer.wscales, layer.wzeros, bits=layer.wbits, group=group, gidx=gidx
-        ),
-    )  # fmt: skip
-
-
-def _groups(layer: torch.nn.Module) -> tuple[int | None, torch.Tensor | None]:
-    """The regular group size of the layer's sorted rows, or None and every row's group."""
-    cached = getattr(layer, "tgroups", None)
-    if cached is not None:
-        return cached
-    from quantreg.methods._repack import regular_group_size
-
-    group = regular_group_size(layer)
-    if group is not None and group % 16 == 0:  # BLOCK_K divides it: one group per step
-        layer.tgroups = (group, None)
-    else:  # every row names its group; computed once per layer
-        bounds = torch.tensor(layer.wbounds, device=layer.wq.device)
-        rows = torch.arange(bounds[-1].item(), device=layer.wq.device)
-        layer.tgroups = (None, torch.bucketize(rows, bounds[1:], right=True).to(torch.int32))
-    return layer.tgroups
+def triton_matmul(x: torch.Tensor, layout: KPackedLayout) -> torch.Tensor:
+    """``x [M, K]`` (features in the layout's row order) ``@ W.T``: float32 ``[M, N]``."""
+    group = layout.group_size
+    if group is not None and group % TRITON_GROUP_MULTIPLE == 0:
+        return wna16_matmul(x, layout.codes, layout.scales, layout.zeros, bits=layout.bits,
+                            group=group)  # fmt: skip
+    return wna16_matmul(x, layout.codes, layout.scales, layout.zeros, bits=layout.bits,
+                        group=None, gidx=layout.row_groups)  # fmt: skip

@@ -1,8 +1,16 @@
-"""The two classes every quantization method provides: a QuantConfig and a LinearMethod.
+"""The method contract: the two classes every quantization method provides.
 
 A method is a pydantic model of its checkpoint's ``quantization_config`` (``QuantConfig``)
 that names the ``LinearMethod`` creating, loading and running a layer's weights. Built-in
-methods and plugins use exactly this contract.
+methods and plugins use exactly this contract, and nothing else of quantreg's internals:
+
+* resolution calls the config's class-level declarations and hooks (``layer_rule``,
+  ``rule_from_tensors``, ``format_reason``, ``platform_reason``, ``relabel``, ...);
+* the loader calls ``create_weights``, then ``load_weight`` once per parameter with this
+  rank's slice in the checkpoint's own dtype, then ``process_weights_after_loading``;
+* a method reads the layer's geometry with :func:`quantreg.layer_geometry` and records the
+  kernel it runs as ``layer.kernel`` (a :class:`quantreg.Kernel`, usually from
+  :func:`quantreg.select_kernel`).
 """
 
 from __future__ import annotations
@@ -10,23 +18,28 @@ from __future__ import annotations
 import inspect
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
-from quantreg.errors import ConfigError, MethodDefinitionError
+from quantreg.errors import ConfigError, InputError, MethodDefinitionError
+from quantreg.parameters import copy_weight, layer_geometry
 
 if TYPE_CHECKING:
     import torch
 
+    from quantreg.kernels.catalog import Weights
+    from quantreg.kernels.selection import Kernel
     from quantreg.platform import Platform
 
 logger = logging.getLogger(__name__)
 
 # Class-level declarations of QuantConfig that a subclass must never turn into fields.
-_CLASS_LEVEL = ("linear_method", "supports_lm_head", "checkpoint_formats", "upgrade_priority")
+_CLASS_LEVEL = (
+    "linear_method", "supports_lm_head", "checkpoint_formats", "upgrade_priority", "tensor_names",
+)  # fmt: skip
 
 
 def is_lm_head(prefix: str) -> bool:
@@ -48,6 +61,16 @@ class LayerRule:
     also: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class Relabel:
+    """A checkpoint config that another method reads: ``quant_method`` and ``data`` replace
+    the config's own, and ``note`` says why (it becomes a note of the Resolution)."""
+
+    quant_method: str
+    data: Mapping[str, Any]
+    note: str
+
+
 class LinearMethod(ABC):
     """Creates, loads, repacks and runs one layer's (quantized) weights; vLLM-shaped."""
 
@@ -67,8 +90,24 @@ class LinearMethod(ABC):
     ) -> None:
         """Register this rank's parameters on ``layer``, each with its loading metadata."""
 
+    def load_weight(
+        self, layer: torch.nn.Module, param: torch.nn.Parameter, loaded: torch.Tensor
+    ) -> None:
+        """The per-parameter load hook: the loader calls it once per parameter with this
+        rank's slice of the checkpoint tensor (``layer_geometry(layer).checkpoint_region``),
+        in the checkpoint's own dtype, after checking the tensor's name, shape and dtype.
+
+        The default casts to the parameter's dtype -- or adopts the checkpoint's float dtype
+        for ``keep_checkpoint_dtype`` parameters -- and zero-fills the vocab padding.
+
+        Raises:
+            CheckpointError: the slice does not fit the parameter.
+        """
+        copy_weight(param, loaded, layer_geometry(layer))
+
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:  # noqa: B027
-        """Repack loaded weights for the kernel this method runs; a no-op by default."""
+        """Repack loaded weights for the kernel this method runs (and set ``layer.kernel``);
+        a no-op by default."""
 
     @abstractmethod
     def apply(
@@ -86,7 +125,9 @@ class QuantConfig(BaseModel):
     * ``linear_method`` -- the LinearMethod class that runs a layer of this method;
     * ``supports_lm_head`` -- whether that LinearMethod can run a vocab-parallel lm_head;
     * ``checkpoint_formats`` -- other ``quant_method`` values it reads (its own name always);
-    * ``upgrade_priority`` -- when several methods can run a checkpoint, the highest wins.
+    * ``upgrade_priority`` -- when several methods can run a checkpoint, the highest wins;
+    * ``tensor_names`` -- the tensor names (after the layer prefix) of its formats, e.g.
+      ``qweight``: resolution and ``inspect`` use them to tell quantized tensors apart.
     """
 
     model_config = ConfigDict(extra="allow", strict=True, frozen=True)
@@ -95,6 +136,7 @@ class QuantConfig(BaseModel):
     supports_lm_head: ClassVar[bool] = False
     checkpoint_formats: ClassVar[tuple[str, ...]] = ()
     upgrade_priority: ClassVar[int] = 0
+    tensor_names: ClassVar[frozenset[str]] = frozenset()
     _layer_rule: LayerRule | None = PrivateAttr(default=None)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -137,7 +179,10 @@ class QuantConfig(BaseModel):
         try:
             config = cls.model_validate(payload)
         except ValidationError as exc:
-            raise ConfigError(describe_validation_error(exc, method=method, source=source)) from exc
+            raise ConfigError(
+                describe_validation_error(exc, method=method, source=source),
+                field=first_field(exc),
+            ) from exc
         if config.model_extra:
             logger.debug(
                 "%s config%s: keeping unknown keys %s",
@@ -146,6 +191,13 @@ class QuantConfig(BaseModel):
                 sorted(config.model_extra),
             )
         return config
+
+    @classmethod
+    def relabel(cls, data: Mapping[str, Any]) -> Relabel | None:
+        """When a config labelled with this method's name is really another method's (e.g.
+        GPTQModel labels AWQ-layout exports ``gptq``): the method that reads it; None (the
+        default) keeps it."""
+        return None
 
     def layer_rule(self, prefix: str) -> LayerRule:
         """Decide whether the layer ``prefix`` is quantized under this config, and why.
@@ -235,8 +287,51 @@ class QuantConfig(BaseModel):
         return self.linear_method(self.for_layer(rule))
 
 
+def select_kernel(
+    weights: Weights,
+    layer: torch.nn.Module | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    allowed: Sequence[str] | None = None,
+    requested: str | None = None,
+) -> Kernel:
+    """Choose and build the kernel that runs ``weights``, on the device they are on, among
+    ``allowed`` (default: every kernel), and log the choice at INFO.
+
+    With a ``layer`` the activation dtype is the layer's compute dtype (its geometry), a
+    kernel the loader was asked to force (``layer.requested_kernel``) is honoured, and the
+    result is recorded as ``layer.kernel``. Without one, pass ``dtype``.
+
+    Raises:
+        InputError: no ``dtype`` without a layer, or a forced kernel that is not allowed or
+            cannot run these weights here.
+    """
+    from quantreg.kernels.selection import select
+
+    what = "weights"
+    if layer is not None:
+        geometry = layer_geometry(layer)
+        dtype, what = geometry.params_dtype, geometry.prefix
+        requested = requested or getattr(layer, "requested_kernel", None)
+    if dtype is None:
+        raise InputError("select_kernel() needs a layer or a dtype", field="dtype")
+    kernel = select(
+        weights, dtype=dtype, device=weights.scales.device, allowed=allowed,
+        requested=requested, what=what,
+    )  # fmt: skip
+    if layer is not None:
+        layer.kernel = kernel
+    return kernel
+
+
 def _where(source: str | None) -> str:
     return f" in {source}" if source else ""
+
+
+def first_field(exc: ValidationError) -> str | None:
+    """The dotted name of the first field a pydantic error is about."""
+    errors = exc.errors(include_url=False)
+    return ".".join(str(part) for part in errors[0]["loc"]) or None if errors else None
 
 
 def describe_validation_error(

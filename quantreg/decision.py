@@ -1,0 +1,290 @@
+"""The decision behind ``resolve``: which method a layer gets, as small steps over typed records.
+
+1. the checkpoint's format (its ``quant_method``, relabelled by the method that owns the name);
+2. the *readers*: every loaded method that reads the format, with the config parsed by it;
+3. the layer rule of the format's own reader -- overridden by the tensors when the config keeps
+   a layer float over tensors packed in the format's layout -- or a tied embedding;
+4. a *probe* of every reader for the layer (its effective config; why it cannot compute it;
+   why the platform lacks its kernel);
+5. the requested reader, or the highest-priority one that accepts
+   (:mod:`quantreg.candidates` holds steps 2, 4 and 5).
+
+Upgrade rules live with the methods (``format_reason``, ``platform_reason``,
+``upgrade_priority``); nothing here knows a format by name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from quantreg.candidates import Reader, find_readers, pick_best, pick_requested, probe
+from quantreg.checkpoint import EMBEDDING_NAMES, FLOAT_DTYPES, TensorInfo
+from quantreg.contract import LayerRule
+from quantreg.detection import flatten_config
+from quantreg.errors import ConfigError, PluginError, UnknownMethodError
+from quantreg.platform import Platform
+from quantreg.registry import Registry, default_registry
+from quantreg.resolution import UNQUANTIZED, Candidate, Resolution, TensorState
+from quantreg.view import CheckpointView, read_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the decision starts from: the view, the layer, the platform, the request."""
+
+    view: CheckpointView
+    prefix: str
+    platform: Platform
+    requested: str | None
+    registry: Registry
+    state: TensorState | None = None
+    infos: tuple[TensorInfo, ...] = ()
+    notes: list[str] = field(default_factory=list)
+
+    def resolution(self, **values: Any) -> Resolution:
+        """A Resolution of these facts (``values`` fill the decision's own fields)."""
+        return Resolution(
+            prefix=self.prefix, platform=self.platform, source=self.view.source,
+            requested=self.requested, tensors=self.state, tensor_infos=self.infos,
+            view=self.view, **{"notes": tuple(self.notes), **values},
+        )  # fmt: skip
+
+
+def resolve(
+    source: str | os.PathLike[str] | Mapping[str, Any],
+    *,
+    platform: Platform | str | None = None,
+    requested: str | None = None,
+    prefix: str = "lm_head",
+    registry: Registry | None = None,
+) -> Resolution:
+    """Decide which quantization method the layer ``prefix`` of a checkpoint uses, and why.
+
+    ``source`` is a checkpoint folder, a config.json path, or a dict (with ``quant_method``:
+    a quantization_config; else a whole config.json). ``platform`` defaults to the detected
+    one. ``requested`` forces a method, which must be able to read the checkpoint's format.
+    ``registry`` defaults to the process-wide one. Pure: reads config.json and safetensors
+    headers (cached by path and mtime), never tensor data.
+
+    Raises:
+        ConfigError: a bad config; a requested method that cannot read the format; or a
+            quantized layer that no method can run on this platform.
+        InputError: a bad ``source`` or ``platform`` argument.
+        UnknownMethodError: ``requested`` names no registered method.
+        CheckpointError: bad checkpoint files (index, headers, links).
+    """
+    plat = Platform.coerce(platform)
+    view = read_checkpoint(source, prefix)
+    resolution = decide(view, plat, requested, prefix, registry or default_registry())
+    logger.info(
+        "%s of %s on %s -> %s (%s)",
+        prefix, resolution.source, plat, resolution.method or "unquantized", resolution.rule,
+    )  # fmt: skip
+    return resolution
+
+
+def decide(
+    view: CheckpointView, platform: Platform, requested: str | None, prefix: str, registry: Registry
+) -> Resolution:
+    """The Resolution of layer ``prefix`` (see the module doc for the steps).
+
+    Raises:
+        ConfigError: a bad config, a requested method that cannot read or run the layer, or
+            a quantized layer no method can run on ``platform``.
+        UnknownMethodError, PluginError: a bad ``requested`` name or a broken requested plugin.
+    """
+    req = registry.canonical_name(requested) if requested is not None else None
+    if req is not None:
+        registry.get(req)  # a requested plugin that fails to load is an error, named as such
+    facts = Facts(view, prefix, platform, req, registry)
+    if view.quant is None:
+        return _tied_or_kept(facts, _no_quantization(facts))
+    fmt, data, relabel_note = _format(view, registry)
+    readers, declined = find_readers(registry, fmt, view.quant.where, data)
+    if not readers:
+        raise ConfigError(
+            f"no installed method reads quant_method '{fmt}' ({view.quant.where}):"
+            + "".join(f"\n  - {c.name}: {c.reason}" for c in declined),
+            path=view.quant.path,
+            field="quant_method",
+        )
+    facts = _with_tensors(facts, names=_tensor_names(registry))
+    decider = next((r for r in readers if r.name == fmt), readers[0])
+    rule, overridden = _layer_rule(decider, facts)
+    _check_request(facts, fmt, readers, rule)
+    facts.notes.extend(_tensor_notes(rule, facts))
+    facts.notes.extend(_unmatched(decider, view))
+    if overridden is not None:
+        facts.notes.append(
+            f"the config keeps '{prefix}' unquantized ({overridden.rule}), but its tensors are "
+            f"packed in the {fmt} layout: they are loaded quantized, as the tensors say"
+        )
+    if relabel_note:
+        facts.notes.insert(0, relabel_note)
+    rule_text = rule.rule + ("; also: " + "; ".join(rule.also) if rule.also else "")
+    if not rule.quantized:
+        kept = Candidate(UNQUANTIZED, True, f"the config keeps '{prefix}' unquantized")
+        resolution = facts.resolution(
+            method=None, quantized=False, rule=rule_text, candidates=(kept, *declined),
+            config=None, format=fmt,
+        )  # fmt: skip
+        return _tied_or_kept(facts, resolution)
+    probes = [probe(reader, rule, prefix, platform) for reader in readers]
+    if req is not None:
+        chosen, candidates = pick_requested(probes, req, prefix, view.source, facts.notes)
+    else:
+        chosen, candidates = pick_best(
+            probes, declined, fmt=fmt, rule_text=rule_text, prefix=prefix,
+            source=view.source, platform=platform,
+        )  # fmt: skip
+    assert chosen.effective is not None
+    facts.notes.extend(chosen.effective.notes())
+    resolution = facts.resolution(
+        method=chosen.reader.name, quantized=True, rule=rule_text,
+        candidates=(*candidates, *declined), config=chosen.effective, format=fmt,
+    )  # fmt: skip
+    return _tied_or_kept(facts, resolution)
+
+
+def _no_quantization(facts: Facts) -> Resolution:
+    if facts.requested not in (None, UNQUANTIZED):
+        raise ConfigError(
+            f"requested method '{facts.requested}' cannot read {facts.view.source}: the "
+            "checkpoint has no quantization_config (it is unquantized)"
+        )
+    facts = _with_tensors(facts, names=_tensor_names(facts.registry))
+    rule = LayerRule(False, "no quantization_config")
+    facts.notes.extend(_tensor_notes(rule, facts))
+    chosen = Candidate(UNQUANTIZED, True, "the checkpoint declares no quantization")
+    return facts.resolution(
+        method=None, quantized=False, rule=rule.rule, candidates=(chosen,), config=None
+    )
+
+
+def _format(view: CheckpointView, registry: Registry) -> tuple[str, Mapping[str, Any], str | None]:
+    """The canonical format name and config dict, after the owning method's ``relabel``."""
+    assert view.quant is not None
+    try:
+        fmt = registry.canonical_name(view.quant.quant_method)
+    except UnknownMethodError as exc:
+        raise ConfigError(
+            f"{view.quant.where}: field 'quant_method': {exc}",
+            path=view.quant.path,
+            field="quant_method",
+        ) from exc
+    data = view.quant.data
+    try:
+        relabel = registry.get(fmt).relabel(data)
+    except PluginError:
+        relabel = None  # reported as a declined candidate by _readers
+    if relabel is None:
+        return fmt, data, None
+    note = f"{view.quant.where}: {relabel.note}"
+    return registry.canonical_name(relabel.quant_method), relabel.data, note
+
+
+def _tensor_names(registry: Registry) -> frozenset[str]:
+    """The tensor names the loaded methods declare for their formats."""
+    return frozenset().union(*(cls.tensor_names for cls in registry.loaded().values()))
+
+
+def is_quantized_tensor(info: TensorInfo, prefix: str, names: frozenset[str]) -> bool:
+    """Whether a tensor of layer ``prefix`` belongs to a quantized layout: a name some method
+    declares (``qweight``, ``weight_scale``, ...) or any tensor that is not float."""
+    return info.name[len(prefix) + 1 :] in names or info.dtype not in FLOAT_DTYPES
+
+
+def _with_tensors(facts: Facts, *, names: frozenset[str]) -> Facts:
+    tensors = facts.view.tensors
+    if tensors is None:
+        return facts
+    infos = tuple(sorted(tensors.values(), key=lambda t: t.name))
+    if not infos:
+        return replace(facts, state="absent", infos=())
+    quantized = any(is_quantized_tensor(t, facts.prefix, names) for t in infos)
+    return replace(facts, state="quantized" if quantized else "unquantized", infos=infos)
+
+
+def _layer_rule(decider: Reader, facts: Facts) -> tuple[LayerRule, LayerRule | None]:
+    """The format's rule for the layer, and the rule it overrode when the tensors decided."""
+    rule = decider.config.layer_rule(facts.prefix)
+    if rule.quantized or facts.state != "quantized":
+        return rule, None
+    # The tensors are the truth: a packed head is never loaded as a float one.
+    suffixes = frozenset(t.name[len(facts.prefix) + 1 :] for t in facts.infos)
+    by_tensors = decider.config.rule_from_tensors(facts.prefix, suffixes)
+    if by_tensors is None:
+        return rule, None
+    return replace(by_tensors, also=(*by_tensors.also, rule.rule, *rule.also)), rule
+
+
+def _check_request(facts: Facts, fmt: str, readers: list[Reader], rule: LayerRule) -> None:
+    names = sorted(r.name for r in readers)
+    req = facts.requested
+    if req is None or req in names or (req == UNQUANTIZED and not rule.quantized):
+        return
+    assert facts.view.quant is not None
+    raise ConfigError(
+        f"requested method '{req}' cannot read {facts.view.source}: its quantization config "
+        f"({facts.view.quant.where}) is quant_method '{fmt}', which only {', '.join(names)} "
+        "can read"
+    )
+
+
+def _unmatched(decider: Reader, view: CheckpointView) -> list[str]:
+    """Config entries naming modules the checkpoint lacks (each logged as a WARNING)."""
+    if not view.modules or view.quant is None:
+        return []
+    entries = decider.config.unmatched_entries(view.modules)
+    for entry in entries:
+        logger.warning("%s: %s", view.quant.where, entry)
+    return entries
+
+
+def _tensor_notes(rule: LayerRule, facts: Facts) -> list[str]:
+    names = ", ".join(f"{t.name} ({t.dtype})" for t in facts.infos[:4])
+    if facts.state == "quantized" and not rule.quantized:
+        return [
+            f"the config keeps '{facts.prefix}' unquantized ({rule.rule}) but the checkpoint's "
+            f"tensors are quantized: {names}"
+        ]
+    if facts.state == "unquantized" and rule.quantized:
+        return [
+            f"the config quantizes '{facts.prefix}' ({rule.rule}) but the checkpoint holds "
+            f"float tensors: {names}"
+        ]
+    if facts.state == "absent":
+        return [f"the checkpoint has no '{facts.prefix}.*' tensors (a tied or shared head)"]
+    return []
+
+
+def _tied_or_kept(facts: Facts, resolution: Resolution) -> Resolution:
+    """A head with no tensors of its own, tied to a float embedding, loads from that
+    embedding unquantized: decided here, so the loader only follows ``tied_to``."""
+    if resolution.tensors != "absent":
+        return resolution
+    tied = flatten_config(facts.view.config).get("tie_word_embeddings")
+    embedding = next((facts.view.side[n] for n in EMBEDDING_NAMES if n in facts.view.side), None)
+    if tied is not True or embedding is None:
+        return resolution
+    notes = list(resolution.notes)
+    if resolution.quantized:
+        notes.append(
+            f"the config quantizes '{facts.prefix}' ({resolution.rule}) but the checkpoint "
+            f"ties it to the float {embedding.name}: loaded unquantized from the embedding"
+        )
+    return replace(
+        resolution,
+        method=None,
+        quantized=False,
+        config=None,
+        rule=f"tie_word_embeddings: true → {embedding.name}; also: {resolution.rule}",
+        notes=tuple(notes),
+        tied_to=embedding.name,
+    )

@@ -1,0 +1,265 @@
+"""The catalogue of kernels: for each, why it may decline a layer, how to build its layout from
+the weights, and how to run it. :mod:`quantreg.kernels.selection` tries them in this order.
+
+Kernel modules are imported on first use, so that listing the kernels imports no compiler,
+no Triton and no C++ extension.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+from quantreg.kernels.layouts import Float8Layout, KPackedLayout
+from quantreg.kernels.weights import IntWeights
+from quantreg.platform import Platform, probe_cpu_isa
+
+if TYPE_CHECKING:
+    import torch
+
+Weights: TypeAlias = IntWeights | Float8Layout
+HALF = ("float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a kernel is chosen for: the weights, the activation dtype and the device."""
+
+    weights: Weights
+    dtype: torch.dtype
+    device: torch.device
+    platform: Platform
+    requested: str | None
+
+    @property
+    def half(self) -> bool:
+        return str(self.dtype).removeprefix("torch.") in HALF
+
+
+@dataclass(frozen=True)
+class KernelDef:
+    """One kernel: its name, what it computes, why it may decline, how to build and run it."""
+
+    name: str
+    summary: str
+    decline: Callable[[Target], str | None]
+    build: Callable[[Weights, torch.dtype], Any]
+    run: Callable[[torch.Tensor, Any], torch.Tensor]
+
+
+def _on_cpu(t: Target, *, integer: bool = True) -> str | None:
+    if t.device.type != "cpu":
+        return f"runs on the CPU; the layer is on {t.device}"
+    if integer and not isinstance(t.weights, IntWeights):
+        return "runs integer (int4 / int8) weights only"
+    return None
+
+
+def _quantreg_cpu(t: Target, isa: tuple[str, ...], env: tuple[str, ...] = ()) -> str | None:
+    from quantreg.kernels import cpu
+
+    why = _on_cpu(t)
+    if why is not None:
+        return why
+    assert isinstance(t.weights, IntWeights)
+    why = cpu.CPUBlockedLayout.fits(t.weights)
+    if why is not None:
+        return why
+    flags = t.platform.cpu_isa if t.platform.cpu_isa is not None else probe_cpu_isa()
+    missing = [f for f in (*cpu.BASE_FLAGS, *isa) if f not in flags]
+    if missing:
+        return f"this CPU lacks {'/'.join(missing)}"
+    for var in ("QUANTREG_NO_CPU_KERNELS", *env):
+        if os.environ.get(var):
+            return f"{var} is set"
+    reason = cpu.unavailable_reason()
+    return reason
+
+
+def _cpu_half(t: Target, isa: tuple[str, ...], env: tuple[str, ...]) -> str | None:
+    if not t.half:
+        return "takes bf16 / fp16 activations; float32 heads take the exact FMA path (cpu-avx512)"
+    return _quantreg_cpu(t, isa, env)
+
+
+def _decline_amx(t: Target) -> str | None:
+    from quantreg.kernels import cpu
+
+    why = _cpu_half(t, (*cpu.BF16_FLAGS, *cpu.AMX_FLAGS), ("QUANTREG_NO_BF16", "QUANTREG_NO_AMX"))
+    if why is None and not cpu.amx_ready():
+        return "the OS refused this process the AMX tile state"
+    return why
+
+
+def _decline_bf16(t: Target) -> str | None:
+    from quantreg.kernels import cpu
+
+    return _cpu_half(t, cpu.BF16_FLAGS, ("QUANTREG_NO_BF16",))
+
+
+def _decline_fma(t: Target) -> str | None:
+    return _quantreg_cpu(t, ())
+
+
+def _torch_op(t: Target, op: str, fits: Callable[[IntWeights], str | None]) -> str | None:
+    from quantreg.kernels import torch_ops
+
+    why = _on_cpu(t)
+    if why is not None:
+        return why
+    if not t.half:
+        return (
+            "serves bf16 / fp16 heads only: torch adds zero points as floats, and float32 "
+            "heads get the producers' exact weights"
+        )
+    if not torch_ops.has_op(op):
+        return f"this torch has no torch.ops.aten.{op}"
+    assert isinstance(t.weights, IntWeights)
+    return fits(t.weights)
+
+
+def _decline_int4(t: Target) -> str | None:
+    from quantreg.kernels import torch_ops
+
+    return _torch_op(t, torch_ops.INT4_OP, torch_ops.TorchInt4Layout.fits)
+
+
+def _decline_int8(t: Target) -> str | None:
+    from quantreg.kernels import torch_ops
+
+    return _torch_op(t, torch_ops.INT8_OP, torch_ops.TorchInt8Layout.fits)
+
+
+def _decline_triton(t: Target) -> str | None:
+    import importlib.util
+
+    if not isinstance(t.weights, IntWeights):
+        return "runs integer (int4 / int8) weights only"
+    if t.device.type == "cpu":
+        if t.requested != "triton":
+            return "runs on CUDA (on a CPU only through TRITON_INTERPRET=1, when requested)"
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed (pip install 'quantreg[gpu]')"
+        from quantreg.kernels.triton_wna16 import interpreting
+
+        return None if interpreting() else "on a CPU it needs TRITON_INTERPRET=1"
+    if t.device.type != "cuda":
+        return f"runs on CUDA; the layer is on {t.device}"
+    if not t.platform.has_cuda((8, 0)):
+        return f"needs CUDA compute capability >= 8.0; the device is {t.platform}"
+    if not t.platform.triton:
+        return "triton is not installed (pip install 'quantreg[gpu]')"
+    return None
+
+
+def _build_cpu(weights: Weights, dtype: torch.dtype) -> Any:
+    from quantreg.kernels.cpu import CPUBlockedLayout
+
+    assert isinstance(weights, IntWeights)
+    return CPUBlockedLayout.build(weights)
+
+
+def _build_kpacked(weights: Weights, dtype: torch.dtype) -> Any:
+    if isinstance(weights, Float8Layout):
+        return weights
+    return KPackedLayout.build(weights)
+
+
+def cpu_path(kernel: str, dtype: torch.dtype, rows: int) -> Any:
+    """The CPU kernel's path for one call of the named ``cpu-*`` kernel: float32 activations
+    (and every call of ``cpu-avx512``) take the exact FMA path; bf16 / fp16 take ``vdpbf16ps``
+    for one row and, for ``cpu-amx``, AMX for two rows or more."""
+    import torch
+
+    from quantreg.kernels.cpu import CPUPath
+
+    if dtype == torch.float32 or kernel == "cpu-avx512":
+        return CPUPath.FMA
+    return CPUPath.AMX if kernel == "cpu-amx" and rows > 1 else CPUPath.BF16_DOT
+
+
+def _run_cpu(kernel: str) -> Callable[[torch.Tensor, Any], Any]:
+    def run(x: torch.Tensor, layout: Any) -> torch.Tensor:
+        from quantreg.kernels.cpu import cpu_matmul
+
+        return cpu_matmul(x, layout, cpu_path(kernel, x.dtype, x.shape[0]))
+
+    return run
+
+
+def _run_reference(x: torch.Tensor, layout: Any) -> torch.Tensor:
+    from quantreg.kernels.reference import float8_matmul, reference_matmul
+
+    if isinstance(layout, Float8Layout):
+        return float8_matmul(x, layout)
+    return reference_matmul(x, layout)
+
+
+def _run_triton(x: torch.Tensor, layout: Any) -> torch.Tensor:
+    from quantreg.kernels.triton_wna16 import triton_matmul
+
+    return triton_matmul(x, layout)
+
+
+def _build_torch(kind: str) -> Callable[[Weights, torch.dtype], Any]:
+    def make(weights: Weights, dtype: torch.dtype) -> Any:
+        from quantreg.kernels import torch_ops
+
+        assert isinstance(weights, IntWeights)
+        cls = torch_ops.TorchInt4Layout if kind == "int4" else torch_ops.TorchInt8Layout
+        return cls.build(weights, dtype)
+
+    return make
+
+
+def _run_torch(kind: str) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+    def run(x: torch.Tensor, layout: Any) -> torch.Tensor:
+        from quantreg.kernels import torch_ops
+
+        return (torch_ops.int4_matmul if kind == "int4" else torch_ops.int8_matmul)(x, layout)
+
+    return run
+
+
+KERNELS: dict[str, KernelDef] = {
+    k.name: k
+    for k in (
+        KernelDef(
+            "cpu-amx",
+            "quantreg's CPU kernel: AMX tdpbf16ps for 2 or more rows, AVX512-BF16 vdpbf16ps "
+            "for one; bf16 activations, float32 accumulation",
+            _decline_amx, _build_cpu, _run_cpu("cpu-amx"),
+        ),
+        KernelDef(
+            "cpu-avx512-bf16",
+            "quantreg's CPU kernel: AVX512-BF16 vdpbf16ps; bf16 activations, float32 "
+            "accumulation",
+            _decline_bf16, _build_cpu, _run_cpu("cpu-avx512-bf16"),
+        ),
+        KernelDef(
+            "torch-int4pack", "torch's _weight_int4pack_mm_for_cpu (zero points as floats)",
+            _decline_int4, _build_torch("int4"), _run_torch("int4"),
+        ),
+        KernelDef(
+            "torch-int8pack", "torch's _weight_int8pack_mm",
+            _decline_int8, _build_torch("int8"), _run_torch("int8"),
+        ),
+        KernelDef(
+            "cpu-avx512",
+            "quantreg's CPU kernel: float32 FMA on the producers' weights (each rounded to "
+            "the scale dtype)",
+            _decline_fma, _build_cpu, _run_cpu("cpu-avx512"),
+        ),
+        KernelDef(
+            "triton", "quantreg's Triton kernel over the k-packed layout, float32 accumulation",
+            _decline_triton, _build_kpacked, _run_triton,
+        ),
+        KernelDef(
+            "reference",
+            "exact block-wise dequantization (128 input rows at a time), float32 accumulation",
+            lambda t: None, _build_kpacked, _run_reference,
+        ),
+    )
+}  # fmt: skip

@@ -1,0 +1,166 @@
+"""The layouts that the reference and Triton kernels read: ``KPackedLayout`` and ``Float8Layout``.
+
+The CPU kernel's layout lives beside it (``cpu.py``), torch's beside its ops (``torch_ops.py``).
+Every layout is a frozen dataclass of tensors built once after loading; kernels are functions
+of an activation and a layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
+
+from quantreg.kernels.packing import pack_codes
+from quantreg.kernels.weights import IntWeights, group_order, regular_group_size
+
+if TYPE_CHECKING:
+    import torch
+
+# Output columns converted per step: bounds the temporary codes to K x COLUMN_CHUNK.
+COLUMN_CHUNK = 4096
+# tl.dot reads K in blocks of at least 16 rows; other group sizes take the per-row path.
+TRITON_GROUP_MULTIPLE = 16
+
+
+class LayoutTensors:
+    """Mixin: the tensors a layout holds, by field name (for resident bytes and comparisons)."""
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        import torch
+
+        return {
+            f.name: value
+            for f in fields(self)  # type: ignore[arg-type]
+            if isinstance(value := getattr(self, f.name), torch.Tensor)
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class KPackedLayout(LayoutTensors):
+    """Integer codes packed along the input dim, rows in group order: what the exact reference
+    kernel and the Triton kernel read (the layout every AWQ, GPTQ and compressed-tensors
+    integer head can be put in).
+
+    Attributes:
+        codes: int32 ``[ceil(K / pf), N]``, ``pf = 32 // bits`` codes per word along K, code
+            ``j`` of a word at bits ``j * bits``; rows in group order.
+        scales: ``[G, N]`` in the checkpoint's scale dtype.
+        zeros: uint8 ``[G, N]``, the true zero points (GPTQ v1's ``- 1`` undone).
+        perm: int64 ``[K]``: with act-order the rows are sorted by group, and ``x`` is permuted
+            the same way at run time; None otherwise.
+        bounds: the first row of every group, then ``K`` (groups are contiguous).
+        bits: 4 or 8.
+        group_size: the regular group size, or None for unequal (act-order) groups.
+        row_groups: int32 ``[K]``, the group of every (sorted) row, for kernels that read
+            groups per row; None when ``group_size`` is a multiple of 16.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    perm: torch.Tensor | None
+    bounds: tuple[int, ...]
+    bits: int
+    group_size: int | None
+    row_groups: torch.Tensor | None
+
+    @property
+    def k(self) -> int:
+        return self.bounds[-1]
+
+    @property
+    def n(self) -> int:
+        return self.codes.shape[1]
+
+    @classmethod
+    def build(cls, weights: IntWeights) -> KPackedLayout:
+        """Pack ``weights`` a column chunk at a time (rows in group order)."""
+        import torch
+
+        k, n, bits = weights.k, weights.n, weights.bits
+        device = weights.scales.device
+        codes = torch.empty((-(-k // (32 // bits)), n), dtype=torch.int32, device=device)
+        for c0 in range(0, n, COLUMN_CHUNK):
+            c1 = min(c0 + COLUMN_CHUNK, n)
+            codes[:, c0:c1] = pack_codes(weights.sorted_codes(c0, c1), bits, dim=0)
+        group = weights.group_size
+        row_groups = None
+        if group is None or group % TRITON_GROUP_MULTIPLE:
+            bounds = torch.tensor(weights.bounds, device=device)
+            rows = torch.arange(k, device=device)
+            row_groups = torch.bucketize(rows, bounds[1:], right=True).to(torch.int32)
+        return cls(
+            codes=codes,
+            scales=weights.scales.contiguous(),
+            zeros=weights.zeros.to(torch.uint8).contiguous(),
+            perm=weights.perm,
+            bounds=weights.bounds,
+            bits=bits,
+            group_size=group,
+            row_groups=row_groups,
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class Float8Layout(LayoutTensors):
+    """float8 (e4m3) weights with group, channel or tensor scales; columns in group order.
+
+    ``W[o, i] = (value[o, i] - zeros[g(i), o]) * scales[g(i), o]``, rounded to the scale dtype.
+
+    Attributes:
+        values: float8_e4m3fn ``[N, K]`` (vocab on dim 0, as compressed-tensors stores it),
+            columns in group order.
+        scales: ``[G, N]`` in the checkpoint's scale dtype.
+        zeros: ``[G, N]`` zero points, or None (symmetric: fp8 checkpoints are).
+        perm: int64 ``[K]`` or None, as in :class:`KPackedLayout`.
+        bounds: the first column of every group, then ``K``.
+    """
+
+    values: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    perm: torch.Tensor | None
+    bounds: tuple[int, ...]
+
+    @property
+    def k(self) -> int:
+        return self.bounds[-1]
+
+    @property
+    def n(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def group_size(self) -> int | None:
+        return regular_group_size(self.bounds)
+
+    @classmethod
+    def build(
+        cls,
+        values: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor | None = None,
+        g_idx: torch.Tensor | None = None,
+        names: tuple[str, str] = ("g_idx", "scales"),
+    ) -> Float8Layout:
+        """``values`` ``[N, K]``, ``scales`` / ``zeros`` ``[G, N]``, ``g_idx`` the group of every
+        column (None: ``ceil(K / G)`` columns per group, in order).
+
+        Raises:
+            CheckpointError: a ``g_idx`` entry outside the groups, naming ``names[0]``.
+        """
+        import torch
+
+        k, groups = values.shape[1], scales.shape[0]
+        if g_idx is None:
+            g_idx = torch.arange(k, device=values.device) // -(-k // groups)
+        order, bounds = group_order(g_idx, groups, names[0], names[1])
+        monotone = bool((g_idx[1:] >= g_idx[:-1]).all()) if k > 1 else True
+        perm = None if monotone else order
+        return cls(
+            values=values if perm is None else values[:, perm].contiguous(),
+            scales=scales.contiguous(),
+            zeros=zeros,
+            perm=perm,
+            bounds=tuple(bounds),
+        )

@@ -1,0 +1,226 @@
+"""One kernel choice per layer, made once after loading and recorded: ``select -> Kernel``.
+
+Every kernel quantreg has is a row of ``KERNELS``, tried in that order: the first that fits the
+weights, the activation dtype and the device wins, and every other kernel is recorded with the
+reason it declined. A method may restrict the candidates (``allowed``: the reference methods
+run only ``reference``) and a caller may force one (``requested``). The chosen :class:`Kernel`
+holds its layout and multiplies by it; nothing re-probes the device afterwards.
+
+========================  ==================================================================
+kernel                    what it computes
+========================  ==================================================================
+``cpu-amx``               quantreg's CPU kernel, bf16 / fp16 activations: AMX ``tdpbf16ps``
+                          for 2 or more rows, AVX512-BF16 ``vdpbf16ps`` for one
+``cpu-avx512-bf16``       quantreg's CPU kernel, bf16 / fp16 activations: ``vdpbf16ps``
+``torch-int4pack``        torch's ``_weight_int4pack_mm_for_cpu`` (bf16 / fp16 heads)
+``torch-int8pack``        torch's ``_weight_int8pack_mm`` (bf16 / fp16 heads)
+``cpu-avx512``            quantreg's CPU kernel, float32 FMA on the producers' exact weights
+``triton``                quantreg's Triton kernel (CUDA >= 8.0; the interpreter on request)
+``reference``             exact block-wise dequantization in float32, any device
+========================  ==================================================================
+
+float32 activations always get an exact kernel (``cpu-avx512`` or ``reference``); the cpu
+kernels run float32 activations on their FMA path whatever their name.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from quantreg.errors import InputError
+from quantreg.kernels.catalog import KERNELS, Target, Weights
+from quantreg.kernels.layouts import LayoutTensors
+from quantreg.kernels.weights import IntWeights
+from quantreg.platform import Platform
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """The decision: the kernel's name, why it won, and why every other one declined."""
+
+    name: str
+    reason: str
+    declined: tuple[tuple[str, str], ...] = ()
+    requested: bool = False
+
+
+@dataclass(frozen=True, eq=False)
+class Kernel:
+    """The kernel a layer runs, with its layout: call it as ``kernel(x, bias)``.
+
+    ``name`` is one of ``KERNELS`` (or ``dense`` / ``method-defined`` for layers that run no
+    quantreg kernel: then ``layout`` is None and the layer computes itself).
+    """
+
+    name: str
+    reason: str
+    declined: tuple[tuple[str, str], ...] = ()
+    layout: Any = None
+    requested: bool = False
+
+    @classmethod
+    def record(cls, name: str, reason: str) -> Kernel:
+        """A record for a layer that computes without a quantreg kernel (nothing to call)."""
+        return cls(name, reason)
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ W.T (+ bias)`` for any leading shape of ``x``, in ``x``'s dtype.
+
+        Raises:
+            InputError: a record (``dense``, ``method-defined``) has nothing to call.
+        """
+        if self.layout is None:
+            raise InputError(f"kernel '{self.name}' is a record: the layer computes itself")
+        run = KERNELS[self.name].run
+        return rows_matmul(x, bias, self.layout.perm, lambda x2: run(x2, self.layout))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The layout's tensors by field name (empty for a record)."""
+        if isinstance(self.layout, LayoutTensors):
+            return self.layout.tensors()
+        return {}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe: ``{name, reason, requested, layout, declined: {name: reason}}``."""
+        return {
+            "name": self.name,
+            "reason": self.reason,
+            "requested": self.requested,
+            "layout": type(self.layout).__name__ if self.layout is not None else None,
+            "declined": dict(self.declined),
+        }
+
+    def explain(self) -> str:
+        """Lines for a human: the kernel, why, and every kernel declined."""
+        lines = [f"  kernel: {self.name} ({self.reason})"]
+        lines += [f"    - {name}: {why}" for name, why in self.declined]
+        return "\n".join(lines)
+
+
+def rows_matmul(
+    x: torch.Tensor,
+    bias: torch.Tensor | None,
+    perm: torch.Tensor | None,
+    matmul: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` for any leading shape: ``matmul`` gets ``x`` as ``[rows, in]``
+    with its features in ``perm`` order (None: as they are); the result is in ``x``'s dtype."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if perm is not None:
+        x2 = x2.index_select(-1, perm.to(x2.device))
+    out = matmul(x2).to(x.dtype)
+    if bias is not None:
+        out = out + bias.to(x.dtype)
+    return out.reshape(*lead, out.shape[-1])
+
+
+def kernel_names() -> tuple[str, ...]:
+    """Every kernel quantreg can select, in the order they are tried."""
+    return tuple(KERNELS)
+
+
+def choose(
+    weights: Weights,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    platform: Platform | None = None,
+    allowed: Sequence[str] | None = None,
+    requested: str | None = None,
+) -> KernelChoice:
+    """The first kernel of ``allowed`` (default: all, in ``KERNELS`` order) that fits; or
+    ``requested``, which must fit. ``platform`` defaults to the device's, probed.
+
+    Raises:
+        InputError: an unknown kernel name, or a requested kernel that cannot run here.
+    """
+    import torch
+
+    dev = torch.device(device)
+    for name in [*(allowed or ()), *([requested] if requested else [])]:
+        if name not in KERNELS:
+            raise InputError(
+                f"unknown kernel {name!r}; quantreg's kernels: {', '.join(KERNELS)}",
+                field="kernel",
+            )
+    target = Target(weights, dtype, dev, platform or Platform.detect(dev), requested)
+    pool = list(allowed) if allowed else list(KERNELS)
+    declined: list[tuple[str, str]] = []
+    if requested is not None:
+        if requested not in pool:
+            raise InputError(
+                f"kernel {requested!r} was requested, but this method runs only {', '.join(pool)}",
+                field="kernel",
+            )
+        why = KERNELS[requested].decline(target)
+        if why is not None:
+            raise InputError(f"kernel {requested!r} cannot run this layer: {why}", field="kernel")
+        declined = [(n, "not requested") for n in KERNELS if n != requested]
+        return KernelChoice(
+            requested, f"requested; {KERNELS[requested].summary}", tuple(declined), True
+        )
+    chosen: str | None = None
+    for name in KERNELS:
+        if name not in pool:
+            declined.append((name, f"not among this method's kernels ({', '.join(pool)})"))
+            continue
+        why = KERNELS[name].decline(target) if chosen is None else f"{chosen} fits and comes first"
+        if why is None:
+            chosen = name
+        else:
+            declined.append((name, why))
+    if chosen is None:  # pragma: no cover - "reference" fits everything it is offered
+        raise InputError(f"no kernel of {', '.join(pool)} fits: {dict(declined)}", field="kernel")
+    return KernelChoice(chosen, KERNELS[chosen].summary, tuple(declined))
+
+
+def build(choice: KernelChoice, weights: Weights, dtype: torch.dtype) -> Kernel:
+    """Build the chosen kernel's layout from ``weights``."""
+    layout = KERNELS[choice.name].build(weights, dtype)
+    return Kernel(choice.name, choice.reason, choice.declined, layout, choice.requested)
+
+
+def select(
+    weights: Weights,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    platform: Platform | None = None,
+    allowed: Sequence[str] | None = None,
+    requested: str | None = None,
+    what: str = "layer",
+) -> Kernel:
+    """Choose a kernel (see :func:`choose`), build its layout, log the choice at INFO.
+
+    Raises:
+        InputError: see :func:`choose`.
+    """
+    choice = choose(
+        weights, dtype=dtype, device=device, platform=platform, allowed=allowed,
+        requested=requested,
+    )  # fmt: skip
+    kernel = build(choice, weights, dtype)
+    logger.info(
+        "%s: kernel %s (%s) for %s on %s; declined: %s",
+        what, choice.name, choice.reason, describe(weights), device,
+        "; ".join(f"{n}: {why}" for n, why in choice.declined) or "none",
+    )  # fmt: skip
+    return kernel
+
+
+def describe(weights: Weights) -> str:
+    """``int4 g128 [N=1024, K=256]``-style summary of the weights."""
+    if isinstance(weights, IntWeights):
+        group = weights.group_size
+        groups = "channel" if weights.groups == 1 else (f"g{group}" if group else "act-order")
+        return f"int{weights.bits} {groups} [N={weights.n}, K={weights.k}]"
+    return f"fp8 [N={weights.n}, K={weights.k}]"
