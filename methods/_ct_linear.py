@@ -191,26 +191,9 @@ def quantize_ct(
     Raises:
         InputError: an unsupported combination or option.
     """
-    if unused:
-        raise InputError(f"{WRITER}: unsupported option(s) {', '.join(sorted(unused))}")
+    bits, strategy = _writer_options(format, bits, strategy, group_size, sym, actorder, unused)
     n, k = weight.shape
     is_float = format == FLOAT
-    bits = bits or (4 if format == PACKED else 8)
-    strategy = strategy or ("group" if format == PACKED and group_size > 0 else "channel")
-    if format not in (PACKED, INT, NAIVE, FLOAT):
-        raise InputError(
-            f"{WRITER}: format {format!r} is not supported; expected pack-quantized, "
-            "int-quantized, naive-quantized or float-quantized",
-            field="format",
-        )
-    if (format == PACKED and bits not in (4, 8)) or (format != PACKED and bits != 8):
-        raise InputError(f"{WRITER}: {format} with {bits}-bit weights is not supported")
-    if strategy not in ("group", "channel", "tensor") or (strategy == "group" and format != PACKED):
-        raise InputError(f"{WRITER}: strategy {strategy!r} is not supported for {format}")
-    if is_float and not sym:
-        raise InputError(f"{WRITER}: fp8 weights are symmetric")
-    if actorder not in (None, "group") or (actorder == "group" and strategy != "group"):
-        raise InputError(f"{WRITER}: actorder must be None, or 'group' with strategy 'group'")
     size = group_size if strategy == "group" else k
     order = _column_order(weight, actorder, perm)
     w = weight.double()[:, order]
@@ -243,6 +226,49 @@ def quantize_ct(
         g_idx[order] = (torch.arange(k) // size).to(torch.int32)
         tensors["weight_g_idx"] = g_idx
     return tensors, _ct_config(format, bits, strategy, group_size, sym, actorder, is_float)
+
+
+def _writer_options(
+    format: str,
+    bits: int | None,
+    strategy: str | None,
+    group_size: int,
+    sym: bool,
+    actorder: str | None,
+    unused: dict[str, Any],
+) -> tuple[int, str]:
+    """The writer's bits and strategy (defaults filled in), after checking every option.
+
+    Raises:
+        InputError: an unsupported combination or option.
+    """
+    if unused:
+        raise InputError(
+            f"{WRITER}: unsupported option(s) {', '.join(sorted(unused))}", field=sorted(unused)[0]
+        )
+    bits = bits or (4 if format == PACKED else 8)
+    strategy = strategy or ("group" if format == PACKED and group_size > 0 else "channel")
+    if format not in (PACKED, INT, NAIVE, FLOAT):
+        raise InputError(
+            f"{WRITER}: format {format!r} is not supported; expected pack-quantized, "
+            "int-quantized, naive-quantized or float-quantized",
+            field="format",
+        )
+    if (format == PACKED and bits not in (4, 8)) or (format != PACKED and bits != 8):
+        raise InputError(
+            f"{WRITER}: {format} with {bits}-bit weights is not supported", field="bits"
+        )
+    if strategy not in ("group", "channel", "tensor") or (strategy == "group" and format != PACKED):
+        raise InputError(
+            f"{WRITER}: strategy {strategy!r} is not supported for {format}", field="strategy"
+        )
+    if format == FLOAT and not sym:
+        raise InputError(f"{WRITER}: fp8 weights are symmetric", field="sym")
+    if actorder not in (None, "group") or (actorder == "group" and strategy != "group"):
+        raise InputError(
+            f"{WRITER}: actorder must be None, or 'group' with strategy 'group'", field="actorder"
+        )
+    return bits, strategy
 
 
 def _rtn(

@@ -8,13 +8,9 @@ from typing import Any, ClassVar
 import torch
 from pydantic import AliasChoices, Field, field_validator
 
-from quantreg import InputError, LayerRule, Platform, QuantConfig
-from quantreg.methods._awq_linear import (
-    TENSORS,
-    AWQLinearMethod,
-    AWQMarlinLinearMethod,
-    quantize_awq,
-)
+from quantreg import InputError, IntWeights, LayerRule, Platform, QuantConfig
+from quantreg.methods import _awq_format as fmt
+from quantreg.methods._decoded import DecodedLinearMethod
 from quantreg.methods._wna16 import (
     GroupSize,
     head_and_skip_rule,
@@ -24,6 +20,36 @@ from quantreg.methods._wna16 import (
 
 SUPPORTED_BITS = (4,)
 SUPPORTED_VERSIONS = ("gemm",)
+
+
+class AWQLinearMethod(DecodedLinearMethod):
+    """AWQ GEMM tensors, run by the exact reference kernel (dequantizes 128 input rows at a
+    time, bit for bit as AutoAWQ)."""
+
+    quant_config: AWQConfig  # set by QuantConfig.get_linear_method
+    kernels = ("reference",)
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra: Any,
+    ) -> None:
+        k, n = input_size_per_partition, sum(output_partition_sizes)
+        fmt.create_weights(layer, k, n, self.quant_config.group_size, params_dtype)
+
+    def decode(self, layer: torch.nn.Module) -> IntWeights:
+        return fmt.decode(layer)
+
+
+class AWQMarlinLinearMethod(AWQLinearMethod):
+    """AWQ tensors run by the Triton kernel on CUDA >= 8.0, the exact kernel elsewhere."""
+
+    kernels = ("triton", "reference")
 
 
 class AWQConfig(QuantConfig):
@@ -36,7 +62,7 @@ class AWQConfig(QuantConfig):
 
     linear_method = AWQLinearMethod
     supports_lm_head: ClassVar[bool] = True
-    tensor_names: ClassVar[frozenset[str]] = TENSORS
+    tensor_names: ClassVar[frozenset[str]] = fmt.TENSORS
 
     bits: int = Field(4, validation_alias=AliasChoices("bits", "w_bit"))
     group_size: GroupSize = Field(128, validation_alias=AliasChoices("group_size", "q_group_size"))
@@ -79,7 +105,7 @@ class AWQConfig(QuantConfig):
 
     def rule_from_tensors(self, prefix: str, names: frozenset[str]) -> LayerRule | None:
         """AutoAWQ configs carry no ``lm_head`` key: packed AWQ head tensors decide."""
-        if names >= TENSORS and "g_idx" not in names:
+        if names >= fmt.TENSORS and "g_idx" not in names:
             return LayerRule(True, f"tensors: {prefix}.qweight, qzeros and scales are AWQ-packed")
         return None
 
@@ -106,7 +132,9 @@ class AWQConfig(QuantConfig):
         config = cls.from_quant_config(
             {"bits": bits, "group_size": group_size, "zero_point": not sym}, method="awq"
         )
-        tensors = quantize_awq(config, weight, sym=sym, scale_dtype=scale_dtype)
+        tensors = fmt.quantize(
+            weight, group_size=config.group_size, sym=sym, scale_dtype=scale_dtype
+        )
         qcfg = {
             "quant_method": "awq",
             "bits": config.bits,

@@ -14,9 +14,7 @@ from typing import Any, ClassVar, Literal, Self
 import torch
 
 from quantreg import ConfigError, IntWeights, LayerRule, Platform, QuantConfig
-from quantreg.methods._awq_linear import TENSORS as AWQ_TENSORS
 from quantreg.methods._decoded import DecodedLinearMethod
-from quantreg.methods._gptq_linear import TENSORS as GPTQ_TENSORS
 from quantreg.methods.awq import AWQConfig
 from quantreg.methods.gptq import GPTQConfig
 
@@ -51,7 +49,7 @@ class CPUWNA16Config(QuantConfig):
     supports_lm_head: ClassVar[bool] = True
     checkpoint_formats: ClassVar[tuple[str, ...]] = ("awq", "gptq")
     upgrade_priority: ClassVar[int] = 10
-    tensor_names: ClassVar[frozenset[str]] = AWQ_TENSORS | GPTQ_TENSORS
+    tensor_names: ClassVar[frozenset[str]] = AWQConfig.tensor_names | GPTQConfig.tensor_names
 
     source_format: Literal["awq", "gptq"]
     checkpoint: AWQConfig | GPTQConfig

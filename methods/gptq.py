@@ -15,13 +15,9 @@ from typing import Annotated, Any, ClassVar
 import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, field_validator
 
-from quantreg import InputError, LayerRule, Platform, QuantConfig, Relabel, is_lm_head
-from quantreg.methods._gptq_linear import (
-    TENSORS,
-    GPTQLinearMethod,
-    GPTQMarlinLinearMethod,
-    quantize_gptq,
-)
+from quantreg import InputError, IntWeights, LayerRule, Platform, QuantConfig, Relabel, is_lm_head
+from quantreg.methods import _gptq_format as fmt
+from quantreg.methods._decoded import DecodedLinearMethod
 from quantreg.methods._wna16 import (
     GroupSize,
     head_and_skip_rule,
@@ -61,12 +57,44 @@ class DynamicOverride(BaseModel):
     desc_act: bool | None = None
 
 
+class GPTQLinearMethod(DecodedLinearMethod):
+    """GPTQ tensors, run by the exact reference kernel (one group's rows at a time, gathered
+    by ``g_idx``; bit for bit as GPTQModel)."""
+
+    quant_config: GPTQConfig  # set by QuantConfig.get_linear_method
+    kernels = ("reference",)
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra: Any,
+    ) -> None:
+        cfg = self.quant_config
+        k, n = input_size_per_partition, sum(output_partition_sizes)
+        fmt.create_weights(layer, k, n, cfg.bits, cfg.group_size, params_dtype)
+
+    def decode(self, layer: torch.nn.Module) -> IntWeights:
+        return fmt.decode(layer, self.quant_config.bits, self.quant_config.zero_point_offset)
+
+
+class GPTQMarlinLinearMethod(GPTQLinearMethod):
+    """GPTQ tensors run by the Triton kernel on CUDA >= 8.0, the exact kernel elsewhere;
+    act-order through the load-time row permutation."""
+
+    kernels = ("triton", "reference")
+
+
 class GPTQConfig(QuantConfig):
     """``quantization_config`` (or ``quantize_config.json``) of a GPTQ checkpoint."""
 
     linear_method = GPTQLinearMethod
     supports_lm_head: ClassVar[bool] = True
-    tensor_names: ClassVar[frozenset[str]] = TENSORS
+    tensor_names: ClassVar[frozenset[str]] = fmt.TENSORS
 
     bits: Bits
     group_size: GroupSize
@@ -151,7 +179,12 @@ class GPTQConfig(QuantConfig):
             "sym": sym, "lm_head": True, "checkpoint_format": checkpoint_format,
         }  # fmt: skip
         config = cls.from_quant_config(qcfg, method="gptq")
-        return quantize_gptq(config, weight, perm=perm, scale_dtype=scale_dtype), qcfg
+        tensors = fmt.quantize(
+            weight, bits=config.bits, group_size=config.group_size, sym=config.sym,
+            desc_act=config.desc_act, zero_point_offset=config.zero_point_offset, perm=perm,
+            scale_dtype=scale_dtype,
+        )  # fmt: skip
+        return tensors, qcfg
 
     @classmethod
     def relabel(cls, data: Mapping[str, Any]) -> Relabel | None:
@@ -217,7 +250,7 @@ class GPTQConfig(QuantConfig):
 
     def rule_from_tensors(self, prefix: str, names: frozenset[str]) -> LayerRule | None:
         """A GPTQ config that keeps the head unquantized over GPTQ-packed head tensors."""
-        if names >= TENSORS:
+        if names >= fmt.TENSORS:
             return LayerRule(
                 True, f"tensors: {prefix}.qweight, qzeros, scales and g_idx are GPTQ-packed"
             )

@@ -21,14 +21,12 @@ warmed up, runs are interleaved across methods, and the median is reported.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import functools
 import gc
 import json
 import logging
 import math
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -41,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from quantreg import ParallelLMHead, get_quant_config_cls, load_lm_head
-from quantreg.errors import InputError
+from quantreg.bench_report import machine
 
 logger = logging.getLogger(__name__)
 
@@ -95,35 +93,6 @@ class Row:
     max_rel_err: float
     computes: str
     kernel: str
-
-
-def machine() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    flags = ""
-    with contextlib.suppress(OSError):
-        flags = Path("/proc/cpuinfo").read_text()
-    names = [
-        line.split(":", 1)[1].strip()
-        for line in flags.splitlines()
-        if line.startswith("model name")
-    ]
-    model = names[0] if names else platform.processor()
-    isa = [
-        f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8") if f" {f}" in flags
-    ]
-    mem = 0
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        mem = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
-    return {
-        "cpu": model,
-        "cores": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "isa": isa,
-        "memory_bytes": mem,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-    }
 
 
 def write_format(folder: Path, fmt: Format, n: int, k: int, seed: int) -> Path:
@@ -190,24 +159,6 @@ def peak_transient_bytes(call: Callable[[], Any]) -> int:
         running += event.self_cpu_memory_usage
         peak = max(peak, running)
     return peak
-
-
-def _median_ms(
-    calls: list[Callable[[], Any]], budget_s: float, min_runs: int, max_runs: int
-) -> list[float]:
-    """Interleaved timing: one call of every case per round, until the budget or max runs."""
-    for call in calls:  # warm-up
-        call()
-    times: list[list[float]] = [[] for _ in calls]
-    start = time.perf_counter()
-    for round_ in range(max_runs):
-        for i, call in enumerate(calls):
-            t0 = time.perf_counter()
-            call()
-            times[i].append((time.perf_counter() - t0) * 1e3)
-        if round_ + 1 >= min_runs and time.perf_counter() - start > budget_s:
-            break
-    return [statistics.median(t) for t in times]
 
 
 @dataclass
@@ -404,75 +355,3 @@ def _torch_peers(n: int, k: int, copies: int) -> list[Case]:
 def _by_rows(x: torch.Tensor, rows: Callable[[int, int], torch.Tensor], n: int) -> torch.Tensor:
     """``x @ W.T`` with ``W`` built 4096 rows at a time (never the whole float weight)."""
     return torch.cat([x @ rows(r, min(r + 4096, n)).T for r in range(0, n, 4096)], dim=-1)
-
-
-def format_table(result: dict[str, Any]) -> str:
-    """The rows as a Markdown table."""
-    lines = [
-        "| method | kernel | format | N | K | M | dtype | median ms | × bf16 | GB/s "
-        "| resident MiB | peak transient MiB | max rel err |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in result["rows"]:
-        lines.append(
-            f"| {r['method']} | {r.get('kernel', '')} | {r['format']} | {r['N']} | {r['K']} | "
-            f"{r['M']} | {r['dtype']} | "
-            f"{r['median_ms']:.3f} | {r['ratio_vs_bf16']:.2f} | {r['gbps']:.1f} | "
-            f"{r['resident_bytes'] / 2**20:.1f} | {r['peak_transient_bytes'] / 2**20:.1f} | "
-            f"{r['max_rel_err']:.1e} |"
-        )
-    return "\n".join(lines)
-
-
-def append_results(result: dict[str, Any], path: Path, note: str = "") -> None:
-    """Append a dated table with the machine to ``path`` (e.g. bench/RESULTS.md)."""
-    m = result["machine"]
-    header = (
-        f"\n## {m['date']} — {m['cpu']}, {m['cores']} cores ({m['threads']} threads), "
-        f"{', '.join(m['isa']) or 'no AVX-512'}, torch {m['torch']}\n"
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as out:
-        out.write(header + (f"\n{note}\n" if note else "") + "\n" + format_table(result) + "\n")
-
-
-def plot(result: dict[str, Any], path: Path) -> None:
-    """Time vs M per method, one panel per shape (needs the ``bench`` extra: matplotlib).
-
-    Raises:
-        InputError: matplotlib is not installed.
-    """
-    try:
-        import matplotlib
-    except ImportError as exc:
-        raise InputError("--plot needs matplotlib: pip install 'quantreg[bench]'") from exc
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shapes = sorted({(r["N"], r["K"]) for r in result["rows"]})
-    fig, axes = plt.subplots(1, len(shapes), figsize=(7 * len(shapes), 5), squeeze=False)
-    for ax, (n, k) in zip(axes[0], shapes, strict=True):
-        series: dict[str, list[tuple[int, float]]] = {}
-        for r in result["rows"]:
-            if (r["N"], r["K"]) == (n, k):
-                series.setdefault(f"{r['method']} [{r['format']}]", []).append(
-                    (r["M"], r["median_ms"])
-                )
-        for label, points in sorted(series.items()):
-            points.sort()
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
-        ax.set(
-            xscale="log",
-            yscale="log",
-            xlabel="M (tokens)",
-            ylabel="median ms",
-            title=f"N={n} K={k}",
-        )
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
-def write_json(result: dict[str, Any], path: Path) -> None:
-    path.write_text(json.dumps(result, indent=2) + "\n")

@@ -16,9 +16,12 @@ import os
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from quantreg.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -289,3 +292,54 @@ def tensor_names(root: Path) -> list[str]:
     if weight_map is not None:
         return list(weight_map)
     return list(read_header(files[0])) if files else []
+
+
+def read_tensor(info: TensorInfo) -> torch.Tensor:
+    """One small tensor in full (e.g. ``d2t``).
+
+    Raises:
+        CheckpointError: the file cannot be read; names the tensor and the file.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(info.file), framework="pt", device="cpu") as handle:
+            return handle.get_tensor(info.name)
+    except Exception as exc:
+        raise CheckpointError(
+            f"cannot read {info.name} from {info.file}: {exc}", path=info.file, tensor=info.name
+        ) from exc
+
+
+def read_hidden_states(path: str | os.PathLike[str], *, name: str = "x") -> torch.Tensor:
+    """The ``[tokens, hidden]`` tensor ``name`` of a safetensors file (e.g. for ``quantreg run``).
+
+    Raises:
+        CheckpointError: unreadable file, no such tensor, or not a 2-D float tensor.
+    """
+    from safetensors import safe_open
+
+    file = Path(path)
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            if name not in handle.keys():  # noqa: SIM118 - safe_open has no __contains__
+                raise CheckpointError(
+                    f"{file} has no tensor {name!r} (found: {', '.join(handle.keys()) or 'none'})",
+                    path=file,
+                    tensor=name,
+                )
+            # an owned, freshly allocated copy: a view into the file would make the matmul's
+            # float sums depend on where the tensor happens to sit in it
+            x = handle.get_tensor(name).clone()
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {file}: {exc}", path=file) from exc
+    if x.dim() != 2 or not x.is_floating_point():
+        raise CheckpointError(
+            f"{file}: tensor {name!r} must be a 2-D float [tokens, hidden] tensor, "
+            f"got {x.dtype} {list(x.shape)}",
+            path=file,
+            tensor=name,
+        )
+    return x

@@ -80,7 +80,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Load the head, compute logits for hidden states, print top-5 ids and timings."""
     import torch
 
-    from quantreg.loading import load_lm_head, read_hidden_states
+    from quantreg.checkpoint import read_hidden_states
+    from quantreg.loading import load_lm_head
 
     start = time.perf_counter()
     head = load_lm_head(
@@ -156,7 +157,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Time every method against dense F.linear in one process; print the table."""
     from pathlib import Path
 
-    from quantreg import bench
+    from quantreg import bench, bench_report
 
     shapes = tuple(_shape(s) for s in args.shape) if args.shape else None
     ms = tuple(int(m) for m in args.m.split(",")) if args.m else bench.MS
@@ -174,13 +175,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         quick=args.quick, shapes=shapes, ms=ms, budget_s=budget, methods=methods,
         progress=lambda message: print(message, file=sys.stderr),
     )  # fmt: skip
-    print(bench.format_table(result))
+    print(bench_report.format_table(result))
     if args.json:
-        bench.write_json(result, Path(args.json))
+        bench_report.write_json(result, Path(args.json))
     if args.append_results:
-        bench.append_results(result, Path(args.append_results))
+        bench_report.append_results(result, Path(args.append_results))
     if args.plot:
-        bench.plot(result, Path(args.plot))
+        bench_report.plot(result, Path(args.plot))
     return 0
 
 
@@ -222,11 +223,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"quantreg {quantreg.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (
+        _add_methods,
+        _add_resolve,
+        _add_inspect,
+        _add_run,
+        _add_quantize,
+        _add_bench,
+        _add_demo,
+    ):
+        add(sub, verbose)
+    return parser
 
+
+def _add_methods(sub: Any, verbose: argparse.ArgumentParser) -> None:
     p = sub.add_parser("methods", parents=[verbose], help="list registered quantization methods")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_methods)
 
+
+def _add_resolve(sub: Any, verbose: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "resolve", parents=[verbose], help="show which method a checkpoint's layer gets, and why"
     )
@@ -240,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print Resolution.to_dict() as JSON")
     p.set_defaults(func=cmd_resolve)
 
+
+def _add_inspect(sub: Any, verbose: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "inspect", parents=[verbose], help="show a checkpoint's tensors and its head's method"
     )
@@ -249,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_inspect)
 
+
+def _add_run(sub: Any, verbose: argparse.ArgumentParser) -> None:
     p = sub.add_parser("run", parents=[verbose], help="load a checkpoint's head and compute logits")
     p.add_argument("path", help="checkpoint folder")
     source = p.add_mutually_exclusive_group()
@@ -277,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_run)
 
+
+def _add_quantize(sub: Any, verbose: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "quantize", parents=[verbose], help="quantize a checkpoint's head into a copy"
     )
@@ -292,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default="lm_head", help="layer name (default: lm_head)")
     p.set_defaults(func=cmd_quantize)
 
+
+def _add_bench(sub: Any, verbose: argparse.ArgumentParser) -> None:
     p = sub.add_parser("bench", parents=[verbose], help="time every method against dense F.linear")
     p.add_argument("--quick", action="store_true", help="small shapes: a smoke run")
     p.add_argument("--shape", action="append", metavar="NxK", help="override the shapes")
@@ -311,13 +335,14 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.set_defaults(func=cmd_bench)
 
+
+def _add_demo(sub: Any, verbose: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "demo", parents=[verbose], help="write example drafters, then resolve, load and run each"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the example weights")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_demo)
-    return parser
 
 
 @contextlib.contextmanager

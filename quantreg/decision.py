@@ -118,15 +118,7 @@ def decide(
     decider = next((r for r in readers if r.name == fmt), readers[0])
     rule, overridden = _layer_rule(decider, facts)
     _check_request(facts, fmt, readers, rule)
-    facts.notes.extend(_tensor_notes(rule, facts))
-    facts.notes.extend(_unmatched(decider, view))
-    if overridden is not None:
-        facts.notes.append(
-            f"the config keeps '{prefix}' unquantized ({overridden.rule}), but its tensors are "
-            f"packed in the {fmt} layout: they are loaded quantized, as the tensors say"
-        )
-    if relabel_note:
-        facts.notes.insert(0, relabel_note)
+    facts.notes.extend(_rule_notes(facts, rule, decider, overridden, fmt, relabel_note))
     rule_text = rule.rule + ("; also: " + "; ".join(rule.also) if rule.also else "")
     if not rule.quantized:
         kept = Candidate(UNQUANTIZED, True, f"the config keeps '{prefix}' unquantized")
@@ -150,6 +142,26 @@ def decide(
         candidates=(*candidates, *declined), config=chosen.effective, format=fmt,
     )  # fmt: skip
     return _tied_or_kept(facts, resolution)
+
+
+def _rule_notes(
+    facts: Facts,
+    rule: LayerRule,
+    decider: Reader,
+    overridden: LayerRule | None,
+    fmt: str,
+    relabel_note: str | None,
+) -> list[str]:
+    """The relabel note, what the tensors show, unmatched config entries, and the override."""
+    notes = [relabel_note] if relabel_note else []
+    notes += _tensor_notes(rule, facts)
+    notes += _unmatched(decider, facts.view)
+    if overridden is not None:
+        notes.append(
+            f"the config keeps '{facts.prefix}' unquantized ({overridden.rule}), but its tensors "
+            f"are packed in the {fmt} layout: they are loaded quantized, as the tensors say"
+        )
+    return notes
 
 
 def _no_quantization(facts: Facts) -> Resolution:

@@ -33,6 +33,32 @@ def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+def _checked_sizes(
+    num_embeddings: int, embedding_dim: int, padding_size: int, org_num_embeddings: int | None
+) -> int:
+    """``org_num_embeddings`` (default ``num_embeddings``) after checking every size.
+
+    Raises:
+        InputError: a size that is not a positive integer, naming it.
+    """
+    sizes = {
+        "num_embeddings": num_embeddings, "embedding_dim": embedding_dim,
+        "padding_size": padding_size,
+    }  # fmt: skip
+    for name, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise InputError(
+                f"ParallelLMHead {name} must be a positive integer, got {value!r}", field=name
+            )
+    org = num_embeddings if org_num_embeddings is None else org_num_embeddings
+    if not 1 <= org <= num_embeddings:
+        raise InputError(
+            f"org_num_embeddings={org} must be between 1 and num_embeddings={num_embeddings}",
+            field="org_num_embeddings",
+        )
+    return org
+
+
 class ParallelLMHead(torch.nn.Module):
     """A vocab-parallel lm_head (``num_embeddings`` rows of ``embedding_dim``).
 
@@ -55,18 +81,7 @@ class ParallelLMHead(torch.nn.Module):
         tp: Any = None,
     ) -> None:
         super().__init__()
-        sizes = {"num_embeddings": num_embeddings, "embedding_dim": embedding_dim}
-        for name, value in {**sizes, "padding_size": padding_size}.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise InputError(
-                    f"ParallelLMHead {name} must be a positive integer, got {value!r}", field=name
-                )
-        org = num_embeddings if org_num_embeddings is None else org_num_embeddings
-        if not 1 <= org <= num_embeddings:
-            raise InputError(
-                f"org_num_embeddings={org} must be between 1 and num_embeddings={num_embeddings}",
-                field="org_num_embeddings",
-            )
+        org = _checked_sizes(num_embeddings, embedding_dim, padding_size, org_num_embeddings)
         self.tp = TPGroup.resolve(tp)
         self.num_embeddings = num_embeddings
         self.org_num_embeddings = org
@@ -90,18 +105,8 @@ class ParallelLMHead(torch.nn.Module):
         self.requested_kernel: str | None = None  # a kernel the loader was asked to force
         self.target_vocab_size = num_embeddings
         self.register_buffer("draft_to_target", None)
-
-        method = quant_config.get_linear_method(self, prefix) if quant_config is not None else None
-        if method is None:
-            self.quant_reason = (
-                "no quant_config" if quant_config is None
-                else f"{type(quant_config).__name__}: {quant_config.rule_for(prefix).rule}"
-            )  # fmt: skip
-            method = UnquantizedLinearMethod()
-        else:
-            self.quant_reason = quant_config.rule_for(prefix).rule
-        self.quant_method: LinearMethod = method
-        method.create_weights(
+        self.quant_method: LinearMethod = self._linear_method(quant_config, prefix)
+        self.quant_method.create_weights(
             self,
             self.input_size_per_partition,
             self.output_partition_sizes,
@@ -110,13 +115,23 @@ class ParallelLMHead(torch.nn.Module):
             self.params_dtype,
         )
         self.has_bias = bias
-        if bias:
-            self.register_parameter(
-                "bias",
-                frozen_param((self.num_embeddings_per_partition,), self.params_dtype, output_dim=0),
-            )
+        bias_param = (
+            frozen_param((self.num_embeddings_per_partition,), self.params_dtype, output_dim=0)
+            if bias
+            else None
+        )
+        self.register_parameter("bias", bias_param)
+
+    def _linear_method(self, quant_config: QuantConfig | None, prefix: str) -> LinearMethod:
+        """The config's LinearMethod for this head, or the unquantized one (``quant_reason``
+        says why)."""
+        method = quant_config.get_linear_method(self, prefix) if quant_config is not None else None
+        if quant_config is None:
+            self.quant_reason = "no quant_config"
         else:
-            self.register_parameter("bias", None)
+            rule = quant_config.rule_for(prefix).rule
+            self.quant_reason = rule if method else f"{type(quant_config).__name__}: {rule}"
+        return method or UnquantizedLinearMethod()
 
     @property
     def tp_rank(self) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from quantreg.checkpoint import D2T_NAME, FLOAT_DTYPES, TensorInfo
+from quantreg.checkpoint import D2T_NAME, FLOAT_DTYPES, TensorInfo, read_tensor
 from quantreg.decision import resolve
 from quantreg.detection import flatten_config
 from quantreg.distributed import TPGroup
@@ -219,7 +219,7 @@ def _attach_vocab_map(
             field="vocab_size",
         )
     ids = draft_to_target_ids(
-        _read_whole(d2t), d2t, vocab_size=target_vocab, draft_vocab_size=head.num_embeddings
+        read_tensor(d2t), d2t, vocab_size=target_vocab, draft_vocab_size=head.num_embeddings
     )
     head.set_vocab_map(ids.to(device), target_vocab)
 
@@ -365,50 +365,3 @@ def _slice(handle: Any, head: ParallelLMHead, param: torch.nn.Parameter, info: T
     dim, start, stop = region
     index = tuple(slice(start, stop) if d == dim else slice(None) for d in range(len(info.shape)))
     return piece[index]
-
-
-def _read_whole(info: TensorInfo) -> torch.Tensor:
-    """One small tensor in full (e.g. ``d2t``)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(info.file), framework="pt", device="cpu") as handle:
-            return handle.get_tensor(info.name)
-    except Exception as exc:
-        raise CheckpointError(
-            f"cannot read {info.name} from {info.file}: {exc}", path=info.file, tensor=info.name
-        ) from exc
-
-
-def read_hidden_states(path: str | os.PathLike[str], *, name: str = "x") -> torch.Tensor:
-    """The ``[tokens, hidden]`` tensor ``name`` of a safetensors file (e.g. for ``quantreg run``).
-
-    Raises:
-        CheckpointError: unreadable file, no such tensor, or not a 2-D float tensor.
-    """
-    from safetensors import safe_open
-
-    file = Path(path)
-    try:
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
-            if name not in handle.keys():  # noqa: SIM118 - safe_open has no __contains__
-                raise CheckpointError(
-                    f"{file} has no tensor {name!r} (found: {', '.join(handle.keys()) or 'none'})",
-                    path=file,
-                    tensor=name,
-                )
-            # an owned, freshly allocated copy: a view into the file would make the matmul's
-            # float sums depend on where the tensor happens to sit in it
-            x = handle.get_tensor(name).clone()
-    except CheckpointError:
-        raise
-    except Exception as exc:
-        raise CheckpointError(f"cannot read {file}: {exc}", path=file) from exc
-    if x.dim() != 2 or not x.is_floating_point():
-        raise CheckpointError(
-            f"{file}: tensor {name!r} must be a 2-D float [tokens, hidden] tensor, "
-            f"got {x.dtype} {list(x.shape)}",
-            path=file,
-            tensor=name,
-        )
-    return x

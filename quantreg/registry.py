@@ -15,11 +15,9 @@ import difflib
 import importlib
 import importlib.metadata
 import logging
-import re
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from quantreg.contract import QuantConfig
 from quantreg.errors import (
@@ -28,88 +26,35 @@ from quantreg.errors import (
     PluginError,
     UnknownMethodError,
 )
+from quantreg.method_names import (
+    BUILTIN,
+    BUILTIN_METHODS,
+    ENTRY_POINT_GROUP,
+    NAME_ALIASES,
+    NAME_RE,
+    Entry,
+    MethodInfo,
+    describe_class,
+    names_class,
+    normalize_name,
+)
+
+__all__ = [
+    "BUILTIN_METHODS",
+    "ENTRY_POINT_GROUP",
+    "MethodInfo",
+    "Registry",
+    "default_registry",
+    "get_quant_config_cls",
+    "list_quant_methods",
+    "normalize_name",
+    "register_quant_method",
+    "set_default_registry",
+]
 
 logger = logging.getLogger(__name__)
 
-ENTRY_POINT_GROUP = "quantreg.methods"
-
-BUILTIN = "built-in"
-
-# The explicit alias table, applied to every name before lookup (no general -/_ folding).
-NAME_ALIASES: dict[str, str] = {
-    "compressed_tensors": "compressed-tensors",
-    "cpu_awq": "cpu_wna16",
-}
-
-# Built-in name -> "module:Class", imported on first lookup. Classes live in quantreg.methods.
-BUILTIN_METHODS: dict[str, str] = {
-    "awq": "quantreg.methods.awq:AWQConfig",
-    "awq_marlin": "quantreg.methods.awq:AWQMarlinConfig",
-    "compressed-tensors": "quantreg.methods.compressed_tensors:CompressedTensorsConfig",
-    "cpu_wna16": "quantreg.methods.cpu_wna16:CPUWNA16Config",
-    "gptq": "quantreg.methods.gptq:GPTQConfig",
-    "gptq_marlin": "quantreg.methods.gptq:GPTQMarlinConfig",
-    "unquantized": "quantreg.methods.unquantized:UnquantizedConfig",
-}
-
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.\-]*$")
-
 C = TypeVar("C", bound=type[QuantConfig])
-
-
-def normalize_name(name: str) -> str:
-    """Canonical spelling of a method name: stripped, lower-case, known aliases applied.
-
-    There is deliberately no general ``-``/``_`` folding: ``awq-marlin`` is not ``awq_marlin``.
-    """
-    if not isinstance(name, str):
-        raise UnknownMethodError(f"a quantization method name must be a string, got {name!r}")
-    key = name.strip().lower()
-    return NAME_ALIASES.get(key, key)
-
-
-@dataclass(frozen=True)
-class MethodInfo:
-    """One registry entry as ``list_quant_methods`` reports it."""
-
-    name: str
-    aliases: tuple[str, ...]
-    source: str
-    loaded: bool
-    error: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe form: ``{name, aliases, source, loaded, error}``."""
-        return {
-            "name": self.name,
-            "aliases": list(self.aliases),
-            "source": self.source,
-            "loaded": self.loaded,
-            "error": self.error,
-        }
-
-
-@dataclass
-class _Entry:
-    name: str
-    aliases: tuple[str, ...]
-    source: str
-    target: str | None = None  # "module:Class" still to import
-    cls: type[QuantConfig] | None = None
-    error: str | None = None
-    entry_point: importlib.metadata.EntryPoint | None = None
-
-
-def _describe_class(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _names_class(target: str, cls: type) -> bool:
-    """Whether ``module:Class`` denotes ``cls``, also when a package re-exports it."""
-    module, _, attr = (part.strip() for part in target.partition(":"))
-    return cls.__qualname__ == attr and (
-        cls.__module__ == module or cls.__module__.startswith(module + ".")
-    )
 
 
 class Registry:
@@ -125,13 +70,13 @@ class Registry:
         entry_point_group: str | None = ENTRY_POINT_GROUP,
     ) -> None:
         self._lock = threading.RLock()
-        self._entries: dict[str, _Entry] = {}
+        self._entries: dict[str, Entry] = {}
         self._aliases: dict[str, str] = {}
         self._group = entry_point_group
         self._discovered = entry_point_group is None
         for name, target in (BUILTIN_METHODS if builtins is None else builtins).items():
             aliases = tuple(a for a, canonical in NAME_ALIASES.items() if canonical == name)
-            self._entries[name] = _Entry(name, aliases, BUILTIN, target=target)
+            self._entries[name] = Entry(name, aliases, BUILTIN, target=target)
             self._aliases.update(dict.fromkeys(aliases, name))
 
     # -- registration -------------------------------------------------------------------
@@ -174,25 +119,25 @@ class Registry:
                     raise DuplicateMethodError(
                         f"quantization method '{key}' is already registered to "
                         f"{self._holder(existing)} ({existing.source}); refusing to replace it "
-                        f"with {_describe_class(cls)}. Pass override=True to replace it."
+                        f"with {describe_class(cls)}. Pass override=True to replace it."
                     )
                 logger.warning(
                     "quantization method '%s': %s replaces %s",
                     key,
-                    _describe_class(cls),
+                    describe_class(cls),
                     self._holder(existing),
                 )
                 for alias in existing.aliases:
                     self._aliases.pop(alias, None)
-            self._entries[key] = _Entry(
+            self._entries[key] = Entry(
                 key,
                 alias_keys,
-                source or f"registered: {_describe_class(cls)}",
+                source or f"registered: {describe_class(cls)}",
                 cls=cls,
             )
             for alias in alias_keys:
                 self._aliases[alias] = key
-        logger.debug("registered quantization method '%s' -> %s", key, _describe_class(cls))
+        logger.debug("registered quantization method '%s' -> %s", key, describe_class(cls))
         return cls
 
     def unregister(self, name: str) -> None:
@@ -255,8 +200,8 @@ class Registry:
             elif entry.cls is not cls:
                 entry.error = (
                     f"quantization method '{key}' ({entry.source}) points to "
-                    f"{_describe_class(cls)}, but its module registered "
-                    f"{_describe_class(entry.cls)}"
+                    f"{describe_class(cls)}, but its module registered "
+                    f"{describe_class(entry.cls)}"
                 )
                 entry.cls = None
                 raise PluginError(entry.error)
@@ -301,7 +246,7 @@ class Registry:
 
     def _checked_name(self, name: str, *, what: str) -> str:
         key = normalize_name(name)
-        if not _NAME_RE.match(key):
+        if not NAME_RE.match(key):
             raise MethodDefinitionError(
                 f"invalid {what} {name!r}: use lower-case letters, digits, '_', '-' or '.', "
                 "starting with a letter or digit"
@@ -309,15 +254,15 @@ class Registry:
         return key
 
     @staticmethod
-    def _is_same(entry: _Entry, cls: type) -> bool:
+    def _is_same(entry: Entry, cls: type) -> bool:
         if entry.cls is not None:
             return entry.cls is cls
-        return entry.target is not None and _names_class(entry.target, cls)
+        return entry.target is not None and names_class(entry.target, cls)
 
     @staticmethod
-    def _holder(entry: _Entry) -> str:
+    def _holder(entry: Entry) -> str:
         if entry.cls is not None:
-            return _describe_class(entry.cls)
+            return describe_class(entry.cls)
         return entry.target or "?"
 
     def _discover(self) -> None:
@@ -341,14 +286,14 @@ class Registry:
         dist_name = f"{dist.name} {dist.version}" if dist is not None else "unknown distribution"
         source = f"plugin {dist_name}: {ep.name} = {ep.value}"
         key = normalize_name(ep.name)
-        if not _NAME_RE.match(key):
+        if not NAME_RE.match(key):
             logger.warning(
                 "ignoring plugin entry point %r (%s): invalid method name", ep.name, source
             )
             return
         if key in self._entries or key in self._aliases:
             owner = self._entries.get(key) or self._entries[self._aliases[key]]
-            if owner.cls is not None and owner.name == key and _names_class(ep.value, owner.cls):
+            if owner.cls is not None and owner.name == key and names_class(ep.value, owner.cls):
                 # The plugin module was imported (and registered itself) before discovery.
                 owner.source, owner.entry_point = source, ep
                 return
@@ -360,7 +305,7 @@ class Registry:
                 owner.source,
             )
             return
-        self._entries[key] = _Entry(key, (), source, target=ep.value, entry_point=ep)
+        self._entries[key] = Entry(key, (), source, target=ep.value, entry_point=ep)
 
     def _import(
         self, key: str, target: str | None, ep: importlib.metadata.EntryPoint | None

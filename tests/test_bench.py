@@ -14,7 +14,8 @@ import json
 import pytest
 
 from quantreg import kernels
-from quantreg.bench import FORMATS, append_results, format_table
+from quantreg.bench import FORMATS
+from quantreg.bench_report import append_results, format_table
 from quantreg.cli import main
 
 ROW_KEYS = {"method", "kernel", "bits", "N", "K", "M", "dtype", "median_ms", "ratio_vs_bf16", "gbps",

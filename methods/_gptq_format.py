@@ -1,0 +1,142 @@
+"""GPTQ's on-disk tensors (AutoGPTQ, GPTQModel, optimum): created, decoded, and written
+(functions of plain values: the config classes and LinearMethods live in ``gptq``).
+
+Tensors: ``qweight`` int32 ``[in/pf, out]`` packed along the input dim, ``qzeros`` int32
+``[groups, out/pf]`` packed along the output dim (checkpoint_format ``gptq`` stores
+``zero - 1``), ``scales`` ``[groups, out]``, ``g_idx`` int32 ``[in]`` (replicated).
+``W[o, i] = (q[i, o] - z[g_idx[i], o]) * s[g_idx[i], o]``, rounded to the scale dtype. With
+act-order (``desc_act``) a group's rows are scattered: the kernels sort them by group at load
+time and permute ``x`` the same way at run time.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantreg import (
+    ConfigError,
+    InputError,
+    IntWeights,
+    frozen_param,
+    layer_geometry,
+    pack_codes,
+    unpack_codes,
+)
+from quantreg.methods._checks import check_finite
+from quantreg.methods._rtn import grouped, rtn_asymmetric, rtn_symmetric
+
+TENSORS = frozenset({"qweight", "qzeros", "scales", "g_idx"})
+
+
+def create_weights(
+    layer: torch.nn.Module, k: int, n: int, bits: int, group_size: int, params_dtype: torch.dtype
+) -> None:
+    """Register this rank's GPTQ tensors on ``layer``: ``k`` inputs, ``n`` outputs.
+
+    Raises:
+        ConfigError: sizes that do not pack into whole words.
+    """
+    pf = 32 // bits
+    groups = -(-k // group_size) if group_size > 0 else 1
+    if k % pf or n % pf:
+        raise ConfigError(
+            f"GPTQ {bits}-bit packs {pf} codes per word; in={k} and out={n} must be multiples of it"
+        )
+    packed_out = {"output_dim": 1, "packed_dim": 1, "pack_factor": pf}
+    params = {
+        "qweight": frozen_param(
+            (k // pf, n), torch.int32, output_dim=1, input_dim=0, packed_dim=0, pack_factor=pf
+        ),
+        "qzeros": frozen_param((groups, n // pf), torch.int32, **packed_out),
+        "scales": frozen_param((groups, n), params_dtype, output_dim=1, keep_checkpoint_dtype=True),
+        "g_idx": frozen_param((k,), torch.int32, input_dim=0),
+    }
+    for name, param in params.items():
+        layer.register_parameter(name, param)
+
+
+def decode(layer: torch.nn.Module, bits: int, zero_point_offset: int) -> IntWeights:
+    """The loaded GPTQ codes and true zero points (``zero_point_offset``, v1's ``1``, undone),
+    rows grouped by ``g_idx``.
+
+    Raises:
+        CheckpointError: non-finite scales, or a ``g_idx`` entry outside the groups.
+    """
+    check_finite(layer, "scales")
+    mask = (1 << bits) - 1
+    qweight, k = layer.qweight, layer.g_idx.shape[0]
+    zeros = (unpack_codes(layer.qzeros, bits, dim=1) + zero_point_offset) & mask
+    prefix = layer_geometry(layer).prefix
+    return IntWeights.create(
+        bits=bits,
+        k=k,
+        codes=lambda c0, c1: unpack_codes(qweight[:, c0:c1], bits, dim=0, count=k),
+        scales=layer.scales.data,
+        zeros=zeros[:, : layer.scales.shape[1]],
+        g_idx=layer.g_idx.data,
+        names=(f"{prefix}.g_idx", f"{prefix}.scales"),
+    )
+
+
+def quantize(
+    weight: torch.Tensor,
+    *,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    desc_act: bool,
+    zero_point_offset: int,
+    perm: torch.Tensor | None,
+    scale_dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    """Round-to-nearest GPTQ tensors of a float ``[out, in]`` weight (see
+    ``GPTQConfig.quantize_weight``); ``zero_point_offset`` is subtracted from stored zeros.
+
+    Raises:
+        ConfigError: sizes that do not pack.
+        InputError: a bad ``perm``.
+    """
+    n, k = weight.shape
+    pf, mask = 32 // bits, (1 << bits) - 1
+    if k % pf or n % pf:
+        raise ConfigError(
+            f"GPTQ {bits}-bit needs in and out to be multiples of {pf}; got out={n}, in={k}"
+        )
+    order = _processing_order(weight, desc_act, perm)
+    size = group_size if group_size > 0 else k
+    if sym:
+        codes, scales, zeros = rtn_symmetric(grouped(weight[:, order], size), bits, scale_dtype)
+    else:
+        codes, scales, zeros = rtn_asymmetric(
+            grouped(weight[:, order], size), bits, scale_dtype, include_zero=True
+        )
+    in_order = torch.empty(n, k, dtype=torch.int32)
+    in_order[:, order] = codes.reshape(n, -1)[:, :k]
+    g_idx = torch.empty(k, dtype=torch.int32)
+    g_idx[order] = (torch.arange(k) // size).to(torch.int32)
+    stored_zeros = (zeros - zero_point_offset) & mask
+    return {
+        "qweight": pack_codes(in_order.T, bits, dim=0),
+        "qzeros": pack_codes(stored_zeros.T, bits, dim=1),
+        "scales": scales.T.contiguous(),
+        "g_idx": g_idx,
+    }
+
+
+def _processing_order(
+    weight: torch.Tensor, desc_act: bool, perm: torch.Tensor | None
+) -> torch.Tensor:
+    """The order GPTQ processes (and groups) input columns in."""
+    k = weight.shape[1]
+    if perm is None:
+        if not desc_act:
+            return torch.arange(k)
+        return torch.argsort(weight.double().norm(dim=0), descending=True, stable=True)
+    if not desc_act:
+        raise InputError(
+            "gptq writer: perm orders act-order groups; pass desc_act=True with it", field="perm"
+        )
+    perm = torch.as_tensor(perm, dtype=torch.int64)
+    if perm.shape != (k,) or not torch.equal(perm.sort().values, torch.arange(k)):
+        raise InputError(f"gptq writer: perm must be a permutation of range({k})", field="perm")
+    return perm
