@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from quantreg.contract import LayerRule, QuantConfig, is_lm_head
@@ -51,13 +52,13 @@ class Probe:
 
 
 def find_readers(
-    registry: Registry, fmt: str, where: str, data: Mapping[str, Any]
+    registry: Registry, fmt: str, where: str, data: Mapping[str, Any], path: Path | None = None
 ) -> tuple[list[Reader], list[Candidate]]:
     """Every loaded method that reads ``fmt``, its parsed config, sorted by priority.
 
     Built-ins are imported; plugins take part once imported. A broken plugin, or a plugin
     whose parser fails, becomes a declined candidate. The format's own parser failing is the
-    checkpoint's fault and raises.
+    checkpoint's fault and raises (with ``path``, the config file).
     """
     declined: list[Candidate] = []
     classes: dict[str, type[QuantConfig]] = {}
@@ -78,8 +79,9 @@ def find_readers(
             continue
         try:
             config = cls.from_quant_config(data, method=name, source=where)
-        except ConfigError:
+        except ConfigError as exc:
             if name == fmt:
+                exc.path = exc.path or path
                 raise
             declined.append(
                 Candidate(name, False, "cannot parse this config", cls.upgrade_priority)

@@ -106,7 +106,7 @@ def decide(
     if view.quant is None:
         return _tied_or_kept(facts, _no_quantization(facts))
     fmt, data, relabel_note = _format(view, registry)
-    readers, declined = find_readers(registry, fmt, view.quant.where, data)
+    readers, declined = find_readers(registry, fmt, view.quant.where, data, view.quant.path)
     if not readers:
         raise ConfigError(
             f"no installed method reads quant_method '{fmt}' ({view.quant.where}):"

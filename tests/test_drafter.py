@@ -256,6 +256,22 @@ def test_share_lm_head(make_drafter, make_target, shares):
     assert chosen is (target_head if shares else drafter_head)
 
 
+@pytest.mark.parametrize("method", ["gptq", "cpu_wna16", "compressed-tensors"])
+def test_loaded_quantized_heads_are_compared_by_their_kernel_layouts(tmp_path, method):
+    """After loading, a quantized head's checkpoint tensors live in its kernel's layout: two
+    heads of the same geometry share only when those tensors are identical too."""
+    writer = "compressed-tensors" if method == "compressed-tensors" else "gptq"
+    weights = [torch.randn(128, 64, generator=torch.Generator().manual_seed(s)).half() for s in (0, 0, 1)]  # fmt: skip
+    heads = []
+    for i, weight in enumerate(weights):
+        quantreg.write_checkpoint(tmp_path / str(i), weight, writer, group_size=32)
+        requested = None if writer == "compressed-tensors" else method
+        heads.append(quantreg.load_lm_head(tmp_path / str(i), dtype=torch.float32, requested=requested))  # fmt: skip
+    assert not dict(heads[0].named_parameters()) and heads[0].kernel.tensors()
+    assert share_lm_head(heads[0], heads[1]) is heads[1]
+    assert share_lm_head(heads[0], heads[2]) is heads[0]
+
+
 def test_a_drafter_with_a_subset_vocab_map_keeps_its_head():
     drafter_head, target_head = plain_head(0), plain_head(0)
     drafter_head.set_vocab_map(torch.arange(100).flip(0), 100)

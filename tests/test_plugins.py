@@ -7,9 +7,11 @@ discovery goes through ``importlib.metadata`` exactly as for an installed packag
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "quantreg-int8-plugin"
@@ -112,7 +115,7 @@ def run_python(
         env=env,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=300,
     )
 
 
@@ -326,6 +329,7 @@ def test_the_example_plugin_computes_x_times_dequantized_weight_transposed(tmp_p
         config = cls.from_quant_config({"quant_method": "example_int8"}, method="example_int8")
         assert config.bits == 8 and cls.supports_lm_head
         layer = torch.nn.Module()
+        layer.geometry = quantreg.LayerGeometry("lm_head", 16, 10, 10, 0, torch.float32)
         method = config.get_linear_method(layer, "lm_head")
         method.create_weights(layer, 16, [6, 4], 16, 10, torch.float32)
 
@@ -334,7 +338,7 @@ def test_the_example_plugin_computes_x_times_dequantized_weight_transposed(tmp_p
         assert not layer.weight.requires_grad and not layer.weight_scale.requires_grad
         assert (layer.weight.output_dim, layer.weight.input_dim) == (0, 1)
         assert layer.weight_scale.output_dim == 0
-        assert not hasattr(layer.weight, "packed_dim")
+        assert getattr(layer.weight, "packed_dim", None) is None
 
         g = torch.Generator().manual_seed(0)
         w = torch.randint(-128, 128, (10, 16), dtype=torch.int8, generator=g)
@@ -343,6 +347,8 @@ def test_the_example_plugin_computes_x_times_dequantized_weight_transposed(tmp_p
         layer.weight_scale.data.copy_(s)
         x = torch.randn(3, 16, generator=g)
         bias = torch.randn(10, generator=g)
+        method.process_weights_after_loading(layer)
+        assert isinstance(layer.kernel, quantreg.Kernel)
 
         torch.testing.assert_close(method.apply(layer, x), x @ (w * s).T)
         torch.testing.assert_close(method.apply(layer, x, bias), x @ (w * s).T + bias)
@@ -350,3 +356,54 @@ def test_the_example_plugin_computes_x_times_dequantized_weight_transposed(tmp_p
         EXAMPLE_DIST,
         path=(EXAMPLE,),
     )
+
+
+def public_names_used(source: str) -> set[str]:
+    """Every ``quantreg.<name>`` and ``from quantreg import <name>`` of a module's source."""
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and getattr(node.value, "id", None) == "quantreg":
+            names.add(node.attr)
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("quantreg"):
+            assert node.module == "quantreg", f"imports {node.module}"
+            names |= {alias.name for alias in node.names}
+    return names
+
+
+def test_the_example_plugin_uses_only_public_names():
+    import quantreg
+
+    used = public_names_used((EXAMPLE / "quantreg_int8_plugin" / "__init__.py").read_text())
+    assert used and used <= set(quantreg.__all__), used - set(quantreg.__all__)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_plugin_with_public_names_only_reproduces_a_builtin_bit_for_bit(tmp_path, monkeypatch, dtype):  # fmt: skip
+    """The example plugin reads the tensors of compressed-tensors' symmetric int8 per-channel
+    format: its logits equal the built-in method's exactly (same scale dtype, same kernel)."""
+    import quantreg
+
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    from quantreg_int8_plugin import Int8ChannelConfig
+
+    quantreg.register_quant_method("example_int8")(Int8ChannelConfig)
+    weight = torch.randn(1000, 256, generator=torch.Generator().manual_seed(0)) * 0.05
+    builtin = quantreg.write_checkpoint(
+        tmp_path / "ct", weight.half(), "compressed-tensors", format="int-quantized"
+    )
+    plugin = tmp_path / "plugin"
+    plugin.mkdir()
+    shutil.copy(builtin / "model.safetensors", plugin / "model.safetensors")
+    config = json.loads((builtin / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "example_int8", "bits": 8, "lm_head": True}
+    (plugin / "config.json").write_text(json.dumps(config))
+
+    ours = quantreg.load_lm_head(plugin, dtype=dtype)
+    theirs = quantreg.load_lm_head(builtin, dtype=dtype)
+    assert (ours.resolution.method, theirs.resolution.method) == (
+        "example_int8",
+        "compressed-tensors",
+    )
+    assert ours.kernel.name == theirs.kernel.name
+    x = torch.randn(7, 256, generator=torch.Generator().manual_seed(1)).to(dtype)
+    assert torch.equal(ours.compute_logits(x), theirs.compute_logits(x))

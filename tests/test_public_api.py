@@ -27,6 +27,7 @@ def test_every_error_derives_from_the_root_and_a_builtin():
         "DuplicateMethodError": ValueError,
         "MethodDefinitionError": TypeError,
         "PluginError": ImportError,
+        "InputError": ValueError,
         "ConfigError": ValueError,
         "CheckpointError": ValueError,
         "DistributedError": RuntimeError,
@@ -70,3 +71,27 @@ def test_package_ships_py_typed():
     from importlib.resources import files
 
     assert files("quantreg").joinpath("py.typed").is_file()
+
+
+def test_errors_carry_what_they_are_about(tmp_path):
+    """``path`` (the file), ``field`` (a config field or argument) and ``tensor``."""
+    import json
+
+    import torch
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"quantization_config": {"quant_method": "gptq", "bits": 3, "group_size": 128}}))  # fmt: skip
+    with pytest.raises(quantreg.ConfigError) as bad_field:
+        quantreg.resolve(tmp_path, platform="cpu")
+    assert (bad_field.value.path, bad_field.value.field) == (config, "bits")
+    config.write_text(json.dumps({"quantization_config": {"bits": 4}}))
+    with pytest.raises(quantreg.ConfigError) as no_method:
+        quantreg.resolve(tmp_path, platform="cpu")
+    assert (no_method.value.path, no_method.value.field) == (config, "quant_method")
+    with pytest.raises(quantreg.InputError) as bad_argument:
+        quantreg.ParallelLMHead(0, 8)
+    assert bad_argument.value.field == "num_embeddings"
+    quantreg.write_checkpoint(tmp_path / "ckpt", torch.zeros(64, 8), "gptq", group_size=8)
+    with pytest.raises(quantreg.InputError) as bad_dtype:
+        quantreg.load_lm_head(tmp_path / "ckpt", dtype="int8")
+    assert bad_dtype.value.field == "dtype"

@@ -53,11 +53,14 @@ def test_names_are_stripped_lowercased_and_aliased(written, canonical):
     assert normalize_name(written) == canonical
 
 
-def test_every_builtin_is_listed_without_importing_it(registry):
+def test_every_builtin_is_listed_without_importing_it(registry, monkeypatch):
+    for name in [m for m in sys.modules if m.startswith("quantreg.methods.")]:
+        monkeypatch.delitem(sys.modules, name)  # restored after the test
     infos = quantreg.list_quant_methods()
     assert [i.name for i in infos] == BUILTINS
     assert all(i.source == "built-in" and not i.loaded and i.error is None for i in infos)
-    assert "quantreg.methods.awq" not in sys.modules or registry.loaded() == {}
+    assert [m for m in sys.modules if m.startswith("quantreg.methods.")] == []
+    assert registry.loaded() == {}
 
 
 @pytest.mark.parametrize("name", BUILTINS)
@@ -257,14 +260,21 @@ def test_concurrent_registrations_and_lookups():
 
 
 def test_a_module_that_registers_itself_while_imported_does_not_deadlock(tmp_path, monkeypatch):
+    """The first lookup imports the module outside the registry lock: while that import is
+    held open (a gate, not a sleep), the registry still answers, and the module's own
+    registration and every concurrent lookup end with one class."""
+    (tmp_path / "selfreg_gate.py").write_text(
+        "import threading\nentered = threading.Event()\nrelease = threading.Event()\n"
+    )
     (tmp_path / "selfreg_mod.py").write_text(
         textwrap.dedent(
             """
-            import time
             import quantreg
+            import selfreg_gate
             from tests_support_noop import Noop
 
-            time.sleep(0.2)  # widen the window in which other threads look it up
+            selfreg_gate.entered.set()
+            assert selfreg_gate.release.wait(30), "the test never released the import"
 
             @quantreg.register_quant_method("selfreg")
             class Cfg(quantreg.QuantConfig):
@@ -287,14 +297,23 @@ def test_a_module_that_registers_itself_while_imported_does_not_deadlock(tmp_pat
         )
     )
     monkeypatch.syspath_prepend(str(tmp_path))
+    import selfreg_gate
+
     reg = Registry({"selfreg": "selfreg_mod:Cfg"}, entry_point_group=None)
     set_default_registry(reg)
     results: list[type] = []
     threads = [
         threading.Thread(target=lambda: results.append(reg.get("selfreg"))) for _ in range(8)
     ]
-    for t in threads:
+    threads[0].start()
+    assert selfreg_gate.entered.wait(30), "the first lookup never imported the module"
+    for t in threads[1:]:
         t.start()
+    answered = threading.Thread(target=reg.names)  # needs the registry lock
+    answered.start()
+    answered.join(timeout=30)
+    assert not answered.is_alive(), "the registry lock is held during the import"
+    selfreg_gate.release.set()
     for t in threads:
         t.join(timeout=30)
     assert not any(t.is_alive() for t in threads), "deadlock"
