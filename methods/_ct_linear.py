@@ -138,9 +138,11 @@ class CompressedTensorsLinearMethod(DecodedLinearMethod):
         if self.format == FLOAT:
             zeros = None if self.args.symmetric else self._float_zeros(layer, n)
             return Float8Layout.build(layer.weight.data, scales, zeros, g_idx, names)
+        packed = layer.weight_packed.data.T if self.format == PACKED else None
         return IntWeights.create(
             bits=self.bits, k=k, codes=self._codes(layer, k), scales=scales,
             zeros=self._zeros(layer, n, scales.shape), g_idx=g_idx, names=names,
+            k_packed=packed,
         )  # fmt: skip
 
     def _codes(self, layer: torch.nn.Module, k: int) -> Callable[[int, int], torch.Tensor]:

@@ -75,6 +75,7 @@ def decode(layer: torch.nn.Module, bits: int, zero_point_offset: int) -> IntWeig
         zeros=zeros[:, : layer.scales.shape[1]],
         g_idx=layer.g_idx.data,
         names=(f"{prefix}.g_idx", f"{prefix}.scales"),
+        k_packed=qweight.data,
     )
 
 

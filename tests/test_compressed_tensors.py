@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from ckpt import llama_config
 from ckpt import write_checkpoint as write_raw
+from cli_runner import run_cli
 from ct_library import compress_head
 from safetensors.torch import load_file
 from test_tensor_parallel import free_port
@@ -311,7 +310,7 @@ def test_cli_quantize_compressed_tensors(tmp_path):
         config=llama_config(hidden_size=HIDDEN),
         tensors={"lm_head.weight": random_weight()},
     )
-    out = subprocess.run([sys.executable, "-m", "quantreg", "quantize", str(tmp_path / "src"), str(tmp_path / "dst"), "--method", "compressed-tensors", "--format", "pack-quantized", "--bits", "8", "--group-size", "-1"], capture_output=True, text=True)  # fmt: skip
+    out = run_cli("quantize", str(tmp_path / "src"), str(tmp_path / "dst"), "--method", "compressed-tensors", "--format", "pack-quantized", "--bits", "8", "--group-size", "-1")  # fmt: skip
     assert out.returncode == 0, out.stderr
     head = load_lm_head(tmp_path / "dst", dtype=torch.float32)
     assert head.resolution.method == "compressed-tensors"

@@ -5,13 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from ckpt import awq_head, float_head, llama_config, write_checkpoint
+from cli_runner import run_cli
 from safetensors.torch import load_file, save_file
 
 import quantreg
@@ -228,10 +227,6 @@ def test_producer_fixture_ct_head_in_ignore_beside_a_quantized_fc():
 
 
 # -- command line --------------------------------------------------------------------------
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "quantreg", *args], capture_output=True, text=True)
 
 
 def test_cli_run_hidden_out(tmp_path):

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -19,6 +17,7 @@ from ckpt import (
     llama_config,
     write_checkpoint,
 )
+from cli_runner import run_cli
 
 import quantreg
 from quantreg import (
@@ -465,10 +464,6 @@ def test_a_broken_plugin_is_a_declined_candidate(tmp_path, monkeypatch, registry
 
 
 # -- the command line ----------------------------------------------------------------------
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "quantreg", *args], capture_output=True, text=True)
 
 
 def test_cli_resolve_json(checkpoints):

@@ -74,15 +74,19 @@ class KPackedLayout(LayoutTensors):
 
     @classmethod
     def build(cls, weights: IntWeights) -> KPackedLayout:
-        """Pack ``weights`` a column chunk at a time (rows in group order)."""
+        """Take the checkpoint's words when they already are this layout, else pack
+        ``weights`` a column chunk at a time (rows in group order)."""
         import torch
 
         k, n, bits = weights.k, weights.n, weights.bits
         device = weights.scales.device
-        codes = torch.empty((-(-k // (32 // bits)), n), dtype=torch.int32, device=device)
-        for c0 in range(0, n, COLUMN_CHUNK):
-            c1 = min(c0 + COLUMN_CHUNK, n)
-            codes[:, c0:c1] = pack_codes(weights.sorted_codes(c0, c1), bits, dim=0)
+        if weights.k_packed is not None and weights.perm is None:
+            codes = weights.k_packed.contiguous()  # the checkpoint's own words: no repacking
+        else:
+            codes = torch.empty((-(-k // (32 // bits)), n), dtype=torch.int32, device=device)
+            for c0 in range(0, n, COLUMN_CHUNK):
+                c1 = min(c0 + COLUMN_CHUNK, n)
+                codes[:, c0:c1] = pack_codes(weights.sorted_codes(c0, c1), bits, dim=0)
         group = weights.group_size
         row_groups = None
         if group is None or group % TRITON_GROUP_MULTIPLE:

@@ -49,7 +49,8 @@ def pack_codes(
 ) -> torch.Tensor:
     """Pack unsigned ``codes`` (values in ``[0, 2**bits)``) along ``dim`` into int32 words.
 
-    A length that is not a multiple of ``32 // bits`` is zero-padded.
+    A length that is not a multiple of ``32 // bits`` is zero-padded. Computed in int32 (a
+    code shifted into bit 31 wraps to the word's two's complement value, as stored).
 
     Raises:
         InputError: unsupported width, a bad ``order``, or a code out of range.
@@ -58,18 +59,21 @@ def pack_codes(
 
     pf = pack_factor(bits)
     slots = _order(order, pf)
-    x = codes.movedim(dim, -1).to(torch.int64)
-    if x.numel() and (int(x.min()) < 0 or int(x.max()) >= 1 << bits):
-        raise InputError(f"codes must lie in [0, {1 << bits}) to pack as {bits}-bit", field="codes")
+    x = codes.movedim(dim, -1)
+    if x.numel():
+        low, high = torch.aminmax(x)
+        if int(low) < 0 or int(high) >= 1 << bits:
+            raise InputError(
+                f"codes must lie in [0, {1 << bits}) to pack as {bits}-bit", field="codes"
+            )
     pad = -x.shape[-1] % pf
     if pad:
         x = torch.nn.functional.pad(x, (0, pad))
     x = x.reshape(*x.shape[:-1], -1, pf)
-    words = torch.zeros(x.shape[:-1], dtype=torch.int64, device=x.device)
-    for k, source in enumerate(slots):
-        words |= x[..., source] << (bits * k)
-    words = torch.where(words >= 1 << 31, words - (1 << 32), words)  # two's complement int32
-    return words.to(torch.int32).movedim(-1, dim).contiguous()
+    words = x[..., slots[0]].to(torch.int32, copy=True)  # never OR into the caller's codes
+    for k in range(1, pf):
+        words |= x[..., slots[k]].to(torch.int32) << (bits * k)
+    return words.movedim(-1, dim).contiguous()
 
 
 def unpack_codes(
@@ -89,12 +93,17 @@ def unpack_codes(
 
     pf = pack_factor(bits)
     slots = _order(order, pf)
-    w = words.movedim(dim, -1).to(torch.int64) & 0xFFFFFFFF
     mask = (1 << bits) - 1
-    out = torch.empty((*w.shape, pf), dtype=torch.int32, device=w.device)
+    # codes go next to their word along the packed dim: [..., words, pf, ...] -> [..., codes, ...]
+    axis = dim % words.dim()
+    w = words.to(torch.int32).unsqueeze(axis + 1)
+    shape = list(w.shape)
+    shape[axis + 1] = pf
+    out = torch.empty(shape, dtype=torch.int32, device=w.device)
     for k, target in enumerate(slots):
-        out[..., target] = ((w >> (bits * k)) & mask).to(torch.int32)
-    out = out.reshape(*w.shape[:-1], -1)
+        # an arithmetic shift fills with the sign bit; the mask keeps only the code
+        out.narrow(axis + 1, target, 1).copy_((w >> (bits * k)) & mask)
+    out = out.flatten(axis, axis + 1)
     if count is not None:
-        out = out[..., :count]
-    return out.movedim(-1, dim)
+        out = out.narrow(axis, 0, count)
+    return out

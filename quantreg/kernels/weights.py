@@ -38,6 +38,10 @@ class IntWeights:
         zeros: ``[G, N]`` unsigned zero points (integers, in any dtype).
         perm: int64 ``[K]``: the rows in group order (act-order); None when they already are.
         bounds: the first row of every group in that order, then ``K``.
+        k_packed: the codes already packed along K as :class:`KPackedLayout` stores them
+            (int32 ``[ceil(K / pf), N]``, code ``j`` of a word at bits ``j * bits``, rows in
+            checkpoint order) -- GPTQ's ``qweight``, compressed-tensors' ``weight_packed``
+            transposed -- or None; with rows already in group order it is used as it is.
     """
 
     bits: int
@@ -48,6 +52,7 @@ class IntWeights:
     zeros: torch.Tensor
     perm: torch.Tensor | None
     bounds: tuple[int, ...]
+    k_packed: torch.Tensor | None = None
 
     @classmethod
     def create(
@@ -60,10 +65,11 @@ class IntWeights:
         zeros: torch.Tensor,
         g_idx: torch.Tensor | None = None,
         names: tuple[str, str] = ("g_idx", "scales"),
+        k_packed: torch.Tensor | None = None,
     ) -> IntWeights:
         """Describe a weight; ``g_idx`` names the group of every row (None: rows in order,
         ``ceil(K / G)`` per group). ``names`` are the checkpoint names of ``g_idx`` and the
-        scales, used in errors.
+        scales, used in errors. ``k_packed``: see the class doc.
 
         Raises:
             InputError: unsupported bits, or scales and zeros of different shapes.
@@ -99,6 +105,7 @@ class IntWeights:
             zeros=zeros,
             perm=None if monotone else order,
             bounds=tuple(bounds),
+            k_packed=k_packed,
         )
 
     @property
