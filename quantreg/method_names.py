@@ -34,6 +34,7 @@ BUILTIN_METHODS: dict[str, str] = {
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.\-]*$")
 
+
 def normalize_name(name: str) -> str:
     """Canonical spelling of a method name: stripped, lower-case, known aliases applied.
 
