@@ -15,8 +15,10 @@ from typing import Annotated, Any, ClassVar, Literal
 import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from quantreg import LayerRule, QuantConfig
-from quantreg.methods._ct_linear import CompressedTensorsLinearMethod, quantize_ct
+from quantreg import ConfigError, IntWeights, LayerRule, QuantConfig
+from quantreg.kernels import Float8Layout
+from quantreg.methods import _ct_format as fmt
+from quantreg.methods._decoded import DecodedLinearMethod
 
 FORMATS = (
     "dense", "int-quantized", "float-quantized", "naive-quantized", "pack-quantized",
@@ -97,6 +99,33 @@ def match_kind(target: str, name: str) -> int | None:
         except re.error:
             return None
     return 2 if target == LINEAR_CLASS else None
+
+
+class CompressedTensorsLinearMethod(DecodedLinearMethod):
+    """Loads one compressed-tensors scheme's tensors; integer formats run the kernel selected
+    for them (any of quantreg's), float8 the exact reference kernel."""
+
+    quant_config: CompressedTensorsConfig  # set by QuantConfig.get_linear_method
+
+    def __init__(self, quant_config: CompressedTensorsConfig) -> None:
+        super().__init__(quant_config)
+        self.scheme = quant_config.weight_scheme()
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra: Any,
+    ) -> None:
+        n = sum(output_partition_sizes)
+        fmt.create_weights(layer, self.scheme, input_size_per_partition, n, params_dtype)
+
+    def decode(self, layer: torch.nn.Module) -> IntWeights | Float8Layout:
+        return fmt.decode(layer, self.scheme)
 
 
 class CompressedTensorsConfig(QuantConfig):
@@ -211,8 +240,8 @@ class CompressedTensorsConfig(QuantConfig):
     def quantize_weight(
         cls, weight: torch.Tensor, **params: Any
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Round-to-nearest tensors of one format (see ``_ct_linear.quantize_ct``)."""
-        return quantize_ct(weight, **params)
+        """Round-to-nearest tensors of one format (see ``_ct_format.quantize_ct``)."""
+        return fmt.quantize_ct(weight, **params)
 
     def unmatched_entries(self, modules: Collection[str]) -> list[str]:
         """``ignore`` and ``targets`` entries that match no module of the checkpoint (class
@@ -226,6 +255,30 @@ class CompressedTensorsConfig(QuantConfig):
             for kind, entry in checkable
             if not any(match_kind(entry, m) is not None for m in modules)
         ]
+
+    def weight_scheme(self) -> fmt.WeightScheme:
+        """What the tensors of this (effective, one-scheme) layer config hold.
+
+        Raises:
+            ConfigError: not exactly one scheme with weights, or a format quantreg cannot run.
+        """
+        scheme = self.scheme
+        if scheme is None or scheme.weights is None:
+            raise ConfigError("compressed-tensors: a layer needs exactly one scheme with weights")
+        reason = self.format_reason()
+        if reason is not None:
+            raise ConfigError(f"compressed-tensors: {reason}")
+        args, acts = scheme.weights, scheme.input_activations
+        strategy = args.effective_strategy
+        return fmt.WeightScheme(
+            format=self.scheme_format(scheme) or fmt.PACKED,
+            bits=args.num_bits,
+            strategy=strategy,
+            group_size=args.group_size if strategy == "group" else None,
+            symmetric=args.symmetric,
+            actorder_group=args.actorder == "group",
+            static_input=acts is not None and acts.dynamic is False,
+        )
 
     def notes(self) -> list[str]:
         scheme = self.scheme

@@ -11,7 +11,8 @@ the partial sums are added in float32 afterwards). Weights are dequantized in re
 the activation dtype, and fed to ``tl.dot`` with float32
 accumulation. ``tl.dot`` needs at least 16 rows, so M is padded by masking. On CUDA a small set
 of configurations is timed once per (M bucket, N, K, group, bits, dtype) and cached; under the
-interpreter (``TRITON_INTERPRET=1``, set before this module is imported) the first one runs.
+interpreter (``TRITON_INTERPRET=1``, set before this module is imported) the one with the
+fewest programs runs.
 """
 
 from __future__ import annotations
@@ -196,11 +197,14 @@ def _launch(x, wq, scales, zeros, bits, group_size, gidx, per_row, cfg: Config) 
 
 
 def _choose(x, wq, scales, zeros, bits, group_size, gidx, per_row) -> Config:  # type: ignore[no-untyped-def]
-    """The cached best configuration; timed once per key on CUDA, the heuristic elsewhere."""
+    """The cached best configuration: timed once per key on CUDA; on the interpreter the one
+    with the fewest programs (its cost is per program; every candidate has its own test)."""
     m, k = x.shape
     n = wq.shape[1]
     options = candidates(m, n, k, group_size)
-    if x.device.type != "cuda" or len(options) == 1:
+    if x.device.type != "cuda":
+        return min(options, key=lambda c: (c.split_k, -c.block_n, -c.block_k))
+    if len(options) == 1:
         return options[0]
     key = (_bucket(m), n, k, group_size, bits, per_row, x.dtype, x.device.index)
     with _tune_lock:

@@ -1,4 +1,5 @@
-"""The compressed-tensors LinearMethod and writer, one scheme per on-disk format.
+"""compressed-tensors' on-disk tensors, one scheme per format: created, decoded and written
+(functions of a ``WeightScheme``: the config and LinearMethod live in ``compressed_tensors``).
 
 ``W[o, i] = (q[o, i] - zp[o, g(i)]) * scale[o, g(i)]``, rounded to the scale dtype (as
 compressed-tensors computes it in that dtype); ``g(i)`` is ``i // group_size`` (group),
@@ -19,13 +20,13 @@ reference kernel.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from quantreg import (
     CheckpointError,
-    ConfigError,
     InputError,
     IntWeights,
     frozen_param,
@@ -35,139 +36,142 @@ from quantreg import (
 )
 from quantreg.kernels import Float8Layout
 from quantreg.methods._checks import check_finite
-from quantreg.methods._decoded import DecodedLinearMethod
 
 PACKED, INT, NAIVE, FLOAT = "pack-quantized", "int-quantized", "naive-quantized", "float-quantized"
 FP8_MAX = 448.0  # largest float8_e4m3fn value
 WRITER = "compressed-tensors writer"
 
 
-class CompressedTensorsLinearMethod(DecodedLinearMethod):
-    """Loads one compressed-tensors scheme's tensors; integer formats run the kernel selected
-    for them (any of quantreg's), float8 the exact reference kernel."""
+@dataclass(frozen=True)
+class WeightScheme:
+    """What one compressed-tensors layer's tensors hold (from its config group).
 
-    def __init__(self, quant_config: Any) -> None:
-        super().__init__(quant_config)
-        scheme = quant_config.scheme
-        if scheme is None or scheme.weights is None:
-            raise ConfigError("compressed-tensors: a layer needs exactly one scheme with weights")
-        reason = quant_config.format_reason()
-        if reason is not None:
-            raise ConfigError(f"compressed-tensors: {reason}")
-        self.format = quant_config.scheme_format(scheme)
-        self.args = scheme.weights
-        self.bits = self.args.num_bits
-        self.strategy = self.args.effective_strategy
-        self.actorder_group = self.args.actorder == "group"
-        acts = scheme.input_activations
-        self.static_input = acts is not None and acts.dynamic is False
+    Attributes:
+        format: the on-disk format (``pack-quantized``, ``int-quantized``, ...).
+        bits: the weight code width.
+        strategy: ``group``, ``channel`` or ``tensor``.
+        group_size: the group size of strategy ``group`` (else None).
+        symmetric: no zero point tensor when true.
+        actorder_group: a ``weight_g_idx`` names every column's group (actorder ``group``).
+        static_input: the checkpoint stores an ``input_scale`` (kept, unused: weight-only).
+    """
 
-    def create_weights(
-        self,
-        layer: torch.nn.Module,
-        input_size_per_partition: int,
-        output_partition_sizes: list[int],
-        input_size: int,
-        output_size: int,
-        params_dtype: torch.dtype,
-        **extra: Any,
-    ) -> None:
-        k, n = input_size_per_partition, sum(output_partition_sizes)
-        groups = self._groups(k)
-        rows = {"output_dim": 0}
-        params: dict[str, torch.nn.Parameter] = {}
-        if self.format == PACKED:
-            pf = 32 // self.bits
-            params["weight_packed"] = frozen_param(
-                (n, -(-k // pf)), torch.int32, input_dim=1, packed_dim=1, pack_factor=pf, **rows
-            )
-            params["weight_shape"] = frozen_param((2,), torch.int64)
-            if not self.args.symmetric:
-                params["weight_zero_point"] = frozen_param(
-                    (n // pf, groups), torch.int32, packed_dim=0, pack_factor=pf, **rows
-                )
-        else:
-            dtype = torch.float8_e4m3fn if self.format == FLOAT else torch.int8
-            params["weight"] = frozen_param((n, k), dtype, input_dim=1, **rows)
-            if not self.args.symmetric:
-                zp_shape = (1,) if self.strategy == "tensor" else (n, groups)
-                zp_rows = {} if self.strategy == "tensor" else rows
-                params["weight_zero_point"] = frozen_param(zp_shape, torch.int8, **zp_rows)
-        scale = {"keep_checkpoint_dtype": True}
-        if self.strategy == "tensor":
-            params["weight_scale"] = frozen_param((1,), params_dtype, **scale)
-        else:
-            params["weight_scale"] = frozen_param((n, groups), params_dtype, **rows, **scale)
-        if self.actorder_group:
-            params["weight_g_idx"] = frozen_param((k,), torch.int32, input_dim=0)
-        if self.static_input:
-            params["input_scale"] = frozen_param((1,), params_dtype)  # kept, unused: weight-only
-        for name, param in params.items():
-            layer.register_parameter(name, param)
+    format: str
+    bits: int
+    strategy: str
+    group_size: int | None
+    symmetric: bool
+    actorder_group: bool
+    static_input: bool
 
-    def _groups(self, k: int) -> int:
+    def groups(self, k: int) -> int:
+        """The number of scale groups along ``k`` input columns."""
         if self.strategy == "group":
-            return -(-k // self.args.group_size)
+            assert self.group_size is not None
+            return -(-k // self.group_size)
         return 1
 
-    def decode(self, layer: torch.nn.Module) -> IntWeights | Float8Layout:
-        """The scheme's codes as ``IntWeights`` (float8: a ``Float8Layout``).
 
-        Raises:
-            CheckpointError: non-finite scales, a ``weight_shape`` that disagrees with the
-                head, or a ``weight_g_idx`` entry outside the groups.
-        """
-        check_finite(layer, "weight_scale")
-        geometry = layer_geometry(layer)
-        k, prefix = geometry.input_size, geometry.prefix
-        if self.format == PACKED:
-            shape = layer.weight_shape.tolist()
-            if shape != [geometry.output_size, k]:
-                raise CheckpointError(
-                    f"{prefix}.weight_shape = {shape}; expected [{geometry.output_size}, "
-                    f"{k}] (vocab rows, hidden size)",
-                    tensor=f"{prefix}.weight_shape",
-                )
-        g_idx = layer.weight_g_idx.data if self.actorder_group else None
-        if g_idx is None and self.strategy == "group":
-            g_idx = torch.arange(k) // self.args.group_size
-        names = (f"{prefix}.weight_g_idx", f"{prefix}.weight_scale")
-        n = geometry.output_size_per_partition
-        scale = layer.weight_scale.data
-        scales = scale.reshape(1, 1).expand(1, n) if self.strategy == "tensor" else scale.T
-        if self.format == FLOAT:
-            zeros = None if self.args.symmetric else self._float_zeros(layer, n)
-            return Float8Layout.build(layer.weight.data, scales, zeros, g_idx, names)
-        packed = layer.weight_packed.data.T if self.format == PACKED else None
-        return IntWeights.create(
-            bits=self.bits, k=k, codes=self._codes(layer, k), scales=scales,
-            zeros=self._zeros(layer, n, scales.shape), g_idx=g_idx, names=names,
-            k_packed=packed,
-        )  # fmt: skip
+def create_weights(
+    layer: torch.nn.Module, scheme: WeightScheme, k: int, n: int, params_dtype: torch.dtype
+) -> None:
+    """Register this rank's tensors of ``scheme`` on ``layer``: ``k`` inputs, ``n`` outputs
+    (the vocab on dim 0 of every tensor)."""
+    groups = scheme.groups(k)
+    rows = {"output_dim": 0}
+    params: dict[str, torch.nn.Parameter] = {}
+    if scheme.format == PACKED:
+        pf = 32 // scheme.bits
+        params["weight_packed"] = frozen_param(
+            (n, -(-k // pf)), torch.int32, input_dim=1, packed_dim=1, pack_factor=pf, **rows
+        )
+        params["weight_shape"] = frozen_param((2,), torch.int64)
+        if not scheme.symmetric:
+            params["weight_zero_point"] = frozen_param(
+                (n // pf, groups), torch.int32, packed_dim=0, pack_factor=pf, **rows
+            )
+    else:
+        dtype = torch.float8_e4m3fn if scheme.format == FLOAT else torch.int8
+        params["weight"] = frozen_param((n, k), dtype, input_dim=1, **rows)
+        if not scheme.symmetric:
+            zp_shape = (1,) if scheme.strategy == "tensor" else (n, groups)
+            zp_rows = {} if scheme.strategy == "tensor" else rows
+            params["weight_zero_point"] = frozen_param(zp_shape, torch.int8, **zp_rows)
+    scale = {"keep_checkpoint_dtype": True}
+    if scheme.strategy == "tensor":
+        params["weight_scale"] = frozen_param((1,), params_dtype, **scale)
+    else:
+        params["weight_scale"] = frozen_param((n, groups), params_dtype, **rows, **scale)
+    if scheme.actorder_group:
+        params["weight_g_idx"] = frozen_param((k,), torch.int32, input_dim=0)
+    if scheme.static_input:
+        params["input_scale"] = frozen_param((1,), params_dtype)  # kept, unused: weight-only
+    for name, param in params.items():
+        layer.register_parameter(name, param)
 
-    def _codes(self, layer: torch.nn.Module, k: int) -> Callable[[int, int], torch.Tensor]:
-        """Unsigned (offset-binary) codes ``[K, c1 - c0]`` of output columns ``c0:c1``."""
-        bits, offset = self.bits, 1 << (self.bits - 1)
-        if self.format == PACKED:
-            packed = layer.weight_packed
-            return lambda c0, c1: unpack_codes(packed[c0:c1], bits, dim=1, count=k).T
-        weight = layer.weight
-        return lambda c0, c1: (weight[c0:c1].to(torch.int32) + offset).T
 
-    def _zeros(self, layer: torch.nn.Module, n: int, shape: torch.Size) -> torch.Tensor:
-        """Unsigned zero points ``[G, N]`` (symmetric: the code offset)."""
-        offset = 1 << (self.bits - 1)
-        if self.args.symmetric:
-            return torch.full(tuple(shape), offset, dtype=torch.int32)
-        zp = layer.weight_zero_point
-        if self.format == PACKED:
-            return unpack_codes(zp, self.bits, dim=0, count=n).T
-        zp = zp.to(torch.int32) + offset
-        return zp.reshape(1, 1).expand(1, n) if self.strategy == "tensor" else zp.T
+def decode(layer: torch.nn.Module, scheme: WeightScheme) -> IntWeights | Float8Layout:
+    """The loaded tensors as ``IntWeights`` (float8: a ``Float8Layout``).
 
-    def _float_zeros(self, layer: torch.nn.Module, n: int) -> torch.Tensor:
-        zp = layer.weight_zero_point.to(torch.float32)
-        return zp.reshape(1, 1).expand(1, n) if self.strategy == "tensor" else zp.T
+    Raises:
+        CheckpointError: non-finite scales, a ``weight_shape`` that disagrees with the head,
+            or a ``weight_g_idx`` entry outside the groups.
+    """
+    check_finite(layer, "weight_scale")
+    geometry = layer_geometry(layer)
+    k, prefix = geometry.input_size, geometry.prefix
+    if scheme.format == PACKED:
+        shape = layer.weight_shape.tolist()
+        if shape != [geometry.output_size, k]:
+            raise CheckpointError(
+                f"{prefix}.weight_shape = {shape}; expected [{geometry.output_size}, {k}] "
+                "(vocab rows, hidden size)",
+                tensor=f"{prefix}.weight_shape",
+            )
+    g_idx = layer.weight_g_idx.data if scheme.actorder_group else None
+    if g_idx is None and scheme.strategy == "group":
+        assert scheme.group_size is not None
+        g_idx = torch.arange(k) // scheme.group_size
+    names = (f"{prefix}.weight_g_idx", f"{prefix}.weight_scale")
+    n = geometry.output_size_per_partition
+    scale = layer.weight_scale.data
+    scales = scale.reshape(1, 1).expand(1, n) if scheme.strategy == "tensor" else scale.T
+    if scheme.format == FLOAT:
+        zeros = None if scheme.symmetric else _per_group(scheme, layer.weight_zero_point, n).float()
+        return Float8Layout.build(layer.weight.data, scales, zeros, g_idx, names)
+    packed = layer.weight_packed.data.T if scheme.format == PACKED else None
+    return IntWeights.create(
+        bits=scheme.bits, k=k, codes=_codes(layer, scheme, k), scales=scales,
+        zeros=_zeros(layer, scheme, n, scales.shape), g_idx=g_idx, names=names, k_packed=packed,
+    )  # fmt: skip
+
+
+def _codes(
+    layer: torch.nn.Module, scheme: WeightScheme, k: int
+) -> Callable[[int, int], torch.Tensor]:
+    """Unsigned (offset-binary) codes ``[K, c1 - c0]`` of output columns ``c0:c1``."""
+    bits, offset = scheme.bits, 1 << (scheme.bits - 1)
+    if scheme.format == PACKED:
+        packed = layer.weight_packed
+        return lambda c0, c1: unpack_codes(packed[c0:c1], bits, dim=1, count=k).T
+    weight = layer.weight
+    return lambda c0, c1: (weight[c0:c1].to(torch.int32) + offset).T
+
+
+def _zeros(layer: torch.nn.Module, scheme: WeightScheme, n: int, shape: torch.Size) -> torch.Tensor:
+    """Unsigned zero points ``[G, N]`` (symmetric: the code offset)."""
+    offset = 1 << (scheme.bits - 1)
+    if scheme.symmetric:
+        return torch.full(tuple(shape), offset, dtype=torch.int32)
+    zp = layer.weight_zero_point
+    if scheme.format == PACKED:
+        return unpack_codes(zp, scheme.bits, dim=0, count=n).T
+    return _per_group(scheme, zp, n).to(torch.int32) + offset
+
+
+def _per_group(scheme: WeightScheme, zp: torch.Tensor, n: int) -> torch.Tensor:
+    """Stored (signed) zero points as ``[G, N]``."""
+    return zp.reshape(1, 1).expand(1, n) if scheme.strategy == "tensor" else zp.T
 
 
 def quantize_ct(
