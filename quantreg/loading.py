@@ -80,27 +80,27 @@ def load_lm_head(
         DistributedError: this rank loaded fine but another rank failed.
     """
     group = TPGroup.resolve(tp)
-    head: ParallelLMHead | None = None
-    error: Exception | None = None
     try:
         plat = _platform(platform, device)
         resolution = resolve(
             Path(path), platform=plat, requested=requested, prefix=prefix, registry=registry
         )
         head = _load(resolution, device, dtype, group, strict, kernel)
-    except Exception as exc:  # re-raised below, after the other ranks have been told
-        error = exc
+    except Exception:
+        # Tell the other ranks, then re-raise from this block: an exception kept in a local
+        # would form a cycle (exception -> traceback -> frame) keeping the ProcessGroup alive
+        # past destroy_process_group; gloo's threads then met interpreter exit: SIGABRT.
+        if group.size > 1:
+            group.failed_ranks(True)
+        raise
     if group.size > 1:
-        failed = group.failed_ranks(error is not None)
-        if error is None and failed:
+        failed = group.failed_ranks(False)
+        if failed:
             raise DistributedError(
                 f"loading {prefix} of {path} failed on rank(s) {failed} of {group.size}; "
                 f"rank {group.rank} loaded its shard, but the head is unusable without "
                 "every shard (see the failing rank's error)"
             )
-    if error is not None:
-        raise error
-    assert head is not None
     return head
 
 

@@ -23,6 +23,12 @@ if not torch.cuda.is_available():
 
 
 @pytest.fixture(autouse=True)
+def _seeded() -> None:
+    """Every test draws the same numbers from torch's global generator, whatever ran before."""
+    torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
 def registry() -> Iterator[Registry]:
     """A fresh default registry holding only the built-ins (plus installed plugins)."""
     fresh = Registry()

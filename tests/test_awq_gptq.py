@@ -8,15 +8,13 @@ import sys
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from ckpt import llama_config
 from ckpt import write_checkpoint as write_raw
 from cli_runner import run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
-from test_tensor_parallel import free_port
-from tp_worker import load_and_compute
+from two_ranks import run_two_ranks
 from wna16_spec import awq_dequantize, gptq_dequantize
 
 import quantreg
@@ -261,6 +259,7 @@ print((after - before) * 1024, head.resident_bytes())
 """
 
 
+@pytest.mark.slow
 def test_loading_never_holds_a_float_copy_of_the_whole_weight(tmp_path):
     """Each method loads in a fresh process (peak RSS is per process); the three processes
     run side by side."""
@@ -345,23 +344,31 @@ def test_cli_quantize_error_exits_1(tmp_path):
 # -- two ranks, vocab 1000 on dim 1 ---------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("family", "params", "method"),
-    [("awq", {"group_size": 64}, "awq"), ("awq", {"group_size": 64}, "cpu_wna16"), ("gptq", {"group_size": 64, "desc_act": True}, "gptq"), ("gptq", {"bits": 8, "group_size": 32, "sym": False}, "cpu_wna16"), ("gptq", {"group_size": 64, "desc_act": True}, "gptq_marlin")],
-    ids=["awq", "awq-cpu-wna16", "gptq-act-order", "gptq-8bit-asym-cpu-wna16", "gptq-marlin-act-order"],
-)  # fmt: skip
-def test_two_ranks_with_vocab_1000_match_one_process(tmp_path, family, params, method):
-    weight = random_weight(1000, 64)
-    write_checkpoint(tmp_path / "ckpt", weight, family, **params)
-    mp.spawn(
-        load_and_compute,
-        args=(2, free_port(), str(tmp_path / "ckpt"), str(tmp_path), {"requested": method}),
-        nprocs=2,
-        join=True,
-    )
-    single = load_lm_head(tmp_path / "ckpt", dtype=torch.float32, requested=method)
+TWO_RANK_CASES = {
+    "awq": ("awq", {"group_size": 64}, "awq"),
+    "awq-cpu-wna16": ("awq", {"group_size": 64}, "cpu_wna16"),
+    "gptq-act-order": ("gptq", {"group_size": 64, "desc_act": True}, "gptq"),
+    "gptq-8bit-asym-cpu-wna16": ("gptq", {"bits": 8, "group_size": 32, "sym": False}, "cpu_wna16"),
+    "gptq-marlin-act-order": ("gptq", {"group_size": 64, "desc_act": True}, "gptq_marlin"),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory):
+    """Every case of the table loaded on two ranks, in one spawn."""
+    root = tmp_path_factory.mktemp("two_ranks")
+    jobs = {}
+    for name, (family, params, method) in TWO_RANK_CASES.items():
+        write_checkpoint(root / name, random_weight(1000, 64), family, **params)
+        jobs[name] = (str(root / name), {"requested": method})
+    return root, run_two_ranks(root, jobs)
+
+
+@pytest.mark.parametrize("case", list(TWO_RANK_CASES))
+def test_two_ranks_with_vocab_1000_match_one_process(two_rank_runs, case):
+    root, runs = two_rank_runs
+    single = load_lm_head(root / case, dtype=torch.float32, requested=TWO_RANK_CASES[case][2])
     x = torch.randn(6, 64, generator=torch.Generator().manual_seed(0))
     expected = single.compute_logits(x)
-    for rank in range(2):
-        got = load_file(str(tmp_path / f"rank{rank}.safetensors"))
+    for got in runs[case]:
         torch.testing.assert_close(got["logits"], expected, rtol=1e-6, atol=1e-6)

@@ -62,6 +62,7 @@ def test_verbose_is_accepted_before_or_after_the_command(args, capsys):
     assert main(args) == 0
 
 
+@pytest.mark.slow
 def test_verbose_logs_the_decision(tmp_path):
     (tmp_path / "config.json").write_text(
         json.dumps({"quantization_config": {"quant_method": "awq", "lm_head": True}})

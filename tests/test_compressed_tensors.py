@@ -7,14 +7,12 @@ import logging
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from ckpt import llama_config
 from ckpt import write_checkpoint as write_raw
 from cli_runner import run_cli
 from ct_library import compress_head
 from safetensors.torch import load_file
-from test_tensor_parallel import free_port
-from tp_worker import load_and_compute
+from two_ranks import run_two_ranks
 
 from quantreg import (
     CheckpointError,
@@ -87,21 +85,30 @@ def test_activation_quantized_checkpoints_run_weight_only_and_say_so(library_che
     assert any("weight-only: activations stay float" in note for note in res.notes)
 
 
-@pytest.mark.parametrize("name", ["w8a16-channel", "w4a16-group-asym", "fp8-dynamic"])
-@pytest.mark.parametrize("kernel", [True, False], ids=["cpu-kernel", "reference-path"])
-def test_two_ranks_with_vocab_1000(library_checkpoints, tmp_path, monkeypatch, name, kernel):
-    folder, reference = library_checkpoints[name]
-    if not kernel:  # the spawned ranks inherit it: the exact reference kernel runs
-        monkeypatch.setenv("QUANTREG_NO_CPU_KERNELS", "1")
-    mp.spawn(
-        load_and_compute, args=(2, free_port(), str(folder), str(tmp_path), {}), nprocs=2, join=True
-    )
+TWO_RANK_NAMES = ["w8a16-channel", "w4a16-group-asym", "fp8-dynamic"]
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(library_checkpoints, tmp_path_factory):
+    """Each library checkpoint on two ranks, with the kernel selection picks and with the
+    exact reference kernel forced: one spawn for all."""
+    jobs = {}
+    for name in TWO_RANK_NAMES:
+        folder = str(library_checkpoints[name][0])
+        jobs[f"{name}-selected"] = (folder, {})
+        jobs[f"{name}-reference"] = (folder, {"kernel": "reference"})
+    return run_two_ranks(tmp_path_factory.mktemp("two_ranks"), jobs)
+
+
+@pytest.mark.parametrize("name", TWO_RANK_NAMES)
+@pytest.mark.parametrize("kernel", ["selected", "reference"])
+def test_two_ranks_with_vocab_1000(library_checkpoints, two_rank_runs, name, kernel):
+    _, reference = library_checkpoints[name]
     x = torch.randn(6, HIDDEN, generator=torch.Generator().manual_seed(0))
     expected = x.double() @ reference.double().T
-    for rank in range(2):
-        got = load_file(str(tmp_path / f"rank{rank}.safetensors"))
+    for got in two_rank_runs[f"{name}-{kernel}"]:
         assert ((got["logits"].double() - expected).abs().max() / expected.abs().max()) < 1e-5
-        if name == "w4a16-group-asym" and not kernel:  # each rank: its 512 rows' zero points
+        if name == "w4a16-group-asym" and kernel == "reference":  # each rank: its 512 rows
             assert got["kernel.zeros"].shape == (2, 512)
 
 

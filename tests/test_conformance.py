@@ -11,10 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
-from test_tensor_parallel import free_port
-from tp_worker import load_and_compute
+from two_ranks import run_two_ranks
 
 from quantreg import load_lm_head, resolve
 
@@ -100,29 +98,30 @@ def test_unquantized_heads_load_as_float(name):
     assert torch.equal(head.compute_logits(torch.eye(head.embedding_dim)), weight.float().T)
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "awq_autoawq_g64",
-        "gptq_gptqmodel_lmhead_desc_act",
-        "gptq_gptqmodel_dynamic_w8g64",
-        "ct_w8a16_lmhead",
-        "ct_w4a16_asym_lmhead",
-    ],
-)
-def test_two_ranks_default_cpu_method(tmp_path, name):
-    mp.spawn(
-        load_and_compute,
-        args=(2, free_port(), str(FIXTURES / name), str(tmp_path), {}),
-        nprocs=2,
-        join=True,
-    )
+TWO_RANK_FIXTURES = [
+    "awq_autoawq_g64",
+    "gptq_gptqmodel_lmhead_desc_act",
+    "gptq_gptqmodel_dynamic_w8g64",
+    "ct_w8a16_lmhead",
+    "ct_w4a16_asym_lmhead",
+]
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory):
+    """Every fixture loaded on two ranks with the default method, in one spawn."""
+    jobs = {name: (str(FIXTURES / name), {}) for name in TWO_RANK_FIXTURES}
+    return run_two_ranks(tmp_path_factory.mktemp("two_ranks"), jobs)
+
+
+@pytest.mark.parametrize("name", TWO_RANK_FIXTURES)
+def test_two_ranks_default_cpu_method(two_rank_runs, name):
     x = torch.randn(
         6,
         load_lm_head(FIXTURES / name, dtype=torch.float32).embedding_dim,
         generator=torch.Generator().manual_seed(0),
     )
     expected = x.double() @ reference(name).double().T
-    for rank in range(2):
-        got = load_file(str(tmp_path / f"rank{rank}.safetensors"))["logits"].double()
+    for run in two_rank_runs[name]:
+        got = run["logits"].double()
         assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-5

@@ -2,47 +2,53 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
-import socket
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from ckpt import llama_config, write_checkpoint
 from safetensors.torch import load_file, save_file
-from tp_worker import load_and_compute, load_per_rank
+from tp_worker import load_per_rank
+from two_ranks import rendezvous, run_two_ranks
 
 import quantreg
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
-def test_two_ranks_match_one_process_exactly(tmp_path, bias):
+def plain_head_tensors(bias: bool) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
     tensors = {"lm_head.weight": torch.randn(1000, 64, generator=gen, dtype=torch.float32)}
     if bias:
         tensors["lm_head.bias"] = torch.randn(1000, generator=gen)
-    write_checkpoint(tmp_path / "ckpt", config=llama_config(), tensors=tensors)
-    mp.spawn(
-        load_and_compute,
-        args=(2, free_port(), str(tmp_path / "ckpt"), str(tmp_path), {}),
-        nprocs=2,
-        join=True,
-    )
+    return tensors
 
-    single = quantreg.load_lm_head(tmp_path / "ckpt", dtype=torch.float32)
+
+@pytest.fixture(scope="module")
+def plain_runs(tmp_path_factory):
+    """A float head with and without bias on two ranks, in one spawn."""
+    root = tmp_path_factory.mktemp("plain")
+    jobs = {}
+    for bias in (False, True):
+        name = "bias" if bias else "no-bias"
+        write_checkpoint(root / name, config=llama_config(), tensors=plain_head_tensors(bias))
+        jobs[name] = (str(root / name), {})
+    return root, run_two_ranks(root, jobs)
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_two_ranks_match_one_process_exactly(plain_runs, bias):
+    root, runs = plain_runs
+    name = "bias" if bias else "no-bias"
+    tensors = plain_head_tensors(bias)
+    single = quantreg.load_lm_head(root / name, dtype=torch.float32)
     x = torch.randn(6, 64, generator=torch.Generator().manual_seed(0))
     expected = single.compute_logits(x)
-    for rank in range(2):
-        got = load_file(str(tmp_path / f"rank{rank}.safetensors"))
+    for rank, got in enumerate(runs[name]):
         assert got["logits"].shape == (6, 1000)
         torch.testing.assert_close(got["logits"], expected, rtol=0, atol=0)
         # each rank holds only its half of the padded vocab; rank 1 ends in zero padding
@@ -67,22 +73,32 @@ def eagle_drafter(folder, seed: int = 0):
 
 
 def run_ranks(tmp_path, ckpts: list[str]) -> list[dict]:
-    mp.spawn(load_per_rank, args=(2, free_port(), ckpts, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(
+        load_per_rank, args=(2, rendezvous(tmp_path), ckpts, str(tmp_path)), nprocs=2, join=True
+    )
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
 
+@pytest.mark.slow
 def test_two_ranks_load_a_drafter_with_d2t(tmp_path):
     ckpt = str(eagle_drafter(tmp_path / "ckpt"))
     outcomes = run_ranks(tmp_path, [ckpt, ckpt])
     assert all(o["ok"] and o["finite"] == 2 * 1000 for o in outcomes)
 
 
+def bad_d2t_drafter(folder):
+    """An Eagle3 drafter whose ``d2t`` maps a draft id past the target vocab: fails to load."""
+    bad = eagle_drafter(folder)
+    d2t = torch.zeros(1000, dtype=torch.int64)
+    d2t[5] = 4000  # out of range
+    save_file({"lm_head.weight": torch.zeros(1000, 64), "d2t": d2t}, str(bad / "model.safetensors"))
+    return bad
+
+
+@pytest.mark.slow
 def test_a_rank_that_fails_to_load_fails_every_rank_promptly(tmp_path):
     good = eagle_drafter(tmp_path / "good")
-    bad = eagle_drafter(tmp_path / "bad")
-    d2t = torch.zeros(1000, dtype=torch.int64)
-    d2t[5] = 4000  # out of range on rank 1 only
-    save_file({"lm_head.weight": torch.zeros(1000, 64), "d2t": d2t}, str(bad / "model.safetensors"))
+    bad = bad_d2t_drafter(tmp_path / "bad")  # on rank 1 only
     rank0, rank1 = run_ranks(tmp_path, [str(good), str(bad)])
     outcomes = f"rank 0: {rank0}; rank 1: {rank1}"
     assert rank1["ok"] is False and rank1["type"] == "CheckpointError", outcomes
@@ -92,11 +108,45 @@ def test_a_rank_that_fails_to_load_fails_every_rank_promptly(tmp_path):
     assert rank0["seconds"] < 60, outcomes
 
 
+def test_a_failed_load_frees_its_group_when_the_error_is_dropped(tmp_path):
+    """The failing rank's error must not keep the group alive through a reference cycle.
+
+    load_lm_head once kept the exception in a local and raised it later: exception ->
+    traceback -> frame -> exception. The frame's ``group`` (the ProcessGroup) then outlived
+    destroy_process_group until the cyclic GC ran, maybe at interpreter exit, where gloo's
+    worker thread took the GIL and the rank died with SIGABRT (the flake of the test above).
+    The cyclic GC is off here so that only reference counting can free it.
+    """
+    bad = bad_d2t_drafter(tmp_path / "bad")
+    gc.collect()
+    gc.disable()
+    try:
+        try:
+            quantreg.load_lm_head(bad)
+        except quantreg.CheckpointError as exc:
+            error = weakref.ref(exc)
+            # from the frame below this one: reading this running frame's f_locals would store
+            # a snapshot holding ``exc`` in it, a cycle of the test's own making
+            frames, tb = [], exc.__traceback__.tb_next
+            while tb is not None:
+                frames.append(tb.tb_frame)
+                tb = tb.tb_next
+            groups = [weakref.ref(f.f_locals["group"]) for f in frames if "group" in f.f_locals]
+            del frames
+        else:
+            pytest.fail("the bad drafter loaded")
+        assert groups, "no frame of the traceback holds the group"
+        assert error() is None and all(g() is None for g in groups)
+    finally:
+        gc.enable()
+
+
+@pytest.mark.slow
 def test_torchrun_cli_prints_once_and_matches_one_process(tmp_path):
     ckpt = eagle_drafter(tmp_path / "ckpt")
     x = torch.randn(3, 64)
     save_file({"x": x}, str(tmp_path / "x.safetensors"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
            "-m", "quantreg", "run", str(ckpt), "--hidden", str(tmp_path / "x.safetensors"),
            "--out", str(tmp_path / "o.safetensors"), "--dtype", "float32", "--json"]  # fmt: skip
     out = subprocess.run(
@@ -112,10 +162,11 @@ def test_torchrun_cli_prints_once_and_matches_one_process(tmp_path):
     assert data["top5"] == expected.topk(5).indices.tolist()
 
 
+@pytest.mark.slow
 def test_torchrun_cli_failure_exits_1_on_every_rank(tmp_path):
     ckpt = eagle_drafter(tmp_path / "ckpt")
     (ckpt / "config.json").write_text("{not json")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
            "-m", "quantreg", "run", str(ckpt)]  # fmt: skip
     out = subprocess.run(
         cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"}

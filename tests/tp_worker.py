@@ -1,4 +1,4 @@
-"""Worker for the tensor-parallel tests: runs in each spawned rank (gloo on 127.0.0.1)."""
+"""Worker for the tensor-parallel tests: runs in each spawned rank (gloo, one machine)."""
 
 from __future__ import annotations
 
@@ -10,46 +10,62 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 
-def load_and_compute(
-    rank: int, world: int, port: int, ckpt: str, out: str, kwargs: dict[str, Any]
-) -> None:
-    """Load the head with the default group (tp=None) and save this rank's full logits."""
+def init_group(rank: int, world: int, init: str) -> None:
+    """Join the default gloo group; ``init`` is an ``init_method`` URL, a ``file://`` store from
+    ``two_ranks.rendezvous`` (no guessed port: nothing to collide with)."""
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+
+
+def save_load(rank: int, ckpt: str, kwargs: dict[str, Any], file: Path) -> None:
+    """Load a head on this rank (tp=None: the default group) and save its full logits for six
+    seeded tokens with this rank's parameters and kernel tensors."""
     import quantreg
 
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
+    head = quantreg.load_lm_head(ckpt, dtype=torch.float32, **kwargs)
+    x = torch.randn(6, head.embedding_dim, generator=torch.Generator().manual_seed(0))
+    logits = head.compute_logits(x)
+    shards = {f"param.{n}": p for n, p in head.named_parameters()}
+    shards |= {f"kernel.{n}": t for n, t in head.kernel.tensors().items()}
+    save_file({"logits": logits.contiguous(),
+               **{n: t.detach().clone().contiguous() for n, t in shards.items()}},
+              str(file))  # fmt: skip
+
+
+def load_jobs(
+    rank: int, world: int, init: str, jobs: dict[str, tuple[str, dict[str, Any]]], out: str
+) -> None:
+    """Every job's head in one group: ``name -> (checkpoint, load_lm_head keywords)``, saved
+    as ``{name}.rank{rank}.safetensors`` (one spawn for a whole table of cases)."""
+    init_group(rank, world, init)
     try:
-        head = quantreg.load_lm_head(ckpt, dtype=torch.float32, **kwargs)
-        x = torch.randn(6, head.embedding_dim, generator=torch.Generator().manual_seed(0))
-        logits = head.compute_logits(x)
-        shards = {f"param.{n}": p for n, p in head.named_parameters()}
-        shards |= {f"kernel.{n}": t for n, t in head.kernel.tensors().items()}
-        save_file({"logits": logits.contiguous(),
-                   **{n: t.detach().clone().contiguous() for n, t in shards.items()}},
-                  str(Path(out) / f"rank{rank}.safetensors"))  # fmt: skip
+        for name, (ckpt, kwargs) in jobs.items():
+            save_load(rank, ckpt, kwargs, Path(out) / f"{name}.rank{rank}.safetensors")
     finally:
         dist.destroy_process_group()
 
 
-def load_per_rank(rank: int, world: int, port: int, ckpts: list[str], out: str) -> None:
-    """Each rank loads its own checkpoint path; record the outcome instead of raising."""
+def load_per_rank(rank: int, world: int, init: str, ckpts: list[str], out: str) -> None:
+    """Each rank loads its own checkpoint path; record the outcome instead of raising.
+
+    The group is destroyed whatever happens, so that gloo's threads are joined while the
+    interpreter is alive (a group left to interpreter exit can abort the process).
+    """
     import json
     import time
 
     import quantreg
 
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
-    start = time.monotonic()
+    init_group(rank, world, init)
     try:
-        head = quantreg.load_lm_head(ckpts[rank], dtype=torch.float32)
-        x = torch.randn(2, head.embedding_dim, generator=torch.Generator().manual_seed(0))
-        target = head.to_target_vocab(head.compute_logits(x))
-        outcome = {"ok": True, "finite": int(torch.isfinite(target).sum())}
-    except quantreg.QuantregError as exc:
-        outcome = {"ok": False, "type": type(exc).__name__, "message": str(exc)}
-    outcome["seconds"] = time.monotonic() - start
-    (Path(out) / f"rank{rank}.json").write_text(json.dumps(outcome))
-    dist.destroy_process_group()
+        start = time.monotonic()
+        try:
+            head = quantreg.load_lm_head(ckpts[rank], dtype=torch.float32)
+            x = torch.randn(2, head.embedding_dim, generator=torch.Generator().manual_seed(0))
+            target = head.to_target_vocab(head.compute_logits(x))
+            outcome = {"ok": True, "finite": int(torch.isfinite(target).sum())}
+        except quantreg.QuantregError as exc:
+            outcome = {"ok": False, "type": type(exc).__name__, "message": str(exc)}
+        outcome["seconds"] = time.monotonic() - start
+        (Path(out) / f"rank{rank}.json").write_text(json.dumps(outcome))
+    finally:
+        dist.destroy_process_group()
