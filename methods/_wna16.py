@@ -8,7 +8,8 @@ from pydantic import AfterValidator
 
 from quantreg import LayerRule, Platform, is_lm_head
 
-# Group sizes the repacked (marlin-layout) kernels handle; -1 = one group per column.
+# Group sizes the *_marlin methods take (their Triton kernel over the k-packed layout); -1 = one
+# group per column.
 MARLIN_GROUP_SIZES = (-1, 32, 64, 128)
 MARLIN_MIN_CAPABILITY = (8, 0)
 
@@ -24,7 +25,7 @@ GroupSize = Annotated[int, AfterValidator(_check_group_size)]
 
 
 def marlin_platform_reason(name: str, platform: Platform) -> str | None:
-    """Why ``platform`` cannot run the Triton marlin-layout kernel of ``name``."""
+    """Why ``platform`` cannot run the Triton kernel that ``name`` is for."""
     if platform.device != "cuda":
         return f"{name} needs CUDA >= 8.0 with triton; platform is {platform}"
     if not platform.has_cuda(MARLIN_MIN_CAPABILITY):
@@ -35,7 +36,7 @@ def marlin_platform_reason(name: str, platform: Platform) -> str | None:
 
 
 def marlin_group_reason(name: str, group_size: int) -> str | None:
-    """Why the marlin-layout kernel cannot take this group size."""
+    """Why ``name`` (a ``*_marlin`` method) cannot take this group size."""
     if group_size not in MARLIN_GROUP_SIZES:
         sizes = ", ".join(map(str, MARLIN_GROUP_SIZES))
         return f"{name} supports group_size {sizes}; this layer has {group_size}"

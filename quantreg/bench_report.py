@@ -63,15 +63,19 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def append_results(result: dict[str, Any], path: Path, note: str = "") -> None:
-    """Append a dated table with the machine to ``path`` (e.g. bench/RESULTS.md)."""
+    """Add a dated table with the machine to ``path`` (e.g. bench/RESULTS.md): current numbers
+    first, so the section goes before the file's first ``## `` section (after its intro)."""
     m = result["machine"]
     header = (
         f"\n## {m['date']} — {m['cpu']}, {m['cores']} cores ({m['threads']} threads), "
         f"{', '.join(m['isa']) or 'no AVX-512'}, torch {m['torch']}\n"
     )
+    section = header + (f"\n{note}\n" if note else "") + "\n" + format_table(result) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as out:
-        out.write(header + (f"\n{note}\n" if note else "") + "\n" + format_table(result) + "\n")
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    first = text.find("\n## ")
+    text = text + section if first < 0 else text[:first] + section + text[first:]
+    path.write_text(text, encoding="utf-8")
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

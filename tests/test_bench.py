@@ -77,6 +77,13 @@ def test_format_table_and_append(tmp_path):
         "## 2026-01-01 00:00 UTC — X, 2 cores (2 threads), no AVX-512, torch 2.13"
         in (tmp_path / "R.md").read_text()
     )
+    # current numbers first: a newer run goes before the older ones, after the intro
+    (tmp_path / "R.md").write_text("# Results\n\nintro\n\n## older run\n")
+    append_results({**result, "machine": {**result["machine"], "date": "2026-02-02"}}, tmp_path / "R.md")  # fmt: skip
+    text = (tmp_path / "R.md").read_text()
+    assert text.startswith("# Results\n\nintro\n") and text.index("2026-02-02") < text.index(
+        "older run"
+    )
 
 
 def test_plot_needs_matplotlib_or_writes_a_png(tmp_path, capsys):

@@ -97,6 +97,10 @@ def bad_d2t_drafter(folder):
 
 @pytest.mark.slow
 def test_a_rank_that_fails_to_load_fails_every_rank_promptly(tmp_path):
+    """Rank 0 learns of rank 1's failure from the collective both make after loading: it
+    raises DistributedError. A rank left waiting would instead hit the group's collective
+    timeout (``tp_worker.COLLECTIVE_TIMEOUT``) and report gloo's error, not this one -- no
+    wall clock is read by the test."""
     good = eagle_drafter(tmp_path / "good")
     bad = bad_d2t_drafter(tmp_path / "bad")  # on rank 1 only
     rank0, rank1 = run_ranks(tmp_path, [str(good), str(bad)])
@@ -105,7 +109,6 @@ def test_a_rank_that_fails_to_load_fails_every_rank_promptly(tmp_path):
     assert "'d2t'" in rank1["message"], outcomes
     assert rank0["ok"] is False and rank0["type"] == "DistributedError", outcomes
     assert "failed on rank(s) [1] of 2" in rank0["message"], outcomes
-    assert rank0["seconds"] < 60, outcomes
 
 
 def test_a_failed_load_frees_its_group_when_the_error_is_dropped(tmp_path):

@@ -157,7 +157,8 @@ def wna16_matmul(
     gidx: torch.Tensor | None = None,
     config: Config | None = None,
 ) -> torch.Tensor:
-    """``x [M, K] @ W`` with W in the shared layout; float32 ``[M, N]``.
+    """``x [M, K] @ W`` with W's codes in the k-packed layout (``KPackedLayout.codes``): float32
+    ``[M, N]``.
 
     ``group`` is the regular group size (rows ``k // group``), or None with ``gidx`` int32 ``[K]``
     naming every row's group. ``config`` overrides the tuned choice.
