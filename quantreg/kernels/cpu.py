@@ -1,8 +1,8 @@
 """quantreg's weight-only int4 / int8 CPU kernel (``wna16_kernel.cpp``), compiled just in time.
 
 ``load_inline`` builds a small C++ extension on first use, cached under
-``~/.cache/quantreg/kernels/<hash of source, flags and torch version>`` (nothing is built at
-install time, where an isolated build would pull a CUDA torch). Without AVX-512
+``~/.cache/quantreg/kernels/<hash of source, flags, torch version and sys.prefix>`` (nothing is
+built at install time, where an isolated build would pull a CUDA torch). Without AVX-512
 (F/BW/VL/VBMI + F16C), a compiler or ninja, :func:`extension` returns None and
 :func:`unavailable_reason` says why; kernel selection then declines the CPU kernels.
 
@@ -28,6 +28,7 @@ import enum
 import hashlib
 import logging
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,9 +111,11 @@ def _build() -> Any:
 
     source = SOURCE.read_text()
     flags = ["-O3", "-fopenmp", *(f"-m{f}" for f in BASE_FLAGS)]
-    # one build folder per source, flags and torch: processes with different versions of
-    # quantreg never rebuild each other's extension in place
-    key = hashlib.sha256("\0".join([source, *flags, torch.__version__]).encode()).hexdigest()[:16]
+    # one build folder per source, flags, torch and Python environment: processes with other
+    # versions of quantreg, or other venvs (ninja's command line holds their include paths),
+    # never rebuild each other's extension in place
+    parts = [source, *flags, torch.__version__, sys.prefix]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     default = Path.home() / ".cache" / "quantreg" / "kernels"
     build = Path(os.environ.get("QUANTREG_KERNEL_CACHE", default)) / key
     build.mkdir(parents=True, exist_ok=True)
