@@ -262,3 +262,33 @@ def test_the_cpu_kernel_is_handed_its_documented_layout(cpu_kernel_builds, monke
     out = fast(x if kernel == "cpu-avx512" else x.to(BF)).double()
     tol = 1e-5 if kernel == "cpu-avx512" else 1e-2
     assert float((out - ref).abs().max() / ref.abs().max()) < tol
+
+
+def test_run_names_and_forces_the_kernel(tmp_path):
+    from cli_runner import run_cli
+
+    quantreg.write_checkpoint(tmp_path, (torch.randn(128, 64) * 0.05).half(), "gptq", group_size=32)  # fmt: skip
+    out = run_cli("run", str(tmp_path), "--dtype", "float32", "--kernel", "reference", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert (data["method"], data["kernel"]) == ("cpu_wna16", "reference")
+    text = run_cli("run", str(tmp_path), "--dtype", "float32")
+    assert "\nkernel: " in text.stdout and "method: cpu_wna16" in text.stdout
+    bad = run_cli("run", str(tmp_path), "--kernel", "fastest")
+    assert bad.returncode == 1 and "unknown kernel 'fastest'" in bad.stderr
+
+
+def test_methods_read_an_engine_layers_geometry_from_its_vllm_attributes():
+    """Inside vLLM a method serves vLLM's own ParallelLMHead: quantreg reads its attributes."""
+    from types import SimpleNamespace
+
+    layer = torch.nn.Module()
+    layer.prefix, layer.params_dtype = "lm_head", torch.bfloat16
+    layer.input_size_per_partition, layer.output_size_per_partition = 64, 512
+    layer.org_vocab_size, layer.tp_rank, layer.tp_size = 1000, 1, 2
+    layer.shard_indices = SimpleNamespace(org_vocab_start_index=512)
+    geometry = quantreg.layer_geometry(layer)
+    assert geometry == quantreg.LayerGeometry("lm_head", 64, 1000, 512, 512, torch.bfloat16, 1, 2)
+    assert geometry.output_stop == 1000
+    with pytest.raises(quantreg.MethodDefinitionError, match="carries no LayerGeometry"):
+        quantreg.layer_geometry(torch.nn.Module())
