@@ -49,10 +49,10 @@ class KernelDef:
     run: Callable[[torch.Tensor, Any], torch.Tensor]
 
 
-def _on_cpu(t: Target, *, integer: bool = True) -> str | None:
+def _on_cpu(t: Target) -> str | None:
     if t.device.type != "cpu":
         return f"runs on the CPU; the layer is on {t.device}"
-    if integer and not isinstance(t.weights, IntWeights):
+    if not isinstance(t.weights, IntWeights):
         return "runs integer (int4 / int8) weights only"
     return None
 
@@ -74,8 +74,7 @@ def _quantreg_cpu(t: Target, isa: tuple[str, ...], env: tuple[str, ...] = ()) ->
     for var in ("QUANTREG_NO_CPU_KERNELS", *env):
         if os.environ.get(var):
             return f"{var} is set"
-    reason = cpu.unavailable_reason()
-    return reason
+    return cpu.unavailable_reason()  # builds the extension once, if it is not built yet
 
 
 def _cpu_half(t: Target, isa: tuple[str, ...], env: tuple[str, ...]) -> str | None:
