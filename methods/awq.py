@@ -3,6 +3,7 @@ Triton kernel on CUDA). The tensors themselves: ``_awq_linear``."""
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -144,6 +145,19 @@ class AWQConfig(QuantConfig):
             "lm_head": True,
         }
         return tensors, qcfg
+
+
+    @classmethod
+    def scope_config(
+        cls, qcfg: Mapping[str, Any], *, quantized: str, kept_float: Collection[str]
+    ) -> dict[str, Any]:
+        """``modules_to_not_convert``: the last name of every float module (AutoAWQ, vLLM and
+        transformers match its entries as substrings of a module's name, so they also find
+        the modules an engine renames, e.g. an Eagle3 drafter's ``midlayer.*``), minus names
+        that are part of ``quantized``'s own."""
+        leaves = {module.rpartition(".")[2] for module in kept_float}
+        skip = sorted(leaf for leaf in leaves if leaf and leaf not in quantized)
+        return {**qcfg, "modules_to_not_convert": skip or None}
 
 
 class AWQMarlinConfig(AWQConfig):

@@ -9,7 +9,7 @@ which is an ``nn.Linear`` when compressed-tensors writes the file. ``ignore`` wi
 from __future__ import annotations
 
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Annotated, Any, ClassVar, Literal
 
 import torch
@@ -255,6 +255,18 @@ class CompressedTensorsConfig(QuantConfig):
             for kind, entry in checkable
             if not any(match_kind(entry, m) is not None for m in modules)
         ]
+
+    @classmethod
+    def scope_config(
+        cls, qcfg: Mapping[str, Any], *, quantized: str, kept_float: Collection[str]
+    ) -> dict[str, Any]:
+        """Every config group targets ``quantized`` by name only, and nothing is ignored:
+        compressed-tensors, vLLM and transformers then quantize that module alone."""
+        groups = {
+            name: {**group, "targets": [quantized]}
+            for name, group in (qcfg.get("config_groups") or {}).items()
+        }
+        return {**qcfg, "config_groups": groups, "ignore": []}
 
     def weight_scheme(self) -> fmt.WeightScheme:
         """What the tensors of this (effective, one-scheme) layer config hold.

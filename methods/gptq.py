@@ -8,7 +8,7 @@ GPTQModel labels its AWQ-layout exports ``quant_method: "gptq"`` with ``format: 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import replace
 from typing import Annotated, Any, ClassVar
 
@@ -185,6 +185,18 @@ class GPTQConfig(QuantConfig):
             scale_dtype=scale_dtype,
         )  # fmt: skip
         return tensors, qcfg
+
+    @classmethod
+    def scope_config(
+        cls, qcfg: Mapping[str, Any], *, quantized: str, kept_float: Collection[str]
+    ) -> dict[str, Any]:
+        """A GPTQModel ``dynamic`` rule that excludes every module but ``quantized`` (vLLM and
+        GPTQModel ``re.match`` it against module names, renamed ones included)."""
+        if not kept_float:
+            return dict(qcfg)
+        dynamic = dict(qcfg.get("dynamic") or {})
+        dynamic[f"-:^(?!{re.escape(quantized)}$)"] = {}
+        return {**qcfg, "dynamic": dynamic}
 
     @classmethod
     def relabel(cls, data: Mapping[str, Any]) -> Relabel | None:

@@ -149,7 +149,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if value is not None
     }  # fmt: skip
     dst = quantize_checkpoint(args.src, args.dst, args.method, prefix=args.prefix, **params)
-    print(f"wrote {dst} ({args.method}, {', '.join(f'{k}={v}' for k, v in params.items())})")
+    qcfg = json.loads((dst / "config.json").read_text())["quantization_config"]
+    settings = {k: v for k, v in qcfg.items() if k not in ("modules_to_not_convert", "dynamic")}
+    print(f"wrote {dst}: {args.prefix} quantized with {args.method} by round-to-nearest "
+          "(no calibration data); every other module stays float")  # fmt: skip
+    print(f"  quantization_config: {json.dumps(settings, sort_keys=True)}")
+    for key in ("modules_to_not_convert", "dynamic"):
+        if qcfg.get(key):
+            print(
+                f"  {key}: {json.dumps(qcfg[key])}  (the float modules, for vLLM and transformers)"
+            )
     return 0
 
 

@@ -257,6 +257,16 @@ class QuantConfig(BaseModel):
         """
         raise ConfigError(f"{cls.__qualname__} has no writer: it cannot quantize a weight")
 
+    @classmethod
+    def scope_config(
+        cls, qcfg: Mapping[str, Any], *, quantized: str, kept_float: Collection[str]
+    ) -> dict[str, Any]:
+        """The ``quantization_config`` a writer stores when only the module ``quantized`` is
+        quantized and the modules ``kept_float`` stay float, in the keys this method's
+        producers and engines read (vLLM, transformers), so that every reader agrees which
+        layers are quantized. The default changes nothing."""
+        return dict(qcfg)
+
     def unmatched_entries(self, modules: Collection[str]) -> list[str]:
         """Config entries that name modules the checkpoint does not have (each becomes a
         WARNING at resolution); ``modules`` are the checkpoint's module names."""

@@ -119,10 +119,13 @@ def quantize_checkpoint(
     prefix: str = "lm_head",
     **params: Any,
 ) -> Path:
-    """Copy the checkpoint ``src`` to ``dst`` with its float head quantized by ``method``.
+    """Copy the checkpoint ``src`` to ``dst`` with its float head quantized by ``method``
+    (round-to-nearest, no calibration data).
 
     Every other tensor, config key and file is kept; ``config.json`` gains the method's
-    ``quantization_config``.
+    ``quantization_config``, scoped to the head (``QuantConfig.scope_config``: AWQ's
+    ``modules_to_not_convert``, a GPTQModel ``dynamic`` exclusion, compressed-tensors'
+    ``targets``) so that vLLM, transformers and quantreg agree that every other module is float.
 
     Raises:
         ConfigError: ``src`` already declares a quantization.
@@ -159,6 +162,10 @@ def quantize_checkpoint(
             f"{source} has no float 2-D {name} to quantize", path=source, tensor=name
         )
     quantized, qcfg = _quantize(weight, method, scale_dtype=_scale_dtype(weight), **params)
+    kept_float = sorted(
+        {n.rpartition(".")[0] for n in tensors if n.endswith(".weight") and n.count(".") >= 1}
+    )
+    qcfg = get_quant_config_cls(method).scope_config(qcfg, quantized=prefix, kept_float=kept_float)
     tensors.update({f"{prefix}.{n}": t.contiguous() for n, t in quantized.items()})
     target.mkdir(parents=True, exist_ok=True)
     for item in source.iterdir():

@@ -25,6 +25,7 @@ from quantreg import (
     load_lm_head,
     quantize,
     quantize_checkpoint,
+    resolve,
     write_checkpoint,
 )
 
@@ -372,3 +373,37 @@ def test_two_ranks_with_vocab_1000_match_one_process(two_rank_runs, case):
     expected = single.compute_logits(x)
     for got in runs[case]:
         torch.testing.assert_close(got["logits"], expected, rtol=1e-6, atol=1e-6)
+
+
+BODY = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj", "midlayer.fc"]
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "key"),
+    [("awq", {"group_size": 64}, "modules_to_not_convert"),
+     ("gptq", {"group_size": 64, "desc_act": True}, "dynamic"),
+     ("compressed-tensors", {"format": "pack-quantized", "bits": 4, "group_size": 64}, "config_groups")],
+    ids=["awq", "gptq", "compressed-tensors"],
+)  # fmt: skip
+def test_a_quantized_head_is_the_only_layer_the_written_config_quantizes(tmp_path, method, params, key):  # fmt: skip
+    """The config names what stays float in the keys engines read, so that vLLM (without the
+    plugin), transformers and quantreg agree -- also for modules an engine renames."""
+    tensors = {f"{m}.weight": torch.zeros(128, 128, dtype=torch.float16) for m in BODY}
+    tensors["lm_head.weight"] = random_weight(1000, 128)
+    write_raw(tmp_path / "src", config=llama_config(hidden_size=128), tensors=tensors)
+    quantize_checkpoint(tmp_path / "src", tmp_path / "dst", method, **params)
+    qcfg = json.loads((tmp_path / "dst" / "config.json").read_text())["quantization_config"]
+    assert qcfg[key]
+    assert resolve(tmp_path / "dst", platform="cpu").quantized
+    renamed = ["layers.0.self_attn.q_proj", "model.layers.3.mlp.down_proj", "layers.0.fc"]
+    for prefix in [*BODY, *renamed]:
+        res = resolve(tmp_path / "dst", platform="cpu", prefix=prefix)
+        assert not res.quantized, (prefix, res.rule)
+
+
+def test_the_cli_says_what_quantize_did(tmp_path):
+    write_raw(tmp_path / "src", config=llama_config(), tensors={"lm_head.weight": random_weight(1000, 64), "model.layers.0.mlp.up_proj.weight": torch.zeros(64, 64)})  # fmt: skip
+    out = run_cli("quantize", str(tmp_path / "src"), str(tmp_path / "dst"), "--method", "awq", "--group-size", "64")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "lm_head quantized with awq by round-to-nearest (no calibration data)" in out.stdout
+    assert '"group_size": 64' in out.stdout and 'modules_to_not_convert: ["up_proj"]' in out.stdout
