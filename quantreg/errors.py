@@ -7,7 +7,7 @@ so callers may catch either::
     ├── UnknownMethodError      (LookupError)  a method name nobody registered
     ├── DuplicateMethodError    (ValueError)   a name already taken by another class
     ├── MethodDefinitionError   (TypeError)    a QuantConfig subclass declared wrongly
-    ├── PluginError             (ImportError)  an entry-point plugin that failed to load
+    ├── PluginError             (ImportError)  a plugin (or an engine) that could not be loaded
     ├── InputError              (ValueError)   a bad argument of a call (dtype, tp, sizes, ...)
     ├── ConfigError             (ValueError)   a bad or unsupported quantization config
     ├── CheckpointError         (ValueError)   a bad checkpoint file, tensor or index entry
@@ -41,7 +41,8 @@ class MethodDefinitionError(QuantregError, TypeError):
 
 
 class PluginError(QuantregError, ImportError):
-    """An entry-point plugin of the ``quantreg.methods`` group that could not be loaded."""
+    """An entry-point plugin of the ``quantreg.methods`` group that could not be loaded, or an
+    engine integration (``quantreg.integrations``) whose engine is missing or unsupported."""
 
 
 class InputError(QuantregError, ValueError):

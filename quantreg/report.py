@@ -20,8 +20,8 @@ def inspect_checkpoint(
     prefix: str = "lm_head",
     registry: Registry | None = None,
 ) -> dict[str, Any]:
-    """A JSON-safe summary: ``{config, method, rule, tensors: [{name, dtype, shape, bytes,
-    quantized, file}]}`` (every tensor of the checkpoint, from the headers only).
+    """A JSON-safe summary: ``{config, method, rule, tied_to, tensors: [{name, dtype, shape,
+    bytes, quantized, file}]}`` (every tensor of the checkpoint, from the headers only).
 
     Raises:
         ConfigError, CheckpointError: as :func:`quantreg.resolve`.
@@ -49,5 +49,6 @@ def inspect_checkpoint(
         "config": dict(view.config),
         "method": resolution.method,
         "rule": resolution.rule,
+        "tied_to": resolution.tied_to,
         "tensors": tensors,
     }

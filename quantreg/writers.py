@@ -132,29 +132,12 @@ def quantize_checkpoint(
         InputError: a bad method option (see :func:`quantize`).
         CheckpointError: ``src`` has no float ``{prefix}.weight``, or ``dst`` is not empty.
     """
-    from safetensors import safe_open
-
     source, target = Path(src), Path(dst)
     if target.exists() and any(target.iterdir()):
         raise CheckpointError(
             f"{target} is not empty; quantize writes into a new folder", path=target
         )
-    config, config_path = load_model_config(source)
-    if config_path is None:
-        raise ConfigError(f"{source} has no config.json")
-    existing = detect_quant_config(config, config_path=config_path, root=source)
-    if existing is not None:
-        raise ConfigError(
-            f"{existing.where} already declares quant_method '{existing.quant_method}'; "
-            "quantreg quantize only quantizes the head of an unquantized checkpoint"
-        )
-    files, _ = weight_files(source)
-    if not files:
-        raise CheckpointError(f"{source} has no safetensors weights", path=source)
-    tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
-            tensors.update({name: handle.get_tensor(name) for name in handle.keys()})  # noqa: SIM118
+    config, tensors = _float_source(source)
     name = f"{prefix}.weight"
     weight = tensors.pop(name, None)
     if weight is None or not weight.is_floating_point() or weight.dim() != 2:
@@ -178,6 +161,36 @@ def quantize_checkpoint(
     _save(target, {**config, "quantization_config": qcfg}, tensors)
     logger.info("quantized %s of %s with %s into %s", name, source, method, target)
     return target
+
+
+def _float_source(source: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The config and every tensor of an unquantized checkpoint.
+
+    Raises:
+        ConfigError: no config.json, or it already declares a quantization.
+        CheckpointError: no safetensors weights.
+    """
+    from safetensors import safe_open
+
+    config, config_path = load_model_config(source)
+    if config_path is None:
+        raise ConfigError(f"{source} has no config.json", path=source)
+    existing = detect_quant_config(config, config_path=config_path, root=source)
+    if existing is not None:
+        raise ConfigError(
+            f"{existing.where} already declares quant_method '{existing.quant_method}'; "
+            "quantreg quantize only quantizes the head of an unquantized checkpoint",
+            path=config_path,
+            field="quant_method",
+        )
+    files, _ = weight_files(source)
+    if not files:
+        raise CheckpointError(f"{source} has no safetensors weights", path=source)
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            tensors.update({name: handle.get_tensor(name) for name in handle.keys()})  # noqa: SIM118
+    return config, tensors
 
 
 def _scale_dtype(weight: torch.Tensor) -> torch.dtype:
