@@ -146,7 +146,6 @@ class AWQConfig(QuantConfig):
         }
         return tensors, qcfg
 
-
     @classmethod
     def scope_config(
         cls, qcfg: Mapping[str, Any], *, quantized: str, kept_float: Collection[str]
