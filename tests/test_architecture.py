@@ -129,6 +129,21 @@ def test_methods_use_the_public_api_only():
     assert offenders == []
 
 
+def test_engine_integrations_use_the_public_api_only():
+    """The vLLM plugin and the transformers quantizer are what a third party could write:
+    the facade, the public kernels package, and each other."""
+    public = {"quantreg", "quantreg.kernels"}
+    integrations = [n for n in GRAPH if n.startswith("quantreg.integrations")]
+    assert {"quantreg.integrations.vllm", "quantreg.integrations.transformers"} <= set(integrations)
+    offenders = [
+        f"{name} -> {target}"
+        for name in integrations
+        for target in GRAPH[name]
+        if target not in public and not target.startswith("quantreg.integrations")
+    ]
+    assert offenders == []
+
+
 def test_modules_and_functions_stay_small():
     long_modules = {
         name: n for name, path in MODULES.items() if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES

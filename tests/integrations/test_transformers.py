@@ -37,7 +37,10 @@ FORMATS = [
     pytest.param("awq", {"group_size": 64}, "cpu_wna16", id="awq-g64"),
     pytest.param("gptq", {"bits": 4, "group_size": 64}, "cpu_wna16", id="gptq-4bit-g64"),
     pytest.param("gptq", {"bits": 8, "group_size": 32, "desc_act": True}, "cpu_wna16", id="gptq-8bit-g32-act-order"),
+    pytest.param("gptq", {"bits": 4, "group_size": 32, "desc_act": True}, "cpu_wna16", id="gptq-4bit-g32-act-order"),
     pytest.param("compressed-tensors", {"format": "pack-quantized", "bits": 4, "group_size": 64}, "compressed-tensors", id="ct-pack-quantized-int4-g64"),
+    pytest.param("compressed-tensors", {"format": "pack-quantized", "bits": 4, "group_size": 64, "sym": False}, "compressed-tensors", id="ct-pack-quantized-int4-g64-asym"),
+    pytest.param("compressed-tensors", {"format": "float-quantized"}, "compressed-tensors", id="ct-float-quantized-fp8"),
 ]  # fmt: skip
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])  # fmt: skip
 
