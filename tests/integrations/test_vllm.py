@@ -44,6 +44,7 @@ vllm = pytest.importorskip(
 from vllm_checkpoints import (  # noqa: E402
     drop_tensor,
     quantize_body,
+    write_around_head,
     write_dequantized,
     write_eagle3_drafter,
     write_llama,
@@ -250,6 +251,46 @@ def test_eagle3_drafter_with_a_quantized_head_decodes_what_the_target_decodes(se
     assert relative_error(head["logits"], want) < 1e-2
     assert spec.accepted_drafts is not None and spec.accepted_drafts > 0
     assert spec.tokens == alone.tokens
+
+
+PRODUCERS = Path(__file__).resolve().parents[1] / "fixtures" / "producers"
+# Heads written by the producers themselves (tests/fixtures/producers/README.md), with the
+# producer's own dequantization beside them: AutoAWQ 0.2.9, GPTQModel 7.6.0 (act order, AWQ
+# layout under quant_method gptq, 8-bit, asym), compressed-tensors 0.20.0 (vocab 1000).
+PRODUCER_HEADS = [
+    "awq_autoawq_g64",
+    "awq_gptqmodel_lmhead_rtn",
+    "gptq_gptqmodel_lmhead_desc_act",
+    "gptq_gptqmodel_lmhead_default",
+    "gptq_gptqmodel_dynamic_w8g64",
+    "gptq_gptqmodel_asym",
+    "ct_w4a16_group_lmhead",
+    "ct_w4a16_asym_lmhead",
+    "ct_w8a16_lmhead",
+    "ct_int8_w8a8_lmhead",
+    "ct_fp8_lmhead",
+]
+
+
+@pytest.mark.parametrize("fixture", PRODUCER_HEADS)
+def test_producer_written_heads_match_the_producers_dequantization_in_the_engine(tmp_path, fixture):  # fmt: skip
+    """The head of each producer fixture, in a float-bodied model with the producer's config
+    verbatim: every head tensor is loaded by quantreg, and the logits inside vLLM equal
+    ``hidden @ reference.T`` (the producer's own dequantized weight) within bf16 tolerance."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    model = write_around_head(PRODUCERS / fixture, tmp_path / fixture)
+    head = serve(model, quantization="quantreg").head
+    assert head["method"] == "QuantregHeadMethod"
+    assert head["body"] == "UnquantizedLinearMethod"  # the config claims a quantized body
+    with safe_open(str(model / "model.safetensors"), "pt") as handle:
+        assert head["loaded"] == {n.removeprefix("lm_head.") for n in handle.keys()  # noqa: SIM118
+                                  if n.startswith("lm_head.")}  # fmt: skip
+    reference = load_file(str(PRODUCERS / fixture / "reference.safetensors"))
+    want = head["hidden"].float() @ reference["lm_head.weight_dequant"].float().T
+    assert head["logits"].shape == want.shape
+    assert relative_error(head["logits"], want) < 1e-2
 
 
 def test_a_missing_head_tensor_stops_engine_start_up(ckpts):

@@ -13,20 +13,23 @@ from safetensors.torch import load_file, save_file
 import quantreg
 
 HIDDEN = 128
-INTERMEDIATE = 256
-HEADS = 4
-KV_HEADS = 2
-HEAD_DIM = HIDDEN // HEADS
+HEAD_DIM = 32  # vLLM's CPU attention has no kernel for head_dim 16
 
 
-def _llama_config(**overrides: object) -> dict[str, object]:
+def _heads(hidden: int) -> tuple[int, int]:
+    """Attention and key-value heads of a model of width ``hidden``."""
+    heads = hidden // HEAD_DIM
+    return heads, max(1, heads // 2)
+
+
+def _llama_config(hidden: int = HIDDEN, **overrides: object) -> dict[str, object]:
     config: dict[str, object] = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "hidden_size": HIDDEN,
-        "intermediate_size": INTERMEDIATE,
-        "num_attention_heads": HEADS,
-        "num_key_value_heads": KV_HEADS,
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_attention_heads": _heads(hidden)[0],
+        "num_key_value_heads": _heads(hidden)[1],
         "head_dim": HEAD_DIM,
         "max_position_embeddings": 256,
         "rms_norm_eps": 1e-6,
@@ -48,21 +51,25 @@ def _save(root: Path, config: dict[str, object], tensors: dict[str, torch.Tensor
     return root
 
 
-def _decoder_layer(gen: torch.Generator, prefix: str, q_in: int) -> dict[str, torch.Tensor]:
+def _decoder_layer(
+    gen: torch.Generator, prefix: str, q_in: int, hidden: int = HIDDEN
+) -> dict[str, torch.Tensor]:
+    (heads, kv_heads), inter = _heads(hidden), 2 * hidden
+
     def w(out: int, inp: int) -> torch.Tensor:
         return (torch.randn(out, inp, generator=gen) * 0.05).to(torch.bfloat16)
 
     def ones() -> torch.Tensor:
-        return torch.ones(HIDDEN, dtype=torch.bfloat16)
+        return torch.ones(hidden, dtype=torch.bfloat16)
 
     return {
-        f"{prefix}.self_attn.q_proj.weight": w(HEADS * HEAD_DIM, q_in),
-        f"{prefix}.self_attn.k_proj.weight": w(KV_HEADS * HEAD_DIM, q_in),
-        f"{prefix}.self_attn.v_proj.weight": w(KV_HEADS * HEAD_DIM, q_in),
-        f"{prefix}.self_attn.o_proj.weight": w(HIDDEN, HEADS * HEAD_DIM),
-        f"{prefix}.mlp.gate_proj.weight": w(INTERMEDIATE, HIDDEN),
-        f"{prefix}.mlp.up_proj.weight": w(INTERMEDIATE, HIDDEN),
-        f"{prefix}.mlp.down_proj.weight": w(HIDDEN, INTERMEDIATE),
+        f"{prefix}.self_attn.q_proj.weight": w(heads * HEAD_DIM, q_in),
+        f"{prefix}.self_attn.k_proj.weight": w(kv_heads * HEAD_DIM, q_in),
+        f"{prefix}.self_attn.v_proj.weight": w(kv_heads * HEAD_DIM, q_in),
+        f"{prefix}.self_attn.o_proj.weight": w(hidden, heads * HEAD_DIM),
+        f"{prefix}.mlp.gate_proj.weight": w(inter, hidden),
+        f"{prefix}.mlp.up_proj.weight": w(inter, hidden),
+        f"{prefix}.mlp.down_proj.weight": w(hidden, inter),
         f"{prefix}.input_layernorm.weight": ones(),
         f"{prefix}.post_attention_layernorm.weight": ones(),
     }
@@ -174,4 +181,30 @@ def quantize_body(src: Path, root: Path, method: str, **params: object) -> Path:
     qcfg.pop("modules_to_not_convert", None)
     for group in (qcfg.get("config_groups") or {}).values():
         group["targets"] = ["Linear"]  # compressed-tensors: every linear layer, the head too
+    return _save(root, config, tensors)
+
+
+def write_around_head(fixture: Path, root: Path, *, layers: int = 2, seed: int = 0) -> Path:
+    """A servable Llama around a producer's head: the fixture's ``lm_head.*`` tensors and its
+    ``quantization_config`` verbatim, a random float body of the head's hidden size.
+
+    The fixtures (``tests/fixtures/producers``) are trimmed to the head and one layer, or are
+    Eagle3-like drafters; their config claims a quantized body, so this is also a head-only
+    checkpoint whose config says otherwise (vLLM failure 3)."""
+    head = {n: t for n, t in load_file(str(fixture / "model.safetensors")).items()
+            if n.startswith("lm_head.")}  # fmt: skip
+    reference = load_file(str(fixture / "reference.safetensors"))["lm_head.weight_dequant"]
+    vocab, hidden = reference.shape
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {
+        "model.embed_tokens.weight": torch.randn(vocab, hidden, generator=gen).to(torch.bfloat16),
+        "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+        **head,
+    }
+    for i in range(layers):
+        tensors.update(_decoder_layer(gen, f"model.layers.{i}", hidden, hidden))
+    qcfg = json.loads((fixture / "config.json").read_text())["quantization_config"]
+    config = _llama_config(
+        hidden, vocab_size=vocab, num_hidden_layers=layers, quantization_config=qcfg
+    )
     return _save(root, config, tensors)
