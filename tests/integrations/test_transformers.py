@@ -130,6 +130,35 @@ def test_the_head_inside_the_model_is_the_one_quantreg_loads(quantized, caplog, 
     assert f"method {expected} " in line and f"kernel {head.kernel.name}," in line
 
 
+PRODUCERS = Path(__file__).resolve().parents[1] / "fixtures" / "producers"
+PRODUCER_HEADS = [
+    "awq_autoawq_g64", "awq_gptqmodel_lmhead_rtn", "gptq_gptqmodel_lmhead_desc_act",
+    "gptq_gptqmodel_lmhead_default", "gptq_gptqmodel_dynamic_w8g64", "gptq_gptqmodel_asym",
+    "ct_w4a16_group_lmhead", "ct_w4a16_asym_lmhead", "ct_w8a16_lmhead", "ct_int8_w8a8_lmhead",
+    "ct_fp8_lmhead",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("fixture", PRODUCER_HEADS)
+def test_producer_written_heads_match_the_producers_dequantization(tmp_path, fixture):
+    """Each producer fixture's head (AutoAWQ, GPTQModel, compressed-tensors) in a float-bodied
+    model with the producer's config verbatim: from_pretrained gives quantreg's head, whose
+    logits equal ``hidden @ reference.T`` (the producer's own dequantization), and generate()
+    runs."""
+    from vllm_checkpoints import write_around_head
+
+    folder = write_around_head(PRODUCERS / fixture, tmp_path / fixture)
+    qr_hf.enable()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    assert isinstance(model.lm_head, qr_hf.QuantregLMHead)
+    reference = load_file(PRODUCERS / fixture / "reference.safetensors")["lm_head.weight_dequant"]
+    x, y = hidden_and_logits(model, torch.randint(3, reference.shape[0], (2, 5)))
+    want = x @ reference.float().T
+    assert (y - want).norm() / want.norm() < 1e-5  # float32: the producer's weights exactly
+    out = model.generate(torch.tensor([[1, 5, 7]]), max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 7)
+
+
 @pytest.mark.parametrize(("method", "options", "expected"), FORMATS)
 def test_greedy_generation_equals_the_float_model_with_the_dequantized_head(quantized, float_model, method, options, expected):  # fmt: skip
     folder = quantized(method, **options)
