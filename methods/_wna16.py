@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any
 
 from pydantic import AfterValidator
 
-from quantreg import LayerRule, Platform, is_lm_head
+from quantreg import ConfigError, LayerRule, Platform, is_lm_head
 
 # Group sizes the *_marlin methods take (their Triton kernel over the k-packed layout); -1 = one
 # group per column.
@@ -69,3 +70,28 @@ def head_and_skip_rule(
     if skip_text:
         return LayerRule(False, skip_text, also=tuple(fired)), []
     return None, fired
+
+
+def check_layout_fields(
+    data: Mapping[str, Any], fields: Sequence[str], *, method: str, source: str | None
+) -> None:
+    """Refuse a config whose layout fields (GPTQModel's ``format`` and ``checkpoint_format``,
+    AutoAWQ's ``version``) name different layouts: no field may silently win over another.
+
+    Raises:
+        ConfigError: two of ``fields`` hold different strings; the message names each field
+            given and its value.
+    """
+    if not isinstance(data, Mapping):
+        return  # from_quant_config reports a config that is not a JSON object
+    given = {f: data[f] for f in fields if isinstance(data.get(f), str)}
+    if len({value.strip().lower() for value in given.values()}) <= 1:
+        return
+    where = f" in {source}" if source else ""
+    named = ", ".join(f"{field} = {value!r}" for field, value in given.items())
+    raise ConfigError(
+        f"invalid {method} quantization_config{where}: the layout fields disagree: {named}; "
+        "they name the same tensor layout and must agree (format decides only when the "
+        "others are absent). Fix the config so that they agree.",
+        field=list(given)[-1],
+    )

@@ -1,10 +1,14 @@
 """AWQ (AutoAWQ "GEMM" layout): ``awq`` (exact reference kernel) and ``awq_marlin`` (the
-Triton kernel on CUDA). The tensors themselves: ``_awq_linear``."""
+Triton kernel on CUDA). The tensors themselves: ``_awq_linear``.
+
+The layout is named by AutoAWQ's ``version`` and by GPTQModel's ``format`` /
+``checkpoint_format``; any of them may be alone, and those given must agree.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import torch
 from pydantic import AliasChoices, Field, field_validator
@@ -14,6 +18,7 @@ from quantreg.methods import _awq_format as fmt
 from quantreg.methods._decoded import DecodedLinearMethod
 from quantreg.methods._wna16 import (
     GroupSize,
+    check_layout_fields,
     head_and_skip_rule,
     marlin_group_reason,
     marlin_platform_reason,
@@ -21,6 +26,8 @@ from quantreg.methods._wna16 import (
 
 SUPPORTED_BITS = (4,)
 SUPPORTED_VERSIONS = ("gemm",)
+# The fields that name the layout: GPTQModel writes format and checkpoint_format, AutoAWQ version.
+LAYOUT_FIELDS = ("format", "checkpoint_format", "version")
 
 
 class AWQLinearMethod(DecodedLinearMethod):
@@ -68,6 +75,8 @@ class AWQConfig(QuantConfig):
     bits: int = Field(4, validation_alias=AliasChoices("bits", "w_bit"))
     group_size: GroupSize = Field(128, validation_alias=AliasChoices("group_size", "q_group_size"))
     zero_point: bool = True
+    format: str | None = None
+    checkpoint_format: str | None = None
     version: str = "gemm"
     modules_to_not_convert: list[str] | None = None
     lm_head: bool = False
@@ -82,9 +91,26 @@ class AWQConfig(QuantConfig):
             )
         return value
 
-    @field_validator("version")
     @classmethod
-    def _version(cls, value: str) -> str:
+    def from_quant_config(
+        cls, data: Mapping[str, Any], *, method: str, source: str | None = None
+    ) -> Self:
+        """Validate an AWQ ``quantization_config``; ``version``, ``format`` and
+        ``checkpoint_format`` must agree when given (an absent ``version`` is not ``gemm``
+        when ``format`` names another layout).
+
+        Raises:
+            ConfigError: the layout fields disagree, or a field has a bad value (a layout
+                other than ``gemm`` included).
+        """
+        check_layout_fields(data, LAYOUT_FIELDS, method=method, source=source)
+        return super().from_quant_config(data, method=method, source=source)
+
+    @field_validator("version", "format", "checkpoint_format")
+    @classmethod
+    def _version(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         if value.lower() not in SUPPORTED_VERSIONS:
             raise ValueError(
                 "only the 'gemm' layout is supported (gemv, gemv_fast and marlin AWQ "

@@ -3,6 +3,10 @@
 
 GPTQModel labels its AWQ-layout exports ``quant_method: "gptq"`` with ``format: "gemm"`` (or
 ``gemv`` / ``gemv_fast``): :meth:`GPTQConfig.relabel` hands those to the AWQ methods.
+
+The layout is ``checkpoint_format`` (AutoGPTQ, optimum) or ``format`` (GPTQModel's own field,
+often the only one): ``gptq`` stores ``zero - 1``, ``gptq_v2`` the zero itself. When both are
+given they must agree; when neither is, the layout is ``gptq``.
 """
 
 from __future__ import annotations
@@ -10,16 +14,24 @@ from __future__ import annotations
 import re
 from collections.abc import Collection, Mapping
 from dataclasses import replace
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Self
 
 import torch
-from pydantic import AfterValidator, BaseModel, ConfigDict, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+)
 
 from quantreg import InputError, IntWeights, LayerRule, Platform, QuantConfig, Relabel, is_lm_head
 from quantreg.methods import _gptq_format as fmt
 from quantreg.methods._decoded import DecodedLinearMethod
 from quantreg.methods._wna16 import (
     GroupSize,
+    check_layout_fields,
     head_and_skip_rule,
     marlin_group_reason,
     marlin_platform_reason,
@@ -27,9 +39,16 @@ from quantreg.methods._wna16 import (
 
 SUPPORTED_BITS = (4, 8)
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
-UNSUPPORTED_FORMATS = ("marlin", "bitblas", "qqq")
+# GPTQModel's repacked GPTQ layouts (gptq_p: split-plane words, zeros as in v2).
+UNSUPPORTED_FORMATS = ("marlin", "bitblas", "qqq", "gptq_p")
+# GPTQModel FORMAT values (gptqmodel/quantization/config.py, 5.x-7.x) that are not GPTQ tensors.
+OTHER_GPTQMODEL_FORMATS = (
+    "gguf", "fp8", "bitsandbytes", "exl3", "mxfp4", "paroquant", "llm-awq", "qvq", "qvq_v4",
+    "qvq_v4_l18", "qvq_dual_v2", "qvq_v2b4_p64", "qvq_v2b2_p32",
+)  # fmt: skip
 # AWQ kernel layouts: GPTQModel labels such exports quant_method "gptq".
 AWQ_LAYOUTS = ("gemm", "gemv", "gemv_fast")
+LAYOUT_FIELDS = ("format", "checkpoint_format")
 # Keys of a GPTQModel ``dynamic`` rule that change how a layer is quantized.
 OVERRIDE_KEYS = ("bits", "group_size", "sym", "desc_act")
 
@@ -101,14 +120,22 @@ class GPTQConfig(QuantConfig):
     desc_act: bool = False
     sym: bool = True
     lm_head: bool = False
-    checkpoint_format: str = "gptq"
     format: str | None = None
+    # The layout: given, else ``format``'s, else "gptq" (validated even when absent).
+    checkpoint_format: str | None = Field(None, validate_default=True)
     is_marlin_format: bool = False
     modules_to_not_convert: list[str] | None = None
     modules_in_block_to_quantize: list[str] | list[list[str]] | None = None
     dynamic: dict[str, DynamicOverride] | None = None
 
-    @field_validator("checkpoint_format", "format")
+    @field_validator("checkpoint_format")
+    @classmethod
+    def _checkpoint_format(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:  # GPTQModel often writes only ``format``: it decides
+            return info.data.get("format") or "gptq"
+        return cls._format(value)
+
+    @field_validator("format")
     @classmethod
     def _format(cls, value: str | None) -> str | None:
         if value is None:
@@ -118,9 +145,35 @@ class GPTQConfig(QuantConfig):
                 f"the '{value}' GPTQ layout is not supported; expected one of "
                 f"{', '.join(CHECKPOINT_FORMATS)} (GPTQModel: save with format='gptq')"
             )
+        if value.lower() in OTHER_GPTQMODEL_FORMATS:
+            raise ValueError(
+                f"'{value}' is a GPTQModel format whose tensors are not GPTQ's and quantreg "
+                f"does not read them; expected one of {', '.join(CHECKPOINT_FORMATS)}"
+            )
+        if value.lower() in AWQ_LAYOUTS:
+            raise ValueError(
+                f"'{value}' is an AWQ layout, read by the awq method (GPTQModel's AWQ exports "
+                "are relabelled when format and checkpoint_format agree); expected one of "
+                f"{', '.join(CHECKPOINT_FORMATS)} here"
+            )
         if value.lower() not in CHECKPOINT_FORMATS:
             raise ValueError(f"expected one of {', '.join(CHECKPOINT_FORMATS)}")
         return value.lower()
+
+    @classmethod
+    def from_quant_config(
+        cls, data: Mapping[str, Any], *, method: str, source: str | None = None
+    ) -> Self:
+        """Validate a GPTQ ``quantization_config``; ``format`` and ``checkpoint_format`` must
+        agree when both are given (checked after each field's own value, so that an
+        unsupported layout is named as such).
+
+        Raises:
+            ConfigError: the two layout fields disagree, or a field has a bad value.
+        """
+        config = super().from_quant_config(data, method=method, source=source)
+        check_layout_fields(data, LAYOUT_FIELDS, method=method, source=source)
+        return config
 
     @field_validator("is_marlin_format")
     @classmethod
@@ -202,9 +255,14 @@ class GPTQConfig(QuantConfig):
     def relabel(cls, data: Mapping[str, Any]) -> Relabel | None:
         """GPTQModel's weight-only exports keep quant_method "gptq" but write AWQ tensors when
         their ``format`` (or ``checkpoint_format``) is an AWQ layout: read them as ``awq``."""
+        layouts = {
+            value.strip().lower()
+            for value in (data.get("format"), data.get("checkpoint_format"))
+            if isinstance(value, str)
+        }
+        if len(layouts) != 1 or not layouts <= set(AWQ_LAYOUTS):
+            return None  # GPTQ tensors, or fields that disagree (GPTQConfig refuses those)
         layout = data.get("format") or data.get("checkpoint_format")
-        if not (isinstance(layout, str) and layout.lower() in AWQ_LAYOUTS):
-            return None
         note = (
             f"says quant_method 'gptq' with format '{layout}': GPTQModel writes that for "
             "AWQ-layout tensors (qweight [in, out/8], no g_idx), so it is read as awq"
@@ -213,9 +271,14 @@ class GPTQConfig(QuantConfig):
         return Relabel("awq", awq, note)
 
     @property
+    def layout(self) -> str:
+        """``gptq`` (v1) or ``gptq_v2``: ``checkpoint_format``, else ``format``, else v1."""
+        return self.checkpoint_format or "gptq"
+
+    @property
     def zero_point_offset(self) -> int:
-        """What checkpoint_format ``gptq`` (v1) subtracted from every stored zero point."""
-        return 1 if self.checkpoint_format == "gptq" else 0
+        """What the ``gptq`` (v1) layout subtracted from every stored zero point."""
+        return 1 if self.layout == "gptq" else 0
 
     def dynamic_match(self, prefix: str) -> tuple[str, bool, dict[str, Any]] | None:
         """The first ``dynamic`` rule whose regex ``re.match``-es ``prefix``.
