@@ -9,7 +9,8 @@ compressed-tensors computes it in that dtype); ``g(i)`` is ``i // group_size`` (
   ``weight_packed [out, ceil(in*bits/32)]`` along the input dim; asymmetric zero points packed
   the same way along dim 0; ``weight_shape`` = ``[out, in]``.
 * ``int-quantized`` / ``naive-quantized``: int8 ``weight [out, in]``.
-* ``float-quantized``: float8_e4m3fn ``weight [out, in]``.
+* ``float-quantized`` (and ``naive-quantized`` with float weights, which compressed-tensors
+  writes for FP8 without input activations): float8_e4m3fn ``weight [out, in]``.
 
 The vocab is on dim 0 of every tensor. The head runs weight-only: activations stay float.
 Integer formats decode to ``quantreg.IntWeights`` and run whichever kernel selection picks

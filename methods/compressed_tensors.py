@@ -224,9 +224,9 @@ class CompressedTensorsConfig(QuantConfig):
                 f"weight strategy {strategy!r} ({layer}) is not supported yet; supported: "
                 f"{', '.join(SUPPORTED_STRATEGIES)}"
             )
-        if fmt == "float-quantized":
+        if fmt == "float-quantized" or (fmt == "naive-quantized" and weights.type == "float"):
             if (weights.type, weights.num_bits) != ("float", 8):
-                return f"float-quantized weights must be 8-bit float; got {weights.num_bits}-bit"
+                return f"{fmt} weights must be 8-bit float; got {weights.num_bits}-bit"
         elif weights.type != "int" or weights.num_bits not in (4, 8):
             return (
                 f"{fmt} weights must be int4 or int8; got {weights.type}{weights.num_bits} "
@@ -282,8 +282,11 @@ class CompressedTensorsConfig(QuantConfig):
             raise ConfigError(f"compressed-tensors: {reason}")
         args, acts = scheme.weights, scheme.input_activations
         strategy = args.effective_strategy
+        layout = self.scheme_format(scheme) or fmt.PACKED
+        if layout == fmt.NAIVE and args.type == "float":
+            layout = fmt.FLOAT  # the same tensors on disk: an F8_E4M3 weight and its scale
         return fmt.WeightScheme(
-            format=self.scheme_format(scheme) or fmt.PACKED,
+            format=layout,
             bits=args.num_bits,
             strategy=strategy,
             group_size=args.group_size if strategy == "group" else None,
