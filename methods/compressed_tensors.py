@@ -4,16 +4,20 @@ Targets and ignore entries follow ``compressed_tensors.utils.match``: an exact m
 a ``re:`` regex (``re.match``, anchored at the start) or a class name. quantreg's layers are
 all Linear-like, so the class name ``Linear`` matches any of them -- including an lm_head,
 which is an ``nn.Linear`` when compressed-tensors writes the file. ``ignore`` wins.
+
+``sparsity_config`` (its own ``targets``, default every layer, and ``ignore``) is read too:
+quantreg does not decompress sparse weights, so a layer a non-``dense`` sparsity format
+compresses is refused, never loaded as if it were dense.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Collection, Mapping
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 import torch
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 from quantreg import ConfigError, IntWeights, LayerRule, QuantConfig
 from quantreg.kernels import Float8Layout
@@ -75,6 +79,38 @@ class QuantizationArgs(BaseModel):
         if self.strategy is not None:
             return self.strategy
         return "group" if self.group_size else "tensor"
+
+
+class SparsityConfig(BaseModel):
+    """A ``sparsity_config`` (compressed-tensors' ``SparsityCompressionConfig``): which layers
+    a sparse format compresses. ``targets`` null means every layer."""
+
+    model_config = _STRICT
+
+    format: Annotated[str, AfterValidator(_check_format)]
+    targets: list[str] | None = None
+    ignore: list[str] | None = None
+    global_sparsity: float | None = 0.0
+    sparsity_structure: str | None = "unstructured"
+
+    @field_validator("targets", "ignore")
+    @classmethod
+    def _regexes(cls, value: list[str] | None) -> list[str] | None:
+        for entry in value or ():
+            _check_regex(entry)
+        return value
+
+    def compresses(self, prefix: str) -> str | None:
+        """Why the sparse format compresses layer ``prefix`` (the target that matches it), or
+        None: ``dense``, an ``ignore`` entry, or no target matches."""
+        if self.format == "dense":
+            return None
+        if any(match_kind(entry, prefix) is not None for entry in self.ignore or ()):
+            return None
+        if self.targets is None:
+            return "targets null (every layer)"
+        target = next((t for t in self.targets if match_kind(t, prefix) is not None), None)
+        return None if target is None else f"targets '{target}'"
 
 
 class QuantizationScheme(BaseModel):
@@ -139,6 +175,26 @@ class CompressedTensorsConfig(QuantConfig):
     config_groups: dict[str, QuantizationScheme] = Field(default_factory=dict)
     ignore: list[str] = Field(default_factory=list)
     quantization_status: str | None = None
+    sparsity_config: SparsityConfig | None = None
+    _source: str | None = PrivateAttr(default=None)
+
+    @classmethod
+    def from_quant_config(
+        cls, data: Mapping[str, Any], *, method: str, source: str | None = None
+    ) -> Self:
+        """Validate a compressed-tensors config, remembering its file for later errors.
+
+        Raises:
+            ConfigError: a field (``sparsity_config``'s included) has a bad value.
+        """
+        config = super().from_quant_config(data, method=method, source=source)
+        config._source = source
+        return config
+
+    @field_validator("sparsity_config", mode="before")
+    @classmethod
+    def _no_sparsity(cls, value: Any) -> Any:
+        return None if value == {} else value  # what compressed-tensors writes for "none"
 
     @field_validator("quantization_status")
     @classmethod
@@ -163,7 +219,12 @@ class CompressedTensorsConfig(QuantConfig):
         return value
 
     def layer_rule(self, prefix: str) -> LayerRule:
-        """``ignore`` first, then the best-matching target (exact name > regex > ``Linear``)."""
+        """``ignore`` first, then the best-matching target (exact name > regex > ``Linear``).
+
+        Raises:
+            ConfigError: ``sparsity_config`` compresses the layer with a sparse format.
+        """
+        self._refuse_sparse(prefix)
         matches = sorted(
             (kind, order, group, target)
             for order, (group, scheme) in enumerate(self.config_groups.items())
@@ -183,6 +244,24 @@ class CompressedTensorsConfig(QuantConfig):
             "format": self.scheme_format(scheme),
         }
         return LayerRule(True, target_texts[0], overrides, tuple(target_texts[1:]))
+
+    def _refuse_sparse(self, prefix: str) -> None:
+        """Raise when ``sparsity_config`` compresses ``prefix``: its tensors are a sparse
+        encoding that quantreg would otherwise read as a dense layer."""
+        sparsity = self.sparsity_config
+        why = sparsity.compresses(prefix) if sparsity is not None else None
+        if sparsity is None or why is None:
+            return
+        where = f" in {self._source}" if self._source else ""
+        if "sparsity_structure" in sparsity.model_fields_set:
+            why += f", sparsity_structure {sparsity.sparsity_structure!r}"
+        raise ConfigError(
+            f"compressed-tensors{where}: sparsity_config format '{sparsity.format}' "
+            f"compresses layer '{prefix}' ({why}); quantreg does not decompress sparsity "
+            "formats, so it cannot load this layer. Supported: sparsity format 'dense', "
+            f"or '{prefix}' in the sparsity_config's ignore list",
+            field="sparsity_config",
+        )
 
     def scheme_format(self, scheme: QuantizationScheme) -> str | None:
         """The on-disk format of a group: its own, else the model's, else inferred."""
