@@ -252,6 +252,11 @@ HEADS = {
     "ct-int4": lambda: ct_packed_head(n=VOCAB, k=64, bits=4) | {"lm_head.weight_scale": torch.zeros(VOCAB, 2, dtype=torch.float16)},
     "float": lambda: float_head(n=VOCAB, k=64),
 }  # fmt: skip
+# GPTQModel 7.6.0's quantize_config.json (tests/fixtures/producers, meta trimmed, no dynamic),
+# without its layout fields: each case sets them to values of GPTQModel's FORMAT enum
+# (gptqmodel/quantization/config.py: gptq, gptq_v2, gptq_p, marlin, bitblas, qqq, gguf, fp8,
+# exl3, ..., gemm, gemv, gemv_fast, llm-awq). GPTQModel reads checkpoint_format as a synonym
+# of format, and other writers of its configs give only format.
 GPTQMODEL_7_6 = {"bits": 4, "group_size": 32, "desc_act": False, "sym": True, "lm_head": True, "method": "gptq", "quant_method": "gptq", "pack_dtype": "int32", "meta": {"quantizer": ["gptqmodel:7.6.0"], "uri": "https://github.com/modelcloud/gptqmodel"}}  # fmt: skip
 # An optimum 2.1.0 + GPTQModel 6.0.3 export of a Llama 3 model (config.json, both fields).
 OPTIMUM_2_1_V2 = {"act_group_aware": True, "backend": "auto", "batch_size": 1, "bits": 4, "block_name_to_quantize": None, "cache_block_outputs": True, "checkpoint_format": "gptq_v2", "damp_percent": 0.1, "desc_act": False, "format": "gptq_v2", "group_size": 128, "max_input_length": None, "meta": {"quantizer": ["optimum:2.1.0", "gptqmodel:6.0.3"]}, "model_seqlen": None, "module_name_preceding_first_block": None, "modules_in_block_to_quantize": None, "pad_token_id": None, "quant_method": "gptq", "sym": True, "tokenizer": None, "true_sequential": True}  # fmt: skip
