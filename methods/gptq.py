@@ -114,6 +114,9 @@ class GPTQConfig(QuantConfig):
     linear_method = GPTQLinearMethod
     supports_lm_head: ClassVar[bool] = True
     tensor_names: ClassVar[frozenset[str]] = fmt.TENSORS
+    variant_fields: ClassVar[frozenset[str]] = frozenset(
+        {"bits", "checkpoint_format", "format", "is_marlin_format"}
+    )
 
     bits: Bits
     group_size: GroupSize

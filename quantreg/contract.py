@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 # Class-level declarations of QuantConfig that a subclass must never turn into fields.
 _CLASS_LEVEL = (
     "linear_method", "supports_lm_head", "checkpoint_formats", "upgrade_priority", "tensor_names",
+    "variant_fields",
 )  # fmt: skip
 
 
@@ -127,7 +128,9 @@ class QuantConfig(BaseModel):
     * ``checkpoint_formats`` -- other ``quant_method`` values it reads (its own name always);
     * ``upgrade_priority`` -- when several methods can run a checkpoint, the highest wins;
     * ``tensor_names`` -- the tensor names (after the layer prefix) of its formats, e.g.
-      ``qweight``: resolution and ``inspect`` use them to tell quantized tensors apart.
+      ``qweight``: resolution and ``inspect`` use them to tell quantized tensors apart;
+    * ``variant_fields`` -- fields whose refused values (``bits: 3``) name a variant the method
+      cannot run: a layer the config keeps float still resolves (float, with a note).
     """
 
     model_config = ConfigDict(extra="allow", strict=True, frozen=True)
@@ -137,6 +140,7 @@ class QuantConfig(BaseModel):
     checkpoint_formats: ClassVar[tuple[str, ...]] = ()
     upgrade_priority: ClassVar[int] = 0
     tensor_names: ClassVar[frozenset[str]] = frozenset()
+    variant_fields: ClassVar[frozenset[str]] = frozenset()
     _layer_rule: LayerRule | None = PrivateAttr(default=None)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

@@ -29,6 +29,7 @@ from quantreg.errors import ConfigError, PluginError, UnknownMethodError
 from quantreg.platform import Platform
 from quantreg.registry import Registry, default_registry
 from quantreg.resolution import UNQUANTIZED, Candidate, Resolution, TensorState
+from quantreg.unsupported import config_rule, is_variant_error, known_method, not_supported
 from quantreg.view import CheckpointView, read_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -105,15 +106,16 @@ def decide(
     facts = Facts(view, prefix, platform, req, registry)
     if view.quant is None:
         return _tied_or_kept(facts, _no_quantization(facts))
+    known = known_method(view.quant.quant_method, registry)
+    if known is not None:
+        return _tied_or_kept(facts, _unsupported(facts, known, view.quant.data))
     fmt, data, relabel_note = _format(view, registry)
-    readers, declined = find_readers(registry, fmt, view.quant.where, data, view.quant.path)
-    if not readers:
-        raise ConfigError(
-            f"no installed method reads quant_method '{fmt}' ({view.quant.where}):"
-            + "".join(f"\n  - {c.name}: {c.reason}" for c in declined),
-            path=view.quant.path,
-            field="quant_method",
-        )
+    try:
+        readers, declined = _readers(view, registry, fmt, data)
+    except ConfigError as exc:
+        if not is_variant_error(exc, registry.get(fmt)):
+            raise
+        return _tied_or_kept(facts, _unsupported(facts, fmt, data, exc))
     facts = _with_tensors(facts, names=_tensor_names(registry))
     decider = next((r for r in readers if r.name == fmt), readers[0])
     rule, overridden = _layer_rule(decider, facts)
@@ -177,6 +179,65 @@ def _no_quantization(facts: Facts) -> Resolution:
     return facts.resolution(
         method=None, quantized=False, rule=rule.rule, candidates=(chosen,), config=None
     )
+
+
+def _readers(
+    view: CheckpointView, registry: Registry, fmt: str, data: Mapping[str, Any]
+) -> tuple[list[Reader], list[Candidate]]:
+    """The readers of ``fmt`` and the declined candidates.
+
+    Raises:
+        ConfigError: the format's own parser refuses the config, or no method reads it.
+    """
+    assert view.quant is not None
+    readers, declined = find_readers(registry, fmt, view.quant.where, data, view.quant.path)
+    if not readers:
+        raise ConfigError(
+            f"no installed method reads quant_method '{fmt}' ({view.quant.where}):"
+            + "".join(f"\n  - {c.name}: {c.reason}" for c in declined),
+            path=view.quant.path,
+            field="quant_method",
+        )
+    return readers, declined
+
+
+def _unsupported(
+    facts: Facts, fmt: str, data: Mapping[str, Any], error: ConfigError | None = None
+) -> Resolution:
+    """A layer under a config quantreg cannot run (``error``; None: a method it knows but does
+    not implement): float when the config keeps it float or its tensors are float -- the
+    tensors, when read, win over the config.
+
+    Raises:
+        ConfigError: ``error``, naming the layer, when the layer is quantized.
+    """
+    if error is None:
+        quant = facts.view.quant
+        where = quant.path if quant is not None else None
+        error = ConfigError(not_supported(fmt, facts.registry), path=where, field="quant_method")
+    facts = _with_tensors(facts, names=_tensor_names(facts.registry))
+    rule = config_rule(data, facts.prefix, fmt, registered=fmt in facts.registry.names())
+    names = ", ".join(f"{t.name} ({t.dtype})" for t in facts.infos[:4])
+    if facts.state == "unquantized" and rule.quantized:
+        rule = LayerRule(False, f"tensors: {names} are float", also=(rule.rule,))
+    if rule.quantized or facts.state == "quantized":
+        shown = f"its tensors are quantized: {names}" if facts.state == "quantized" else rule.rule
+        error.args = (f"{error}; '{facts.prefix}' of {facts.view.source} is quantized ({shown})",)
+        raise error
+    if facts.requested not in (None, UNQUANTIZED):
+        raise ConfigError(
+            f"requested method '{facts.requested}' cannot read {facts.view.source}: {error}"
+        )
+    facts.notes.append(
+        f"'{facts.prefix}' stays float; the checkpoint's {fmt} layers are not supported by "
+        f"quantreg: {error}"
+    )
+    facts.notes.extend(_tensor_notes(rule, facts))
+    kept = Candidate(UNQUANTIZED, True, f"the config keeps '{facts.prefix}' unquantized")
+    return facts.resolution(
+        method=None, quantized=False, rule="; also: ".join((rule.rule, *rule.also)),
+        candidates=(kept,), config=None, format=fmt,
+    )  # fmt: skip
 
 
 def _format(view: CheckpointView, registry: Registry) -> tuple[str, Mapping[str, Any], str | None]:

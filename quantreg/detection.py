@@ -2,9 +2,10 @@
 
 Looked up in this order: ``config.json`` keys ``quantization_config``, ``compression_config``,
 ``text_config.quantization_config`` and ``transformer_layer_config.quantization_config``;
-then the legacy ``quantize_config.json`` (AutoGPTQ) and ``quant_config.json`` (AutoAWQ) beside
-it. What a label really means (GPTQModel's ``gptq``-labelled AWQ exports, say) is for the
-methods to say (``QuantConfig.relabel``), not for detection.
+then ModelOpt's ``hf_quant_config.json`` and the legacy ``quantize_config.json`` (AutoGPTQ) and
+``quant_config.json`` (AutoAWQ) beside it. What a label really means (GPTQModel's
+``gptq``-labelled AWQ exports, say) is for the methods to say (``QuantConfig.relabel``), not for
+detection.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ LOOKUP_ORDER = (
 )
 # Legacy side files and the method their (often unlabelled) contents belong to.
 LEGACY_FILES = (("quantize_config.json", "gptq"), ("quant_config.json", "awq"))
+# ModelOpt's side file: {"producer": {...}, "quantization": {"quant_algo", "exclude_modules"}}.
+MODELOPT_FILE = "hf_quant_config.json"
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,9 @@ def detect_quant_config(
                 value = {"quant_method": "compressed-tensors", **nested}
         return _labelled(value, where=where, default=None, path=config_path)
     if root is not None:
+        modelopt = _modelopt_side_file(root)
+        if modelopt is not None:
+            return modelopt
         for name, method in LEGACY_FILES:
             legacy = root / name
             if legacy.exists() or legacy.is_symlink():
@@ -107,6 +113,28 @@ def detect_quant_config(
                     raise ConfigError(f"{legacy} must hold a JSON object", path=legacy)
                 return _labelled(data, where=str(legacy), default=method, path=legacy)
     return None
+
+
+def _modelopt_side_file(root: Path) -> DetectedQuantConfig | None:
+    """ModelOpt's ``hf_quant_config.json``, as vLLM reads it: its ``quantization`` section,
+    named ``modelopt_fp4`` for an FP4 ``quant_algo`` and ``modelopt`` otherwise."""
+    path = root / MODELOPT_FILE
+    if not (path.exists() or path.is_symlink()):
+        return None
+    checked_file(root, MODELOPT_FILE, what="ModelOpt quantization config")
+    data = read_json(path, what="ModelOpt quantization config")
+    section = data.get("quantization") if isinstance(data, Mapping) else None
+    if not isinstance(section, Mapping):
+        raise ConfigError(
+            f"{path}: field 'quantization' must be a JSON object (ModelOpt's quant_algo and "
+            "exclude_modules)",
+            path=path,
+            field="quantization",
+        )
+    algo = str(section.get("quant_algo") or "")
+    method = "modelopt_fp4" if "FP4" in algo.upper() else "modelopt"
+    merged = {**section, "producer": data.get("producer"), "quant_method": method}
+    return DetectedQuantConfig(method, merged, f"{path} (quantization)", path)
 
 
 def _labelled(

@@ -73,7 +73,7 @@ def test_errors_carry_what_they_are_about(tmp_path):
     import torch
 
     config = tmp_path / "config.json"
-    config.write_text(json.dumps({"quantization_config": {"quant_method": "gptq", "bits": 3, "group_size": 128}}))  # fmt: skip
+    config.write_text(json.dumps({"quantization_config": {"quant_method": "gptq", "bits": 3, "group_size": 128, "lm_head": True}}))  # fmt: skip
     with pytest.raises(quantreg.ConfigError) as bad_field:
         quantreg.resolve(tmp_path, platform="cpu")
     assert (bad_field.value.path, bad_field.value.field) == (config, "bits")

@@ -320,7 +320,7 @@ def test_quantization_config_wins_over_legacy_files(tmp_path):
         (lambda p: {"quantization_config": [1]}, ConfigError, r"\(quantization_config\) must be a JSON object, got list"),
         (lambda p: {"quant_method": "awqq", "bits": 4}, ConfigError, r"field 'quant_method': unknown quantization method 'awqq'.*did you mean 'awq'"),
         (lambda p: {"quant_method": 4}, ConfigError, r"field 'quant_method' = 4: expected a method name"),
-        (lambda p: {**GPTQ, "bits": 3}, ConfigError, r"invalid gptq quantization_config in <quantization_config dict>: field 'bits' = 3"),
+        (lambda p: {**GPTQ, "bits": 3, "lm_head": True}, ConfigError, r"invalid gptq quantization_config in <quantization_config dict>: field 'bits' = 3"),
         (lambda p: 42, InputError, r"resolve\(\) takes a checkpoint folder, a config.json path or a dict; got 42"),
     ],
     ids=["missing-path", "no-config", "config-not-json", "config-not-object", "no-quant-method",

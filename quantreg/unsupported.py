@@ -1,0 +1,168 @@
+"""Configs quantreg cannot run, and the layers they still keep float.
+
+Two cases: a quantization method quantreg knows by name but does not implement (``fp8``,
+``mxfp4``, ``modelopt``, ...: the names vLLM and transformers use), and a variant of one of its
+own methods that it refuses (3-bit GPTQ, AWQ GEMV, AutoGPTQ marlin). Either way the config
+still says which layers stay float, in the keys its producers write; :func:`config_rule` reads
+them without the method's own parser. Only a layer that is quantized raises.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import ValidationError
+
+from quantreg.contract import LayerRule, QuantConfig, is_lm_head
+from quantreg.errors import ConfigError, UnknownMethodError
+from quantreg.registry import Registry, normalize_name
+
+# Quantization methods of vLLM and transformers that quantreg does not implement (a plugin
+# registered under one of these names is used like any method).
+KNOWN_METHODS = frozenset({
+    "aqlm", "auto-round", "autoround", "bitblas", "bitnet", "bitsandbytes", "deepspeedfp", "eetq",
+    "experts_int8", "fbgemm_fp8", "fp8", "fp_quant", "gguf", "gptq_bitblas", "gptq_marlin_24",
+    "higgs", "hqq", "inc", "ipex", "marlin", "modelopt", "modelopt_fp4", "modelopt_mixed",
+    "moe_wna16", "mxfp4", "neuron_quant", "petit_nvfp4", "ptpc_fp8", "qqq", "quanto", "quark",
+    "rtn", "spqr", "torchao", "tpu_int8", "vptq", "w8a8_fp8", "w8a8_int8",
+})  # fmt: skip
+# Methods whose files quantize the output layer unless the config says otherwise (GGUF's
+# ``output.weight``); every other one leaves an lm_head float unless its config names it --
+# vLLM's fp8 / modelopt / quark / mxfp4 / bitsandbytes methods quantize LinearBase layers only,
+# and transformers adds the output embedding to ``modules_to_not_convert``.
+HEAD_QUANTIZING = frozenset({"gguf"})
+# Lists of modules kept float, by the producers that write them: transformers
+# (modules_to_not_convert; gpt-oss mxfp4 with wildcards), ModelOpt (exclude_modules),
+# vLLM fp8 (ignored_layers), compressed-tensors style (ignore), Quark (exclude),
+# bitsandbytes (llm_int8_skip_modules), HQQ (skip_modules), AQLM (linear_weights_not_to_quantize).
+EXCLUSION_KEYS = (
+    "modules_to_not_convert", "exclude_modules", "ignored_layers", "ignore", "exclude",
+    "exclude_layers", "llm_int8_skip_modules", "skip_modules", "linear_weights_not_to_quantize",
+)  # fmt: skip
+# Lists of what *is* quantized: a layer outside them stays float (auto-round's blocks, VPTQ's
+# per-layer configs, ModelOpt MIXED_PRECISION's quantized_layers).
+INCLUSION_KEYS = (
+    "block_name_to_quantize", "to_quant_block_names", "config_for_layers", "quantized_layers",
+)  # fmt: skip
+# Flags that quantize an lm_head (GPTQ / AWQ ``lm_head``, auto-round ``quant_lm_head``,
+# torchao ``include_input_output_embeddings``).
+HEAD_FLAGS = ("lm_head", "quant_lm_head", "include_input_output_embeddings")
+
+
+def known_method(name: str, registry: Registry) -> str | None:
+    """``name`` normalized when it is a known method that no registry entry provides."""
+    try:
+        registry.canonical_name(name)
+        return None
+    except UnknownMethodError:
+        key = normalize_name(name)
+        return key if key in KNOWN_METHODS or key.replace("_", "-") in KNOWN_METHODS else None
+
+
+def not_supported(name: str, registry: Registry) -> str:
+    """The message head for a known method quantreg does not implement."""
+    supported = ", ".join(n for n in registry.names() if n != "unquantized")
+    return (
+        f"quantization method '{name}' is known but not supported by quantreg "
+        f"(supported: {supported}; a plugin can register it)"
+    )
+
+
+def is_variant_error(exc: ConfigError, cls: type[QuantConfig]) -> bool:
+    """Whether a parse error only refuses values of the method's ``variant_fields``."""
+    cause = exc.__cause__
+    if not isinstance(cause, ValidationError) or not cls.variant_fields:
+        return False
+    errors = cause.errors(include_url=False)
+    return bool(errors) and all(
+        e["type"] == "value_error" and len(e["loc"]) == 1 and e["loc"][0] in cls.variant_fields
+        for e in errors
+    )
+
+
+def matches(entry: object, prefix: str) -> bool:
+    """Whether a module-list entry names ``prefix`` or a module above it: an exact or dotted
+    sub-name (``self_attn``, ``mlp.gate``), a wildcard (``model.layers.*.self_attn``), a
+    ``re:`` regex, or a parameter name (``lm_head.weight``)."""
+    if not isinstance(entry, str) or not entry:
+        return False
+    if entry.startswith("re:"):
+        try:
+            return re.match(entry[3:], prefix) is not None
+        except re.error:
+            return False
+    name = entry.removesuffix(".weight")
+    if any(c in name for c in "*?["):
+        return fnmatch.fnmatchcase(prefix, name) or fnmatch.fnmatchcase(prefix, name + ".*")
+    return f".{name}." in f".{prefix}."
+
+
+def _listed(value: Any) -> list[Any]:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",")]
+    if isinstance(value, Mapping):
+        return list(value)
+    return list(value) if isinstance(value, list) else []
+
+
+def _excluded(data: Mapping[str, Any], prefix: str) -> LayerRule | None:
+    for key in EXCLUSION_KEYS:
+        entry = next((e for e in _listed(data.get(key)) if matches(e, prefix)), None)
+        if entry is not None:
+            return LayerRule(False, f"{key} '{entry}'")
+    for key in INCLUSION_KEYS:
+        entries = _listed(data.get(key))
+        if entries and not any(matches(e, prefix) for e in entries):
+            return LayerRule(False, f"{key}: no entry covers '{prefix}'")
+    extra = data.get("extra_config")
+    if isinstance(extra, Mapping):
+        for entry, layer in extra.items():
+            bits = layer.get("bits") if isinstance(layer, Mapping) else None
+            if matches(entry, prefix) and isinstance(bits, int) and bits >= 16:
+                return LayerRule(False, f"extra_config '{entry}': bits={bits}")
+    return None
+
+
+def _dynamic(data: Mapping[str, Any], prefix: str) -> LayerRule | None:
+    """GPTQModel's ``dynamic``: the first key that ``re.match``-es decides."""
+    dynamic = data.get("dynamic")
+    for key in dynamic if isinstance(dynamic, Mapping) else ():
+        pattern = key[2:] if key[:2] in ("+:", "-:") else key
+        try:
+            if re.match(pattern, prefix):
+                return LayerRule(not key.startswith("-:"), f"dynamic '{key}'")
+        except re.error:
+            continue
+    return None
+
+
+def config_rule(
+    data: Mapping[str, Any], prefix: str, method: str, *, registered: bool = False
+) -> LayerRule:
+    """What a config's own keys say about layer ``prefix``, read without the method's parser:
+    exclusion lists first, then inclusion lists, GPTQModel ``dynamic``, and for a head its
+    flags (absent: float, except for :data:`HEAD_QUANTIZING` methods). ``registered``: the
+    method is quantreg's own (its absent ``lm_head`` flag means false)."""
+    head = is_lm_head(prefix)
+    flag = next((k for k in HEAD_FLAGS if isinstance(data.get(k), bool)), None) if head else None
+    if flag is not None and data[flag] is False:
+        return LayerRule(False, f"{flag}: false")
+    decided = _excluded(data, prefix) or _dynamic(data, prefix)
+    if decided is not None:
+        return decided
+    if flag is not None:
+        return LayerRule(True, f"{flag}: true")
+    if not head:
+        return LayerRule(True, f"quant_method '{method}': every linear layer")
+    if method in HEAD_QUANTIZING:
+        return LayerRule(True, f"quant_method '{method}': its files quantize the output layer")
+    if registered:
+        return LayerRule(False, "lm_head: false (absent)")
+    return LayerRule(
+        False,
+        f"quant_method '{method}': no {' / '.join(HEAD_FLAGS)} key, and its engines never "
+        "quantize an lm_head the config does not name",
+    )

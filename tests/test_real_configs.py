@@ -1,0 +1,305 @@
+"""Real-world quantization configs: a layer the config keeps float resolves float (with a note
+naming what quantreg could not run), a quantized layer under a method quantreg does not
+implement is "known but not supported", and quantreg's own methods resolve as before.
+
+The configs are copied from public model repositories and producer code (the producer and
+its version are in each id); each is resolved for the head and for a body layer, on ``cpu``
+and ``cuda:9.0``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from ckpt import float_head, llama_config, write_checkpoint
+
+import quantreg
+from quantreg import ConfigError, resolve
+
+PLATFORMS = ("cpu", "cuda:9.0")
+NOT_SUPPORTED = r"quantization method '{}' is known but not supported by quantreg \(supported: awq, .*; a plugin can register it\)"  # fmt: skip
+GPTQ_LAYOUT = {"cpu": "cpu_wna16", "cuda:9.0": "gptq_marlin"}
+AWQ_LAYOUT = {"cpu": "cpu_wna16", "cuda:9.0": "awq_marlin"}
+
+# openai/gpt-oss-20b (and -120b) config.json, transformers >= 4.55.
+GPT_OSS = {
+    "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head",
+    ],
+    "quant_method": "mxfp4",
+}  # fmt: skip
+# deepseek-ai/DeepSeek-V3 config.json (block-wise FP8, no exclusion key; the head is bf16).
+DEEPSEEK_FP8 = {
+    "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+    "weight_block_size": [128, 128],
+}  # fmt: skip
+# transformers FineGrainedFP8Config.to_dict() (as TensorRT-LLM's auto_deploy documents it).
+FINEGRAINED_FP8 = {
+    "quant_method": "fp8", "weight_block_size": [128, 128],
+    "modules_to_not_convert": ["gate", "lm_head"],
+}  # fmt: skip
+# vLLM Fp8Config's own key (llm-compressor / vLLM fp8 exports).
+VLLM_FP8 = {"quant_method": "fp8", "activation_scheme": "static", "ignored_layers": ["lm_head"]}
+# ModelOpt hf_quant_config.json (the legacy side file vLLM reads), FP8 and NVFP4.
+MODELOPT_FP8 = {
+    "producer": {"name": "modelopt", "version": "0.29.0"},
+    "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": None, "exclude_modules": ["lm_head"]},
+}  # fmt: skip
+MODELOPT_NVFP4 = {
+    "producer": {"name": "modelopt"},
+    "quantization": {
+        "quant_algo": "NVFP4", "group_size": 16, "kv_cache_quant_algo": None,
+        "exclude_modules": ["lm_head"],
+    },
+}  # fmt: skip
+# ModelOpt >= 0.31 config.json form (quant_method "modelopt", wildcard "ignore").
+MODELOPT_CONFIG_NVFP4 = {
+    "quant_algo": "NVFP4", "quant_method": "modelopt",
+    "weights": {"num_bits": 4, "type": "float", "group_size": 16},
+    "input_activations": {"num_bits": 4, "type": "float", "group_size": 16},
+    "ignore": ["lm_head", "model.layers.*.block_sparse_moe.gate", "model.layers.*.self_attn*"],
+}  # fmt: skip
+# ModelOpt MIXED_PRECISION (nvidia/Qwen3.6-27B-NVFP4 style): only quantized_layers are quantized.
+MODELOPT_MIXED = {
+    "quant_method": "modelopt", "quant_algo": "MIXED_PRECISION", "kv_cache_quant_algo": "FP8",
+    "quantized_layers": {
+        "model.layers.0.mlp.down_proj": {"quant_algo": "W4A16_NVFP4"},
+        "model.layers.0.self_attn.qkv_proj": {"quant_algo": "FP8"},
+    },
+}  # fmt: skip
+# transformers BitsAndBytesConfig.to_dict() (unsloth *-bnb-4bit uploads list their skips).
+BNB_NF4 = {
+    "_load_in_4bit": True, "_load_in_8bit": False, "bnb_4bit_compute_dtype": "bfloat16",
+    "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": "nf4",
+    "bnb_4bit_use_double_quant": True, "llm_int8_enable_fp32_cpu_offload": False,
+    "llm_int8_has_fp16_weight": False, "llm_int8_skip_modules": ["lm_head", "multi_modal_projector"],
+    "llm_int8_threshold": 6.0, "load_in_4bit": True, "load_in_8bit": False,
+    "quant_method": "bitsandbytes",
+}  # fmt: skip
+BNB_INT8_NO_SKIP = {**BNB_NF4, "llm_int8_skip_modules": None, "_load_in_4bit": False,
+                    "load_in_4bit": False, "_load_in_8bit": True, "load_in_8bit": True}  # fmt: skip
+# AMD Quark QuantizationConfig.to_dict() (quark 0.9).
+QUARK = {
+    "quant_method": "quark",
+    "global_quant_config": {
+        "weight": {"dtype": "fp8_e4m3", "qscheme": "per_tensor", "is_dynamic": False},
+        "input_tensors": {"dtype": "fp8_e4m3", "qscheme": "per_tensor", "is_dynamic": False},
+        "output_tensors": None, "bias": None,
+    },
+    "exclude": ["lm_head"], "algo_config": None, "softmax_quant_spec": None,
+    "layer_type_quant_config": {}, "layer_quant_config": {}, "kv_cache_quant_config": {},
+    "export": {"kv_cache_group": [], "pack_method": "reorder", "weight_format": "real_quantized"},
+}  # fmt: skip
+# Intel auto-round 0.5 export (auto_gptq packing; the head is float unless quant_lm_head).
+AUTO_ROUND = {
+    "bits": 4, "group_size": 128, "sym": True, "data_type": "int", "iters": 200,
+    "quant_method": "auto-round", "packing_format": "auto_round:auto_gptq",
+    "block_name_to_quantize": "model.layers",
+    "extra_config": {"model.layers.0.mlp.down_proj": {"bits": 16, "data_type": "float"}},
+}  # fmt: skip
+# transformers TorchAoConfig.to_dict() (torchao 0.12, Int4WeightOnlyConfig).
+TORCHAO = {
+    "quant_method": "torchao",
+    "quant_type": {"default": {"_type": "Int4WeightOnlyConfig", "_version": 2,
+                               "_data": {"group_size": 128}}},
+    "quant_type_kwargs": {}, "modules_to_not_convert": None,
+    "include_input_output_embeddings": False, "untie_embedding_weights": False,
+}  # fmt: skip
+# transformers HqqConfig.to_dict() (hqq 0.2; skip_modules defaults to ["lm_head"]).
+HQQ = {
+    "quant_method": "hqq", "skip_modules": ["lm_head"],
+    "quant_config": {"quant_config": {"weight_quant_params": {"nbits": 4, "group_size": 64}}},
+}  # fmt: skip
+# ISTA-DASLab AQLM 2-bit uploads (aqlm 1.x).
+AQLM = {
+    "quant_method": "aqlm", "in_group_size": 8, "nbits_per_codebook": 16, "num_codebooks": 1,
+    "out_group_size": 1, "linear_weights_not_to_quantize": ["model.embed_tokens.weight", "lm_head.weight"],
+}  # fmt: skip
+# meta-llama/Llama-3.1-405B-Instruct-FP8 (fbgemm 0.8).
+FBGEMM_FP8 = {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0,
+              "modules_to_not_convert": ["model.layers.0.mlp.down_proj", "lm_head"]}  # fmt: skip
+# TheBloke *-GPTQ uploads: AutoGPTQ 0.4 quantize_config.json, 3-bit (the head is never packed).
+AUTOGPTQ_3BIT = {
+    "bits": 3, "group_size": 128, "damp_percent": 0.1, "desc_act": True, "sym": True,
+    "true_sequential": True, "model_name_or_path": None, "model_file_base_name": "model",
+    "quant_method": "gptq",
+}  # fmt: skip
+# AutoGPTQ 0.7 save_quantized(use_marlin=True) quantize_config.json.
+AUTOGPTQ_MARLIN = {
+    "bits": 4, "group_size": 128, "damp_percent": 0.01, "desc_act": False, "static_groups": False,
+    "sym": True, "true_sequential": True, "model_name_or_path": None,
+    "model_file_base_name": "model", "is_marlin_format": True, "quant_method": "gptq",
+}  # fmt: skip
+# AutoAWQ 0.2 GEMV export (config.json) and its legacy quant_config.json.
+AUTOAWQ_GEMV = {"quant_method": "awq", "zero_point": True, "group_size": 128, "bits": 4,
+                "version": "gemv", "modules_to_not_convert": None}  # fmt: skip
+AUTOAWQ_GEMV_LEGACY = {"zero_point": True, "q_group_size": 128, "w_bit": 4, "version": "GEMV"}
+# Controls: quantreg's own methods, as before.
+AUTOAWQ_GEMM = {"quant_method": "awq", "zero_point": True, "group_size": 128, "bits": 4,
+                "version": "gemm", "modules_to_not_convert": None}  # fmt: skip
+GPTQMODEL_LMHEAD = {
+    "bits": 4, "group_size": 128, "desc_act": False, "sym": True, "lm_head": True,
+    "quant_method": "gptq", "checkpoint_format": "gptq",
+    "meta": {"quantizer": ["gptqmodel:2.2.0"]},
+}  # fmt: skip
+LLMCOMPRESSOR_W4A16 = {
+    "quant_method": "compressed-tensors", "format": "pack-quantized",
+    "quantization_status": "compressed", "ignore": ["lm_head"],
+    "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+        "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128}}},
+}  # fmt: skip
+
+BODY = "model.layers.0.mlp.down_proj"
+ATTN = "model.layers.0.self_attn.q_proj"
+# id -> (source: a quantization_config dict, or {file name: JSON} beside a bare config.json),
+# body prefix, expected for lm_head, expected for the body layer. An expectation is
+# ("float", rule prefix), ("unsupported", method), ("error", regex) or ("method", by platform).
+CASES: dict[str, tuple[Any, str, tuple[str, Any], tuple[str, Any]]] = {
+    "gpt-oss-20b-mxfp4-lm_head-excluded": (GPT_OSS, BODY, ("float", "modules_to_not_convert 'lm_head'"), ("unsupported", "mxfp4")),
+    "gpt-oss-20b-mxfp4-attention-excluded": (GPT_OSS, ATTN, ("float", "modules_to_not_convert 'lm_head'"), ("float", "modules_to_not_convert 'model.layers.*.self_attn'")),
+    "deepseek-v3-fp8-no-exclusion": (DEEPSEEK_FP8, BODY, ("float", "quant_method 'fp8': no lm_head"), ("unsupported", "fp8")),
+    "transformers-4.51-finegrained-fp8-modules_to_not_convert": (FINEGRAINED_FP8, BODY, ("float", "modules_to_not_convert 'lm_head'"), ("unsupported", "fp8")),
+    "vllm-0.9-fp8-ignored_layers": (VLLM_FP8, BODY, ("float", "ignored_layers 'lm_head'"), ("unsupported", "fp8")),
+    "modelopt-0.29-fp8-exclude_modules": ({"hf_quant_config.json": MODELOPT_FP8}, BODY, ("float", "exclude_modules 'lm_head'"), ("unsupported", "modelopt")),
+    "modelopt-nvfp4-hf_quant_config-exclude_modules": ({"hf_quant_config.json": MODELOPT_NVFP4}, BODY, ("float", "exclude_modules 'lm_head'"), ("unsupported", "modelopt_fp4")),
+    "modelopt-0.31-nvfp4-config-ignore-wildcards": (MODELOPT_CONFIG_NVFP4, ATTN, ("float", "ignore 'lm_head'"), ("float", "ignore 'model.layers.*.self_attn*'")),
+    "modelopt-mixed-precision-quantized_layers": (MODELOPT_MIXED, BODY, ("float", "quantized_layers: no entry covers 'lm_head'"), ("unsupported", "modelopt")),
+    "transformers-bnb-nf4-llm_int8_skip_modules": (BNB_NF4, BODY, ("float", "llm_int8_skip_modules 'lm_head'"), ("unsupported", "bitsandbytes")),
+    "transformers-bnb-int8-no-skip": (BNB_INT8_NO_SKIP, BODY, ("float", "quant_method 'bitsandbytes'"), ("unsupported", "bitsandbytes")),
+    "quark-0.9-fp8-exclude": (QUARK, BODY, ("float", "exclude 'lm_head'"), ("unsupported", "quark")),
+    "auto-round-0.5-block_name_to_quantize": (AUTO_ROUND, ATTN, ("float", "block_name_to_quantize: no entry covers 'lm_head'"), ("unsupported", "auto-round")),
+    "auto-round-0.5-extra_config-bits16": (AUTO_ROUND, BODY, ("float", "block_name_to_quantize"), ("float", "extra_config 'model.layers.0.mlp.down_proj': bits=16")),
+    "torchao-0.12-int4-include_input_output_embeddings-false": (TORCHAO, BODY, ("float", "include_input_output_embeddings: false"), ("unsupported", "torchao")),
+    "hqq-0.2-skip_modules": (HQQ, BODY, ("float", "skip_modules 'lm_head'"), ("unsupported", "hqq")),
+    "aqlm-1.1-linear_weights_not_to_quantize": (AQLM, BODY, ("float", "linear_weights_not_to_quantize 'lm_head.weight'"), ("unsupported", "aqlm")),
+    "fbgemm-fp8-llama-3.1-405b-modules_to_not_convert": (FBGEMM_FP8, ATTN, ("float", "modules_to_not_convert 'lm_head'"), ("unsupported", "fbgemm_fp8")),
+    "autogptq-0.4-3bit-quantize_config": ({"quantize_config.json": AUTOGPTQ_3BIT}, BODY, ("float", "lm_head: false (absent)"), ("error", r"field 'bits' = 3: supported GPTQ widths are 4 and 8")),
+    "autogptq-0.7-is_marlin_format": ({"quantize_config.json": AUTOGPTQ_MARLIN}, BODY, ("float", "lm_head: false (absent)"), ("error", r"field 'is_marlin_format' = True: AutoGPTQ marlin-format")),
+    "autoawq-0.2-gemv": (AUTOAWQ_GEMV, BODY, ("float", "lm_head: false (absent)"), ("error", r"field 'version' = 'gemv': only the 'gemm' layout")),
+    "autoawq-0.2-gemv-quant_config": ({"quant_config.json": AUTOAWQ_GEMV_LEGACY}, BODY, ("float", "lm_head: false (absent)"), ("error", r"field 'version' = 'GEMV'")),
+    "autoawq-0.2-gemm": (AUTOAWQ_GEMM, BODY, ("float", "lm_head: false (absent)"), ("method", AWQ_LAYOUT)),
+    "gptqmodel-2.2-lm_head": (GPTQMODEL_LMHEAD, BODY, ("method", GPTQ_LAYOUT), ("method", GPTQ_LAYOUT)),
+    "llm-compressor-0.6-w4a16-ignore-lm_head": (LLMCOMPRESSOR_W4A16, BODY, ("float", "ignore 'lm_head'"), ("method", {"cpu": "compressed-tensors", "cuda:9.0": "compressed-tensors"})),
+}  # fmt: skip
+
+
+def source_of(tmp_path: Path, source: Any) -> Any:
+    """A dict as is; side files go beside a config.json without a quantization_config."""
+    if "quant_method" in source:
+        return source
+    (tmp_path / "config.json").write_text(json.dumps(llama_config()))
+    for name, data in source.items():
+        (tmp_path / name).write_text(json.dumps(data))
+    return tmp_path
+
+
+def cases() -> list[Any]:
+    rows = []
+    for cid, (source, body, head_expect, body_expect) in CASES.items():
+        for platform in PLATFORMS:
+            for prefix, expect, what in (
+                ("lm_head", head_expect, "head"),
+                (body, body_expect, "body"),
+            ):
+                rows.append(pytest.param(source, prefix, platform, expect, id=f"{cid}-{what}-{platform}"))  # fmt: skip
+    return rows
+
+
+@pytest.mark.parametrize(("source", "prefix", "platform", "expect"), cases())
+def test_real_configs(tmp_path, source, prefix, platform, expect):
+    kind, value = expect
+    src = source_of(tmp_path, source)
+    if kind in ("unsupported", "error"):
+        pattern = NOT_SUPPORTED.format(value) if kind == "unsupported" else value
+        with pytest.raises(ConfigError, match=pattern) as info:
+            resolve(src, prefix=prefix, platform=platform)
+        assert f"'{prefix}'" in str(info.value), "the error names the layer"
+        return
+    res = resolve(src, prefix=prefix, platform=platform)
+    if kind == "method":
+        assert (res.method, res.quantized) == (value[platform], True)
+        return
+    assert (res.method, res.quantized, res.config) == (None, False, None)
+    assert res.rule.startswith(value), res.rule
+    if res.format not in ("awq", "compressed-tensors"):  # quantreg's own formats need no note
+        assert any("not supported by quantreg" in note for note in res.notes), res.notes
+
+
+# -- the tensors decide when the config does not ------------------------------------------
+
+
+def fp8_checkpoint(tmp_path: Path, qcfg: dict, head: dict[str, torch.Tensor]) -> Path:
+    return write_checkpoint(tmp_path, config=llama_config(qcfg), tensors=head)
+
+
+def test_a_float_head_under_fp8_without_exclusion_loads_float(tmp_path):
+    head = {"lm_head.weight": torch.randn(1000, 64).half()}
+    path = fp8_checkpoint(tmp_path, DEEPSEEK_FP8, head)
+    res = resolve(path, platform="cpu")
+    assert (res.method, res.quantized, res.tensors) == (None, False, "unquantized")
+    assert "quant_method 'fp8'" in res.rule
+    assert any("'fp8' is known but not supported" in n for n in res.notes)
+    loaded = quantreg.load_lm_head(path, dtype=torch.float32)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(loaded.compute_logits(x), x @ head["lm_head.weight"].float().T)
+
+
+def test_float_tensors_win_over_a_config_that_quantizes_the_layer(tmp_path):
+    path = fp8_checkpoint(tmp_path, DEEPSEEK_FP8, float_head(prefix=BODY))
+    res = resolve(path, prefix=BODY, platform="cpu")
+    assert (res.method, res.quantized) == (None, False)
+    assert res.rule.startswith(f"tensors: {BODY}.weight (F16) are float; also: quant_method 'fp8'")
+
+
+@pytest.mark.parametrize("qcfg", [DEEPSEEK_FP8, VLLM_FP8], ids=["no-exclusion", "excluded"])
+def test_an_fp8_head_on_disk_is_not_supported_whatever_the_config_says(tmp_path, qcfg):
+    head = {"lm_head.weight": torch.zeros(1000, 64, dtype=torch.float8_e4m3fn),
+            "lm_head.weight_scale": torch.ones(1)}  # fmt: skip
+    path = fp8_checkpoint(tmp_path, qcfg, head)
+    with pytest.raises(ConfigError, match=r"'fp8' is known but not supported .*its tensors are quantized: lm_head.weight \(F8_E4M3\)") as info:  # fmt: skip
+        resolve(path, platform="cpu")
+    assert (info.value.path, info.value.field) == (path / "config.json", "quant_method")
+
+
+class Fp8LinearMethod(quantreg.LinearMethod):
+    def create_weights(self, layer, *args, **extra):
+        pass
+
+    def apply(self, layer, x, bias=None):
+        return x
+
+
+class Fp8Config(quantreg.QuantConfig):
+    linear_method = Fp8LinearMethod
+
+
+def test_a_plugin_registered_under_a_known_name_wins(registry):
+    registry.register("fp8", Fp8Config)
+    res = resolve(DEEPSEEK_FP8, prefix=BODY, platform="cpu")
+    assert (res.method, res.quantized, res.rule) == ("fp8", True, "quant_method: every layer is quantized")  # fmt: skip
+    assert not any("not supported" in note for note in res.notes)
+
+
+def test_an_unknown_name_keeps_the_closest_match():
+    with pytest.raises(
+        ConfigError, match=r"unknown quantization method 'gptqq'.*did you mean 'gptq'"
+    ):
+        resolve({"quant_method": "gptqq", "bits": 4})
+
+
+def test_a_requested_method_cannot_read_an_unsupported_config():
+    with pytest.raises(ConfigError, match=r"requested method 'awq' cannot read .*'mxfp4' is known"):
+        resolve(GPT_OSS, requested="awq", platform="cpu")
+    assert resolve(GPT_OSS, requested="unquantized", platform="cpu").method is None
+
+
+def test_modelopt_side_file_must_hold_a_quantization_section(tmp_path):
+    src = source_of(tmp_path, {"hf_quant_config.json": {"producer": {"name": "modelopt"}}})
+    with pytest.raises(
+        ConfigError, match=r"hf_quant_config.json: field 'quantization' must be a JSON object"
+    ):
+        resolve(src)
