@@ -243,7 +243,8 @@ class CompressedTensorsConfig(QuantConfig):
             "config_groups": {group: scheme.model_dump()},
             "format": self.scheme_format(scheme),
         }
-        return LayerRule(True, target_texts[0], overrides, tuple(target_texts[1:]))
+        by_class = matches[0][0] == 2
+        return LayerRule(True, target_texts[0], overrides, tuple(target_texts[1:]), by_class)
 
     def _refuse_sparse(self, prefix: str) -> None:
         """Raise when ``sparsity_config`` compresses ``prefix``: its tensors are a sparse

@@ -53,13 +53,16 @@ class LayerRule:
     """What a config says about one layer: quantized or not, which key decided, and overrides.
 
     ``rule`` starts with the config key that decided (``lm_head``, ``ignore 'lm_head'``, ...);
-    ``also`` lists other rules that matched but did not decide.
+    ``also`` lists other rules that matched but did not decide. ``class_target``: decided by a
+    class name (compressed-tensors' ``Linear``), which engines never apply to a head -- a head
+    whose tensors are float then stays float.
     """
 
     quantized: bool
     rule: str
     overrides: Mapping[str, Any] = field(default_factory=dict)
     also: tuple[str, ...] = ()
+    class_target: bool = False
 
 
 @dataclass(frozen=True)

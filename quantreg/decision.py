@@ -23,7 +23,7 @@ from typing import Any
 
 from quantreg.candidates import Reader, find_readers, pick_best, pick_requested, probe
 from quantreg.checkpoint import EMBEDDING_NAMES, FLOAT_DTYPES, TensorInfo
-from quantreg.contract import LayerRule
+from quantreg.contract import LayerRule, is_lm_head
 from quantreg.detection import flatten_config
 from quantreg.errors import ConfigError, PluginError, UnknownMethodError
 from quantreg.platform import Platform
@@ -287,6 +287,8 @@ def _with_tensors(facts: Facts, *, names: frozenset[str]) -> Facts:
 def _layer_rule(decider: Reader, facts: Facts) -> tuple[LayerRule, LayerRule | None]:
     """The format's rule for the layer, and the rule it overrode when the tensors decided."""
     rule = decider.config.layer_rule(facts.prefix)
+    if rule.class_target and rule.quantized and is_lm_head(facts.prefix):
+        return _class_target(rule, facts), None
     if rule.quantized or facts.state != "quantized":
         return rule, None
     # The tensors are the truth: a packed head is never loaded as a float one.
@@ -295,6 +297,26 @@ def _layer_rule(decider: Reader, facts: Facts) -> tuple[LayerRule, LayerRule | N
     if by_tensors is None:
         return rule, None
     return replace(by_tensors, also=(*by_tensors.also, rule.rule, *rule.also)), rule
+
+
+def _class_target(rule: LayerRule, facts: Facts) -> LayerRule:
+    """A head matched only by a class target (compressed-tensors' ``Linear``) is quantized
+    when its tensors are packed, float when they are float: vLLM and SGLang never quantize a
+    head through a class target, and many such checkpoints keep a float ``lm_head.weight``."""
+    if facts.state == "quantized":
+        why = "tensors: packed, so the class target quantizes the head"
+        return replace(rule, also=(*rule.also, why))
+    if facts.state != "unquantized":
+        return rule
+    names = ", ".join(f"{t.name} ({t.dtype})" for t in facts.infos[:4])
+    facts.notes.append(
+        f"'{facts.prefix}' matches only a class target ({rule.rule}), but its tensors are "
+        f"float ({names}): loaded unquantized, as vLLM and SGLang load it (they never quantize "
+        "a head through a class target)"
+    )
+    return LayerRule(
+        False, f"tensors: {names} are float over the class target", also=(rule.rule, *rule.also)
+    )
 
 
 def _check_request(facts: Facts, fmt: str, readers: list[Reader], rule: LayerRule) -> None:

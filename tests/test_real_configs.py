@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from ckpt import float_head, llama_config, write_checkpoint
+from ckpt import ct_packed_head, float_head, llama_config, write_checkpoint
 
 import quantreg
 from quantreg import ConfigError, resolve
@@ -303,3 +303,43 @@ def test_modelopt_side_file_must_hold_a_quantization_section(tmp_path):
         ConfigError, match=r"hf_quant_config.json: field 'quantization' must be a JSON object"
     ):
         resolve(src)
+
+
+# -- compressed-tensors' class target over a float head -------------------------------------
+
+CT_LINEAR = {
+    "quant_method": "compressed-tensors", "format": "pack-quantized",
+    "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+        "num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}}},
+}  # fmt: skip
+
+
+def test_a_class_target_over_a_float_head_loads_it_unquantized(tmp_path):
+    head = {"lm_head.weight": torch.randn(1000, 64).half()}
+    path = write_checkpoint(tmp_path, config=llama_config(CT_LINEAR), tensors=head)
+    res = resolve(path, platform="cuda:9.0")
+    assert (res.method, res.quantized) == (None, False)
+    assert res.rule == "tensors: lm_head.weight (F16) are float over the class target; also: targets 'Linear' (group_0)"  # fmt: skip
+    assert any("never quantize a head through a class target" in n for n in res.notes)
+    loaded = quantreg.load_lm_head(path, dtype=torch.float32)
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(loaded.compute_logits(x), x @ head["lm_head.weight"].float().T)
+
+
+def test_a_class_target_over_a_packed_head_stays_quantized(tmp_path):
+    path = write_checkpoint(tmp_path, config=llama_config(CT_LINEAR), tensors=ct_packed_head())
+    res = resolve(path, platform="cpu")
+    assert (res.method, res.quantized) == ("compressed-tensors", True)
+    assert res.rule == "targets 'Linear' (group_0); also: tensors: packed, so the class target quantizes the head"  # fmt: skip
+
+
+def test_the_producer_fixture_with_a_class_target_stays_quantized():
+    fixture = Path(__file__).parent / "fixtures" / "producers" / "ct_w4a16_group_lmhead"
+    res = resolve(fixture, platform="cpu")
+    assert (res.method, res.quantized) == ("compressed-tensors", True)
+    assert "packed, so the class target quantizes the head" in res.rule
+
+
+def test_a_class_target_without_tensors_follows_the_config():
+    res = resolve(CT_LINEAR, platform="cpu")
+    assert (res.method, res.quantized, res.rule) == ("compressed-tensors", True, "targets 'Linear' (group_0)")  # fmt: skip
