@@ -311,3 +311,75 @@ def test_demo_rows(tmp_path):
     for row in rows[2:8]:
         assert row.vs_bf16 <= 0.3, "a 4-bit g128 head is at most 0.3x its bf16 size"
     assert (tmp_path / "eagle3_unquantized" / "config.json").exists()
+
+
+# -- quantized drafters in both layouts -----------------------------------------------------
+
+QN, QK, QTARGET = 256, 128, 1024  # draft vocab, hidden, target vocab
+# A quantized body with a float head: AutoAWQ (no lm_head key), and an fp8 body quantreg cannot
+# run (DeepSeek-V3's block-wise config, no exclusion key).
+FLOAT_HEAD_CONFIGS = {
+    "awq-body": {"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": True, "version": "gemm"},
+    "fp8-body": {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": [128, 128]},
+}  # fmt: skip
+
+
+def layout_config(layout: str, qcfg: dict, hidden: int) -> dict:
+    """An Eagle3 drafter config.json carrying ``qcfg`` where ``layout`` puts it."""
+    if layout == "eagle3":
+        return {**eagle3_config(), "hidden_size": hidden, "vocab_size": QTARGET,
+                "draft_vocab_size": QN, "quantization_config": qcfg}  # fmt: skip
+    layer = {"model_type": "llama", "hidden_size": hidden, "vocab_size": QTARGET, "torch_dtype": "float16"}  # fmt: skip
+    config = {"architectures": ["Eagle3Speculator"], "speculators_model_type": "eagle3",
+              "draft_vocab_size": QN, "transformer_layer_config": layer}  # fmt: skip
+    if layout == "speculators-nested":
+        layer["quantization_config"] = qcfg
+    else:
+        config["quantization_config"] = qcfg
+    return config
+
+
+def quantized_drafter(folder: Path, layout: str, head: str) -> tuple[Path, torch.Tensor]:
+    """A drafter written by quantreg's writer, its config moved into ``layout``."""
+    gen = torch.Generator().manual_seed(0)
+    weight = (torch.randn(QN, QK, generator=gen) * 0.05).half()
+    d2t = d2t_for(torch.randperm(QTARGET, generator=gen)[:QN].sort().values)
+    method = head if head in ("awq", "gptq") else None
+    quantreg.write_checkpoint(folder, weight, method, d2t=d2t, vocab_size=QTARGET, group_size=64)
+    written = json.loads((folder / "config.json").read_text())
+    qcfg = written.get("quantization_config") or FLOAT_HEAD_CONFIGS[head]
+    (folder / "config.json").write_text(json.dumps(layout_config(layout, qcfg, QK)))
+    return folder, weight
+
+
+@pytest.mark.parametrize("layout", ["eagle3", "speculators-nested", "speculators-top"])
+@pytest.mark.parametrize(
+    ("head", "method", "rule"),
+    [
+        ("awq", "cpu_wna16", "lm_head: true"),
+        ("gptq", "cpu_wna16", "lm_head: true"),
+        ("awq-body", None, "lm_head: false (absent)"),
+        ("fp8-body", None, "quant_method 'fp8': no lm_head"),
+    ],
+    ids=["awq-head", "gptq-head", "awq-body-float-head", "fp8-body-float-head"],
+)
+def test_quantized_drafters_resolve_from_their_own_config(tmp_path, layout, head, method, rule):
+    path, weight = quantized_drafter(tmp_path, layout, head)
+    drafter = DrafterConfig.from_checkpoint(path)
+    assert (drafter.layout, drafter.head_vocab_size, drafter.vocab_size) == (
+        "eagle3" if layout == "eagle3" else "speculators", QN, QTARGET,
+    )  # fmt: skip
+    res = quantreg.resolve(path, platform="cpu")
+    assert (res.method, res.quantized) == (method, method is not None)
+    assert res.rule.startswith(rule), res.rule
+    nested = layout == "speculators-nested"
+    assert ("transformer_layer_config.quantization_config" in res.view.quant.where) is nested
+    loaded = load_lm_head(path, dtype=torch.float32)
+    x = torch.randn(4, QK, generator=torch.Generator().manual_seed(1))
+    logits, reference = loaded.compute_logits(x), x @ weight.float().T
+    if method is None:
+        torch.testing.assert_close(logits, reference)
+    else:  # int4 groups of 64: a few percent of the logits' scale
+        assert (logits - reference).norm() / reference.norm() < 0.1
+    target = loaded.to_target_vocab(logits)
+    assert target.shape == (4, QTARGET) and torch.isfinite(target).sum() == 4 * QN
