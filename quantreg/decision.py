@@ -115,6 +115,7 @@ def decide(
     except ConfigError as exc:
         if not is_variant_error(exc, registry.get(fmt)):
             raise
+        facts.notes.extend([relabel_note] if relabel_note else [])
         return _tied_or_kept(facts, _unsupported(facts, fmt, data, exc))
     facts = _with_tensors(facts, names=_tensor_names(registry))
     decider = next((r for r in readers if r.name == fmt), readers[0])

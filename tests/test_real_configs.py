@@ -10,6 +10,7 @@ and ``cuda:9.0``.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,12 @@ AUTOGPTQ_MARLIN = {
 AUTOAWQ_GEMV = {"quant_method": "awq", "zero_point": True, "group_size": 128, "bits": 4,
                 "version": "gemv", "modules_to_not_convert": None}  # fmt: skip
 AUTOAWQ_GEMV_LEGACY = {"zero_point": True, "q_group_size": 128, "w_bit": 4, "version": "GEMV"}
+# GPTQModel 7.6 AWQ export (tests/fixtures/producers/awq_gptqmodel_nolmhead) saved as GEMV.
+GPTQMODEL_AWQ_GEMV = {
+    "bits": 4, "checkpoint_format": "gemv", "desc_act": False, "format": "gemv", "group_size": 64,
+    "lm_head": False, "meta": {"quantizer": ["gptqmodel:7.6.0"]}, "method": "awq",
+    "pack_dtype": "int32", "quant_method": "awq", "version": "gemv", "zero_point": True,
+}  # fmt: skip
 # Controls: quantreg's own methods, as before.
 AUTOAWQ_GEMM = {"quant_method": "awq", "zero_point": True, "group_size": 128, "bits": 4,
                 "version": "gemm", "modules_to_not_convert": None}  # fmt: skip
@@ -181,6 +188,7 @@ CASES: dict[str, tuple[Any, str, tuple[str, Any], tuple[str, Any]]] = {
     "autogptq-0.7-is_marlin_format": ({"quantize_config.json": AUTOGPTQ_MARLIN}, BODY, ("float", "lm_head: false (absent)"), ("error", r"field 'is_marlin_format' = True: AutoGPTQ marlin-format")),
     "autoawq-0.2-gemv": (AUTOAWQ_GEMV, BODY, ("float", "lm_head: false (absent)"), ("error", r"field 'version' = 'gemv': only the 'gemm' layout")),
     "autoawq-0.2-gemv-quant_config": ({"quant_config.json": AUTOAWQ_GEMV_LEGACY}, BODY, ("float", "lm_head: false (absent)"), ("error", r"field 'version' = 'GEMV'")),
+    "gptqmodel-7.6-awq-gemv-lm_head-false": (GPTQMODEL_AWQ_GEMV, BODY, ("float", "lm_head: false"), ("error", r"field 'version' = 'gemv'")),
     "autoawq-0.2-gemm": (AUTOAWQ_GEMM, BODY, ("float", "lm_head: false (absent)"), ("method", AWQ_LAYOUT)),
     "gptqmodel-2.2-lm_head": (GPTQMODEL_LMHEAD, BODY, ("method", GPTQ_LAYOUT), ("method", GPTQ_LAYOUT)),
     "llm-compressor-0.6-w4a16-ignore-lm_head": (LLMCOMPRESSOR_W4A16, BODY, ("float", "ignore 'lm_head'"), ("method", {"cpu": "compressed-tensors", "cuda:9.0": "compressed-tensors"})),
@@ -246,6 +254,20 @@ def test_a_float_head_under_fp8_without_exclusion_loads_float(tmp_path):
     loaded = quantreg.load_lm_head(path, dtype=torch.float32)
     x = torch.randn(3, 64)
     torch.testing.assert_close(loaded.compute_logits(x), x @ head["lm_head.weight"].float().T)
+
+
+def test_a_producer_checkpoint_saved_as_gemv_loads_its_float_head(tmp_path):
+    fixture = Path(__file__).parent / "fixtures" / "producers" / "awq_gptqmodel_nolmhead"
+    shutil.copytree(fixture, tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    config["quantization_config"].update(version="gemv", format="gemv", checkpoint_format="gemv")
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+    res = resolve(tmp_path / "ckpt", platform="cuda:9.0")
+    assert (res.method, res.quantized, res.tensors) == (None, False, "unquantized")
+    assert res.rule == "lm_head: false"
+    assert any("field 'version' = 'gemv'" in note for note in res.notes)
+    head = quantreg.load_lm_head(tmp_path / "ckpt", dtype=torch.float32, platform="cpu")
+    assert head.resolution.method is None and not head.quantized
 
 
 def test_float_tensors_win_over_a_config_that_quantizes_the_layer(tmp_path):
