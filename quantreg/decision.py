@@ -29,7 +29,13 @@ from quantreg.errors import ConfigError, PluginError, UnknownMethodError
 from quantreg.platform import Platform
 from quantreg.registry import Registry, default_registry
 from quantreg.resolution import UNQUANTIZED, Candidate, Resolution, TensorState
-from quantreg.unsupported import config_rule, is_variant_error, known_method, not_supported
+from quantreg.unsupported import (
+    config_rule,
+    is_variant_error,
+    known_method,
+    not_supported,
+    other_layers_reason,
+)
 from quantreg.view import CheckpointView, read_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -157,6 +163,16 @@ def _rule_notes(
 ) -> list[str]:
     """The relabel note, what the tensors show, unmatched config entries, and the override."""
     notes = [relabel_note] if relabel_note else []
+    other = (
+        None
+        if rule.quantized
+        else other_layers_reason(decider.config, facts.prefix, facts.view.modules)
+    )
+    if other is not None:
+        notes.append(
+            f"'{facts.prefix}' stays float; the checkpoint's other {fmt} layers are not all "
+            f"supported by quantreg ('{other[0]}': {other[1]})"
+        )
     notes += _tensor_notes(rule, facts)
     notes += _unmatched(decider, facts.view)
     if overridden is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -166,3 +166,31 @@ def config_rule(
         f"quant_method '{method}': no {' / '.join(HEAD_FLAGS)} key, and its engines never "
         "quantize an lm_head the config does not name",
     )
+
+
+# Body layers probed when the checkpoint lists no modules (a dict source): Llama / MoE names.
+PROBE_NAMES = (
+    "model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj",
+    "model.layers.0.mlp.experts.0.down_proj", "model.layers.0.self_attn.o_proj",
+)  # fmt: skip
+_PROBE_LIMIT = 64
+
+
+def other_layers_reason(
+    config: QuantConfig, prefix: str, modules: Collection[str]
+) -> tuple[str, str] | None:
+    """A layer other than ``prefix`` that ``config`` quantizes in a way its method cannot run,
+    and why (``format_reason`` of its effective config); None when every probed layer can
+    run. Probes the checkpoint's modules (the first 64), else :data:`PROBE_NAMES`."""
+    names = sorted(modules)[:_PROBE_LIMIT] or list(PROBE_NAMES)
+    for name in names:
+        if name == prefix or is_lm_head(name):
+            continue
+        try:  # a plugin's hook must not break resolution
+            rule = config.layer_rule(name)
+            reason = config.for_layer(rule).format_reason() if rule.quantized else None
+        except Exception:
+            continue
+        if reason is not None:
+            return name, reason
+    return None

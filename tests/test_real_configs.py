@@ -160,6 +160,33 @@ LLMCOMPRESSOR_W4A16 = {
         "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128}}},
 }  # fmt: skip
 
+# llm-compressor 0.6 NVFP4 (RedHatAI *-NVFP4 uploads, compressed-tensors 0.11) and FP8 block.
+NVFP4_ARGS = {
+    "actorder": None, "block_structure": None, "dynamic": False, "group_size": 16, "num_bits": 4,
+    "observer": "minmax", "observer_kwargs": {}, "strategy": "tensor_group", "symmetric": True,
+    "type": "float",
+}  # fmt: skip
+LLMCOMPRESSOR_NVFP4 = {
+    "config_groups": {"group_0": {
+        "format": "nvfp4-pack-quantized", "input_activations": {**NVFP4_ARGS, "dynamic": "local"},
+        "output_activations": None, "targets": ["Linear"], "weights": NVFP4_ARGS}},
+    "format": "nvfp4-pack-quantized", "global_compression_ratio": None, "ignore": ["lm_head"],
+    "kv_cache_scheme": None, "quant_method": "compressed-tensors",
+    "quantization_status": "compressed", "sparsity_config": {}, "transform_config": {},
+    "version": "0.11.0",
+}  # fmt: skip
+LLMCOMPRESSOR_FP8_BLOCK = {
+    "config_groups": {"group_0": {
+        "input_activations": {"dynamic": True, "group_size": 128, "num_bits": 8,
+                              "strategy": "group", "symmetric": True, "type": "float"},
+        "output_activations": None, "targets": ["Linear"],
+        "weights": {"block_structure": [128, 128], "dynamic": False, "num_bits": 8,
+                    "observer": "static_minmax", "strategy": "block", "symmetric": True,
+                    "type": "float"}}},
+    "format": "float-quantized", "ignore": ["lm_head"], "quant_method": "compressed-tensors",
+    "quantization_status": "compressed",
+}  # fmt: skip
+
 BODY = "model.layers.0.mlp.down_proj"
 ATTN = "model.layers.0.self_attn.q_proj"
 # id -> (source: a quantization_config dict, or {file name: JSON} beside a bare config.json),
@@ -192,7 +219,11 @@ CASES: dict[str, tuple[Any, str, tuple[str, Any], tuple[str, Any]]] = {
     "autoawq-0.2-gemm": (AUTOAWQ_GEMM, BODY, ("float", "lm_head: false (absent)"), ("method", AWQ_LAYOUT)),
     "gptqmodel-2.2-lm_head": (GPTQMODEL_LMHEAD, BODY, ("method", GPTQ_LAYOUT), ("method", GPTQ_LAYOUT)),
     "llm-compressor-0.6-w4a16-ignore-lm_head": (LLMCOMPRESSOR_W4A16, BODY, ("float", "ignore 'lm_head'"), ("method", {"cpu": "compressed-tensors", "cuda:9.0": "compressed-tensors"})),
+    "llm-compressor-0.6-nvfp4-ignore-lm_head": (LLMCOMPRESSOR_NVFP4, BODY, ("float", "ignore 'lm_head'"), ("error", r"format 'nvfp4-pack-quantized' \(targets \['Linear'\]\) is not supported yet")),
+    "llm-compressor-0.6-fp8-block-ignore-lm_head": (LLMCOMPRESSOR_FP8_BLOCK, BODY, ("float", "ignore 'lm_head'"), ("error", r"weight strategy 'block' \(targets \['Linear'\]\) is not supported yet")),
 }  # fmt: skip
+# Configs quantreg runs whole: a float layer needs no note about the others.
+CONTROLS = ("autoawq-0.2-gemm", "gptqmodel-2.2-lm_head", "llm-compressor-0.6-w4a16")
 
 
 def source_of(tmp_path: Path, source: Any) -> Any:
@@ -218,7 +249,7 @@ def cases() -> list[Any]:
 
 
 @pytest.mark.parametrize(("source", "prefix", "platform", "expect"), cases())
-def test_real_configs(tmp_path, source, prefix, platform, expect):
+def test_real_configs(request, tmp_path, source, prefix, platform, expect):
     kind, value = expect
     src = source_of(tmp_path, source)
     if kind in ("unsupported", "error"):
@@ -233,8 +264,8 @@ def test_real_configs(tmp_path, source, prefix, platform, expect):
         return
     assert (res.method, res.quantized, res.config) == (None, False, None)
     assert res.rule.startswith(value), res.rule
-    if res.format not in ("awq", "compressed-tensors"):  # quantreg's own formats need no note
-        assert any("not supported by quantreg" in note for note in res.notes), res.notes
+    noted = any("supported by quantreg" in note for note in res.notes)
+    assert noted is (not request.node.callspec.id.startswith(CONTROLS)), res.notes
 
 
 # -- the tensors decide when the config does not ------------------------------------------
