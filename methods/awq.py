@@ -71,7 +71,7 @@ class AWQConfig(QuantConfig):
     linear_method = AWQLinearMethod
     supports_lm_head: ClassVar[bool] = True
     tensor_names: ClassVar[frozenset[str]] = fmt.TENSORS
-    variant_fields: ClassVar[frozenset[str]] = frozenset({"bits", "version"})
+    variant_fields: ClassVar[frozenset[str]] = frozenset({"bits", "w_bit", "version"})
 
     bits: int = Field(4, validation_alias=AliasChoices("bits", "w_bit"))
     group_size: GroupSize = Field(128, validation_alias=AliasChoices("group_size", "q_group_size"))

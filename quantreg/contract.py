@@ -132,8 +132,9 @@ class QuantConfig(BaseModel):
     * ``upgrade_priority`` -- when several methods can run a checkpoint, the highest wins;
     * ``tensor_names`` -- the tensor names (after the layer prefix) of its formats, e.g.
       ``qweight``: resolution and ``inspect`` use them to tell quantized tensors apart;
-    * ``variant_fields`` -- fields whose refused values (``bits: 3``) name a variant the method
-      cannot run: a layer the config keeps float still resolves (float, with a note).
+    * ``variant_fields`` -- fields (as the config spells them, aliases too) whose refused
+      values (``bits: 3``) name a variant the method cannot run: a layer the config keeps
+      float still resolves (float, with a note).
     """
 
     model_config = ConfigDict(extra="allow", strict=True, frozen=True)

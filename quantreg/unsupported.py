@@ -23,11 +23,12 @@ from quantreg.registry import Registry, normalize_name
 # Quantization methods of vLLM and transformers that quantreg does not implement (a plugin
 # registered under one of these names is used like any method).
 KNOWN_METHODS = frozenset({
-    "aqlm", "auto-round", "autoround", "bitblas", "bitnet", "bitsandbytes", "deepspeedfp", "eetq",
-    "experts_int8", "fbgemm_fp8", "fp8", "fp_quant", "gguf", "gptq_bitblas", "gptq_marlin_24",
-    "higgs", "hqq", "inc", "ipex", "marlin", "modelopt", "modelopt_fp4", "modelopt_mixed",
-    "moe_wna16", "mxfp4", "neuron_quant", "petit_nvfp4", "ptpc_fp8", "qqq", "quanto", "quark",
-    "rtn", "spqr", "torchao", "tpu_int8", "vptq", "w8a8_fp8", "w8a8_int8",
+    "aqlm", "auto-round", "autoround", "intel/auto-round", "awq_triton", "bitblas", "bitnet",
+    "bitsandbytes", "deepspeedfp", "eetq", "experts_int8", "fbgemm_fp8", "fp8", "fp_quant",
+    "gguf", "gptq_bitblas", "gptq_marlin_24", "higgs", "hqq", "inc", "ipex", "marlin",
+    "modelopt", "modelopt_fp4", "modelopt_mixed", "moe_wna16", "mxfp4", "neuron_quant",
+    "petit_nvfp4", "ptpc_fp8", "qqq", "quanto", "quark", "rtn", "spqr", "torchao", "tpu_int8",
+    "vptq", "w8a8_fp8", "w8a8_int8",
 })  # fmt: skip
 # Methods whose files quantize the output layer unless the config says otherwise (GGUF's
 # ``output.weight``); every other one leaves an lm_head float unless its config names it --
@@ -59,7 +60,8 @@ def known_method(name: str, registry: Registry) -> str | None:
         return None
     except UnknownMethodError:
         key = normalize_name(name)
-        return key if key in KNOWN_METHODS or key.replace("_", "-") in KNOWN_METHODS else None
+        spellings = (key, key.replace("_", "-"), key.replace("-", "_"))
+        return key if any(k in KNOWN_METHODS for k in spellings) else None
 
 
 def not_supported(name: str, registry: Registry) -> str:

@@ -216,6 +216,8 @@ CASES: dict[str, tuple[Any, str, tuple[str, Any], tuple[str, Any]]] = {
     "autoawq-0.2-gemv": (AUTOAWQ_GEMV, BODY, ("float", "lm_head: false (absent)"), ("error", r"field 'version' = 'gemv': only the 'gemm' layout")),
     "autoawq-0.2-gemv-quant_config": ({"quant_config.json": AUTOAWQ_GEMV_LEGACY}, BODY, ("float", "lm_head: false (absent)"), ("error", r"field 'version' = 'GEMV'")),
     "gptqmodel-7.6-awq-gemv-lm_head-false": (GPTQMODEL_AWQ_GEMV, BODY, ("float", "lm_head: false"), ("error", r"field 'version' = 'gemv'")),
+    "autoawq-0.1-3bit-quant_config-w_bit": ({"quant_config.json": {"zero_point": True, "q_group_size": 128, "w_bit": 3, "version": "GEMM"}}, BODY, ("float", "lm_head: false (absent)"), ("error", r"field 'w_bit' = 3: AWQ checkpoints are supported with 4-bit codes only")),
+    "auto-round-0.2-intel-label": ({"bits": 4, "group_size": 128, "sym": False, "data_type": "int", "quant_method": "intel/auto-round", "backend": "autoround:gptq:exllamav2"}, BODY, ("float", "quant_method 'intel/auto-round'"), ("unsupported", "intel/auto-round")),
     "autoawq-0.2-gemm": (AUTOAWQ_GEMM, BODY, ("float", "lm_head: false (absent)"), ("method", AWQ_LAYOUT)),
     "gptqmodel-2.2-lm_head": (GPTQMODEL_LMHEAD, BODY, ("method", GPTQ_LAYOUT), ("method", GPTQ_LAYOUT)),
     "llm-compressor-0.6-w4a16-ignore-lm_head": (LLMCOMPRESSOR_W4A16, BODY, ("float", "ignore 'lm_head'"), ("method", {"cpu": "compressed-tensors", "cuda:9.0": "compressed-tensors"})),
