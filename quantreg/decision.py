@@ -241,7 +241,7 @@ def _unsupported(
         shown = f"its tensors are quantized: {names}" if facts.state == "quantized" else rule.rule
         error.args = (f"{error}; '{facts.prefix}' of {facts.view.source} is quantized ({shown})",)
         raise error
-    if facts.requested not in (None, UNQUANTIZED):
+    if facts.requested not in (None, UNQUANTIZED, fmt):
         raise ConfigError(
             f"requested method '{facts.requested}' cannot read {facts.view.source}: {error}"
         )

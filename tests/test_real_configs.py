@@ -350,6 +350,12 @@ def test_a_requested_method_cannot_read_an_unsupported_config():
     with pytest.raises(ConfigError, match=r"requested method 'awq' cannot read .*'mxfp4' is known"):
         resolve(GPT_OSS, requested="awq", platform="cpu")
     assert resolve(GPT_OSS, requested="unquantized", platform="cpu").method is None
+    # A refused variant of quantreg's own method: requesting that method keeps the float head.
+    assert resolve(AUTOAWQ_GEMV, requested="awq", platform="cpu").method is None
+    with pytest.raises(
+        ConfigError, match=r"requested method 'gptq' cannot read .*field 'version' = 'gemv'"
+    ):
+        resolve(AUTOAWQ_GEMV, requested="gptq", platform="cpu")
 
 
 def test_modelopt_side_file_must_hold_a_quantization_section(tmp_path):
