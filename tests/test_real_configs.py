@@ -358,6 +358,21 @@ def test_a_requested_method_cannot_read_an_unsupported_config():
         resolve(AUTOAWQ_GEMV, requested="gptq", platform="cpu")
 
 
+@pytest.mark.parametrize(
+    ("qcfg", "message"),
+    [
+        ({**AUTOGPTQ_3BIT, "bits": "4"}, r"field 'bits' = '4': Input should be a valid integer"),
+        ({**AUTOAWQ_GEMM, "group_size": 0}, r"field 'group_size' = 0"),
+        ({**GPTQMODEL_LMHEAD, "lm_head": False, "dynamic": {"-:(": {}}}, r"not a valid regular expression"),
+        ({**AUTOGPTQ_3BIT, "dynamic": {"+:.*down_proj": {"bits": 3}}}, r"field 'dynamic.\+:.\*down_proj.bits' = 3"),
+    ],
+    ids=["bits-string", "group-size-0", "dynamic-bad-regex", "dynamic-3bit-with-3bit-base"],
+)  # fmt: skip
+def test_a_bad_config_is_not_a_variant_and_still_fails_for_a_float_head(qcfg, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve(qcfg, platform="cpu")
+
+
 def test_modelopt_side_file_must_hold_a_quantization_section(tmp_path):
     src = source_of(tmp_path, {"hf_quant_config.json": {"producer": {"name": "modelopt"}}})
     with pytest.raises(
