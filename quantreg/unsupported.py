@@ -110,21 +110,25 @@ def _listed(value: Any) -> list[Any]:
     return list(value) if isinstance(value, list) else []
 
 
-def _excluded(data: Mapping[str, Any], prefix: str) -> LayerRule | None:
+def _listed_rule(data: Mapping[str, Any], prefix: str) -> LayerRule | None:
+    """Exclusion lists first, then auto-round's per-layer ``extra_config`` (bits 16: float),
+    then inclusion lists (a layer they list is quantized, one they leave out is float)."""
     for key in EXCLUSION_KEYS:
         entry = next((e for e in _listed(data.get(key)) if matches(e, prefix)), None)
         if entry is not None:
             return LayerRule(False, f"{key} '{entry}'")
+    extra = data.get("extra_config")
+    for entry, layer in extra.items() if isinstance(extra, Mapping) else ():
+        bits = layer.get("bits") if isinstance(layer, Mapping) else None
+        if matches(entry, prefix) and isinstance(bits, int):
+            return LayerRule(bits < 16, f"extra_config '{entry}': bits={bits}")
     for key in INCLUSION_KEYS:
         entries = _listed(data.get(key))
-        if entries and not any(matches(e, prefix) for e in entries):
+        entry = next((e for e in entries if matches(e, prefix)), None)
+        if entry is not None:
+            return LayerRule(True, f"{key} '{entry}'")
+        if entries:
             return LayerRule(False, f"{key}: no entry covers '{prefix}'")
-    extra = data.get("extra_config")
-    if isinstance(extra, Mapping):
-        for entry, layer in extra.items():
-            bits = layer.get("bits") if isinstance(layer, Mapping) else None
-            if matches(entry, prefix) and isinstance(bits, int) and bits >= 16:
-                return LayerRule(False, f"extra_config '{entry}': bits={bits}")
     return None
 
 
@@ -145,14 +149,15 @@ def config_rule(
     data: Mapping[str, Any], prefix: str, method: str, *, registered: bool = False
 ) -> LayerRule:
     """What a config's own keys say about layer ``prefix``, read without the method's parser:
-    exclusion lists first, then inclusion lists, GPTQModel ``dynamic``, and for a head its
-    flags (absent: float, except for :data:`HEAD_QUANTIZING` methods). ``registered``: the
+    a head flag set false, then exclusion lists, auto-round ``extra_config``, inclusion lists,
+    GPTQModel ``dynamic``, then for a head its flags (absent: float, except for
+    :data:`HEAD_QUANTIZING` methods). ``registered``: the
     method is quantreg's own (its absent ``lm_head`` flag means false)."""
     head = is_lm_head(prefix)
     flag = next((k for k in HEAD_FLAGS if isinstance(data.get(k), bool)), None) if head else None
     if flag is not None and data[flag] is False:
         return LayerRule(False, f"{flag}: false")
-    decided = _excluded(data, prefix) or _dynamic(data, prefix)
+    decided = _listed_rule(data, prefix) or _dynamic(data, prefix)
     if decided is not None:
         return decided
     if flag is not None:

@@ -217,6 +217,8 @@ CASES: dict[str, tuple[Any, str, tuple[str, Any], tuple[str, Any]]] = {
     "autoawq-0.2-gemv-quant_config": ({"quant_config.json": AUTOAWQ_GEMV_LEGACY}, BODY, ("float", "lm_head: false (absent)"), ("error", r"field 'version' = 'GEMV'")),
     "gptqmodel-7.6-awq-gemv-lm_head-false": (GPTQMODEL_AWQ_GEMV, BODY, ("float", "lm_head: false"), ("error", r"field 'version' = 'gemv'")),
     "autoawq-0.1-3bit-quant_config-w_bit": ({"quant_config.json": {"zero_point": True, "q_group_size": 128, "w_bit": 3, "version": "GEMM"}}, BODY, ("float", "lm_head: false (absent)"), ("error", r"field 'w_bit' = 3: AWQ checkpoints are supported with 4-bit codes only")),
+    "auto-round-0.5-extra_config-lm_head-4bit": ({**AUTO_ROUND, "block_name_to_quantize": None, "extra_config": {"lm_head": {"bits": 4, "group_size": 128}}}, BODY, ("unsupported", "auto-round"), ("unsupported", "auto-round")),
+    "modelopt-mixed-precision-lm_head-quantized": ({**MODELOPT_MIXED, "quantized_layers": {"lm_head": {"quant_algo": "FP8"}}}, ATTN, ("unsupported", "modelopt"), ("float", "quantized_layers: no entry covers")),
     "auto-round-0.2-intel-label": ({"bits": 4, "group_size": 128, "sym": False, "data_type": "int", "quant_method": "intel/auto-round", "backend": "autoround:gptq:exllamav2"}, BODY, ("float", "quant_method 'intel/auto-round'"), ("unsupported", "intel/auto-round")),
     "autoawq-0.2-gemm": (AUTOAWQ_GEMM, BODY, ("float", "lm_head: false (absent)"), ("method", AWQ_LAYOUT)),
     "gptqmodel-2.2-lm_head": (GPTQMODEL_LMHEAD, BODY, ("method", GPTQ_LAYOUT), ("method", GPTQ_LAYOUT)),
