@@ -71,7 +71,9 @@ class AWQConfig(QuantConfig):
     linear_method = AWQLinearMethod
     supports_lm_head: ClassVar[bool] = True
     tensor_names: ClassVar[frozenset[str]] = fmt.TENSORS
-    variant_fields: ClassVar[frozenset[str]] = frozenset({"bits", "w_bit", "version"})
+    variant_fields: ClassVar[frozenset[str]] = frozenset(
+        {"bits", "checkpoint_format", "format", "version", "w_bit"}
+    )
 
     bits: int = Field(4, validation_alias=AliasChoices("bits", "w_bit"))
     group_size: GroupSize = Field(128, validation_alias=AliasChoices("group_size", "q_group_size"))
