@@ -606,3 +606,25 @@ def test_a_quantized_body_runs_on_vllms_kernels_end_to_end(ckpts, tmp_path, meth
     )
     assert relative_error(run.head["logits"], want) < 1e-2
     assert all(len(t) == 16 for t in run.tokens)
+
+
+def test_a_float_head_under_a_class_target_is_vllms_float_head(ckpts, tmp_path):
+    """compressed-tensors ``targets: ["Linear"]`` over a float ``lm_head.weight``: quantreg
+    resolves the head float (engines never quantize a head through a class target), vLLM's
+    float head runs it, and the body runs vLLM's W8A8 kernels."""
+    from safetensors.torch import load_file, save_file
+
+    options = {"format": "int-quantized"}
+    head = quantreg.quantize_checkpoint(
+        ckpts["base"], tmp_path / "head", "compressed-tensors", **options
+    )
+    model = quantize_body(head, tmp_path / "body", "compressed-tensors", **options)
+    tensors = load_file(str(model / "model.safetensors"))
+    tensors = {n: t for n, t in tensors.items() if not n.startswith("lm_head.")}
+    float_head = load_file(str(ckpts["base"] / "model.safetensors"))["lm_head.weight"]
+    save_file({**tensors, "lm_head.weight": float_head}, str(model / "model.safetensors"))
+    run = serve(model, quantization="quantreg")
+    assert run.head["method"] == "UnquantizedEmbeddingMethod"
+    assert "CompressedTensorsW8A8Int8" in run.head["body"]
+    want = run.head["hidden"].float() @ float_head.float().T
+    assert relative_error(run.head["logits"], want) < 1e-2
