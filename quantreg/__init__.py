@@ -52,6 +52,7 @@ from quantreg.resolution import Resolution
 
 if typing.TYPE_CHECKING:
     from quantreg.lm_head import ParallelLMHead
+    from quantreg.loading import check_lm_head
     from quantreg.loading import load_lm_head
     from quantreg.writers import quantize
     from quantreg.writers import quantize_checkpoint
@@ -61,6 +62,7 @@ if typing.TYPE_CHECKING:
 # the registry and resolution stay light.
 _LAZY = {
     "ParallelLMHead": "quantreg.lm_head",
+    "check_lm_head": "quantreg.loading",
     "load_lm_head": "quantreg.loading",
     "quantize": "quantreg.writers",
     "quantize_checkpoint": "quantreg.writers",
@@ -108,6 +110,7 @@ __all__ = [
     "UnknownMethodError",
     "UnquantizedLinearMethod",
     "__version__",
+    "check_lm_head",
     "frozen_param",
     "get_quant_config_cls",
     "has_own_lm_head",

@@ -137,6 +137,69 @@ def _load(
     strict: bool,
     kernel: str | None,
 ) -> ParallelLMHead:
+    head, tensors = _build(resolution, device, dtype, group)
+    view = resolution.view
+    assert view is not None  # _build checked it
+    head.requested_kernel = kernel
+    plan = _check_tensors(head, tensors, resolution, strict=strict)
+    _attach_vocab_map(head, view, device)
+    _read_into(head, plan, torch.device(device))
+    _process(head, tensors)
+    head.eval()
+    assert head.kernel is not None
+    if kernel is not None and head.kernel.name != kernel:
+        raise InputError(
+            f"kernel {kernel!r} was requested, but '{resolution.prefix}' resolved as "
+            f"{resolution.method or 'unquantized'} runs {head.kernel.name} ({head.kernel.reason})",
+            field="kernel",
+        )
+    logger.info(
+        "loaded %s of %s: method %s, kernel %s, vocab %d x hidden %d, rank %d/%d, %s",
+        resolution.prefix, view.source, resolution.method or "unquantized", head.kernel.name,
+        head.num_embeddings, head.embedding_dim, head.tp_rank, head.tp_size, head.params_dtype,
+    )  # fmt: skip
+    return head
+
+
+def check_lm_head(
+    resolution: Resolution, *, dtype: torch.dtype | str | None = None, strict: bool = True
+) -> None:
+    """Check the safetensors headers of a resolved head against the parameters its method
+    creates -- every name, shape and dtype, all problems at once -- without reading or
+    allocating a tensor (the head is built on the ``meta`` device).
+
+    What :func:`load_lm_head` checks before it reads any data, for callers that load the
+    weights themselves (an engine's own loader) and must not find a missing or misshapen
+    tensor half-way. ``resolution`` comes from :func:`quantreg.resolve` on a checkpoint
+    folder; ``dtype`` and ``strict`` are :func:`load_lm_head`'s.
+
+    Raises:
+        InputError: ``resolution`` was not resolved from a checkpoint folder, or a bad
+            ``dtype``.
+        CheckpointError: missing, misshapen, mistyped or (``strict``) unconsumed tensors,
+            or no safetensors weights; the message names the tensors and files.
+    """
+    view = resolution.view if isinstance(resolution, Resolution) else None
+    if view is None or view.root is None:
+        got = f"one of {view.source}" if view is not None else type(resolution).__name__
+        raise InputError(
+            "check_lm_head takes a Resolution from quantreg.resolve(<checkpoint folder>); "
+            f"got {got}",
+            field="resolution",
+        )
+    head, tensors = _build(resolution, "meta", dtype, TPGroup.resolve(1))
+    _check_tensors(head, tensors, resolution, strict=strict)
+
+
+def _build(
+    resolution: Resolution, device: str | torch.device, dtype: torch.dtype | str | None,
+    group: TPGroup,
+) -> tuple[ParallelLMHead, dict[str, TensorInfo]]:  # fmt: skip
+    """The head of ``resolution`` with empty parameters on ``device``, and its tensors.
+
+    Raises:
+        CheckpointError: no safetensors weights, or no head tensors (see ``_head_tensors``).
+    """
     view = resolution.view
     assert view is not None  # resolved from a folder
     if view.tensors is None:
@@ -158,25 +221,7 @@ def _load(
             prefix=resolution.prefix, tp=group,
         )  # fmt: skip
     head.resolution = resolution
-    head.requested_kernel = kernel
-    plan = _check_tensors(head, tensors, resolution, strict=strict)
-    _attach_vocab_map(head, view, device)
-    _read_into(head, plan, torch.device(device))
-    _process(head, tensors)
-    head.eval()
-    assert head.kernel is not None
-    if kernel is not None and head.kernel.name != kernel:
-        raise InputError(
-            f"kernel {kernel!r} was requested, but '{resolution.prefix}' resolved as "
-            f"{resolution.method or 'unquantized'} runs {head.kernel.name} ({head.kernel.reason})",
-            field="kernel",
-        )
-    logger.info(
-        "loaded %s of %s: method %s, kernel %s, vocab %d x hidden %d, rank %d/%d, %s",
-        resolution.prefix, view.source, resolution.method or "unquantized", head.kernel.name,
-        vocab, hidden, head.tp_rank, head.tp_size, compute_dtype,
-    )  # fmt: skip
-    return head
+    return head, tensors
 
 
 def _head_tensors(view: CheckpointView, resolution: Resolution) -> dict[str, TensorInfo]:

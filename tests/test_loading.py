@@ -157,6 +157,60 @@ def test_mismatched_tensors_are_reported_all_at_once(tmp_path, config, tensors, 
         load_lm_head(tmp_path, dtype="float32")
     assert "the lm_head tensors do not match 'lm_head' resolved as unquantized" in str(info.value)
     assert "model.safetensors" in str(info.value)
+    with pytest.raises(CheckpointError, match=message):  # the same check, headers only
+        quantreg.check_lm_head(quantreg.resolve(tmp_path), dtype="float32")
+
+
+# -- check_lm_head: the header check alone, for engines that load the weights themselves ---
+
+QUANTIZED_FIXTURES = sorted(
+    p.name for p in FIXTURES.iterdir()
+    if p.is_dir() and any(n.startswith("lm_head.q") or n.startswith("lm_head.weight_")
+                          for n in load_file(p / "model.safetensors"))
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("fixture", QUANTIZED_FIXTURES)
+def test_check_lm_head_passes_every_producer_head(fixture):
+    resolution = quantreg.resolve(FIXTURES / fixture)
+    assert resolution.quantized
+    assert quantreg.check_lm_head(resolution) is None
+
+
+def test_check_lm_head_names_a_missing_tensor(tmp_path):
+    tensors = load_file(FIXTURES / "gptq_gptqmodel_lmhead_desc_act" / "model.safetensors")
+    del tensors["lm_head.g_idx"]
+    config = json.loads((FIXTURES / "gptq_gptqmodel_lmhead_desc_act" / "config.json").read_text())
+    write_checkpoint(tmp_path, config=config, tensors=tensors)
+    with pytest.raises(
+        CheckpointError,
+        match=r"lm_head tensors do not match 'lm_head' resolved as cpu_wna16 .*\n  - missing lm_head\.g_idx: expected I32 \[64\]",
+    ) as info:
+        quantreg.check_lm_head(quantreg.resolve(tmp_path, platform="cpu"))
+    assert info.value.path == tmp_path / "model.safetensors" or str(info.value.path).endswith(
+        "model.safetensors"
+    )
+
+
+def test_check_lm_head_allocates_nothing_for_an_absurd_config(tmp_path):
+    """A config claiming a 2^30 x 16384 AWQ head over small tensors: refused from the
+    headers (the head is built on the meta device; materialized it would need terabytes)."""
+    config = llama_config({"quant_method": "awq", "bits": 4, "group_size": 32, "lm_head": True},
+                          vocab_size=2**30, hidden_size=16384)  # fmt: skip
+    write_checkpoint(tmp_path, config=config, tensors=awq_head(n=1024, k=64))
+    with pytest.raises(
+        CheckpointError, match=r"lm_head\.qweight: expected shape I32 \[16384, 134217728\]"
+    ):
+        quantreg.check_lm_head(quantreg.resolve(tmp_path))
+
+
+def test_check_lm_head_needs_a_resolution_of_a_folder():
+    resolution = quantreg.resolve({"quant_method": "awq", "bits": 4, "group_size": 32})
+    with pytest.raises(
+        InputError,
+        match=r"check_lm_head takes a Resolution from quantreg\.resolve\(<checkpoint folder>\)",
+    ):
+        quantreg.check_lm_head(resolution)
 
 
 def test_unconsumed_head_tensors_name_the_rule(tmp_path):

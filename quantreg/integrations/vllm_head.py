@@ -67,7 +67,8 @@ class QuantregHeadMethod(QuantizeMethodBase):
 
         Raises:
             CheckpointError: the head's tensors contradict the decision (packed tensors of a
-                layout no method reads, or float tensors for a quantized head).
+                layout no method reads, or float tensors for a quantized head), or any head
+                tensor is missing, misshapen or mistyped (:func:`quantreg.check_lm_head`).
         """
         if resolution.tensors_agree is False:
             raise quantreg.CheckpointError(
@@ -83,6 +84,8 @@ class QuantregHeadMethod(QuantizeMethodBase):
                 prefix, resolution.rule,
             )  # fmt: skip
             return None
+        # Every head tensor's name, shape and dtype, from the headers, before vLLM reads any.
+        quantreg.check_lm_head(resolution)
         method = resolution.config.get_linear_method(layer, resolution.prefix)
         if method is None:
             return None

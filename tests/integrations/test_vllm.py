@@ -294,9 +294,13 @@ def test_producer_written_heads_match_the_producers_dequantization_in_the_engine
 
 
 def test_a_missing_head_tensor_stops_engine_start_up(ckpts):
-    """Failure 4: vLLM tracks no weights of quantized models; the head refuses to run
-    without ``lm_head.qzeros`` and says which tensor and which resolution."""
-    with pytest.raises(quantreg.CheckpointError, match=r"lm_head\.qzeros not found.*resolved as"):
+    """Failure 4: vLLM tracks no weights of quantized models; the head is checked against the
+    headers before vLLM reads a weight, and names the tensor and the resolution."""
+    with pytest.raises(
+        quantreg.CheckpointError,
+        match=r"lm_head tensors do not match 'lm_head' resolved as cpu_wna16 .*\n"
+        r"  - missing lm_head\.qzeros: expected I32 \[2, 125\]",
+    ):
         try:
             serve(ckpts["no-qzeros"], quantization="quantreg")
         finally:
