@@ -53,6 +53,11 @@ LAYOUT_FIELDS = ("format", "checkpoint_format")
 OVERRIDE_KEYS = ("bits", "group_size", "sym", "desc_act")
 
 
+def _rule_pattern(key: str) -> str:
+    """The regex of a GPTQModel ``dynamic`` key, without its ``+:`` / ``-:`` sign."""
+    return key[2:] if key[:2] in ("+:", "-:") else key
+
+
 def _check_bits(value: int) -> int:
     if value not in SUPPORTED_BITS:
         raise ValueError(
@@ -194,9 +199,8 @@ class GPTQConfig(QuantConfig):
         cls, value: dict[str, DynamicOverride] | None
     ) -> dict[str, DynamicOverride] | None:
         for key in value or {}:
-            pattern = key[2:] if key[:2] in ("+:", "-:") else key
             try:
-                re.compile(pattern)
+                re.compile(_rule_pattern(key))
             except re.error as exc:
                 raise ValueError(f"rule {key!r} is not a valid regular expression: {exc}") from exc
         return value
@@ -274,14 +278,10 @@ class GPTQConfig(QuantConfig):
         return Relabel("awq", awq, note)
 
     @property
-    def layout(self) -> str:
-        """``gptq`` (v1) or ``gptq_v2``: ``checkpoint_format``, else ``format``, else v1."""
-        return self.checkpoint_format or "gptq"
-
-    @property
     def zero_point_offset(self) -> int:
-        """What the ``gptq`` (v1) layout subtracted from every stored zero point."""
-        return 1 if self.layout == "gptq" else 0
+        """What the ``gptq`` (v1) layout subtracted from every stored zero point
+        (``checkpoint_format`` holds the layout: given, else ``format``'s, else v1)."""
+        return 1 if self.checkpoint_format == "gptq" else 0
 
     def dynamic_match(self, prefix: str) -> tuple[str, bool, dict[str, Any]] | None:
         """The first ``dynamic`` rule whose regex ``re.match``-es ``prefix``.
@@ -289,8 +289,7 @@ class GPTQConfig(QuantConfig):
         Returns ``(key, excluded, overrides)``; ``excluded`` for a ``-:`` rule.
         """
         for key, rule in (self.dynamic or {}).items():
-            pattern = key[2:] if key[:2] in ("+:", "-:") else key
-            if re.match(pattern, prefix):
+            if re.match(_rule_pattern(key), prefix):
                 overrides = {
                     k: getattr(rule, k) for k in OVERRIDE_KEYS if getattr(rule, k) is not None
                 }

@@ -54,6 +54,11 @@ class Facts:
     infos: tuple[TensorInfo, ...] = ()
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def shown_tensors(self) -> str:
+        """The layer's first tensors with their dtypes, for messages."""
+        return ", ".join(f"{t.name} ({t.dtype})" for t in self.infos[:4])
+
     def resolution(self, **values: Any) -> Resolution:
         """A Resolution of these facts (``values`` fill the decision's own fields)."""
         return Resolution(
@@ -234,7 +239,7 @@ def _unsupported(
         error = ConfigError(not_supported(fmt, facts.registry), path=where, field="quant_method")
     facts = _with_tensors(facts, names=_tensor_names(facts.registry))
     rule = config_rule(data, facts.prefix, fmt, registered=fmt in facts.registry.names())
-    names = ", ".join(f"{t.name} ({t.dtype})" for t in facts.infos[:4])
+    names = facts.shown_tensors
     if facts.state == "unquantized" and rule.quantized:
         rule = LayerRule(False, f"tensors: {names} are float", also=(rule.rule,))
     if rule.quantized or facts.state == "quantized":
@@ -325,7 +330,7 @@ def _class_target(rule: LayerRule, facts: Facts) -> LayerRule:
         return replace(rule, also=(*rule.also, why))
     if facts.state != "unquantized":
         return rule
-    names = ", ".join(f"{t.name} ({t.dtype})" for t in facts.infos[:4])
+    names = facts.shown_tensors
     facts.notes.append(
         f"'{facts.prefix}' matches only a class target ({rule.rule}), but its tensors are "
         f"float ({names}): loaded unquantized, as vLLM and SGLang load it (they never quantize "
@@ -360,7 +365,7 @@ def _unmatched(decider: Reader, view: CheckpointView) -> list[str]:
 
 
 def _tensor_notes(rule: LayerRule, facts: Facts) -> list[str]:
-    names = ", ".join(f"{t.name} ({t.dtype})" for t in facts.infos[:4])
+    names = facts.shown_tensors
     if facts.state == "quantized" and not rule.quantized:
         return [
             f"the config keeps '{facts.prefix}' unquantized ({rule.rule}) but the checkpoint's "
