@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
 import os
 import platform
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 import torch
 
 from quantreg.errors import InputError
+from quantreg.output_files import strict_json, write_file
 
 
 def machine() -> dict[str, Any]:
@@ -75,7 +75,7 @@ def append_results(result: dict[str, Any], path: Path, note: str = "") -> None:
     text = path.read_text(encoding="utf-8") if path.exists() else ""
     first = text.find("\n## ")
     text = text + section if first < 0 else text[:first] + section + text[first:]
-    path.write_text(text, encoding="utf-8")
+    write_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), what="--append-results")
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -113,8 +113,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
         )
         ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_file(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"), what="--plot")
+    plt.close(fig)
 
 
 def write_json(result: dict[str, Any], path: Path) -> None:
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    """``result`` as strict JSON (non-finite numbers as strings), written atomically."""
+    text = strict_json(result) + "\n"
+    write_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), what="--json")

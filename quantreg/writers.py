@@ -19,6 +19,7 @@ import torch
 from quantreg.checkpoint import CONFIG_NAME, INDEX_NAME, SINGLE_FILE, weight_files
 from quantreg.detection import detect_quant_config, load_model_config
 from quantreg.errors import CheckpointError, ConfigError, InputError
+from quantreg.output_files import output_folder, write_file, write_folder
 from quantreg.registry import get_quant_config_cls, normalize_name
 
 logger = logging.getLogger(__name__)
@@ -74,13 +75,18 @@ def write_checkpoint(
     ``quantization_config``; ``d2t`` (draft id -> target id offsets) is written when given.
     ``config`` adds or replaces config.json keys.
 
+    Each file is written under a temporary name, then renamed into place (weights first).
+
     Raises:
         InputError: see :func:`quantize`.
-        CheckpointError: the folder already holds a checkpoint (nothing is overwritten).
+        CheckpointError: ``folder`` holds a checkpoint (never overwritten) or is a file.
+        OSError: a file could not be written (no partial file is left).
     """
     root = Path(folder)
+    if os.path.lexists(root) and not root.is_dir():
+        raise CheckpointError(f"{root} exists and is not a folder", path=root)
     for name in (CONFIG_NAME, SINGLE_FILE, INDEX_NAME):
-        if (root / name).exists():
+        if os.path.lexists(root / name):
             raise CheckpointError(
                 f"{root / name} exists; write_checkpoint never overwrites", path=root / name
             )
@@ -117,10 +123,16 @@ def quantize_checkpoint(
     method: str,
     *,
     prefix: str = "lm_head",
+    overwrite: bool = False,
     **params: Any,
 ) -> Path:
     """Copy the checkpoint ``src`` to ``dst`` with its float head quantized by ``method``
     (round-to-nearest, no calibration data).
+
+    ``dst`` must be new or an empty folder, and its parent folder must exist; with
+    ``overwrite`` an existing folder or file ``dst`` is replaced whole (never ``src``, a folder
+    inside it or one holding it). ``dst`` is checked before any work, the copy is written into
+    a hidden folder beside it and renamed into place: ``dst`` is never left half-written.
 
     Every other tensor, config key and file is kept; ``config.json`` gains the method's
     ``quantization_config``, scoped to the head (``QuantConfig.scope_config``: AWQ's
@@ -130,13 +142,14 @@ def quantize_checkpoint(
     Raises:
         ConfigError: ``src`` already declares a quantization.
         InputError: a bad method option (see :func:`quantize`).
-        CheckpointError: ``src`` has no float ``{prefix}.weight``, or ``dst`` is not empty.
+        CheckpointError: ``src`` has no float ``{prefix}.weight`` or unreadable weights;
+            ``dst`` is not empty (without ``overwrite``), not a folder or regular file, is or
+            holds ``src``, or its parent folder is missing (see
+            :func:`quantreg.output_files.output_folder`).
+        OSError: ``dst`` could not be written (it is left as it was).
     """
     source, target = Path(src), Path(dst)
-    if target.exists() and any(target.iterdir()):
-        raise CheckpointError(
-            f"{target} is not empty; quantize writes into a new folder", path=target
-        )
+    output_folder(target, source=source, overwrite=overwrite)
     config, tensors = _float_source(source)
     name = f"{prefix}.weight"
     weight = tensors.pop(name, None)
@@ -150,15 +163,18 @@ def quantize_checkpoint(
     )
     qcfg = get_quant_config_cls(method).scope_config(qcfg, quantized=prefix, kept_float=kept_float)
     tensors.update({f"{prefix}.{n}": t.contiguous() for n, t in quantized.items()})
-    target.mkdir(parents=True, exist_ok=True)
-    for item in source.iterdir():
-        if (
-            item.is_file()
-            and item.suffix != ".safetensors"
-            and item.name not in (CONFIG_NAME, INDEX_NAME)
-        ):
-            shutil.copy2(item, target / item.name)
-    _save(target, {**config, "quantization_config": qcfg}, tensors)
+
+    def fill(folder: Path) -> None:
+        for item in source.iterdir():
+            if (
+                item.is_file()
+                and item.suffix != ".safetensors"
+                and item.name not in (CONFIG_NAME, INDEX_NAME)
+            ):
+                shutil.copy2(item, folder / item.name)
+        _save(folder, {**config, "quantization_config": qcfg}, tensors)
+
+    write_folder(target, fill, source=source, overwrite=overwrite)
     logger.info("quantized %s of %s with %s into %s", name, source, method, target)
     return target
 
@@ -168,9 +184,9 @@ def _float_source(source: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
 
     Raises:
         ConfigError: no config.json, or it already declares a quantization.
-        CheckpointError: no safetensors weights.
+        CheckpointError: no safetensors weights, or a file that cannot be read.
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     config, config_path = load_model_config(source)
     if config_path is None:
@@ -188,8 +204,11 @@ def _float_source(source: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
         raise CheckpointError(f"{source} has no safetensors weights", path=source)
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
-            tensors.update({name: handle.get_tensor(name) for name in handle.keys()})  # noqa: SIM118
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                tensors.update({name: handle.get_tensor(name) for name in handle.keys()})  # noqa: SIM118
+        except (OSError, SafetensorError) as exc:
+            raise CheckpointError(f"cannot read {file}: {exc}", path=file) from exc
     return config, tensors
 
 
@@ -198,8 +217,27 @@ def _scale_dtype(weight: torch.Tensor) -> torch.dtype:
 
 
 def _save(root: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Write the weights, then config.json, each atomically and never over an existing file.
+
+    Raises:
+        OSError: a file could not be written.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(config, indent=2) + "\n"
+    write_file(root / SINGLE_FILE, lambda tmp: save_tensors(tensors, tmp), replace=False)
+    write_file(root / CONFIG_NAME, lambda tmp: tmp.write_text(text), replace=False)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """``safetensors.torch.save_file`` with its errors as OSError naming ``path``.
+
+    Raises:
+        OSError: the file could not be written.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    root.mkdir(parents=True, exist_ok=True)
-    (root / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    save_file(tensors, str(root / SINGLE_FILE), metadata={"format": "pt"})
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except SafetensorError as exc:
+        raise OSError(f"cannot write {path}: {exc}") from exc
