@@ -1,221 +1,57 @@
 """The ``quantreg`` command line: a thin argparse front end over the public API.
 
-Exit codes: 0 success, 1 a quantreg error (its message on stderr, no traceback),
-2 a usage error.
+Exit codes:
+
+- 0: success.
+- 2: a usage error, found while parsing (``quantreg <cmd>: error: ...`` after the usage line):
+  an unknown command or option, a missing argument, or a number that is malformed or outside
+  its documented range (``--tokens`` 1..65536, ``--seed`` 0..2**64-1, ``--bits`` 1..16,
+  ``--group-size`` -1 or 1..2**20, ``bench --m/--shape/--budget``; see ``quantreg.cli_args``).
+- 1: an error of a well-formed command, as ``quantreg: error: <message>`` on stderr with no
+  traceback. A QuantregError prints its message: a bad checkpoint, an unknown name (method,
+  kernel, dtype, device, platform: checked by the library that owns them, as plugins can add
+  names), a path the command refuses (``--out`` or DST that is not a regular file, or is a
+  file the command reads; a FIFO or device given as an input). An OSError (no space left,
+  permission denied, ...) or running out of memory (MemoryError, torch's allocation errors)
+  prints ``quantreg: error: <what was being done>: <reason>``. Any other exception is a bug:
+  ``quantreg: error: internal error while <what>: <type>: <message>`` asks for a report, and
+  ``-v`` adds its traceback.
+- 130: interrupted (Ctrl-C).
+
+Every ``--json`` output is strict JSON (non-finite numbers as the strings ``"Infinity"``,
+``"-Infinity"``, ``"NaN"``); a failed write to stdout is an error, exit 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
+import re
 import sys
-import time
+import traceback
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import quantreg
-from quantreg.errors import InputError, QuantregError
+from quantreg import cli_args
+from quantreg.cli_commands import (
+    STDOUT,
+    cmd_bench,
+    cmd_demo,
+    cmd_inspect,
+    cmd_methods,
+    cmd_quantize,
+    cmd_resolve,
+    cmd_run,
+)
+from quantreg.errors import QuantregError
 
 logger = logging.getLogger(__name__)
 
-
-def _print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2))
-
-
-def cmd_methods(args: argparse.Namespace) -> int:
-    """List every registered method: built-ins and plugins, broken ones with their error."""
-    infos = quantreg.list_quant_methods()
-    if args.json:
-        _print_json([info.to_dict() for info in infos])
-        return 0
-    width = max(len(info.name) for info in infos)
-    for info in infos:
-        state = "broken" if info.error else ("loaded" if info.loaded else "available")
-        aliases = f" (aliases: {', '.join(info.aliases)})" if info.aliases else ""
-        print(f"{info.name:<{width}}  {state:<9}  {info.source}{aliases}")
-        if info.error:
-            print(f"{'':<{width}}  error: {info.error}")
-    return 0
-
-
-def cmd_resolve(args: argparse.Namespace) -> int:
-    """Show which method a layer of a checkpoint gets on a platform, and why."""
-    resolution = quantreg.resolve(
-        args.path, platform=args.platform, requested=args.quantization, prefix=args.prefix
-    )
-    if args.json:
-        _print_json(resolution.to_dict())
-    else:
-        print(resolution.explain())
-    return 0
-
-
-def cmd_inspect(args: argparse.Namespace) -> int:
-    """Show a checkpoint's config, its head's method, and every tensor (headers only)."""
-    from quantreg.report import inspect_checkpoint
-
-    report = inspect_checkpoint(args.path, platform=args.platform, prefix=args.prefix)
-    if args.json:
-        _print_json(report)
-        return 0
-    quant = report["config"].get("quantization_config")
-    print(f"{args.path}: {args.prefix} -> {report['method'] or 'unquantized'} ({report['rule']})")
-    if isinstance(quant, dict):
-        print(f"quantization_config: {json.dumps(quant, sort_keys=True)[:300]}")
-    width = max((len(t["name"]) for t in report["tensors"]), default=4)
-    for t in report["tensors"]:
-        flag = "q" if t["quantized"] else " "
-        print(
-            f"  {flag} {t['name']:<{width}}  {t['dtype']:<7} {t['shape']!s:<16} "
-            f"{t['bytes']:>12,d}  {t['file']}"
-        )
-    return 0
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    """Load the head, compute logits for hidden states, print top-5 ids and timings."""
-    import torch
-
-    from quantreg.checkpoint import read_hidden_states
-    from quantreg.loading import load_lm_head
-
-    start = time.perf_counter()
-    head = load_lm_head(
-        args.path, device=args.device, dtype=args.dtype, requested=args.quantization,
-        platform=args.platform, prefix=args.prefix, kernel=args.kernel,
-    )  # fmt: skip
-    load_s = time.perf_counter() - start
-    if args.hidden is not None:
-        x = read_hidden_states(args.hidden)
-        if x.shape[-1] != head.embedding_dim:
-            raise InputError(
-                f"{args.hidden}: tensor 'x' has {x.shape[-1]} features; the head expects "
-                f"hidden size {head.embedding_dim}",
-                field="hidden",
-            )
-    else:
-        generator = torch.Generator().manual_seed(args.seed)
-        x = torch.randn(args.tokens, head.embedding_dim, generator=generator)
-    x = x.to(device=args.device, dtype=head.params_dtype)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        logits = head.compute_logits(x)
-    forward_s = time.perf_counter() - start
-    top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices.tolist()
-    if args.rank != 0:
-        return 0  # under torchrun every rank computed the full logits; rank 0 reports them
-    if args.out is not None:
-        from safetensors.torch import save_file
-
-        save_file({"logits": logits.detach().cpu().contiguous()}, str(args.out))
-    assert head.kernel is not None  # recorded by the loader
-    result = {
-        "method": head.resolution.method if head.resolution else None,
-        "kernel": head.kernel.name,
-        "kernel_reason": head.kernel.reason,
-        "load_s": round(load_s, 6),
-        "forward_s": round(forward_s, 6),
-        "resident_bytes": head.resident_bytes(),
-        "top5": top5,
-    }
-    if args.json:
-        _print_json(result)
-        return 0
-    print(f"method: {result['method'] or 'unquantized'}  ({head.quant_reason})")
-    print(f"kernel: {head.kernel.name}  ({head.kernel.reason})")
-    print(f"load {load_s * 1e3:.1f} ms, forward {forward_s * 1e3:.2f} ms "
-          f"({x.shape[0]} tokens), resident head {result['resident_bytes']:,d} bytes")  # fmt: skip
-    for i, ids in enumerate(top5):
-        print(f"  token {i}: top-5 ids {ids}")
-    if args.out is not None:
-        print(f"logits {list(logits.shape)} written to {args.out}")
-    return 0
-
-
-def cmd_quantize(args: argparse.Namespace) -> int:
-    """Quantize the head of a checkpoint into a copy."""
-    from quantreg.writers import quantize_checkpoint
-
-    params = {
-        key: value
-        for key, value in (
-            ("bits", args.bits), ("group_size", args.group_size), ("sym", args.sym),
-            ("desc_act", args.desc_act or None), ("format", args.format),
-        )
-        if value is not None
-    }  # fmt: skip
-    dst = quantize_checkpoint(args.src, args.dst, args.method, prefix=args.prefix, **params)
-    qcfg = json.loads((dst / "config.json").read_text())["quantization_config"]
-    settings = {k: v for k, v in qcfg.items() if k not in ("modules_to_not_convert", "dynamic")}
-    print(f"wrote {dst}: {args.prefix} quantized with {args.method} by round-to-nearest "
-          "(no calibration data); every other module stays float")  # fmt: skip
-    print(f"  quantization_config: {json.dumps(settings, sort_keys=True)}")
-    for key in ("modules_to_not_convert", "dynamic"):
-        if qcfg.get(key):
-            print(
-                f"  {key}: {json.dumps(qcfg[key])}  (the float modules, for vLLM and transformers)"
-            )
-    return 0
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    """Time every method against dense F.linear in one process; print the table."""
-    from pathlib import Path
-
-    from quantreg import bench, bench_report
-
-    shapes = tuple(_shape(s) for s in args.shape) if args.shape else None
-    ms = tuple(int(m) for m in args.m.split(",")) if args.m else bench.MS
-    budget = args.budget if args.budget is not None else (0.2 if args.quick else 2.0)
-    methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else None
-    if methods:
-        known = {m for fmt in bench.FORMATS for m in fmt.methods} | {"torch"}
-        unknown = sorted(set(methods) - known)
-        if unknown:
-            raise InputError(
-                f"--methods: unknown {', '.join(unknown)}; expected some of "
-                f"{', '.join(sorted(known))}"
-            )
-    result = bench.run_bench(
-        quick=args.quick, shapes=shapes, ms=ms, budget_s=budget, methods=methods,
-        progress=lambda message: print(message, file=sys.stderr),
-    )  # fmt: skip
-    print(bench_report.format_table(result))
-    if args.json:
-        bench_report.write_json(result, Path(args.json))
-    if args.append_results:
-        bench_report.append_results(result, Path(args.append_results))
-    if args.plot:
-        bench_report.plot(result, Path(args.plot))
-    return 0
-
-
-def _shape(text: str) -> tuple[int, int]:
-    try:
-        n, k = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise InputError(
-            f"--shape {text!r}: expected NxK, e.g. 32000x4096", field="shape"
-        ) from None
-    return n, k
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job: write example drafters, then resolve, load and run each."""
-    from quantreg.demo import format_rows, run_demo
-
-    rows = run_demo(seed=args.seed)
-    if args.json:
-        _print_json([row.to_dict() for row in rows])
-    else:
-        methods = ", ".join(info.name for info in quantreg.list_quant_methods())
-        print(f"quantreg {quantreg.__version__} (methods: {methods})\n")
-        print(format_rows(rows))
-    return 0 if all(row.target_vocab_ok for row in rows) else 1
+# torch reports a failed allocation as a RuntimeError (torch.OutOfMemoryError on a GPU)
+_OUT_OF_MEMORY = re.compile(r"can't allocate memory|out of memory|Cannot allocate memory", re.I)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -223,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     verbose = argparse.ArgumentParser(add_help=False)
     verbose.add_argument(
         "-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-        help="show INFO log lines (what was decided and why)",
+        help="show INFO log lines (what was decided and why), and the traceback of an "
+        "internal error",
     )  # fmt: skip
     parser = argparse.ArgumentParser(
         prog="quantreg",
@@ -262,6 +99,14 @@ def _add_resolve(sub: Any, verbose: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--quantization", default=None, metavar="NAME", help="force a method")
     p.add_argument("--prefix", default="lm_head", help="layer name (default: lm_head)")
+    p.add_argument(
+        "--check", action="store_true",
+        help="also check the head's tensors (names, shapes, dtypes; headers only) against the "
+        "method, as run does: exit 1 with run's message when they disagree",
+    )  # fmt: skip
+    p.add_argument(
+        "--dtype", default=None, help="with --check: the compute dtype, as run's --dtype"
+    )
     p.add_argument("--json", action="store_true", help="print Resolution.to_dict() as JSON")
     p.set_defaults(func=cmd_resolve)
 
@@ -281,14 +126,20 @@ def _add_run(sub: Any, verbose: argparse.ArgumentParser) -> None:
     p = sub.add_parser("run", parents=[verbose], help="load a checkpoint's head and compute logits")
     p.add_argument("path", help="checkpoint folder")
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--tokens", type=int, default=4, help="random hidden states (default 4)")
+    source.add_argument(
+        "--tokens", type=cli_args.TOKENS, default=4,
+        help=f"rows of random hidden states, 1 to {cli_args.MAX_TOKENS} (default 4)",
+    )  # fmt: skip
     source.add_argument(
         "--hidden", default=None, metavar="FILE",
         help="a safetensors file whose tensor 'x' holds [tokens, hidden]",
     )  # fmt: skip
     p.add_argument(
-        "--out", default=None, metavar="FILE", help="write 'logits' to a safetensors file"
-    )
+        "--out", default=None, metavar="FILE",
+        help="write 'logits' to a safetensors file: a new file, or a regular file to replace "
+        "(atomically); never a device, FIFO or folder, nor a file the run reads (checkpoint "
+        "files, --hidden, links to them); its folder must exist",
+    )  # fmt: skip
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: config)")
     p.add_argument("--quantization", default=None, metavar="NAME", help="force a method")
@@ -296,7 +147,10 @@ def _add_run(sub: Any, verbose: argparse.ArgumentParser) -> None:
         "--platform", default=None, help="platform to resolve for (default: the device's)"
     )
     p.add_argument("--prefix", default="lm_head", help="layer name (default: lm_head)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random hidden states")
+    p.add_argument(
+        "--seed", type=cli_args.SEED, default=0,
+        help="seed of the random hidden states, 0 to 2**64-1 (default 0)",
+    )  # fmt: skip
     p.add_argument(
         "--kernel", default=None, metavar="NAME",
         help="force a kernel (reference, triton, cpu-avx512, ...; default: the fastest that fits)",
@@ -312,26 +166,41 @@ def _add_quantize(sub: Any, verbose: argparse.ArgumentParser) -> None:
         "quantize", parents=[verbose], help="quantize a checkpoint's head into a copy"
     )
     p.add_argument("src", help="checkpoint folder with a float head")
-    p.add_argument("dst", help="new folder to write")
+    p.add_argument("dst", help="new (or empty) folder to write; its parent must exist")
     p.add_argument("--method", required=True, help="awq, gptq or compressed-tensors")
-    p.add_argument("--bits", type=int, default=None, help="4 or 8")
-    p.add_argument("--group-size", type=int, default=None, help="e.g. 32, 64, 128, or -1")
+    p.add_argument("--bits", type=cli_args.BITS, default=None, help="4 or 8")
+    p.add_argument(
+        "--group-size", type=cli_args.GROUP_SIZE, default=None,
+        help="e.g. 32, 64, 128, or -1 (one group)",
+    )  # fmt: skip
     p.add_argument("--sym", action=argparse.BooleanOptionalAction, default=None,
                    help="symmetric codes (default: the method's)")  # fmt: skip
     p.add_argument("--desc-act", action="store_true", help="GPTQ act-order groups")
     p.add_argument("--format", default=None, help="compressed-tensors format")
     p.add_argument("--prefix", default="lm_head", help="layer name (default: lm_head)")
+    p.add_argument(
+        "--force", action="store_true",
+        help="replace an existing DST (a folder or file) whole: the copy is written beside it "
+        "and swapped in; never SRC, a folder inside SRC or one holding it",
+    )  # fmt: skip
     p.set_defaults(func=cmd_quantize)
 
 
 def _add_bench(sub: Any, verbose: argparse.ArgumentParser) -> None:
     p = sub.add_parser("bench", parents=[verbose], help="time every method against dense F.linear")
     p.add_argument("--quick", action="store_true", help="small shapes: a smoke run")
-    p.add_argument("--shape", action="append", metavar="NxK", help="override the shapes")
-    p.add_argument("--m", default=None, metavar="M1,M2", help="token counts (default 1,4,16,64)")
     p.add_argument(
-        "--budget", type=float, default=None, help="seconds of timing per M (default 2, quick 0.2)"
-    )
+        "--shape", action="append", type=cli_args.shape, metavar="NxK",
+        help=f"override the shapes (N up to {cli_args.MAX_ROWS}, K up to {cli_args.MAX_FEATURES})",
+    )  # fmt: skip
+    p.add_argument(
+        "--m", type=cli_args.token_counts, default=None, metavar="M1,M2",
+        help=f"token counts, each 1 to {cli_args.MAX_TOKENS} (default 1,4,16,64)",
+    )  # fmt: skip
+    p.add_argument(
+        "--budget", type=cli_args.budget, default=None,
+        help="seconds of timing per M, 0 to 3600 (default 2, quick 0.2)",
+    )  # fmt: skip
     p.add_argument(
         "--methods", default=None, metavar="A,B",
         help="only these methods (torch = torch's ops); dense baselines always run",
@@ -349,7 +218,9 @@ def _add_demo(sub: Any, verbose: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "demo", parents=[verbose], help="write example drafters, then resolve, load and run each"
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the example weights")
+    p.add_argument(
+        "--seed", type=cli_args.SEED, default=0, help="seed of the example weights (0 to 2**64-1)"
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_demo)
 
@@ -379,24 +250,75 @@ def _process_group(args: argparse.Namespace) -> Iterator[int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code."""
+    """Run the command line; returns the exit code (see the module docstring)."""
     args = build_parser().parse_args(argv)
     level = logging.INFO if getattr(args, "verbose", False) else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    args.doing = f"running quantreg {args.command}"
     rank = 0
     try:
         with _process_group(args) as rank:
             args.rank = rank
-            return args.func(args)
-    except QuantregError as exc:
-        where = f" (rank {rank})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-        print(f"quantreg: error{where}: {exc}", file=sys.stderr)
-        return 1
+            code = args.func(args)
+            args.doing = STDOUT
+            sys.stdout.flush()
+            return code
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # e.g. `quantreg methods --json | head`
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _silence_stdout()
         return 0
+    except Exception as exc:  # the last resort: a one-line message, never a traceback
+        where = f" (rank {rank})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"quantreg: error{where}: {_describe(exc, args)}", file=sys.stderr)
+        if getattr(args, "verbose", False) and _describe(exc, args).startswith("internal error"):
+            traceback.print_exception(exc, file=sys.stderr)
+        _flush_or_silence_stdout()
+        return 1
+
+
+def _describe(exc: Exception, args: argparse.Namespace) -> str:
+    """The one-line message of an error: a QuantregError's own; else what was being done."""
+    if isinstance(exc, QuantregError):
+        return str(exc)
+    doing = args.doing
+    if _out_of_memory(exc):
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"out of memory while {doing}: {first}"
+    if isinstance(exc, OSError):
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        file = f": {exc.filename}" if exc.filename else ""
+        return f"{doing}: {reason}{file}"
+    if type(exc).__name__ == "SafetensorError":  # a file safetensors could not read or write
+        return f"{doing}: {exc}"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return (
+        f"internal error while {doing}: {type(exc).__name__}: {first} -- this is a bug in "
+        "quantreg; please report it with the command line (-v shows the traceback)"
+    )
+
+
+def _out_of_memory(exc: Exception) -> bool:
+    torch = sys.modules.get("torch")
+    if isinstance(exc, MemoryError):
+        return True
+    if torch is not None and isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    return isinstance(exc, RuntimeError) and bool(_OUT_OF_MEMORY.search(str(exc)))
+
+
+def _flush_or_silence_stdout() -> None:
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        _silence_stdout()
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null: what is still buffered cannot be written, and Python's
+    flush at exit must not print an "Exception ignored" traceback about it."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":  # pragma: no cover
