@@ -364,6 +364,24 @@ def test_a_failed_quantize_leaves_the_destination_as_it_was(tmp_path, float_src,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]
 
 
+def test_a_failed_swap_puts_the_old_destination_back(tmp_path, float_src, monkeypatch):
+    dst = _non_empty(tmp_path, float_src)
+    before = everything(tmp_path, dst)
+    rename = os.rename
+
+    def failing(src, target):
+        if str(src).endswith(".tmp"):  # the new folder moving in
+            raise OSError(errno.EIO, "Input/output error")
+        rename(src, target)
+
+    monkeypatch.setattr(os, "rename", failing)
+    with pytest.raises(OSError, match="Input/output error"):
+        quantize_checkpoint(float_src, dst, "gptq", group_size=32, overwrite=True)
+    monkeypatch.undo()
+    assert everything(tmp_path, dst) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]
+
+
 def test_write_checkpoint_refuses_a_file_and_a_dangling_link(tmp_path):
     weight = torch.zeros(8, HIDDEN)
     (tmp_path / "file").write_text("mine")
