@@ -54,6 +54,23 @@ logger = logging.getLogger(__name__)
 _OUT_OF_MEMORY = re.compile(r"can't allocate memory|out of memory|Cannot allocate memory", re.I)
 
 
+def cmd_warmup(args: argparse.Namespace) -> int:
+    """Build quantreg's CPU kernel now (or say why this machine has nothing to build)."""
+    from quantreg.kernels.cpu import warmup
+
+    result = warmup()
+    if args.json:
+        _print_json(result.to_dict())
+    elif result.ready:
+        how = "already built" if result.cached else f"built in {result.seconds:.0f} s"
+        print(f"quantreg's CPU kernel is ready ({how}), cached in {result.cache}")
+    elif not result.needed:
+        print(f"nothing to build: {result.reason}; heads run torch's ops or the reference kernel")
+    else:
+        print(f"quantreg's CPU kernel could not be built in {result.cache}: {result.reason}")
+    return 0 if result.ready or not result.needed else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``quantreg`` command."""
     verbose = argparse.ArgumentParser(add_help=False)
@@ -77,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_quantize,
         _add_bench,
         _add_demo,
+        _add_warmup,
     ):
         add(sub, verbose)
     return parser
@@ -223,6 +241,15 @@ def _add_demo(sub: Any, verbose: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_demo)
+
+
+def _add_warmup(sub: Any, verbose: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "warmup", parents=[verbose],
+        help="build quantreg's CPU kernel ahead of its first use (or say why there is none)",
+    )  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print {ready, needed, reason, cache, ...}")
+    p.set_defaults(func=cmd_warmup)
 
 
 @contextlib.contextmanager

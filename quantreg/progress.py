@@ -1,13 +1,19 @@
-"""Progress of a long load: a tqdm bar when tqdm is installed, else INFO log lines.
+"""Progress of a long wait.
 
-Nothing is shown for loads that finish within ``delay`` seconds, nor on ranks other than 0.
+:class:`LoadProgress`: a tqdm bar when tqdm is installed, else INFO log lines; nothing is
+shown for loads that finish within ``delay`` seconds, nor on ranks other than 0.
+:func:`announce_wait`: a one-off wait with no measurable progress (a compiler run), announced
+before it starts and ticking while it lasts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -44,3 +50,28 @@ class LoadProgress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+@contextlib.contextmanager
+def announce_wait(
+    message: str, *, tick: str, done: str, every: float, logger: logging.Logger = logger
+) -> Iterator[None]:
+    """Log ``message`` (WARNING: shown at the default level) before the block runs, then
+    ``"{tick}... N s"`` every ``every`` seconds from a daemon thread while it runs, and
+    ``"{done} in N s"`` when it succeeds: a long silent wait reads as a hang."""
+    logger.warning("%s", message)
+    start = time.monotonic()
+    stop = threading.Event()
+
+    def ticker() -> None:
+        while not stop.wait(every):
+            logger.warning("%s... %.0f s", tick, time.monotonic() - start)
+
+    thread = threading.Thread(target=ticker, name="quantreg-wait", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+    logger.warning("%s in %.0f s", done, time.monotonic() - start)

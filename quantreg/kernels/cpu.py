@@ -1,9 +1,10 @@
 """quantreg's weight-only int4 / int8 CPU kernel (``wna16_kernel.cpp``), compiled just in time.
 
-``load_inline`` builds a small C++ extension on first use, cached under
-``~/.cache/quantreg/kernels/<hash of source, flags, torch version and sys.prefix>`` (nothing is
-built at install time, where an isolated build would pull a CUDA torch). Without AVX-512
-(F/BW/VL/VBMI + F16C), a compiler or ninja, :func:`extension` returns None and
+``load_inline`` builds a small C++ extension on first use (announced, see
+:mod:`quantreg.kernels.cpu_build`), cached under ``~/.cache/quantreg/kernels/<hash of source,
+flags, torch, Python, sys.prefix and compiler>`` (nothing is built at install time, where an
+isolated build would pull a CUDA torch; ``quantreg warmup`` builds it ahead of time). Without
+AVX-512 (F/BW/VL/VBMI + F16C), a compiler or ninja, :func:`extension` returns None and
 :func:`unavailable_reason` says why; kernel selection then declines the CPU kernels.
 
 Layout (:class:`CPUBlockedLayout`), built once after loading: K padded to a multiple of 32 with
@@ -25,15 +26,16 @@ the bf16 paths accumulate in float32 and apply each group's scale and zero point
 from __future__ import annotations
 
 import enum
-import hashlib
 import logging
 import os
-import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from quantreg.kernels import cpu_build
+from quantreg.kernels.cpu_build import BASE_FLAGS
 from quantreg.kernels.layouts import LayoutTensors
 from quantreg.kernels.weights import IntWeights
 from quantreg.platform import probe_cpu_isa
@@ -46,8 +48,6 @@ logger = logging.getLogger(__name__)
 NB = 16  # outputs per block: one AVX-512 register of float32
 KU = 32  # K is padded to a multiple of 32: one AMX tile row of bf16
 CODE_CHUNK = 1024  # output columns converted per step (a multiple of 16)
-SOURCE = Path(__file__).with_name("wna16_kernel.cpp")
-BASE_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512vbmi", "f16c")
 BF16_FLAGS = ("avx512_bf16",)
 AMX_FLAGS = ("amx_tile", "amx_bf16")
 
@@ -76,19 +76,24 @@ def cpu_supports_avx512() -> bool:
     return set(BASE_FLAGS) <= probe_cpu_isa()
 
 
+def _not_here() -> str | None:
+    """Why this process must not build or run the kernel (None: it may)."""
+    if os.environ.get("QUANTREG_NO_CPU_KERNELS"):
+        return "QUANTREG_NO_CPU_KERNELS is set"
+    if not cpu_supports_avx512():
+        return "this CPU lacks AVX-512 (" + "/".join(BASE_FLAGS) + ")"
+    return None
+
+
 def extension() -> Any | None:
     """The compiled extension (built once per process, cached on disk), or None."""
     with _lock:
         if "module" in _state:
             return _state["module"]
-        module, reason = None, None
-        if os.environ.get("QUANTREG_NO_CPU_KERNELS"):
-            reason = "QUANTREG_NO_CPU_KERNELS is set"
-        elif not cpu_supports_avx512():
-            reason = "this CPU lacks AVX-512 (" + "/".join(BASE_FLAGS) + ")"
-        else:
+        module, reason = None, _not_here()
+        if reason is None:
             try:
-                module = _build()
+                module = cpu_build.build()
             except Exception as exc:  # no compiler, no ninja, ...
                 reason = f"building the C++ kernel failed: {type(exc).__name__}: {exc}"
         if reason is not None:
@@ -105,29 +110,44 @@ def unavailable_reason() -> str | None:
     return _state["reason"]
 
 
-def _build() -> Any:
-    import torch
-    from torch.utils.cpp_extension import load_inline
+@dataclass(frozen=True)
+class Warmup:
+    """What ``quantreg warmup`` did.
 
-    source = SOURCE.read_text()
-    flags = ["-O3", "-fopenmp", *(f"-m{f}" for f in BASE_FLAGS)]
-    # one build folder per source, flags, torch and Python environment: processes with other
-    # versions of quantreg, or other venvs (ninja's command line holds their include paths),
-    # never rebuild each other's extension in place
-    parts = [source, *flags, torch.__version__, sys.prefix]
-    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
-    default = Path.home() / ".cache" / "quantreg" / "kernels"
-    build = Path(os.environ.get("QUANTREG_KERNEL_CACHE", default)) / key
-    build.mkdir(parents=True, exist_ok=True)
-    return load_inline(
-        name=f"quantreg_wna16_{key}",
-        cpp_sources=source,
-        functions=["wna16_gemm", "amx_ready"],
-        extra_cflags=flags,
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(build),
-        verbose=False,
-    )
+    Attributes:
+        ready: the kernel is built and loaded in this process.
+        needed: this machine can run the kernel (False: nothing to build, ``reason`` says why).
+        reason: why the kernel is unavailable (None when ready).
+        cache: this environment's build folder (None when there is nothing to build).
+        cached: the build was already there (nothing was compiled).
+        seconds: how long building or loading took.
+    """
+
+    ready: bool
+    needed: bool
+    reason: str | None
+    cache: Path | None
+    cached: bool
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "cache": None if self.cache is None else str(self.cache)}
+
+
+def warmup() -> Warmup:
+    """Build (or load) the CPU kernel now, so that no head load waits for the compiler."""
+    start = time.perf_counter()
+    why_not = _not_here()
+    if why_not is not None:  # said here, not also as extension()'s warning
+        return Warmup(ready=False, needed=False, reason=why_not, cache=None, cached=False,
+                      seconds=time.perf_counter() - start)  # fmt: skip
+    key = cpu_build.build_key()
+    cached = cpu_build.is_built(key)
+    module = extension()
+    return Warmup(
+        ready=module is not None, needed=True, reason=unavailable_reason(),
+        cache=cpu_build.build_dir(key), cached=cached, seconds=time.perf_counter() - start,
+    )  # fmt: skip
 
 
 def amx_ready() -> bool:

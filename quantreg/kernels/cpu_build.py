@@ -1,0 +1,150 @@
+"""Building quantreg's CPU kernel: where the build is cached, and saying so while it runs.
+
+The first use compiles ``wna16_kernel.cpp`` with ``torch.utils.cpp_extension.load_inline``
+(30-60 s), once per :class:`BuildKey`: one folder per source, flags, torch, Python and
+environment (``sys.prefix``) and compiler, so two venvs -- or two compilers -- never rebuild
+each other's kernel in place (ninja's command line holds a venv's include paths). A build that
+is not cached yet is announced by a WARNING line before it starts and a "still building" line
+every :data:`TICK_S` seconds: a 60-second silence on a first load looks like a hang.
+``quantreg warmup`` builds it ahead of time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from quantreg.progress import announce_wait
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("wna16_kernel.cpp")
+BASE_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512vbmi", "f16c")
+CFLAGS = ("-O3", "-fopenmp", *(f"-m{f}" for f in BASE_FLAGS))
+LDFLAGS = ("-fopenmp",)
+FUNCTIONS = ("wna16_gemm", "amx_ready")
+TICK_S = 10.0  # seconds between "still building" lines
+
+
+@dataclass(frozen=True)
+class BuildKey:
+    """Everything that makes one build of the kernel differ from another.
+
+    Attributes:
+        source: sha256 of the C++ source.
+        flags: compiler and linker flags, and the functions bound.
+        torch: ``torch.__version__`` (its headers and ABI).
+        python: ``sys.version`` (the extension links against this interpreter).
+        prefix: ``sys.prefix``: the venv, whose include paths ninja's build file holds.
+        compiler: ``$CXX`` (torch's default ``c++``), where it resolves, and the first line of
+            its ``--version``.
+    """
+
+    source: str
+    flags: tuple[str, ...]
+    torch: str
+    python: str
+    prefix: str
+    compiler: str
+
+    @property
+    def digest(self) -> str:
+        """16 hex digits of a hash over every field: the build folder's name."""
+        text = json.dumps(asdict(self), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @property
+    def module_name(self) -> str:
+        return f"quantreg_wna16_{self.digest}"
+
+
+def compiler_identity() -> str:
+    """``$CXX`` (default ``c++``, as torch uses), its resolved path and its version line."""
+    cxx = os.environ.get("CXX", "c++")
+    path = shutil.which(cxx)
+    if path is None:
+        return f"{cxx} (not found)"
+    try:
+        out = subprocess.run(
+            [path, "--version"], capture_output=True, text=True, timeout=30, check=False
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        out = f"--version failed: {exc}"
+    first = out.splitlines()[0] if out.strip() else "unknown version"
+    return f"{cxx} -> {os.path.realpath(path)}: {first}"
+
+
+def build_key() -> BuildKey:
+    """The key of a build in this process's environment (runs ``$CXX --version`` once)."""
+    import torch
+
+    return BuildKey(
+        source=hashlib.sha256(SOURCE.read_bytes()).hexdigest(),
+        flags=(*CFLAGS, *LDFLAGS, *FUNCTIONS),
+        torch=torch.__version__,
+        python=sys.version,
+        prefix=sys.prefix,
+        compiler=compiler_identity(),
+    )
+
+
+def cache_root() -> Path:
+    """``$QUANTREG_KERNEL_CACHE``, else ``~/.cache/quantreg/kernels``."""
+    default = Path.home() / ".cache" / "quantreg" / "kernels"
+    return Path(os.environ.get("QUANTREG_KERNEL_CACHE", default))
+
+
+def build_dir(key: BuildKey) -> Path:
+    """The folder one build lives in."""
+    return cache_root() / key.digest
+
+
+def is_built(key: BuildKey) -> bool:
+    """Whether the compiled library of ``key`` is already in its folder."""
+    return (build_dir(key) / f"{key.module_name}.so").is_file()
+
+
+def compile_extension(key: BuildKey, folder: Path) -> Any:
+    """``load_inline``: compile (or, when ninja finds it up to date, just import) the kernel."""
+    from torch.utils.cpp_extension import load_inline
+
+    return load_inline(
+        name=key.module_name,
+        cpp_sources=SOURCE.read_text(),
+        functions=list(FUNCTIONS),
+        extra_cflags=list(CFLAGS),
+        extra_ldflags=list(LDFLAGS),
+        build_directory=str(folder),
+        verbose=False,
+    )
+
+
+def build() -> Any:
+    """The compiled extension, built first if this environment has no cached build -- then
+    announced (WARNING) with the cache folder, and ticking while it compiles.
+
+    Raises:
+        Exception: whatever the compiler or ninja raise (the caller records it as the reason
+            the kernel is unavailable).
+    """
+    key = build_key()
+    folder = build_dir(key)
+    folder.mkdir(parents=True, exist_ok=True)
+    if is_built(key):
+        return compile_extension(key, folder)
+    with announce_wait(
+        f"building quantreg's CPU kernel once (~30-60 s), cached in {folder}",
+        tick="still building quantreg's CPU kernel",
+        done="quantreg's CPU kernel built",
+        every=TICK_S,
+        logger=logger,
+    ):
+        return compile_extension(key, folder)

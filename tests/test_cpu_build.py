@@ -1,0 +1,199 @@
+"""Building the CPU kernel: one cache folder per build ingredient, a first build announced
+before it starts and ticking while it runs, and ``quantreg warmup``. The compiler is faked:
+what is specified here is what happens around it (the real build is tests/test_cpu_kernels.py,
+on a CPU with AVX-512)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import time
+
+import pytest
+import torch
+from cli_runner import run_cli
+
+from quantreg.kernels import cpu, cpu_build
+
+ANNOUNCE = "building quantreg's CPU kernel once (~30-60 s), cached in "
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    """A kernel cache of this test's own, and a process that has not built the kernel yet."""
+    monkeypatch.setenv("QUANTREG_KERNEL_CACHE", str(tmp_path / "kernels"))
+    monkeypatch.delenv("QUANTREG_NO_CPU_KERNELS", raising=False)
+    monkeypatch.setattr(cpu, "_state", {})
+    return tmp_path / "kernels"
+
+
+@pytest.fixture
+def fake_compiler(monkeypatch):
+    """``compile_extension`` replaced: it records each call and what was logged before it,
+    and takes ``seconds``; an AVX-512 CPU is pretended so that the kernel is wanted."""
+    calls: list[dict] = []
+
+    def compile_extension(key, folder):
+        calls.append({"key": key, "folder": folder})
+        time.sleep(fake.seconds)
+        if fake.error is not None:
+            raise fake.error
+        return fake.module
+
+    fake = type("Fake", (), {"seconds": 0.0, "error": None, "module": object(), "calls": calls})
+    monkeypatch.setattr(cpu_build, "compile_extension", compile_extension)
+    monkeypatch.setattr(cpu, "cpu_supports_avx512", lambda: True)
+    return fake
+
+
+# -- the cache key ---------------------------------------------------------------------------
+
+
+def other_source(monkeypatch, tmp_path):
+    changed = tmp_path / "wna16_kernel.cpp"
+    changed.write_text(cpu_build.SOURCE.read_text() + "\n// changed\n")
+    monkeypatch.setattr(cpu_build, "SOURCE", changed)
+
+
+INGREDIENTS = {
+    "source": other_source,
+    "flags": lambda mp, _: mp.setattr(cpu_build, "CFLAGS", (*cpu_build.CFLAGS, "-DX")),
+    "torch": lambda mp, _: mp.setattr(torch, "__version__", torch.__version__ + "+other"),
+    "python": lambda mp, _: mp.setattr(sys, "version", sys.version + " (other build)"),
+    "prefix": lambda mp, tmp: mp.setattr(sys, "prefix", str(tmp / "other-venv")),
+    "compiler": lambda mp, _: mp.setenv("CXX", "clang++-not-installed"),
+}
+
+
+@pytest.mark.parametrize("ingredient", list(INGREDIENTS), ids=list(INGREDIENTS))
+def test_every_build_ingredient_changes_the_cache_folder(ingredient, monkeypatch, tmp_path):
+    before = cpu_build.build_key()
+    INGREDIENTS[ingredient](monkeypatch, tmp_path)
+    after = cpu_build.build_key()
+    changed = [f.name for f in dataclasses.fields(before) if getattr(before, f.name) != getattr(after, f.name)]  # fmt: skip
+    assert changed == [ingredient]
+    assert after.digest != before.digest
+    assert cpu_build.build_dir(after) != cpu_build.build_dir(before)
+    assert after.module_name != before.module_name
+
+
+def test_the_table_covers_every_field_of_the_key():
+    assert [f.name for f in dataclasses.fields(cpu_build.BuildKey)] == list(INGREDIENTS)
+
+
+def test_the_same_environment_finds_the_same_folder(cache):
+    first, second = cpu_build.build_key(), cpu_build.build_key()
+    assert first == second and first.digest == second.digest
+    assert cpu_build.build_dir(first) == cache / first.digest
+
+
+def test_the_compiler_is_named_by_what_it_resolves_to(monkeypatch):
+    monkeypatch.setenv("CXX", "clang++-not-installed")
+    assert cpu_build.compiler_identity() == "clang++-not-installed (not found)"
+    monkeypatch.setenv("CXX", sys.executable)  # any program that answers --version
+    assert cpu_build.compiler_identity().startswith(f"{sys.executable} -> ")
+
+
+# -- the announcement ------------------------------------------------------------------------
+
+
+def test_a_first_build_is_announced_before_it_starts_and_ticks(fake_compiler, monkeypatch, caplog):
+    monkeypatch.setattr(cpu_build, "TICK_S", 0.05)
+    fake_compiler.seconds = 0.3
+    announced_first = []
+    original = cpu_build.compile_extension
+
+    def compile_after_announcement(key, folder):
+        announced_first.append([r.getMessage() for r in caplog.records])
+        return original(key, folder)
+
+    monkeypatch.setattr(cpu_build, "compile_extension", compile_after_announcement)
+    with caplog.at_level(logging.WARNING, logger="quantreg"):
+        module = cpu_build.build()
+
+    key = cpu_build.build_key()
+    assert module is fake_compiler.module
+    assert announced_first == [[ANNOUNCE + str(cpu_build.build_dir(key))]]
+    messages = [r.getMessage() for r in caplog.records]
+    ticks = [m for m in messages if m.startswith("still building quantreg's CPU kernel... ")]
+    assert len(ticks) >= 2, messages
+    assert messages[-1].startswith("quantreg's CPU kernel built in ")
+    assert all(r.levelno == logging.WARNING for r in caplog.records)
+
+
+def test_a_cached_build_is_loaded_silently(fake_compiler, caplog):
+    key = cpu_build.build_key()
+    cpu_build.build_dir(key).mkdir(parents=True)
+    (cpu_build.build_dir(key) / f"{key.module_name}.so").write_bytes(b"")
+    with caplog.at_level(logging.INFO, logger="quantreg"):
+        assert cpu_build.build() is fake_compiler.module
+    assert caplog.records == []
+    assert [c["folder"] for c in fake_compiler.calls] == [cpu_build.build_dir(key)]
+
+
+def test_a_failed_build_is_the_reason_the_kernel_is_unavailable(fake_compiler, caplog):
+    fake_compiler.error = RuntimeError("Error building extension 'quantreg_wna16': no ninja")
+    with caplog.at_level(logging.WARNING, logger="quantreg"):
+        assert cpu.extension() is None
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0].startswith(ANNOUNCE)
+    assert not any("built in" in m for m in messages)
+    assert cpu.unavailable_reason() == (
+        "building the C++ kernel failed: RuntimeError: Error building extension "
+        "'quantreg_wna16': no ninja"
+    )
+
+
+# -- quantreg warmup -------------------------------------------------------------------------
+
+
+def test_warmup_builds_once_then_finds_the_cache(fake_compiler, cache):
+    first = run_cli("warmup")
+    key = cpu_build.build_key()
+    assert first.returncode == 0
+    assert first.stdout.startswith("quantreg's CPU kernel is ready (built in ")
+    assert first.stdout.rstrip().endswith(f"cached in {cache / key.digest}")
+    (cache / key.digest / f"{key.module_name}.so").write_bytes(b"")  # what the compiler leaves
+    cpu._state.clear()  # a new process
+    second = run_cli("warmup", "--json")
+    report = json.loads(second.stdout)
+    assert second.returncode == 0
+    assert report | {"seconds": 0} == {
+        "ready": True, "needed": True, "reason": None, "cache": str(cache / key.digest),
+        "cached": True, "seconds": 0,
+    }  # fmt: skip
+
+
+def test_warmup_exits_1_when_the_build_fails(fake_compiler):
+    fake_compiler.error = OSError("c++: not found")
+    out = run_cli("warmup")
+    assert out.returncode == 1
+    assert "quantreg's CPU kernel could not be built in " in out.stdout
+    assert out.stdout.rstrip().endswith("building the C++ kernel failed: OSError: c++: not found")
+
+
+def test_warmup_on_this_machine():
+    """Here: a CPU without AVX-512 has nothing to build (exit 0, the reason on stdout); with
+    it the real kernel is built or found in the cache."""
+    out = run_cli("warmup")
+    assert out.returncode == 0
+    if cpu.cpu_supports_avx512():
+        assert out.stdout.startswith("quantreg's CPU kernel is ready (")
+    else:
+        assert out.stdout == (
+            "nothing to build: this CPU lacks AVX-512 (avx512f/avx512bw/avx512vl/avx512vbmi/"
+            "f16c); heads run torch's ops or the reference kernel\n"
+        )
+
+
+def test_warmup_when_the_kernel_is_switched_off(fake_compiler, monkeypatch):
+    monkeypatch.setenv("QUANTREG_NO_CPU_KERNELS", "1")
+    out = run_cli("warmup", "--json")
+    assert out.returncode == 0
+    assert json.loads(out.stdout) | {"seconds": 0} == {
+        "ready": False, "needed": False, "reason": "QUANTREG_NO_CPU_KERNELS is set",
+        "cache": None, "cached": False, "seconds": 0,
+    }  # fmt: skip
+    assert fake_compiler.calls == []
