@@ -45,6 +45,7 @@ from quantreg.cli_commands import (
     cmd_quantize,
     cmd_resolve,
     cmd_run,
+    cmd_warmup,
 )
 from quantreg.errors import QuantregError
 
@@ -52,23 +53,6 @@ logger = logging.getLogger(__name__)
 
 # torch reports a failed allocation as a RuntimeError (torch.OutOfMemoryError on a GPU)
 _OUT_OF_MEMORY = re.compile(r"can't allocate memory|out of memory|Cannot allocate memory", re.I)
-
-
-def cmd_warmup(args: argparse.Namespace) -> int:
-    """Build quantreg's CPU kernel now (or say why this machine has nothing to build)."""
-    from quantreg.kernels.cpu import warmup
-
-    result = warmup()
-    if args.json:
-        _print_json(result.to_dict())
-    elif result.ready:
-        how = "already built" if result.cached else f"built in {result.seconds:.0f} s"
-        print(f"quantreg's CPU kernel is ready ({how}), cached in {result.cache}")
-    elif not result.needed:
-        print(f"nothing to build: {result.reason}; heads run torch's ops or the reference kernel")
-    else:
-        print(f"quantreg's CPU kernel could not be built in {result.cache}: {result.reason}")
-    return 0 if result.ready or not result.needed else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,11 +218,12 @@ def _add_bench(sub: Any, verbose: argparse.ArgumentParser) -> None:
 
 def _add_demo(sub: Any, verbose: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
-        "demo", parents=[verbose], help="write example drafters, then resolve, load and run each"
+        "demo", parents=[verbose], help="the failures quantreg exists for, then every format run"
     )
     p.add_argument(
         "--seed", type=cli_args.SEED, default=0, help="seed of the example weights (0 to 2**64-1)"
     )
+    p.add_argument("--keep", metavar="DIR", help="write the checkpoints into DIR (new or empty)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_demo)
 

@@ -282,16 +282,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job: write example drafters, then resolve, load and run each."""
-    from quantreg.demo import format_rows, run_demo
+    """The main job: the failures quantreg exists for, then every format loaded and run."""
+    from quantreg.demo_story import run_demo_command
 
     args.doing = "running the demo"
-    rows = run_demo(seed=args.seed)
+    ok = run_demo_command(
+        args.keep, seed=args.seed, as_json=args.json, emit=lambda text: print(text, flush=True)
+    )
+    return 0 if ok else 1
+
+
+def cmd_warmup(args: argparse.Namespace) -> int:
+    """Build quantreg's CPU kernel now (or say why this machine has nothing to build)."""
+    from quantreg.kernels.cpu import warmup
+
+    args.doing = "building quantreg's CPU kernel"
+    result = warmup()
     if args.json:
-        print_json(args, [row.to_dict() for row in rows])
+        print_json(args, result.to_dict())
     else:
         args.doing = STDOUT
-        methods = ", ".join(info.name for info in quantreg.list_quant_methods())
-        print(f"quantreg {quantreg.__version__} (methods: {methods})\n")
-        print(format_rows(rows))
-    return 0 if all(row.target_vocab_ok for row in rows) else 1
+        print(result.summary())
+    return 0 if result.ready or not result.needed else 1

@@ -3,13 +3,15 @@
 Every row is a real round trip through the public API: the checkpoint is written to disk in
 a producer's layout, resolved, loaded with ``load_lm_head(dtype=float32)``, run, and compared
 with a float64 reference computed from the float weight the checkpoint was made from (for a
-quantized head the error is the quantization error).
+quantized head the error is the quantization error). The story told before the table (the
+failures quantreg exists for) is :mod:`quantreg.demo_story`.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,18 +20,31 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from quantreg.decision import resolve
 from quantreg.loading import load_lm_head
 from quantreg.writers import write_checkpoint
 
 HIDDEN = 256
-DRAFT_VOCAB = 1000
+DRAFT_VOCAB = 1000  # not a multiple of 64: every head is padded
 TARGET_VOCAB = 4000
-TOKENS = 8
+TOKENS = 64
+# What AutoAWQ writes: no lm_head key at all (its heads are float unless someone packed them).
+AUTOAWQ_CONFIG = {
+    "quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True,
+    "version": "gemm", "modules_to_not_convert": None,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
 class DemoRow:
-    """One demo checkpoint's outcome."""
+    """One demo checkpoint's outcome.
+
+    ``requested`` is the method forced with ``load_lm_head(requested=...)`` (None: none was),
+    ``resolved`` the one resolution alone picks on this machine; ``vs_bf16`` is resident
+    bytes over the same head's bf16 weight; ``rel_error`` is ``|logits - ref| / |ref|``
+    (Frobenius) and ``top1`` the share of tokens whose arg-max matches, against the float
+    head in float64.
+    """
 
     name: str
     method: str
@@ -39,6 +54,12 @@ class DemoRow:
     vs_bf16: float
     max_abs_error: float
     target_vocab_ok: bool
+    requested: str | None = None
+    resolved: str = ""
+    rel_error: float = 0.0
+    top1: float = 1.0
+    load_s: float = 0.0
+    forward_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -137,6 +158,9 @@ CHECKPOINTS: dict[str, Maker] = {
     ),
     "ct_w8a8_int8": quantized_drafter("compressed-tensors", format="int-quantized"),
     "ct_fp8_channel": quantized_drafter("compressed-tensors", format="float-quantized"),
+    "autoawq_no_lm_head_key": quantized_drafter(
+        "awq", group_size=128, config={"quantization_config": AUTOAWQ_CONFIG}
+    ),
 }
 # (row name, checkpoint, requested method: None = what resolution picks on this machine)
 DEMOS: list[tuple[str, str, str | None]] = [
@@ -156,56 +180,97 @@ DEMOS: list[tuple[str, str, str | None]] = [
 ]
 
 
-def run_demo(folder: Path | None = None, *, seed: int = 0) -> list[DemoRow]:
-    """Write every demo checkpoint under ``folder`` (default: a temporary folder), then
-    resolve, load and run each (with each method that can read it); one row per run."""
-    if folder is None:
-        with tempfile.TemporaryDirectory(prefix="quantreg-demo-") as tmp:
-            return run_demo(Path(tmp), seed=seed)
+def write_demo_checkpoints(folder: Path, *, seed: int = 0) -> dict[str, tuple[Path, torch.Tensor]]:
+    """Write every demo checkpoint into ``folder/<name>``: name -> (folder, its float weight)."""
     gen = torch.Generator().manual_seed(seed)
-    written = {key: make(folder / key, gen) for key, make in CHECKPOINTS.items()}
-    x = torch.randn(TOKENS, HIDDEN, generator=gen)
-    rows = []
-    for name, key, requested in DEMOS:
-        path, weight = written[key]
-        head = load_lm_head(path, dtype=torch.float32, requested=requested)
+    return {key: make(folder / key, gen) for key, make in CHECKPOINTS.items()}
+
+
+def hidden_states(seed: int = 0) -> torch.Tensor:
+    """The demo's ``TOKENS`` random hidden states."""
+    return torch.randn(TOKENS, HIDDEN, generator=torch.Generator().manual_seed(seed + 1))
+
+
+def logit_error(logits: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """``(|logits - ref| / |ref|, share of tokens whose arg-max agrees)`` against ``ref``."""
+    delta = (logits.double() - reference).norm() / reference.norm()
+    agree = (logits.argmax(-1) == reference.argmax(-1)).double().mean()
+    return float(delta), float(agree)
+
+
+def run_demo(
+    folder: Path | None = None,
+    *,
+    seed: int = 0,
+    written: dict[str, tuple[Path, torch.Tensor]] | None = None,
+) -> list[DemoRow]:
+    """Write every demo checkpoint under ``folder`` (default: a temporary folder; none when
+    ``written`` holds them already), then resolve, load and run each (with each method that
+    can read it); one row per run."""
+    if written is None:
+        if folder is None:
+            with tempfile.TemporaryDirectory(prefix="quantreg-demo-") as tmp:
+                return run_demo(Path(tmp), seed=seed)
+        written = write_demo_checkpoints(folder, seed=seed)
+    x = hidden_states(seed)
+    return [measure(name, *written[key], x, requested) for name, key, requested in DEMOS]
+
+
+def measure(
+    name: str, path: Path, weight: torch.Tensor, x: torch.Tensor, requested: str | None
+) -> DemoRow:
+    """Load ``path`` (float32, forcing ``requested`` if given), run ``x`` and compare with the
+    float64 logits of ``weight``."""
+    start = time.perf_counter()
+    head = load_lm_head(path, dtype=torch.float32, requested=requested)
+    load_s = time.perf_counter() - start
+    with torch.inference_mode():
+        head.compute_logits(x[:1])  # first-call costs are not the kernel's speed
+        start = time.perf_counter()
         logits = head.compute_logits(x)
-        reference = x.double() @ weight.double().T
-        target = head.to_target_vocab(logits)
-        ids = head.draft_to_target
-        mapped = ids is not None and torch.equal(target[:, ids], logits)
-        unmapped = torch.ones(head.target_vocab_size, dtype=torch.bool)
-        if ids is not None:
-            unmapped[ids] = False
-        target_ok = bool(mapped and torch.isneginf(target[:, unmapped]).all())
-        resolution = head.resolution
-        assert resolution is not None
-        rows.append(
-            DemoRow(
-                name=name,
-                method=resolution.method or "unquantized",
-                kernel=head.kernel.name if head.kernel is not None else "?",
-                rule=resolution.rule.split(";")[0],
-                resident_bytes=head.resident_bytes(),
-                vs_bf16=head.resident_bytes() / (weight.numel() * 2),
-                max_abs_error=float((logits.double() - reference).abs().max()),
-                target_vocab_ok=target_ok,
-            )
-        )
-    return rows
+        forward_s = time.perf_counter() - start
+    reference = x.double() @ weight.double().T
+    rel_error, top1 = logit_error(logits, reference)
+    resolution = head.resolution
+    assert resolution is not None and head.kernel is not None  # set by the loader
+    return DemoRow(
+        name=name, method=resolution.method or "unquantized", kernel=head.kernel.name,
+        rule=resolution.rule.split(";")[0], resident_bytes=head.resident_bytes(),
+        vs_bf16=head.resident_bytes() / (weight.numel() * 2),
+        max_abs_error=float((logits.double() - reference).abs().max()),
+        target_vocab_ok=target_vocab_ok(head, logits), requested=requested,
+        resolved=resolve(path).method or "unquantized",
+        rel_error=rel_error, top1=top1, load_s=load_s, forward_s=forward_s,
+    )  # fmt: skip
+
+
+def target_vocab_ok(head: Any, logits: torch.Tensor) -> bool:
+    """Whether the Eagle3 remap puts every draft logit at its target id and -inf elsewhere."""
+    target = head.to_target_vocab(logits)
+    ids = head.draft_to_target
+    if ids is None or not torch.equal(target[:, ids], logits):
+        return False
+    unmapped = torch.ones(head.target_vocab_size, dtype=torch.bool)
+    unmapped[ids] = False
+    return bool(torch.isneginf(target[:, unmapped]).all())
 
 
 def format_rows(rows: list[DemoRow]) -> str:
-    """The demo table as text."""
+    """The demo table as text (a forced method is marked ``*``, with a footnote)."""
     header = (
-        f"{'checkpoint':<26} {'method':<20} {'kernel':<15} {'resident':>10} {'vs bf16':>8} "
-        f"{'max |err|':>10} {'d2t':>4}  rule"
+        f"{'checkpoint':<26} {'method':<20} {'kernel':<10} {'resident':>9} {'vs bf16':>7} "
+        f"{'rel err':>8} {'top-1':>6} {'load':>7} {'forward':>8} {'d2t':>4}  rule"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
+        method = r.method + ("*" if r.requested else "")
         lines.append(
-            f"{r.name:<26} {r.method:<20} {r.kernel:<15} {r.resident_bytes:>10,d} "
-            f"{r.vs_bf16:>7.2f}x "
-            f"{r.max_abs_error:>10.2e} {'ok' if r.target_vocab_ok else 'FAIL':>4}  {r.rule}"
+            f"{r.name:<26} {method:<20} {r.kernel:<10} {r.resident_bytes:>9,d} "
+            f"{r.vs_bf16:>6.2f}x {r.rel_error:>8.1e} {r.top1:>6.0%} {r.load_s * 1e3:>5.0f}ms "
+            f"{r.forward_s * 1e3:>6.2f}ms {'ok' if r.target_vocab_ok else 'FAIL':>4}  {r.rule}"
         )
+    forced = {r.name: r.resolved for r in rows if r.requested}
+    if forced:
+        picks = "; ".join(f"{name}: {method}" for name, method in forced.items())
+        lines.append(f"* forced with load_lm_head(requested=...); resolution alone picks {picks}")
     return "\n".join(lines)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,3 +41,20 @@ def registry() -> Iterator[Registry]:
     finally:
         set_default_registry(previous)
         clear_cache()
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> tuple[Path, int, dict]:
+    """``quantreg demo --keep DIR --json``, run once per session (the demo writes, loads and
+    runs ten checkpoints and starts two ranks): ``(DIR, exit code, its JSON)``. The kept
+    checkpoints are what the README's examples run against."""
+    from cli_runner import run_cli
+
+    folder = tmp_path_factory.mktemp("quantreg-demo") / "demo"
+    out = run_cli("demo", "--keep", str(folder), "--json")
+    data = json.loads(out.stdout, parse_constant=_not_json)
+    return folder, out.returncode, data
+
+
+def _not_json(name: str) -> None:
+    raise ValueError(f"{name} is not JSON (RFC 8259)")

@@ -51,6 +51,16 @@ def test_demo_lists_the_registry(capsys):
     assert main(["demo"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"quantreg {quantreg.__version__}") and "gptq_marlin" in out
+    titles = [line.split(" ", 1)[0] for line in out.splitlines() if line[:1].isdigit()]
+    assert titles == ["1.", "2.", "3.", "4."]
+    assert "missing ['weight'], unconsumed ['qweight', 'qzeros', 'scales']" in out
+    assert "quantreg.resolve(path): the tensors win" in out
+    assert "compute_logits equals the one-process logits bit for bit: yes" in out
+    assert "* forced with load_lm_head(requested=...); resolution alone picks" in out
+    assert out.rstrip().splitlines()[-6:-4] == [
+        "next, try:",
+        "  quantreg demo --keep DIR      (keeps the checkpoints; this run's are gone)",
+    ]
 
 
 @pytest.mark.parametrize(
