@@ -133,6 +133,15 @@ class Warmup:
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "cache": None if self.cache is None else str(self.cache)}
 
+    def summary(self) -> str:
+        """One line for ``quantreg warmup``."""
+        if self.ready:
+            how = "already built" if self.cached else f"built in {self.seconds:.0f} s"
+            return f"quantreg's CPU kernel is ready ({how}), cached in {self.cache}"
+        if not self.needed:
+            return f"nothing to build: {self.reason}; heads run torch's ops or the reference kernel"
+        return f"quantreg's CPU kernel could not be built in {self.cache}: {self.reason}"
+
 
 def warmup() -> Warmup:
     """Build (or load) the CPU kernel now, so that no head load waits for the compiler."""
