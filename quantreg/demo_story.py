@@ -187,7 +187,7 @@ def drafter_screen(
         "", f"   A loader that builds the head from the target's float config "
         f"(nn.Linear({HIDDEN}, {DRAFT_VOCAB}, bias=False)) and loads the lm_head.* tensors:",
         f"     strict: {strict}",
-        f"     lenient (unknown names skipped, as engine loaders do): missing {missing}, "
+        f"     lenient (strict=False: unknown names skipped): missing {missing}, "
         f"unconsumed {unexpected}; the head keeps its random init",
         f"     {naive_text}", "", "   quantreg.load_lm_head(path) -> head.explain():",
         *(f"     {line}" for line in explain), f"     {ours_text}",
