@@ -43,6 +43,7 @@ from quantreg.demo_tp import format_tp, run_two_ranks, shard_plan
 from quantreg.errors import InputError
 from quantreg.lm_head import ParallelLMHead
 from quantreg.loading import load_lm_head
+from quantreg.output_files import strict_json
 from quantreg.registry import list_quant_methods
 
 DRAFTER = "awq_int4_g128"  # screens 1 and 3
@@ -87,7 +88,7 @@ def run_demo_command(
     kept = str(folder) if keep is not None else None
     if as_json:
         result = {"version": __version__, "checkpoints": kept, "ok": ok, **data}
-        emit(json.dumps(result, indent=2, allow_nan=False))
+        emit(strict_json(result))
     else:
         emit(next_steps(kept))
     return ok

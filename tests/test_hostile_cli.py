@@ -423,10 +423,11 @@ def test_demo_and_bench_json_are_strict(tmp_path, monkeypatch):
     from quantreg.demo import DemoRow
 
     row = DemoRow("x", "gptq", "reference", "lm_head", 1, float("nan"), float("inf"), True)
-    monkeypatch.setattr("quantreg.demo.run_demo", lambda seed: [row])
+    monkeypatch.setattr("quantreg.demo_story.run_demo", lambda written, seed: [row])
     result = run_cli("demo", "--json")
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout, parse_constant=fail)[0]["max_abs_error"] == "Infinity"
+    rows = json.loads(result.stdout, parse_constant=fail)["rows"]
+    assert rows[0]["max_abs_error"] == "Infinity"
     rows = [{"method": "m", "kernel": "k", "format": "f", "N": 1, "K": 1, "M": 1, "dtype": "bf16", "median_ms": 0.0,
              "ratio_vs_bf16": float("inf"), "gbps": float("nan"), "resident_bytes": 0, "peak_transient_bytes": 0, "max_rel_err": 0.0}]  # fmt: skip
     monkeypatch.setattr("quantreg.bench.run_bench", lambda **kwargs: {"machine": {}, "rows": rows})
