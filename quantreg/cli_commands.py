@@ -216,6 +216,7 @@ def _write_logits(args: argparse.Namespace, logits: Any, reads: dict[FileId, Pat
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     """Quantize the head of a checkpoint into a copy."""
+    from quantreg.files import read_json
     from quantreg.writers import quantize_checkpoint
 
     checked_input(args.src, "source", folder_ok=True)
@@ -231,7 +232,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     dst = quantize_checkpoint(
         args.src, args.dst, args.method, prefix=args.prefix, overwrite=args.force, **params
     )
-    qcfg = json.loads((dst / "config.json").read_text())["quantization_config"]
+    qcfg = read_json(dst / "config.json", what="written config")["quantization_config"]
     settings = {k: v for k, v in qcfg.items() if k not in ("modules_to_not_convert", "dynamic")}
     print(f"wrote {dst}: {args.prefix} quantized with {args.method} by round-to-nearest "
           "(no calibration data); every other module stays float")  # fmt: skip

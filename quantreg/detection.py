@@ -11,13 +11,15 @@ detection.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from quantreg.checkpoint import CONFIG_NAME, checked_file, read_json
+from quantreg.checkpoint import CONFIG_NAME, checked_file
 from quantreg.errors import ConfigError
+from quantreg.files import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +53,12 @@ def load_model_config(path: Path) -> tuple[dict[str, Any], Path | None]:
     Returns the dict and its path; a folder without config.json gives ``({}, None)``.
 
     Raises:
-        ConfigError: the file is unreadable, not JSON, or not a JSON object.
+        ConfigError: the file is not a regular file (a FIFO, a directory, a symlink loop, ...),
+            is unreadable, not JSON within quantreg's bounds, or not a JSON object.
     """
     if path.is_dir():
         config_path = path / CONFIG_NAME
-        if not (config_path.exists() or config_path.is_symlink()):
+        if not os.path.lexists(config_path):
             return {}, None
         checked_file(path, CONFIG_NAME, what="config")
     else:
@@ -106,7 +109,7 @@ def detect_quant_config(
             return modelopt
         for name, method in LEGACY_FILES:
             legacy = root / name
-            if legacy.exists() or legacy.is_symlink():
+            if os.path.lexists(legacy):
                 checked_file(root, name, what="legacy quantization config")
                 data = read_json(legacy, what="legacy quantization config")
                 if not isinstance(data, Mapping):
@@ -119,7 +122,7 @@ def _modelopt_side_file(root: Path) -> DetectedQuantConfig | None:
     """ModelOpt's ``hf_quant_config.json``, as vLLM reads it: its ``quantization`` section,
     named ``modelopt_fp4`` for an FP4 ``quant_algo`` and ``modelopt`` otherwise."""
     path = root / MODELOPT_FILE
-    if not (path.exists() or path.is_symlink()):
+    if not os.path.lexists(path):
         return None
     checked_file(root, MODELOPT_FILE, what="ModelOpt quantization config")
     data = read_json(path, what="ModelOpt quantization config")

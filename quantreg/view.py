@@ -9,13 +9,20 @@ checkpoint's metadata a second time.
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quantreg.checkpoint import SIDE_TENSORS, TensorInfo, tensor_infos, tensor_names
+from quantreg.checkpoint import (
+    SIDE_TENSORS,
+    TensorInfo,
+    clear_caches,
+    tensor_infos,
+    tensor_names,
+)
 from quantreg.detection import (
     LEGACY_FILES,
     DetectedQuantConfig,
@@ -23,6 +30,7 @@ from quantreg.detection import (
     load_model_config,
 )
 from quantreg.errors import CheckpointError, ConfigError, InputError
+from quantreg.files import kind, path_stat
 
 _CACHE_SIZE = 64
 
@@ -79,8 +87,9 @@ _cache = _ViewCache(_CACHE_SIZE)
 
 
 def clear_cache() -> None:
-    """Forget every cached checkpoint view."""
+    """Forget every cached checkpoint view, parsed header and index."""
     _cache.clear()
+    clear_caches()
 
 
 def read_checkpoint(
@@ -90,7 +99,8 @@ def read_checkpoint(
 
     Raises:
         InputError: ``source`` is neither a path nor a dict.
-        CheckpointError: the path does not exist, or its index / headers are bad.
+        CheckpointError: the path does not exist, is a broken link or a symlink loop, is
+            neither a folder nor a regular file, or its index / headers are bad.
         ConfigError: config.json is missing, unreadable or not JSON.
     """
     if isinstance(source, Mapping):
@@ -101,9 +111,14 @@ def read_checkpoint(
             field="source",
         )
     path = Path(source).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"checkpoint path {path} does not exist", path=path)
-    root = path if path.is_dir() else path.parent
+    mode = path_stat(path, what="checkpoint path").st_mode
+    if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+        raise CheckpointError(
+            f"checkpoint path {path} is {kind(mode)}; expected a checkpoint folder or its "
+            "config.json",
+            path=path,
+        )
+    root = path if stat.S_ISDIR(mode) else path.parent
     key, stamp = (str(path.resolve()), prefix), _stamp(root)
     view = _cache.get(key, stamp)
     if view is None:

@@ -16,7 +16,14 @@ from typing import Any
 
 import torch
 
-from quantreg.checkpoint import CONFIG_NAME, INDEX_NAME, SINGLE_FILE, weight_files
+from quantreg.checkpoint import (
+    CONFIG_NAME,
+    INDEX_NAME,
+    SINGLE_FILE,
+    read_header,
+    read_tensors,
+    weight_files,
+)
 from quantreg.detection import detect_quant_config, load_model_config
 from quantreg.errors import CheckpointError, ConfigError, InputError
 from quantreg.output_files import output_folder, write_file, write_folder
@@ -184,10 +191,8 @@ def _float_source(source: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
 
     Raises:
         ConfigError: no config.json, or it already declares a quantization.
-        CheckpointError: no safetensors weights, or a file that cannot be read.
+        CheckpointError: no safetensors weights, or a bad or unreadable file.
     """
-    from safetensors import SafetensorError, safe_open
-
     config, config_path = load_model_config(source)
     if config_path is None:
         raise ConfigError(f"{source} has no config.json", path=source)
@@ -204,11 +209,7 @@ def _float_source(source: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
         raise CheckpointError(f"{source} has no safetensors weights", path=source)
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
-        try:
-            with safe_open(str(file), framework="pt", device="cpu") as handle:
-                tensors.update({name: handle.get_tensor(name) for name in handle.keys()})  # noqa: SIM118
-        except (OSError, SafetensorError) as exc:
-            raise CheckpointError(f"cannot read {file}: {exc}", path=file) from exc
+        tensors.update(read_tensors(list(read_header(file).values())))  # headers checked first
     return config, tensors
 
 
