@@ -33,7 +33,7 @@ from quantreg.head_config import (
 from quantreg.kernels.selection import Kernel
 from quantreg.lm_head import ParallelLMHead
 from quantreg.platform import Platform
-from quantreg.progress import LoadProgress
+from quantreg.reading import read_into
 from quantreg.registry import Registry
 from quantreg.resolution import Resolution
 from quantreg.view import CheckpointView
@@ -143,7 +143,7 @@ def _load(
     head.requested_kernel = kernel
     plan = _check_tensors(head, tensors, resolution, strict=strict)
     _attach_vocab_map(head, view, device)
-    _read_into(head, plan, torch.device(device))
+    read_into(head, plan, torch.device(device))
     _process(head, tensors)
     head.eval()
     assert head.kernel is not None
@@ -352,61 +352,3 @@ def _flag(value: Any) -> str:
     if value is None:
         return "absent"
     return str(value).lower() if isinstance(value, bool) else repr(value)
-
-
-def _slice_bytes(head: ParallelLMHead, param: torch.nn.Parameter, info: TensorInfo) -> int:
-    region = head.checkpoint_region(param)
-    if region is None or not info.shape:
-        return info.nbytes
-    dim, start, stop = region
-    return info.nbytes // max(info.shape[dim], 1) * (stop - start)
-
-
-def _read_into(
-    head: ParallelLMHead, plan: list[tuple[torch.nn.Parameter, TensorInfo]], device: torch.device
-) -> None:
-    """Read each parameter's slice, one ``safe_open`` per shard, with a progress report."""
-    progress = LoadProgress(
-        sum(_slice_bytes(head, p, i) for p, i in plan),
-        f"loading {head.prefix}",
-        enabled=head.tp_rank == 0,
-    )
-    try:
-        _read(head, plan, device, progress)
-    finally:
-        progress.close()
-
-
-def _read(
-    head: ParallelLMHead,
-    plan: list[tuple[torch.nn.Parameter, TensorInfo]],
-    device: torch.device,
-    progress: LoadProgress,
-) -> None:
-    from safetensors import safe_open
-
-    by_file: dict[Path, list[tuple[torch.nn.Parameter, TensorInfo]]] = {}
-    for param, info in plan:
-        by_file.setdefault(info.file, []).append((param, info))
-    for file, items in by_file.items():
-        try:
-            with safe_open(str(file), framework="pt", device="cpu") as handle:
-                for param, info in items:
-                    data = _slice(handle, head, param, info)
-                    head.load_weight(param, data.to(device=device))
-                    progress.update(data.numel() * data.element_size())
-        except CheckpointError:
-            raise
-        except Exception as exc:  # safetensors' own errors: truncated or corrupt files
-            raise CheckpointError(f"cannot read {file}: {exc}", path=file) from exc
-
-
-def _slice(handle: Any, head: ParallelLMHead, param: torch.nn.Parameter, info: TensorInfo) -> Any:
-    """This rank's region of tensor ``info`` from an open safetensors file."""
-    region = head.checkpoint_region(param)
-    piece = handle.get_slice(info.name)
-    if region is None:
-        return piece[:]
-    dim, start, stop = region
-    index = tuple(slice(start, stop) if d == dim else slice(None) for d in range(len(info.shape)))
-    return piece[index]
