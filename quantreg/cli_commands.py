@@ -10,7 +10,6 @@ import argparse
 import contextlib
 import json
 import os
-import stat
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,8 @@ from typing import Any
 import quantreg
 from quantreg.checkpoint import INDEX_NAME, weight_files
 from quantreg.errors import InputError, QuantregError
-from quantreg.output_files import FileId, file_ids, file_kind, output_file, strict_json, write_file
+from quantreg.files import regular_stat
+from quantreg.output_files import FileId, file_ids, output_file, strict_json, write_file
 
 STDOUT = "writing to standard output"
 
@@ -31,23 +31,6 @@ def print_json(args: argparse.Namespace, data: Any) -> None:
     args.doing = STDOUT
     sys.stdout.write(text)
     sys.stdout.flush()
-
-
-def checked_input(path: str, what: str, *, folder_ok: bool = False) -> str:
-    """``path`` after checking it is a regular file (or a folder, with ``folder_ok``): opening
-    a FIFO would wait for a writer forever, and a device is no checkpoint.
-
-    Raises:
-        InputError: ``path`` is a FIFO, a device, a socket (or an unwanted folder).
-    """
-    try:
-        mode = os.stat(path).st_mode
-    except (OSError, ValueError):
-        return path  # missing or unreadable: the reader says so, naming the file
-    if not (stat.S_ISREG(mode) or (folder_ok and stat.S_ISDIR(mode))):
-        expected = "a checkpoint folder or its config.json" if folder_ok else "a regular file"
-        raise InputError(f"{what} {path} is {file_kind(mode)}; expected {expected}", field=what)
-    return path
 
 
 def checkpoint_files(path: str) -> list[Path]:
@@ -84,7 +67,6 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_resolve(args: argparse.Namespace) -> int:
     """Show which method a layer of a checkpoint gets on a platform, and why; with ``--check``
     also check the head's tensor headers as ``run`` would, before printing."""
-    checked_input(args.path, "checkpoint path", folder_ok=True)
     args.doing = f"resolving {args.prefix} of {args.path}"
     resolution = quantreg.resolve(
         args.path, platform=args.platform, requested=args.quantization, prefix=args.prefix
@@ -104,7 +86,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     """Show a checkpoint's config, its head's method, and every tensor (headers only)."""
     from quantreg.report import inspect_checkpoint
 
-    checked_input(args.path, "checkpoint path", folder_ok=True)
     args.doing = f"inspecting {args.path}"
     report = inspect_checkpoint(args.path, platform=args.platform, prefix=args.prefix)
     if args.json:
@@ -131,9 +112,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from quantreg.loading import load_lm_head
 
-    checked_input(args.path, "checkpoint path", folder_ok=True)
-    if args.hidden is not None:
-        checked_input(args.hidden, "--hidden")
+    if args.hidden is not None:  # before the load: a bad --hidden fails fast
+        regular_stat(Path(args.hidden), what="hidden states file")
     reads = file_ids([*checkpoint_files(args.path), *([args.hidden] if args.hidden else [])])
     if args.out is not None:  # every rank checks, so all fail alike before any collective
         output_file(args.out, reads=reads, what="--out")
@@ -219,7 +199,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from quantreg.files import read_json
     from quantreg.writers import quantize_checkpoint
 
-    checked_input(args.src, "source", folder_ok=True)
     params = {
         key: value
         for key, value in (

@@ -33,6 +33,7 @@ T = TypeVar("T")
 # a million tensors; safetensors' own header limit is the same number.
 MAX_JSON_BYTES = 100_000_000
 _KINDS: tuple[tuple[Callable[[int], bool], str], ...] = (
+    (stat.S_ISREG, "a regular file"),
     (stat.S_ISDIR, "a directory"),
     (stat.S_ISFIFO, "a FIFO (named pipe)"),
     (stat.S_ISSOCK, "a socket"),
@@ -44,7 +45,7 @@ _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY
 
 def kind(mode: int) -> str:
     """What a file of this ``st_mode`` is, in words (``a FIFO (named pipe)``, ...)."""
-    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    return next((name for test, name in _KINDS if test(mode)), "a special file")
 
 
 def why_unusable(path: Path, exc: OSError) -> str:

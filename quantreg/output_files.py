@@ -31,20 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from quantreg.errors import CheckpointError, InputError
+from quantreg.files import kind as file_kind
 
 logger = logging.getLogger(__name__)
 
 FileId = tuple[int, int]
-
-
-def file_kind(mode: int) -> str:
-    """What a ``st_mode`` describes, in words ("a regular file", "a FIFO", ...)."""
-    kinds = (
-        (stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-    )  # fmt: skip
-    return next((name for test, name in kinds if test(mode)), "a special file")
 
 
 def file_ids(paths: Iterable[str | os.PathLike[str]]) -> dict[FileId, Path]:
