@@ -14,6 +14,7 @@ import torch
 
 from quantreg.checkpoint import FLOAT_DTYPES, TensorInfo
 from quantreg.errors import CheckpointError, ConfigError, InputError
+from quantreg.lm_head import MAX_HIDDEN, MAX_VOCAB
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16,
@@ -72,7 +73,8 @@ def head_geometry(
     ``vocab_size``, and ``hidden_size`` -- from config.json, else from a float weight.
 
     Raises:
-        ConfigError: a size that is not a positive integer.
+        ConfigError: a size that is not a positive integer, or one beyond what any model has
+            (``MAX_VOCAB`` rows, ``MAX_HIDDEN`` features): refused before anything is built.
         CheckpointError: neither the config nor the tensors tell a size.
     """
     float_weight = tensors.get(f"{prefix}.weight")
@@ -81,7 +83,10 @@ def head_geometry(
     ):
         float_weight = None
     sizes = []
-    for keys, axis in ((("draft_vocab_size", "vocab_size"), 0), (("hidden_size",), 1)):
+    for keys, axis, bound in (
+        (("draft_vocab_size", "vocab_size"), 0, MAX_VOCAB),
+        (("hidden_size",), 1, MAX_HIDDEN),
+    ):
         value, field = None, None
         for key in keys:
             value = _nested(config, key)
@@ -99,6 +104,13 @@ def head_geometry(
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(
                 f"{where}: field '{field}' = {value!r}: expected a positive integer",
+                path=where,
+                field=field,
+            )
+        if value > bound:
+            raise ConfigError(
+                f"{where}: field '{field}' = {value}: expected at most {bound} (no model's "
+                f"{prefix} is that large)",
                 path=where,
                 field=field,
             )

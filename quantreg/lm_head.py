@@ -27,6 +27,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_PADDING = 64
+# Upper bounds of a head's sizes: far beyond any real model (vocabularies reach 2**18, hidden
+# sizes 2**15), low enough that no size, padded or multiplied by the other, overflows int64.
+# (A large head over small tensors is refused by the header check, on a meta-device head.)
+MAX_VOCAB = 2**31 - 1  # token ids are int32 in the engines
+MAX_HIDDEN = 2**20
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -39,16 +44,22 @@ def _checked_sizes(
     """``org_num_embeddings`` (default ``num_embeddings``) after checking every size.
 
     Raises:
-        InputError: a size that is not a positive integer, naming it.
+        InputError: a size that is not a positive integer or is beyond its bound (``MAX_VOCAB``,
+            ``MAX_HIDDEN``), naming it.
     """
     sizes = {
-        "num_embeddings": num_embeddings, "embedding_dim": embedding_dim,
-        "padding_size": padding_size,
+        "num_embeddings": (num_embeddings, MAX_VOCAB), "embedding_dim": (embedding_dim, MAX_HIDDEN),
+        "padding_size": (padding_size, MAX_VOCAB),
     }  # fmt: skip
-    for name, value in sizes.items():
+    for name, (value, bound) in sizes.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise InputError(
                 f"ParallelLMHead {name} must be a positive integer, got {value!r}", field=name
+            )
+        if value > bound:
+            raise InputError(
+                f"ParallelLMHead {name}={value} exceeds {bound} (no model is that large)",
+                field=name,
             )
     org = num_embeddings if org_num_embeddings is None else org_num_embeddings
     if not 1 <= org <= num_embeddings:

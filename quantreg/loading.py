@@ -17,21 +17,16 @@ from typing import Any
 
 import torch
 
-from quantreg.checkpoint import D2T_NAME, FLOAT_DTYPES, TensorInfo, read_tensor
+from quantreg.checkpoint import D2T_NAME, TensorInfo, read_tensor
 from quantreg.decision import resolve
 from quantreg.detection import flatten_config
 from quantreg.distributed import TPGroup
 from quantreg.drafter import draft_to_target_ids
 from quantreg.errors import CheckpointError, ConfigError, DistributedError, InputError
-from quantreg.head_config import (
-    _FLOATS,
-    TORCH_DTYPES,
-    default_dtype,
-    head_geometry,
-    parse_dtype,
-)
+from quantreg.head_config import default_dtype, head_geometry, parse_dtype
+from quantreg.head_check import check_tensors
 from quantreg.kernels.selection import Kernel
-from quantreg.lm_head import ParallelLMHead
+from quantreg.lm_head import MAX_VOCAB, ParallelLMHead
 from quantreg.platform import Platform
 from quantreg.reading import read_into
 from quantreg.registry import Registry
@@ -137,13 +132,16 @@ def _load(
     strict: bool,
     kernel: str | None,
 ) -> ParallelLMHead:
-    head, tensors = _build(resolution, device, dtype, group)
+    # Every header is checked on a meta-device head first: a config that claims a huge head
+    # over small tensors is refused before a byte of it is allocated.
+    checked, tensors = _build(resolution, "meta", dtype, group)
+    names = check_tensors(checked, tensors, resolution, strict=strict)
+    head, _ = _build(resolution, device, dtype, group)
     view = resolution.view
     assert view is not None  # _build checked it
     head.requested_kernel = kernel
-    plan = _check_tensors(head, tensors, resolution, strict=strict)
     _attach_vocab_map(head, view, device)
-    read_into(head, plan, torch.device(device))
+    read_into(head, [(getattr(head, name), info) for name, info in names], torch.device(device))
     _process(head, tensors)
     head.eval()
     assert head.kernel is not None
@@ -188,7 +186,7 @@ def check_lm_head(
             field="resolution",
         )
     head, tensors = _build(resolution, "meta", dtype, TPGroup.resolve(1))
-    _check_tensors(head, tensors, resolution, strict=strict)
+    check_tensors(head, tensors, resolution, strict=strict)
 
 
 def _build(
@@ -199,6 +197,8 @@ def _build(
 
     Raises:
         CheckpointError: no safetensors weights, or no head tensors (see ``_head_tensors``).
+        ConfigError: sizes the method's config cannot lay out (a group size that does not
+            divide the hidden size, ...), naming the config file.
     """
     view = resolution.view
     assert view is not None  # resolved from a folder
@@ -214,12 +214,17 @@ def _build(
         if dtype is not None
         else default_dtype(view.config, tensors, resolution.prefix)
     )
-    with torch.device(device):
-        head = ParallelLMHead(
-            vocab, hidden, bias=f"{resolution.prefix}.bias" in tensors,
-            params_dtype=compute_dtype, quant_config=resolution.config,
-            prefix=resolution.prefix, tp=group,
-        )  # fmt: skip
+    try:
+        with torch.device(device):
+            head = ParallelLMHead(
+                vocab, hidden, bias=f"{resolution.prefix}.bias" in tensors,
+                params_dtype=compute_dtype, quant_config=resolution.config,
+                prefix=resolution.prefix, tp=group,
+            )  # fmt: skip
+    except ConfigError as exc:  # a method's create_weights knows the field, not the file
+        if exc.path is not None:
+            raise
+        raise ConfigError(f"{view.where}: {exc}", path=view.where, field=exc.field) from exc
     head.resolution = resolution
     return head, tensors
 
@@ -256,10 +261,15 @@ def _attach_vocab_map(
     if d2t is None:
         return
     target_vocab = flatten_config(view.config).get("vocab_size")
-    if not isinstance(target_vocab, int) or isinstance(target_vocab, bool) or target_vocab < 1:
+    if (
+        not isinstance(target_vocab, int)
+        or isinstance(target_vocab, bool)
+        or not 1 <= target_vocab <= MAX_VOCAB
+    ):
         raise ConfigError(
             f"{view.where}: the checkpoint has a d2t map but field 'vocab_size' = "
-            f"{target_vocab!r} is not the target vocab size (a positive integer)",
+            f"{target_vocab!r} is not the target vocab size (a positive integer up to "
+            f"{MAX_VOCAB})",
             path=view.config_file,
             field="vocab_size",
         )
@@ -285,67 +295,6 @@ def _process(head: ParallelLMHead, tensors: Mapping[str, TensorInfo]) -> None:
             f"{type(head.quant_method).__qualname__}.apply computes the head itself; it "
             "records no quantreg kernel",
         )
-
-
-def _check_tensors(
-    head: ParallelLMHead,
-    tensors: Mapping[str, TensorInfo],
-    resolution: Resolution,
-    *,
-    strict: bool,
-) -> list[tuple[torch.nn.Parameter, TensorInfo]]:
-    """Match every parameter to its checkpoint tensor; report all problems at once."""
-    prefix = head.prefix
-    problems: list[str] = []
-    plan = []
-    for name, param in head.named_parameters(recurse=False):
-        full = f"{prefix}.{name}"
-        info = tensors.get(full)
-        expected = head.checkpoint_shape(param)
-        want = f"{_dtype_name(param.dtype)} {list(expected)}"
-        if info is None:
-            problems.append(f"missing {full}: expected {want}")
-            continue
-        found = f"{info.dtype} {list(info.shape)} in {info.file.name}"
-        if info.name != full:
-            found += f" (tied: {info.name})"
-        if info.shape != expected:
-            problems.append(f"{full}: expected shape {want}, found {found}")
-        elif not _dtype_ok(param.dtype, info.dtype):
-            problems.append(f"{full}: expected dtype {want}, found {found}")
-        else:
-            plan.append((param, info))
-    consumed = {f"{prefix}.{n}" for n, _ in head.named_parameters(recurse=False)}
-    unconsumed = sorted(set(tensors) - consumed)
-    why = f"'{prefix}' resolved as {resolution.method or 'unquantized'} ({resolution.rule})"
-    if problems:
-        if unconsumed:
-            problems.append(f"present but not expected: {', '.join(unconsumed)}")
-        files = sorted({str(t.file) for t in tensors.values()})
-        raise CheckpointError(
-            f"{resolution.source}: the {prefix} tensors do not match {why}:\n  - "
-            + "\n  - ".join(problems)
-            + f"\n(files: {', '.join(files)})",
-            path=files[0] if len(files) == 1 else resolution.source,
-            tensor=next(iter(unconsumed), None),
-        )
-    if unconsumed:
-        message = f"{resolution.source}: no parameter consumes {', '.join(unconsumed)}; {why}"
-        if strict:
-            raise CheckpointError(message, path=resolution.source, tensor=unconsumed[0])
-        logger.warning("%s (strict=False: ignored)", message)
-    return plan
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return next((k for k, v in TORCH_DTYPES.items() if v == dtype), str(dtype))
-
-
-def _dtype_ok(param_dtype: torch.dtype, stored: str) -> bool:
-    """Float parameters take any float tensor (cast exactly or rounded once); others match."""
-    if param_dtype in _FLOATS:
-        return stored in FLOAT_DTYPES
-    return TORCH_DTYPES.get(stored) == param_dtype
 
 
 def _flag(value: Any) -> str:
