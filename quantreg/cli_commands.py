@@ -111,6 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
     from quantreg.loading import load_lm_head
+    from quantreg.values import check_logits
 
     if args.hidden is not None:  # before the load: a bad --hidden fails fast
         regular_stat(Path(args.hidden), what="hidden states file")
@@ -130,6 +131,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     with torch.inference_mode():
         logits = head.compute_logits(x)
     forward_s = time.perf_counter() - start
+    check_logits(logits, x, head, args.path, args.hidden)  # no exit 0 with NaN / inf logits
     top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices.tolist()
     if args.rank != 0:
         return 0  # under torchrun every rank computed the full logits; rank 0 reports them

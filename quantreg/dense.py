@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from quantreg.contract import LinearMethod
-from quantreg.parameters import frozen_param
+from quantreg.parameters import frozen_param, layer_geometry
 
 if TYPE_CHECKING:  # torch is imported when a layer is built, not with quantreg
     import torch
@@ -35,8 +35,16 @@ class UnquantizedLinearMethod(LinearMethod):
         layer.register_parameter("weight", weight)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        """Record the kernel: ``F.linear`` on the float weight."""
+        """Refuse a weight holding NaN or inf (every logit of its row would be), then record
+        the kernel: ``F.linear`` on the float weight.
+
+        Raises:
+            CheckpointError: a non-finite weight, naming it.
+        """
         from quantreg.kernels.selection import Kernel
+        from quantreg.values import check_finite
+
+        check_finite(layer.weight, f"{layer_geometry(layer).prefix}.weight")
 
         layer.kernel = Kernel.record(
             DENSE_KERNEL, f"F.linear on the float weight ({layer.weight.dtype})"

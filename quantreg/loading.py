@@ -31,6 +31,7 @@ from quantreg.platform import Platform
 from quantreg.reading import read_into
 from quantreg.registry import Registry
 from quantreg.resolution import Resolution
+from quantreg.values import check_finite
 from quantreg.view import CheckpointView
 
 logger = logging.getLogger(__name__)
@@ -280,9 +281,11 @@ def _attach_vocab_map(
 
 
 def _process(head: ParallelLMHead, tensors: Mapping[str, TensorInfo]) -> None:
-    """The method's post-load step; errors name the file; a head without a recorded kernel
-    gets a ``method-defined`` record."""
+    """A finite bias, then the method's post-load step; errors name the file; a head without
+    a recorded kernel gets a ``method-defined`` record."""
     try:
+        if head.bias is not None:
+            check_finite(head.bias, f"{head.prefix}.bias")
         head.quant_method.process_weights_after_loading(head)
     except CheckpointError as exc:
         info = tensors.get(exc.tensor or "")
