@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from quantreg import ConfigError, IntWeights, frozen_param, layer_geometry, pack_codes, unpack_codes
-from quantreg.methods._checks import check_finite
+from quantreg.methods._checks import check_scales, check_symmetric_zeros
 from quantreg.methods._rtn import grouped, rtn_asymmetric, rtn_symmetric
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble k of a word holds column 8c + AWQ_ORDER[k]
@@ -49,15 +49,19 @@ def create_weights(
         layer.register_parameter(name, param)
 
 
-def decode(layer: torch.nn.Module) -> IntWeights:
+def decode(layer: torch.nn.Module, *, symmetric: bool = False) -> IntWeights:
     """The loaded AWQ tensors as codes in the checkpoint's row order (unpacked a column chunk
-    at a time by the layout builders).
+    at a time by the layout builders), after checking the values (see ``_checks``); with
+    ``symmetric`` (``zero_point: false``) zero points other than 8 are used with a WARNING.
 
     Raises:
-        CheckpointError: non-finite scales.
+        CheckpointError: non-finite or overflowing scales.
     """
-    check_finite(layer, "scales")
     qweight = layer.qweight
+    zeros = unpack_codes(layer.qzeros, BITS, order=AWQ_ORDER)
+    check_scales(layer, "scales", layer.scales.data, zeros, (0, (1 << BITS) - 1))
+    if symmetric:
+        check_symmetric_zeros(layer, "qzeros", zeros, 1 << (BITS - 1), "zero_point: false")
     prefix = layer_geometry(layer).prefix
     return IntWeights.create(
         bits=BITS,
@@ -66,7 +70,7 @@ def decode(layer: torch.nn.Module) -> IntWeights:
             qweight[:, c0 // PACK : c1 // PACK], BITS, order=AWQ_ORDER
         ),
         scales=layer.scales.data,
-        zeros=unpack_codes(layer.qzeros, BITS, order=AWQ_ORDER),
+        zeros=zeros,
         names=(f"{prefix}.g_idx", f"{prefix}.scales"),
     )
 

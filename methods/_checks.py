@@ -1,10 +1,34 @@
-"""Checks the built-in methods run on loaded tensors before building a kernel."""
+"""Checks the built-in methods run on loaded tensors before building a kernel.
+
+They run on every load, so each is one cheap pass over small tensors (scales and zero points
+are ``[groups, vocab]``) -- never over the packed codes, which cannot hold a bad value -- and
+one pass of two integer maxima over a float8 weight, which can (its NaN codes).
+
+What is refused (``CheckpointError`` naming the tensor): non-finite scales; scales whose
+dequantized weights ``|q - z| * |s|`` overflow the scale dtype or the compute dtype (the
+kernels round weights to the one and compute in the other: an infinite weight makes every
+logit of its row NaN); float8 NaN codes. What is legal but odd, and logged as a WARNING naming
+the tensor: vocab rows whose scales are all zero (their logits are exactly 0), negative scales
+(they flip the sign of their group's weights; no producer writes them), and zero points that
+contradict a symmetric config (used as stored).
+"""
 
 from __future__ import annotations
 
+import logging
+import math
+
 import torch
 
-from quantreg import CheckpointError, layer_geometry
+from quantreg import CheckpointError, LayerGeometry, layer_geometry
+
+logger = logging.getLogger(__name__)
+
+
+def _extremes(value: torch.Tensor) -> tuple[float, float]:
+    """``(min, max)`` in one pass; NaN propagates to both."""
+    low, high = torch.aminmax(value)
+    return float(low), float(high)
 
 
 def check_finite(layer: torch.nn.Module, name: str) -> None:
@@ -14,10 +38,126 @@ def check_finite(layer: torch.nn.Module, name: str) -> None:
         CheckpointError: the tensor holds a non-finite value.
     """
     value = getattr(layer, name)
-    if not torch.isfinite(value).all():
-        bad = int((~torch.isfinite(value)).sum())
-        prefix = layer_geometry(layer).prefix
-        raise CheckpointError(
-            f"{prefix}.{name} holds {bad} non-finite value(s) (NaN or inf); expected finite scales",
-            tensor=f"{prefix}.{name}",
-        )
+    if value.numel() == 0 or all(math.isfinite(v) for v in _extremes(value)):
+        return
+    bad = int((~torch.isfinite(value)).sum())
+    prefix = layer_geometry(layer).prefix
+    raise CheckpointError(
+        f"{prefix}.{name} holds {bad} non-finite value(s) (NaN or inf); expected finite scales",
+        tensor=f"{prefix}.{name}",
+    )
+
+
+def check_scales(
+    layer: torch.nn.Module,
+    name: str,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    codes: tuple[float, float],
+) -> None:
+    """Check decoded ``[G, N]`` scales (``name`` is their tensor on ``layer``) of the vocab
+    rows this rank loaded, with their ``[G, N]`` zero points (None: 0) and the ``(lowest,
+    highest)`` value a code may take. Typical scales (positive, far from overflow) cost a few
+    reductions; the exact per-entry bound runs only when those say it may be needed.
+
+    Raises:
+        CheckpointError: a non-finite scale, or one whose weights overflow the scale dtype or
+            the compute dtype, naming the tensor, the value and where it is.
+    """
+    check_finite(layer, name)
+    geometry = layer_geometry(layer)
+    rows = geometry.output_stop - geometry.output_start  # the rest is vocab padding
+    if rows == 0:
+        return  # a rank that holds only padding
+    real = scales[:, :rows]
+    zeros = zeros[:, :rows] if zeros is not None else None
+    low, high = _extremes(real)
+    z_low, z_high = _extremes(zeros) if zeros is not None else (0.0, 0.0)
+    dtype = min((real.dtype, geometry.params_dtype), key=lambda d: torch.finfo(d).max)
+    widest = max(z_high - codes[0], codes[1] - z_low)  # the largest |q - z|
+    if max(-low, high) * widest > torch.finfo(dtype).max:
+        _check_overflow(geometry, name, real, zeros, codes, dtype)
+    if low <= 0:
+        _warn_odd_scales(f"{geometry.prefix}.{name}", real, low)
+
+
+def _check_overflow(
+    geometry: LayerGeometry,
+    name: str,
+    real: torch.Tensor,
+    zeros: torch.Tensor | None,
+    codes: tuple[float, float],
+    dtype: torch.dtype,
+) -> None:
+    """Refuse scales whose weights ``|q - z| * |s|`` exceed ``dtype``'s finite range."""
+    z = zeros.to(torch.float32) if zeros is not None else torch.zeros(())
+    reach = torch.maximum(z - codes[0], codes[1] - z)
+    peak = real.abs().to(torch.float32) * reach
+    limit, top = torch.finfo(dtype).max, float(peak.max())
+    if top <= limit:
+        return
+    group, row = divmod(int(peak.argmax()), peak.shape[1])
+    role = "scale" if dtype == real.dtype else "compute"
+    full = f"{geometry.prefix}.{name}"
+    raise CheckpointError(
+        f"{full}: scale {float(real[group, row]):.6g} (group {group}, vocab row "
+        f"{geometry.output_start + row}) makes dequantized weights |q - z| * |s| up to "
+        f"{top:.6g}, beyond {limit:.6g}, the largest finite value of the {role} dtype "
+        f"{str(dtype).removeprefix('torch.')}; expected scales whose weights are finite in it",
+        tensor=full,
+    )
+
+
+def _warn_odd_scales(full: str, real: torch.Tensor, low: float) -> None:
+    """WARNING for vocab rows whose scales are all zero and for negative scales."""
+    zero_rows = int((real == 0).all(dim=0).sum())
+    if zero_rows:
+        logger.warning(
+            "%s: %d of %d vocab rows have all-zero scales: their logits are exactly 0 (plus "
+            "the bias)", full, zero_rows, real.shape[1],
+        )  # fmt: skip
+    if low < 0:
+        logger.warning(
+            "%s holds %d negative scale(s) of %d: each flips the sign of its group's weights "
+            "(used as stored; no producer writes them)", full, int((real < 0).sum()),
+            real.numel(),
+        )  # fmt: skip
+
+
+def check_symmetric_zeros(
+    layer: torch.nn.Module, name: str, zeros: torch.Tensor, expected: int, why: str
+) -> None:
+    """Warn when decoded ``[G, N]`` zero points of a symmetric config (``why``) are not all
+    ``expected``: they are used as stored, while kernels that take the config at its word
+    (vLLM's gptq_marlin) use ``expected``."""
+    geometry = layer_geometry(layer)
+    real = zeros[:, : geometry.output_stop - geometry.output_start]
+    if real.numel() == 0 or _extremes(real) == (expected, expected):
+        return
+    logger.warning(
+        "%s.%s: %d of %d zero points differ from %d, which %s implies; quantreg uses them as "
+        "stored (vLLM's *_marlin kernels would use %d)",
+        geometry.prefix, name, int((real != expected).sum()), real.numel(), expected, why,
+        expected,
+    )  # fmt: skip
+
+
+def check_float8_codes(layer: torch.nn.Module, name: str) -> None:
+    """Refuse float8 (e4m3fn) weights holding NaN codes (``0x7F`` / ``0xFF``): every logit of
+    their row would be NaN. Two integer maxima over the bytes find them.
+
+    Raises:
+        CheckpointError: NaN codes, naming the tensor, their count and the first one.
+    """
+    raw = getattr(layer, name).data.view(torch.uint8)
+    if int(raw.view(torch.int8).max()) != 0x7F and int(raw.max()) != 0xFF:
+        return
+    nan = (raw & 0x7F) == 0x7F
+    first = nan.nonzero()[0].tolist()
+    geometry = layer_geometry(layer)
+    full = f"{geometry.prefix}.{name}"
+    raise CheckpointError(
+        f"{full} holds {int(nan.sum())} NaN float8 code(s) (0x7F / 0xFF), the first at "
+        f"[{geometry.output_start + first[0]}, {first[1]}]; expected finite e4m3 values",
+        tensor=full,
+    )

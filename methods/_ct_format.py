@@ -36,7 +36,7 @@ from quantreg import (
     unpack_codes,
 )
 from quantreg.kernels import Float8Layout
-from quantreg.methods._checks import check_finite
+from quantreg.methods._checks import check_float8_codes, check_scales
 
 PACKED, INT, NAIVE, FLOAT = "pack-quantized", "int-quantized", "naive-quantized", "float-quantized"
 FP8_MAX = 448.0  # largest float8_e4m3fn value
@@ -115,10 +115,10 @@ def decode(layer: torch.nn.Module, scheme: WeightScheme) -> IntWeights | Float8L
     """The loaded tensors as ``IntWeights`` (float8: a ``Float8Layout``).
 
     Raises:
-        CheckpointError: non-finite scales, a ``weight_shape`` that disagrees with the head,
-            or a ``weight_g_idx`` entry outside the groups.
+        CheckpointError: non-finite or overflowing scales, float8 NaN codes, a
+            ``weight_shape`` that disagrees with the head, or a ``weight_g_idx`` entry outside
+            the groups (see ``_checks``).
     """
-    check_finite(layer, "weight_scale")
     geometry = layer_geometry(layer)
     k, prefix = geometry.input_size, geometry.prefix
     if scheme.format == PACKED:
@@ -139,11 +139,15 @@ def decode(layer: torch.nn.Module, scheme: WeightScheme) -> IntWeights | Float8L
     scales = scale.reshape(1, 1).expand(1, n) if scheme.strategy == "tensor" else scale.T
     if scheme.format == FLOAT:
         zeros = None if scheme.symmetric else _per_group(scheme, layer.weight_zero_point, n).float()
+        check_scales(layer, "weight_scale", scales, zeros, (-FP8_MAX, FP8_MAX))
+        check_float8_codes(layer, "weight")
         return Float8Layout.build(layer.weight.data, scales, zeros, g_idx, names)
     packed = layer.weight_packed.data.T if scheme.format == PACKED else None
+    zeros = _zeros(layer, scheme, n, scales.shape)
+    check_scales(layer, "weight_scale", scales, zeros, (0, (1 << scheme.bits) - 1))
     return IntWeights.create(
         bits=scheme.bits, k=k, codes=_codes(layer, scheme, k), scales=scales,
-        zeros=_zeros(layer, scheme, n, scales.shape), g_idx=g_idx, names=names, k_packed=packed,
+        zeros=zeros, g_idx=g_idx, names=names, k_packed=packed,
     )  # fmt: skip
 
 

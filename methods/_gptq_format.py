@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from quantreg import (
+    CheckpointError,
     ConfigError,
     InputError,
     IntWeights,
@@ -22,7 +23,7 @@ from quantreg import (
     pack_codes,
     unpack_codes,
 )
-from quantreg.methods._checks import check_finite
+from quantreg.methods._checks import check_scales, check_symmetric_zeros
 from quantreg.methods._rtn import grouped, rtn_asymmetric, rtn_symmetric
 
 TENSORS = frozenset({"qweight", "qzeros", "scales", "g_idx"})
@@ -55,28 +56,68 @@ def create_weights(
         layer.register_parameter(name, param)
 
 
-def decode(layer: torch.nn.Module, bits: int, zero_point_offset: int) -> IntWeights:
+def decode(
+    layer: torch.nn.Module,
+    bits: int,
+    zero_point_offset: int,
+    *,
+    sym: bool = False,
+    desc_act: bool = True,
+    group_size: int = -1,
+) -> IntWeights:
     """The loaded GPTQ codes and true zero points (``zero_point_offset``, v1's ``1``, undone),
-    rows grouped by ``g_idx``.
+    rows grouped by ``g_idx``, after checking the values (see ``_checks``).
+
+    With ``sym`` every zero point should be ``2**(bits-1)``: others are used as stored, with
+    a WARNING. Without ``desc_act``, ``g_idx`` must be ``row // group_size``: vLLM then ignores
+    ``g_idx`` while GPTQModel follows it, so a checkpoint whose ``g_idx`` says otherwise has no
+    one meaning and is refused.
 
     Raises:
-        CheckpointError: non-finite scales, or a ``g_idx`` entry outside the groups.
+        CheckpointError: non-finite or overflowing scales, a ``g_idx`` entry outside the
+            groups, or a ``g_idx`` that contradicts ``desc_act: false``.
     """
-    check_finite(layer, "scales")
     mask = (1 << bits) - 1
     qweight, k = layer.qweight, layer.g_idx.shape[0]
     zeros = (unpack_codes(layer.qzeros, bits, dim=1) + zero_point_offset) & mask
+    zeros = zeros[:, : layer.scales.shape[1]]
+    check_scales(layer, "scales", layer.scales.data, zeros, (0, mask))
+    if sym:
+        check_symmetric_zeros(layer, "qzeros", zeros, 1 << (bits - 1), "sym: true")
     prefix = layer_geometry(layer).prefix
-    return IntWeights.create(
+    weights = IntWeights.create(
         bits=bits,
         k=k,
         codes=lambda c0, c1: unpack_codes(qweight[:, c0:c1], bits, dim=0, count=k),
         scales=layer.scales.data,
-        zeros=zeros[:, : layer.scales.shape[1]],
+        zeros=zeros,
         g_idx=layer.g_idx.data,
         names=(f"{prefix}.g_idx", f"{prefix}.scales"),
         k_packed=qweight.data,
     )
+    if not desc_act:
+        _check_plain_groups(layer.g_idx.data, group_size if group_size > 0 else k, prefix)
+    return weights
+
+
+def _check_plain_groups(g_idx: torch.Tensor, group_size: int, prefix: str) -> None:
+    """Refuse a ``g_idx`` other than ``row // group_size`` under ``desc_act: false``.
+
+    Raises:
+        CheckpointError: naming ``g_idx``, the rows that differ and the first one.
+    """
+    expected = torch.arange(g_idx.shape[0], device=g_idx.device) // group_size
+    differ = (g_idx.to(torch.int64) != expected).nonzero().flatten()
+    if differ.numel():
+        i = int(differ[0])
+        raise CheckpointError(
+            f"{prefix}.g_idx: {differ.numel()} of {g_idx.shape[0]} rows name another group than "
+            f"row // group_size ({group_size}), the first g_idx[{i}] = {int(g_idx[i])} (expected "
+            f"{int(expected[i])}), but desc_act is false: vLLM ignores g_idx then while "
+            "GPTQModel follows it. Set desc_act: true if the groups are act-order, or write "
+            "g_idx as row // group_size",
+            tensor=f"{prefix}.g_idx",
+        )
 
 
 def quantize(

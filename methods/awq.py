@@ -51,7 +51,7 @@ class AWQLinearMethod(DecodedLinearMethod):
         fmt.create_weights(layer, k, n, self.quant_config.group_size, params_dtype)
 
     def decode(self, layer: torch.nn.Module) -> IntWeights:
-        return fmt.decode(layer)
+        return fmt.decode(layer, symmetric=not self.quant_config.zero_point)
 
 
 class AWQMarlinLinearMethod(AWQLinearMethod):

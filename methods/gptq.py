@@ -103,7 +103,11 @@ class GPTQLinearMethod(DecodedLinearMethod):
         fmt.create_weights(layer, k, n, cfg.bits, cfg.group_size, params_dtype)
 
     def decode(self, layer: torch.nn.Module) -> IntWeights:
-        return fmt.decode(layer, self.quant_config.bits, self.quant_config.zero_point_offset)
+        cfg = self.quant_config
+        return fmt.decode(
+            layer, cfg.bits, cfg.zero_point_offset, sym=cfg.sym, desc_act=cfg.desc_act,
+            group_size=cfg.group_size,
+        )  # fmt: skip
 
 
 class GPTQMarlinLinearMethod(GPTQLinearMethod):
