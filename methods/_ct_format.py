@@ -204,6 +204,12 @@ def quantize_ct(
     """
     bits, strategy = _writer_options(format, bits, strategy, group_size, sym, actorder, unused)
     n, k = weight.shape
+    if strategy == "group" and k % group_size:
+        raise InputError(
+            f"{WRITER}: group_size {group_size} does not divide the input size {k} "
+            "(compressed-tensors quantizes whole groups only)",
+            field="group_size",
+        )
     is_float = format == FLOAT
     size = group_size if strategy == "group" else k
     order = _column_order(weight, actorder, perm)
@@ -272,6 +278,11 @@ def _writer_options(
     if strategy not in ("group", "channel", "tensor") or (strategy == "group" and format != PACKED):
         raise InputError(
             f"{WRITER}: strategy {strategy!r} is not supported for {format}", field="strategy"
+        )
+    if strategy == "group" and (not isinstance(group_size, int) or group_size < 1):
+        raise InputError(
+            f"{WRITER}: strategy 'group' needs a positive group_size, got {group_size!r}",
+            field="group_size",
         )
     if format == FLOAT and not sym:
         raise InputError(f"{WRITER}: fp8 weights are symmetric", field="sym")

@@ -12,129 +12,33 @@ compresses is refused, never loaded as if it were dense.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Collection, Mapping
-from typing import Annotated, Any, ClassVar, Literal, Self
+from typing import Any, ClassVar, Self
 
 import torch
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import Field, PrivateAttr, field_validator
 
-from quantreg import ConfigError, IntWeights, LayerRule, QuantConfig
+from quantreg import ConfigError, IntWeights, LayerRule, QuantConfig, layer_geometry
 from quantreg.kernels import Float8Layout
 from quantreg.methods import _ct_format as fmt
+from quantreg.methods._ct_schema import (
+    LINEAR_CLASS,
+    Format,
+    QuantizationScheme,
+    SparsityConfig,
+    check_regex,
+    match_kind,
+)
 from quantreg.methods._decoded import DecodedLinearMethod
 
-FORMATS = (
-    "dense", "int-quantized", "float-quantized", "naive-quantized", "pack-quantized",
-    "nvfp4-pack-quantized", "mxfp4-pack-quantized", "mxfp6-pack-quantized", "mxfp8-quantized",
-    "mixed-precision", "sparse-bitmask", "sparse-24-bitmask", "marlin-24",
-)  # fmt: skip
 SUPPORTED_FORMATS = ("pack-quantized", "int-quantized", "naive-quantized", "float-quantized")
 SUPPORTED_STRATEGIES = ("group", "channel", "tensor")
 STATUSES = ("initialized", "calibration", "frozen", "compressed", "decompressed")
-LINEAR_CLASS = "Linear"
 # Tensor names (after the layer prefix) of the formats; an int8 / fp8 ``weight`` is told
 # apart by its dtype.
 TENSORS = frozenset(
     {"weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx"}
 )
-_STRICT = ConfigDict(extra="allow", strict=True, frozen=True)
-
-
-def _check_format(value: str | None) -> str | None:
-    if value is not None and value not in FORMATS:
-        raise ValueError(f"unknown compressed-tensors format; expected one of {', '.join(FORMATS)}")
-    return value
-
-
-Format = Annotated[str | None, AfterValidator(_check_format)]
-
-
-class QuantizationArgs(BaseModel):
-    """How one tensor kind (weights, input or output activations) is quantized."""
-
-    model_config = _STRICT
-
-    num_bits: int = 8
-    type: Literal["int", "float"] = "int"
-    symmetric: bool = True
-    group_size: int | None = None
-    strategy: (
-        Literal["tensor", "channel", "group", "block", "token", "tensor_group", "attn_head"] | None
-    ) = None
-    block_structure: list[int] | None = None
-    dynamic: bool | Literal["local"] = False
-    actorder: Literal["group", "weight", "static"] | bool | None = None
-
-    @field_validator("num_bits")
-    @classmethod
-    def _num_bits(cls, value: int) -> int:
-        if not 1 <= value <= 32:
-            raise ValueError("expected a bit width between 1 and 32")
-        return value
-
-    @property
-    def effective_strategy(self) -> str:
-        """The strategy, inferred as compressed-tensors does when the field is null."""
-        if self.strategy is not None:
-            return self.strategy
-        return "group" if self.group_size else "tensor"
-
-
-class SparsityConfig(BaseModel):
-    """A ``sparsity_config`` (compressed-tensors' ``SparsityCompressionConfig``): which layers
-    a sparse format compresses. ``targets`` null means every layer."""
-
-    model_config = _STRICT
-
-    format: Annotated[str, AfterValidator(_check_format)]
-    targets: list[str] | None = None
-    ignore: list[str] | None = None
-    global_sparsity: float | None = 0.0
-    sparsity_structure: str | None = "unstructured"
-
-    @field_validator("targets", "ignore")
-    @classmethod
-    def _regexes(cls, value: list[str] | None) -> list[str] | None:
-        for entry in value or ():
-            _check_regex(entry)
-        return value
-
-    def compresses(self, prefix: str) -> str | None:
-        """Why the sparse format compresses layer ``prefix`` (the target that matches it), or
-        None: ``dense``, an ``ignore`` entry, or no target matches."""
-        if self.format == "dense":
-            return None
-        if any(match_kind(entry, prefix) is not None for entry in self.ignore or ()):
-            return None
-        if self.targets is None:
-            return "targets null (every layer)"
-        target = next((t for t in self.targets if match_kind(t, prefix) is not None), None)
-        return None if target is None else f"targets '{target}'"
-
-
-class QuantizationScheme(BaseModel):
-    """One ``config_groups`` entry: which modules it targets and how they are quantized."""
-
-    model_config = _STRICT
-
-    targets: list[str]
-    weights: QuantizationArgs | None = None
-    input_activations: QuantizationArgs | None = None
-    output_activations: QuantizationArgs | None = None
-    format: Format = None
-
-
-def match_kind(target: str, name: str) -> int | None:
-    """How ``target`` matches module ``name``: 0 exact name, 1 ``re:`` regex, 2 class ``Linear``."""
-    if target == name:
-        return 0
-    if target.startswith("re:"):
-        try:
-            return 1 if re.match(target[3:], name) else None
-        except re.error:
-            return None
-    return 2 if target == LINEAR_CLASS else None
 
 
 class CompressedTensorsLinearMethod(DecodedLinearMethod):
@@ -157,8 +61,24 @@ class CompressedTensorsLinearMethod(DecodedLinearMethod):
         params_dtype: torch.dtype,
         **extra: Any,
     ) -> None:
+        """Register the scheme's tensors.
+
+        Raises:
+            ConfigError: a group size that does not divide the input size (compressed-tensors
+                and vLLM quantize whole groups only), naming the config field.
+        """
+        scheme, k = self.scheme, input_size_per_partition
+        if scheme.group_size is not None and k % scheme.group_size:
+            group = next(iter(self.quant_config.config_groups))
+            field = f"config_groups.{group}.weights.group_size"
+            raise ConfigError(
+                f"compressed-tensors: field '{field}' = {scheme.group_size} does not divide the "
+                f"input size {k} of {layer_geometry(layer).prefix}; expected a divisor of it "
+                "(compressed-tensors and vLLM quantize whole groups only)",
+                field=field,
+            )
         n = sum(output_partition_sizes)
-        fmt.create_weights(layer, self.scheme, input_size_per_partition, n, params_dtype)
+        fmt.create_weights(layer, scheme, k, n, params_dtype)
 
     def decode(self, layer: torch.nn.Module) -> IntWeights | Float8Layout:
         return fmt.decode(layer, self.scheme)
@@ -207,7 +127,7 @@ class CompressedTensorsConfig(QuantConfig):
     @classmethod
     def _regexes(cls, value: list[str]) -> list[str]:
         for entry in value:
-            _check_regex(entry)
+            check_regex(entry)
         return value
 
     @field_validator("config_groups")
@@ -215,7 +135,7 @@ class CompressedTensorsConfig(QuantConfig):
     def _targets(cls, value: dict[str, QuantizationScheme]) -> dict[str, QuantizationScheme]:
         for scheme in value.values():
             for target in scheme.targets:
-                _check_regex(target)
+                check_regex(target)
         return value
 
     def layer_rule(self, prefix: str) -> LayerRule:
@@ -384,11 +304,3 @@ class CompressedTensorsConfig(QuantConfig):
                 "quantreg runs the layer weight-only: activations stay float"
             ]
         return []
-
-
-def _check_regex(entry: Any) -> None:
-    if isinstance(entry, str) and entry.startswith("re:"):
-        try:
-            re.compile(entry[3:])
-        except re.error as exc:
-            raise ValueError(f"{entry!r} is not a valid regular expression: {exc}") from exc
