@@ -202,14 +202,10 @@ def quantize_ct(
     Raises:
         InputError: an unsupported combination or option.
     """
-    bits, strategy = _writer_options(format, bits, strategy, group_size, sym, actorder, unused)
+    bits, strategy = _writer_options(
+        format, bits, strategy, group_size, sym, actorder, unused, k=weight.shape[1]
+    )
     n, k = weight.shape
-    if strategy == "group" and k % group_size:
-        raise InputError(
-            f"{WRITER}: group_size {group_size} does not divide the input size {k} "
-            "(compressed-tensors quantizes whole groups only)",
-            field="group_size",
-        )
     is_float = format == FLOAT
     size = group_size if strategy == "group" else k
     order = _column_order(weight, actorder, perm)
@@ -253,8 +249,11 @@ def _writer_options(
     sym: bool,
     actorder: str | None,
     unused: dict[str, Any],
+    *,
+    k: int,
 ) -> tuple[int, str]:
-    """The writer's bits and strategy (defaults filled in), after checking every option.
+    """The writer's bits and strategy (defaults filled in), after checking every option
+    (``k``: the input size, which a group size must divide).
 
     Raises:
         InputError: an unsupported combination or option.
@@ -279,9 +278,12 @@ def _writer_options(
         raise InputError(
             f"{WRITER}: strategy {strategy!r} is not supported for {format}", field="strategy"
         )
-    if strategy == "group" and (not isinstance(group_size, int) or group_size < 1):
+    if strategy == "group" and (
+        not isinstance(group_size, int) or group_size < 1 or k % group_size
+    ):
         raise InputError(
-            f"{WRITER}: strategy 'group' needs a positive group_size, got {group_size!r}",
+            f"{WRITER}: strategy 'group' needs a positive group_size dividing the input size "
+            f"{k} (compressed-tensors quantizes whole groups only), got {group_size!r}",
             field="group_size",
         )
     if format == FLOAT and not sym:

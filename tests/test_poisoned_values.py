@@ -234,6 +234,12 @@ def test_legal_inputs_near_the_limits_load_and_give_finite_logits(tmp_path, meth
     assert logits.shape == (3, VOCAB) and torch.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("group_size", [48, 0, -1], ids=["48-of-64", "0", "-1"])
+def test_the_compressed_tensors_writer_refuses_a_group_size_it_could_not_load(group_size):
+    with pytest.raises(InputError, match=r"strategy 'group' needs a positive group_size dividing the input size 64"):  # fmt: skip
+        quantreg.quantize(torch.randn(128, HIDDEN), CT, strategy="group", group_size=group_size)
+
+
 def test_f64_scales_are_refused_at_load_whatever_the_kernel(tmp_path):
     """Never a failure on the first forward: the header check refuses them before any kernel
     is chosen, so no kernel (here or on a GPU or AVX-512 machine) ever sees an F64 scale."""
