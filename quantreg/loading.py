@@ -23,8 +23,8 @@ from quantreg.detection import flatten_config
 from quantreg.distributed import TPGroup
 from quantreg.drafter import draft_to_target_ids
 from quantreg.errors import CheckpointError, ConfigError, DistributedError, InputError
-from quantreg.head_config import default_dtype, head_geometry, parse_dtype
 from quantreg.head_check import check_tensors
+from quantreg.head_config import default_dtype, head_geometry, parse_dtype
 from quantreg.kernels.selection import Kernel
 from quantreg.lm_head import MAX_VOCAB, ParallelLMHead
 from quantreg.platform import Platform
