@@ -40,6 +40,9 @@ from quantreg.parameters import LayerGeometry
 from quantreg.parameters import frozen_param
 from quantreg.parameters import layer_geometry
 from quantreg.parameters import set_weight_attrs
+from quantreg.patterns import checked_regex
+from quantreg.patterns import regex_list_problem
+from quantreg.patterns import regex_problem
 from quantreg.platform import Platform
 from quantreg.registry import MethodInfo
 from quantreg.registry import Registry
@@ -111,6 +114,7 @@ __all__ = [
     "UnquantizedLinearMethod",
     "__version__",
     "check_lm_head",
+    "checked_regex",
     "frozen_param",
     "get_quant_config_cls",
     "has_own_lm_head",
@@ -122,6 +126,8 @@ __all__ = [
     "pack_codes",
     "quantize",
     "quantize_checkpoint",
+    "regex_list_problem",
+    "regex_problem",
     "register_quant_method",
     "resolve",
     "select_kernel",
