@@ -5,10 +5,11 @@ a config it refuses is refused here, naming the field."""
 
 from __future__ import annotations
 
-import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo, field_validator
+
+from quantreg.methods._ct_targets import check_entry, match_kind
 
 FORMATS = (
     "dense", "int-quantized", "float-quantized", "naive-quantized", "pack-quantized",
@@ -16,7 +17,6 @@ FORMATS = (
     "mixed-precision", "sparse-bitmask", "sparse-24-bitmask", "marlin-24",
 )  # fmt: skip
 GROUPED_STRATEGIES = ("group", "tensor_group")  # a positive group_size required
-LINEAR_CLASS = "Linear"
 _STRICT = ConfigDict(extra="allow", strict=True, frozen=True)
 
 
@@ -94,7 +94,7 @@ class SparsityConfig(BaseModel):
     @classmethod
     def _regexes(cls, value: list[str] | None) -> list[str] | None:
         for entry in value or ():
-            check_regex(entry)
+            check_entry(entry)
         return value
 
     def compresses(self, prefix: str) -> str | None:
@@ -121,22 +121,9 @@ class QuantizationScheme(BaseModel):
     output_activations: QuantizationArgs | None = None
     format: Format = None
 
-
-def match_kind(target: str, name: str) -> int | None:
-    """How ``target`` matches module ``name``: 0 exact name, 1 ``re:`` regex, 2 class ``Linear``."""
-    if target == name:
-        return 0
-    if target.startswith("re:"):
-        try:
-            return 1 if re.match(target[3:], name) else None
-        except re.error:
-            return None
-    return 2 if target == LINEAR_CLASS else None
-
-
-def check_regex(entry: Any) -> None:
-    if isinstance(entry, str) and entry.startswith("re:"):
-        try:
-            re.compile(entry[3:])
-        except re.error as exc:
-            raise ValueError(f"{entry!r} is not a valid regular expression: {exc}") from exc
+    @field_validator("targets")
+    @classmethod
+    def _regexes(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            check_entry(entry)
+        return value

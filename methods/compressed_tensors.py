@@ -22,12 +22,16 @@ from quantreg import ConfigError, IntWeights, LayerRule, QuantConfig, layer_geom
 from quantreg.kernels import Float8Layout
 from quantreg.methods import _ct_format as fmt
 from quantreg.methods._ct_schema import (
-    LINEAR_CLASS,
     Format,
     QuantizationScheme,
     SparsityConfig,
-    check_regex,
+)
+from quantreg.methods._ct_targets import (
+    check_all,
+    check_entry,
     match_kind,
+    raw_entries,
+    unmatched,
 )
 from quantreg.methods._decoded import DecodedLinearMethod
 
@@ -107,9 +111,19 @@ class CompressedTensorsConfig(QuantConfig):
         Raises:
             ConfigError: a field (``sparsity_config``'s included) has a bad value.
         """
+        check_all(raw_entries(data), method=method, source=source)  # before each is analysed
         config = super().from_quant_config(data, method=method, source=source)
         config._source = source
+        check_all(config.entries(), method=method, source=source)
         return config
+
+    def entries(self) -> list[str]:
+        """Every ``ignore`` and ``targets`` entry, the ``sparsity_config``'s included."""
+        sparsity = self.sparsity_config
+        found = [*self.ignore, *(t for s in self.config_groups.values() for t in s.targets)]
+        if sparsity is not None:
+            found += [*(sparsity.targets or ()), *(sparsity.ignore or ())]
+        return found
 
     @field_validator("sparsity_config", mode="before")
     @classmethod
@@ -127,15 +141,7 @@ class CompressedTensorsConfig(QuantConfig):
     @classmethod
     def _regexes(cls, value: list[str]) -> list[str]:
         for entry in value:
-            check_regex(entry)
-        return value
-
-    @field_validator("config_groups")
-    @classmethod
-    def _targets(cls, value: dict[str, QuantizationScheme]) -> dict[str, QuantizationScheme]:
-        for scheme in value.values():
-            for target in scheme.targets:
-                check_regex(target)
+            check_entry(entry)
         return value
 
     def layer_rule(self, prefix: str) -> LayerRule:
@@ -244,17 +250,12 @@ class CompressedTensorsConfig(QuantConfig):
         return fmt.quantize_ct(weight, **params)
 
     def unmatched_entries(self, modules: Collection[str]) -> list[str]:
-        """``ignore`` and ``targets`` entries that match no module of the checkpoint (class
-        names other than ``Linear`` cannot be checked from tensor names and are skipped)."""
+        """``ignore`` and ``targets`` entries that match no module of the checkpoint (see
+        ``_ct_targets.unmatched``: class names are skipped, the search is time-bounded)."""
         entries = [("ignore", e) for e in self.ignore]
         for group, scheme in self.config_groups.items():
             entries += [(f"targets ({group})", t) for t in scheme.targets]
-        checkable = [(k, e) for k, e in entries if not (e[:1].isupper() and e != LINEAR_CLASS)]
-        return [
-            f"{kind} entry '{entry}' matches no module of the checkpoint"
-            for kind, entry in checkable
-            if not any(match_kind(entry, m) is not None for m in modules)
-        ]
+        return unmatched(entries, modules)
 
     @classmethod
     def scope_config(

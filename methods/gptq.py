@@ -26,7 +26,18 @@ from pydantic import (
     field_validator,
 )
 
-from quantreg import InputError, IntWeights, LayerRule, Platform, QuantConfig, Relabel, is_lm_head
+from quantreg import (
+    InputError,
+    IntWeights,
+    LayerRule,
+    Platform,
+    QuantConfig,
+    Relabel,
+    checked_regex,
+    is_lm_head,
+    regex_list_problem,
+    regex_problem,
+)
 from quantreg.methods import _gptq_format as fmt
 from quantreg.methods._decoded import DecodedLinearMethod
 from quantreg.methods._wna16 import (
@@ -197,16 +208,28 @@ class GPTQConfig(QuantConfig):
             )
         return value
 
+    @field_validator("dynamic", mode="before")
+    @classmethod
+    def _few_rules(cls, value: Any) -> Any:
+        """The rules' regexes together (how many, their work on one name), checked before
+        each rule is parsed: a million rules cost one ``len``."""
+        if isinstance(value, Mapping):
+            problem = regex_list_problem([_rule_pattern(k) for k in value if isinstance(k, str)])
+            if problem is not None:
+                raise ValueError(problem)
+        return value
+
     @field_validator("dynamic")
     @classmethod
     def _dynamic(
         cls, value: dict[str, DynamicOverride] | None
     ) -> dict[str, DynamicOverride] | None:
+        """Every rule's regex must match module names in bounded time (``+:(a+)+$`` would
+        hang resolution)."""
         for key in value or {}:
-            try:
-                re.compile(_rule_pattern(key))
-            except re.error as exc:
-                raise ValueError(f"rule {key!r} is not a valid regular expression: {exc}") from exc
+            problem = regex_problem(_rule_pattern(key))
+            if problem is not None:
+                raise ValueError(f"rule {key!r} {problem}")
         return value
 
     @classmethod
@@ -293,7 +316,7 @@ class GPTQConfig(QuantConfig):
         Returns ``(key, excluded, overrides)``; ``excluded`` for a ``-:`` rule.
         """
         for key, rule in (self.dynamic or {}).items():
-            if re.match(_rule_pattern(key), prefix):
+            if checked_regex(_rule_pattern(key)).match(prefix):
                 overrides = {
                     k: getattr(rule, k) for k in OVERRIDE_KEYS if getattr(rule, k) is not None
                 }

@@ -4,20 +4,25 @@ Two cases: a quantization method quantreg knows by name but does not implement (
 ``mxfp4``, ``modelopt``, ...: the names vLLM and transformers use), and a variant of one of its
 own methods that it refuses (3-bit GPTQ, AWQ GEMV, AutoGPTQ marlin). Either way the config
 still says which layers stay float, in the keys its producers write; :func:`config_rule` reads
-them without the method's own parser. Only a layer that is quantized raises.
+them without the method's own parser. Only a layer that is quantized raises. Their regexes
+(``re:`` entries, ``dynamic`` keys) are checked first, as every method's are
+(:mod:`quantreg.patterns`).
 """
 
 from __future__ import annotations
 
 import fnmatch
-import re
-from collections.abc import Collection, Mapping
+import heapq
+import time
+from collections.abc import Collection, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from quantreg.contract import LayerRule, QuantConfig, is_lm_head
 from quantreg.errors import ConfigError, UnknownMethodError
+from quantreg.patterns import checked_regex, regex_list_problem, regex_problem
 from quantreg.registry import Registry, normalize_name
 
 # Quantization methods of vLLM and transformers that quantreg does not implement (a plugin
@@ -92,10 +97,7 @@ def matches(entry: object, prefix: str) -> bool:
     if not isinstance(entry, str) or not entry:
         return False
     if entry.startswith("re:"):
-        try:
-            return re.match(entry[3:], prefix) is not None
-        except re.error:
-            return False
+        return checked_regex(entry[3:]).match(prefix) is not None
     name = entry.removesuffix(".weight")
     if any(c in name for c in "*?["):
         return fnmatch.fnmatchcase(prefix, name) or fnmatch.fnmatchcase(prefix, name + ".*")
@@ -136,23 +138,71 @@ def _dynamic(data: Mapping[str, Any], prefix: str) -> LayerRule | None:
     """GPTQModel's ``dynamic``: the first key that ``re.match``-es decides."""
     dynamic = data.get("dynamic")
     for key in dynamic if isinstance(dynamic, Mapping) else ():
-        pattern = key[2:] if key[:2] in ("+:", "-:") else key
-        try:
-            if re.match(pattern, prefix):
-                return LayerRule(not key.startswith("-:"), f"dynamic '{key}'")
-        except re.error:
-            continue
+        if checked_regex(_rule_pattern(key)).match(prefix):
+            return LayerRule(not key.startswith("-:"), f"dynamic '{key}'")
     return None
 
 
+def _rule_pattern(key: str) -> str:
+    return key[2:] if key[:2] in ("+:", "-:") else key
+
+
+def check_regexes(
+    data: Mapping[str, Any], source: str | None = None, path: Path | None = None
+) -> None:
+    """Refuse a config whose regexes -- ``re:`` entries of its module lists and
+    ``extra_config``, GPTQModel ``dynamic`` keys -- cannot be matched in bounded time.
+
+    Raises:
+        ConfigError: names the config (``source``), the field, the entry and the problem.
+    """
+    where = f"{source}: " if source else ""
+    found = list(_regex_entries(data))
+    problem = regex_list_problem([pattern for _, _, pattern in found])
+    if problem is not None:  # too many, or too much work together: before each is analysed
+        raise ConfigError(f"{where}{problem}", path=path)
+    for key, entry, pattern in found:
+        problem = regex_problem(pattern)
+        if problem is not None:
+            what = "rule" if key == "dynamic" else "entry"
+            raise ConfigError(
+                f"{where}field '{key}': {what} {entry!r} {problem}", path=path, field=key
+            )
+
+
+def _regex_entries(data: Mapping[str, Any]) -> Iterator[tuple[str, str, str]]:
+    """``(key, entry, pattern)`` of every regex that :func:`config_rule` would match."""
+    for key in (*EXCLUSION_KEYS, "extra_config", *INCLUSION_KEYS):
+        for entry in _listed(data.get(key)):
+            if isinstance(entry, str) and entry.startswith("re:"):
+                yield key, entry, entry[3:]
+    dynamic = data.get("dynamic")
+    for key in dynamic if isinstance(dynamic, Mapping) else ():
+        if isinstance(key, str):
+            yield "dynamic", key, _rule_pattern(key)
+
+
 def config_rule(
-    data: Mapping[str, Any], prefix: str, method: str, *, registered: bool = False
+    data: Mapping[str, Any],
+    prefix: str,
+    method: str,
+    *,
+    registered: bool = False,
+    source: str | None = None,
+    path: Path | None = None,
 ) -> LayerRule:
     """What a config's own keys say about layer ``prefix``, read without the method's parser:
     a head flag set false, then exclusion lists, auto-round ``extra_config``, inclusion lists,
     GPTQModel ``dynamic``, then for a head its flags (absent: float, except for
     :data:`HEAD_QUANTIZING` methods). ``registered``: the
-    method is quantreg's own (its absent ``lm_head`` flag means false)."""
+    method is quantreg's own (its absent ``lm_head`` flag means false).
+
+    Raises:
+        ConfigError: a regex of the config cannot be matched in bounded time
+            (:func:`check_regexes`; ``source`` names the config in the message, ``path``
+            is the error's file).
+    """
+    check_regexes(data, source, path)
     head = is_lm_head(prefix)
     flag = next((k for k in HEAD_FLAGS if isinstance(data.get(k), bool)), None) if head else None
     if flag is not None and data[flag] is False:
@@ -181,6 +231,9 @@ PROBE_NAMES = (
     "model.layers.0.mlp.experts.0.down_proj", "model.layers.0.self_attn.o_proj",
 )  # fmt: skip
 _PROBE_LIMIT = 64
+# Probing stops after this long: each probe is bounded (a config's regexes are checked), but a
+# config with thousands of entries makes each one slow.
+_PROBE_SECONDS = 0.2
 
 
 def other_layers_reason(
@@ -188,9 +241,13 @@ def other_layers_reason(
 ) -> tuple[str, str] | None:
     """A layer other than ``prefix`` that ``config`` quantizes in a way its method cannot run,
     and why (``format_reason`` of its effective config); None when every probed layer can
-    run. Probes the checkpoint's modules (the first 64), else :data:`PROBE_NAMES`."""
-    names = sorted(modules)[:_PROBE_LIMIT] or list(PROBE_NAMES)
+    run. Probes the checkpoint's modules (the first 64 by name, for at most 0.2 s), else
+    :data:`PROBE_NAMES`."""
+    names = heapq.nsmallest(_PROBE_LIMIT, modules) or list(PROBE_NAMES)
+    deadline = time.monotonic() + _PROBE_SECONDS
     for name in names:
+        if time.monotonic() > deadline:
+            break
         if name == prefix or is_lm_head(name):
             continue
         try:  # a plugin's hook must not break resolution

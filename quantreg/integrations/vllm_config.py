@@ -237,15 +237,17 @@ def _local_folder(model: str, revision: str | None) -> Path:
 def _without_head_act_order(config: Mapping[str, Any], *, everywhere: bool) -> dict[str, Any]:
     """GPTQ ``desc_act`` and ``dynamic`` without act order for the head (``everywhere``: for
     every layer). A rule applies to the head alone when its regex matches ``lm_head`` and no
-    ``model.layers.`` module (GPTQModel matches rules with ``re.match``)."""
+    ``model.layers.`` module (GPTQModel matches rules with ``re.match``).
+
+    Raises:
+        ConfigError: a rule's regex cannot be matched in bounded time (resolution, which runs
+            first, refuses such a config already).
+    """
     dynamic = config.get("dynamic")
     rules = dict(dynamic) if isinstance(dynamic, Mapping) else {}
     for key, rule in rules.items():
-        pattern = key[2:] if key[:2] in ("+:", "-:") else key
-        try:
-            head_rule = bool(re.match(pattern, HEAD)) and not re.match(pattern, "model.layers.0.")
-        except re.error:
-            head_rule = False
+        regex = quantreg.checked_regex(key[2:] if key[:2] in ("+:", "-:") else key)
+        head_rule = bool(regex.match(HEAD)) and not regex.match("model.layers.0.")
         if isinstance(rule, Mapping) and (everywhere or head_rule):
             rules[key] = {k: v for k, v in rule.items() if k != "desc_act"}
     updates: dict[str, Any] = {"dynamic": rules} if isinstance(dynamic, Mapping) else {}
