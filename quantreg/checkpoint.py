@@ -33,6 +33,7 @@ from quantreg.headers import (
 )
 from quantreg.headers import clear_cache as _clear_headers
 from quantreg.jsonbounds import JSONLimits, parse_json
+from quantreg.patterns import MAX_NAME_CHARS, name_length_problem
 
 if TYPE_CHECKING:
     import torch
@@ -167,6 +168,11 @@ def _parse_index(path: Path, handle: BinaryIO, st: os.stat_result) -> dict[str, 
             f"{path}: 'weight_map' lists {len(weight_map):,d} tensors; quantreg reads at most "
             f"{MAX_INDEX_ENTRIES:,d}",
             path=path,
+        )
+    long = next((name for name in weight_map if len(name) > MAX_NAME_CHARS), None)
+    if long is not None:  # checkpoint regexes are bounded for names up to this length
+        raise CheckpointError(
+            f"{path}: weight_map tensor name {name_length_problem(long)}", path=path, tensor=long
         )
     return weight_map
 

@@ -26,6 +26,7 @@ from quantreg.checkpoint import EMBEDDING_NAMES, FLOAT_DTYPES, TensorInfo
 from quantreg.contract import LayerRule, is_lm_head
 from quantreg.detection import flatten_config
 from quantreg.errors import ConfigError, PluginError, UnknownMethodError
+from quantreg.patterns import check_prefix
 from quantreg.platform import Platform
 from quantreg.registry import Registry, default_registry
 from quantreg.resolution import UNQUANTIZED, Candidate, Resolution, TensorState
@@ -87,10 +88,12 @@ def resolve(
     Raises:
         ConfigError: a bad config; a requested method that cannot read the format; or a
             quantized layer that no method can run on this platform.
-        InputError: a bad ``source`` or ``platform`` argument.
+        InputError: a bad ``source``, ``platform`` or ``prefix`` (a name over 256 characters)
+            argument.
         UnknownMethodError: ``requested`` names no registered method.
         CheckpointError: bad checkpoint files (index, headers, links).
     """
+    check_prefix(prefix)
     plat = Platform.coerce(platform)
     view = read_checkpoint(source, prefix)
     resolution = decide(view, plat, requested, prefix, registry or default_registry())
@@ -233,12 +236,15 @@ def _unsupported(
     Raises:
         ConfigError: ``error``, naming the layer, when the layer is quantized.
     """
+    quant = facts.view.quant
+    where = quant.path if quant is not None else None
     if error is None:
-        quant = facts.view.quant
-        where = quant.path if quant is not None else None
         error = ConfigError(not_supported(fmt, facts.registry), path=where, field="quant_method")
     facts = _with_tensors(facts, names=_tensor_names(facts.registry))
-    rule = config_rule(data, facts.prefix, fmt, registered=fmt in facts.registry.names())
+    rule = config_rule(
+        data, facts.prefix, fmt, registered=fmt in facts.registry.names(),
+        source=quant.where if quant is not None else None, path=where,
+    )  # fmt: skip
     names = facts.shown_tensors
     if facts.state == "unquantized" and rule.quantized:
         rule = LayerRule(False, f"tensors: {names} are float", also=(rule.rule,))
