@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import reprlib
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -359,9 +360,12 @@ def describe_validation_error(
     source: str | None = None,
     what: str = "quantization_config",
 ) -> str:
-    """Turn a pydantic error into one line per bad field: file, method, field, value, rule."""
+    """Turn a pydantic error into one line per bad field: file, method, field, value, rule
+    (the first ten bad fields, each value cut to 200 characters: a checkpoint's lists can be
+    huge)."""
     lines = []
-    for err in exc.errors(include_url=False):
+    errors = exc.errors(include_url=False)
+    for err in errors[:_SHOWN_ERRORS]:
         loc = ".".join(str(part) for part in err["loc"]) or "<config>"
         msg = err["msg"]
         if msg.startswith("Value error, "):
@@ -369,5 +373,22 @@ def describe_validation_error(
         if err["type"] == "missing":
             lines.append(f"field '{loc}' is required")
         else:
-            lines.append(f"field '{loc}' = {err.get('input')!r}: {msg}")
+            lines.append(f"field '{loc}' = {_shown(err.get('input'))}: {msg}")
+    if len(errors) > _SHOWN_ERRORS:
+        lines.append(f"and {len(errors) - _SHOWN_ERRORS} more")
     return f"invalid {method} {what}{_where(source)}: " + "; ".join(lines)
+
+
+_SHOWN_ERRORS = 10
+_SHOWN_CHARS = 200
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 3, 10, 10
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = _SHOWN_CHARS, _SHOWN_CHARS, 60
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, with at most 10 items of a list or dict and 200 characters shown."""
+    text = _REPR.repr(value)
+    return text if len(text) <= _SHOWN_CHARS else f"{text[:_SHOWN_CHARS]}..."

@@ -11,6 +11,7 @@ from quantreg.checkpoint import FLOAT_DTYPES, TensorInfo
 from quantreg.errors import CheckpointError
 from quantreg.head_config import _FLOATS, TORCH_DTYPES
 from quantreg.parameters import weight_attrs
+from quantreg.patterns import listed
 
 if TYPE_CHECKING:
     import torch
@@ -85,17 +86,17 @@ def _report(
     why = f"'{prefix}' resolved as {resolution.method or 'unquantized'} ({resolution.rule})"
     if problems:
         if unconsumed:
-            problems.append(f"present but not expected: {', '.join(unconsumed)}")
+            problems.append(f"present but not expected: {listed(unconsumed)}")
         files = sorted({str(t.file) for t in tensors.values()})
         raise CheckpointError(
             f"{resolution.source}: the {prefix} tensors do not match {why}:\n  - "
             + "\n  - ".join(problems)
-            + f"\n(files: {', '.join(files)})",
+            + f"\n(files: {listed(files)})",
             path=files[0] if len(files) == 1 else resolution.source,
             tensor=next(iter(unconsumed), None),
         )
     if unconsumed:
-        message = f"{resolution.source}: no parameter consumes {', '.join(unconsumed)}; {why}"
+        message = f"{resolution.source}: no parameter consumes {listed(unconsumed)}; {why}"
         if strict:
             raise CheckpointError(message, path=resolution.source, tensor=unconsumed[0])
         logger.warning("%s (strict=False: ignored)", message)
