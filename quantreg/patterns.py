@@ -37,8 +37,8 @@ except ImportError:  # pragma: no cover - depends on the Python version
 MAX_NAME_CHARS = 256
 MAX_PATTERN_CHARS = 1000
 MAX_PATTERNS = 4096
-MAX_STEPS = 2**26
-MAX_TOTAL_STEPS = 2**28
+MAX_STEPS = 2**25
+MAX_TOTAL_STEPS = 2**27
 _SATURATED = 2**62
 _EXAMPLE = r"e.g. '.*mlp\.gate$' or 'model\.layers\.\d+\.self_attn\..*'"
 _CATEGORIES = {
