@@ -145,16 +145,20 @@ class _Estimate:
         self.exact = not self.flags & (re.IGNORECASE | re.LOCALE) and not _has_inline_flags(tree)
 
     def steps(self) -> int:
-        """The whole pattern's work. A repeat that ends the pattern ends the match when it
-        succeeds, so only its first ``min`` iterations are paid again on every attempt."""
+        """The whole pattern's work. A repeat of a part that matches one way, ending the
+        pattern, ends the match when it succeeds: every other attempt at it fails within its
+        first ``min`` iterations."""
         items = list(self.tree)
         last = items[-1] if items else None
         if last is None or str(last[0]) not in ("MAX_REPEAT", "MIN_REPEAT"):
             return self._sequence(items)[0]
-        work, ways = self._sequence(items[:-1])
         low, _, body = last[1]
+        body_work, body_ways = self._sequence(list(body))
+        if body_ways > 1:
+            return self._sequence(items)[0]
+        work, ways = self._sequence(items[:-1])
         once, _ = self._node(*last, ())
-        per_try = _saturate((low + 1) * (self._sequence(list(body))[0] + 1))
+        per_try = _saturate((low + 1) * (body_work + 1))
         return _saturate(work + ways * per_try + once)
 
     def _sequence(self, items: Sequence[tuple[Any, Any]]) -> tuple[int, int]:
