@@ -38,6 +38,7 @@ from quantreg.method_names import (
     names_class,
     normalize_name,
 )
+from quantreg.patterns import short_name
 
 __all__ = [
     "BUILTIN_METHODS",
@@ -165,10 +166,11 @@ class Registry:
                 return self._aliases[key]
             known = sorted(self._entries)
             candidates = known + sorted(self._aliases)
-        close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+        # a checkpoint's name can be a megabyte long: then no suggestion, and a shortened name
+        close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6) if len(key) < 99 else []
         hint = f"; did you mean '{self._aliases.get(close[0], close[0])}'?" if close else ""
         raise UnknownMethodError(
-            f"unknown quantization method {name!r}; registered: {', '.join(known)}{hint}"
+            f"unknown quantization method {short_name(name)}; registered: {', '.join(known)}{hint}"
         )
 
     def get(self, name: str) -> type[QuantConfig]:

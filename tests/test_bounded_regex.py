@@ -222,6 +222,7 @@ CATALOGUE = [
     ("fp8-too-many-regexes", GPTQ, replace_quant({"quant_method": "fp8", "ignored_layers": [f"re:x{i}" for i in range(5000)]}), ConfigError, r"config\.json \(quantization_config\): it holds 5000 regexes; at most 4096"),
     ("gptq-3-bit-modules-to-not-convert", GPTQ, quant(lambda q: q.update(bits=3, modules_to_not_convert=[r"re:(a+)+$"])), ConfigError, UNSUPPORTED + r" 'modules_to_not_convert': entry 're:\(a\+\)\+\$' " + NESTED),
     # names
+    ("quant-method-a-megabyte", GPTQ, quant(lambda q: q.update(quant_method="x" * 1_000_000)), ConfigError, r"field 'quant_method': unknown quantization method 'x{60}'\.\.\.; registered: awq, "),
     ("header-name-100k", GPTQ, add_tensor("a" * 100_000), CheckpointError, r"model\.safetensors: header tensor name 'a{60}'\.\.\. is 100000 characters long; names of at most 256 characters are read"),
     ("header-name-257", GPTQ, add_tensor("lm_head." + "b" * 249), CheckpointError, r"model\.safetensors: header tensor name 'lm_head\.b+'\.\.\. is 257 characters long"),
     ("index-name-300", GPTQ, lambda p: shard(p, names={"x" * 300: "model-00001-of-00001.safetensors"}), CheckpointError, r"model\.safetensors\.index\.json: weight_map tensor name 'x{60}'\.\.\. is 300 characters long"),
