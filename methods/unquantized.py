@@ -8,7 +8,7 @@ from quantreg import LayerRule, QuantConfig, UnquantizedLinearMethod
 
 
 class UnquantizedConfig(QuantConfig):
-    """The method of a checkpoint that declares no quantization: every layer stays float."""
+    """The method of a checkpoint with no quantization_config: every layer stays float."""
 
     linear_method = UnquantizedLinearMethod
     supports_lm_head: ClassVar[bool] = True

@@ -195,12 +195,12 @@ def _no_quantization(facts: Facts) -> Resolution:
     if facts.requested not in (None, UNQUANTIZED):
         raise ConfigError(
             f"requested method '{facts.requested}' cannot read {facts.view.source}: the "
-            "checkpoint has no quantization_config (it is unquantized)"
+            "checkpoint has no quantization_config"
         )
     facts = _with_tensors(facts, names=_tensor_names(facts.registry))
     rule = LayerRule(False, "no quantization_config")
     facts.notes.extend(_tensor_notes(rule, facts))
-    chosen = Candidate(UNQUANTIZED, True, "the checkpoint declares no quantization")
+    chosen = Candidate(UNQUANTIZED, True, "the checkpoint has no quantization_config")
     return facts.resolution(
         method=None, quantized=False, rule=rule.rule, candidates=(chosen,), config=None
     )

@@ -138,7 +138,7 @@ class ParallelLMHead(torch.nn.Module):
         says why)."""
         method = quant_config.get_linear_method(self, prefix) if quant_config is not None else None
         if quant_config is None:
-            self.quant_reason = "no quant_config"
+            self.quant_reason = "no quantization_config"
         else:
             rule = quant_config.rule_for(prefix).rule
             self.quant_reason = rule if method else f"{type(quant_config).__name__}: {rule}"

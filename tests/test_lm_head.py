@@ -51,7 +51,7 @@ def test_geometry_attributes_and_defaults():
     head = ParallelLMHead(1000, 64, bias=True, params_dtype=torch.bfloat16)
     assert (head.num_embeddings, head.org_num_embeddings, head.has_bias) == (1000, 1000, True)
     assert head.params_dtype == torch.bfloat16 and head.bias.shape == (1024,)
-    assert head.quant_reason == "no quant_config" and not head.quantized
+    assert head.quant_reason == "no quantization_config" and not head.quantized
     assert ParallelLMHead(10, 4).params_dtype == torch.get_default_dtype()
 
 
