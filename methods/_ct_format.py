@@ -30,6 +30,7 @@ from quantreg import (
     CheckpointError,
     InputError,
     IntWeights,
+    WriterOption,
     frozen_param,
     layer_geometry,
     pack_codes,
@@ -37,10 +38,13 @@ from quantreg import (
 )
 from quantreg.kernels import Float8Layout
 from quantreg.methods._checks import check_float8_codes, check_scales
+from quantreg.methods._rtn import ACTORDER_NOTE, writer_defaults
 
 PACKED, INT, NAIVE, FLOAT = "pack-quantized", "int-quantized", "naive-quantized", "float-quantized"
 FP8_MAX = 448.0  # largest float8_e4m3fn value
 WRITER = "compressed-tensors writer"
+# The weight widths the writer takes per format (the first one is the default).
+WRITER_BITS = {PACKED: (4, 8), INT: (8,), NAIVE: (8,), FLOAT: (8,)}
 
 
 @dataclass(frozen=True)
@@ -262,15 +266,15 @@ def _writer_options(
         raise InputError(
             f"{WRITER}: unsupported option(s) {', '.join(sorted(unused))}", field=sorted(unused)[0]
         )
-    bits = bits or (4 if format == PACKED else 8)
-    strategy = strategy or ("group" if format == PACKED and group_size > 0 else "channel")
-    if format not in (PACKED, INT, NAIVE, FLOAT):
+    if format not in WRITER_BITS:
         raise InputError(
-            f"{WRITER}: format {format!r} is not supported; expected pack-quantized, "
-            "int-quantized, naive-quantized or float-quantized",
+            f"{WRITER}: format {format!r} is not supported; expected "
+            f"{', '.join([*WRITER_BITS][:-1])} or {[*WRITER_BITS][-1]}",
             field="format",
         )
-    if (format == PACKED and bits not in (4, 8)) or (format != PACKED and bits != 8):
+    bits = bits or WRITER_BITS[format][0]
+    strategy = strategy or ("group" if format == PACKED and group_size > 0 else "channel")
+    if bits not in WRITER_BITS[format]:
         raise InputError(
             f"{WRITER}: {format} with {bits}-bit weights is not supported", field="bits"
         )
@@ -290,7 +294,9 @@ def _writer_options(
         raise InputError(f"{WRITER}: fp8 weights are symmetric", field="sym")
     if actorder not in (None, "group") or (actorder == "group" and strategy != "group"):
         raise InputError(
-            f"{WRITER}: actorder must be None, or 'group' with strategy 'group'", field="actorder"
+            f"{WRITER}: actorder must be None, or 'group' with strategy 'group'; got "
+            f"{actorder!r} ({ACTORDER_NOTE})",
+            field="actorder",
         )
     return bits, strategy
 
@@ -371,3 +377,21 @@ def _ct_config(
         },
         "ignore": [],
     }
+
+
+def writer_options() -> tuple[WriterOption, ...]:
+    """The options of ``quantize_ct`` under the names llm-compressor's users know."""
+    default = writer_defaults(quantize_ct)
+    widths = "; ".join(f"{f} {' or '.join(map(str, b))}" for f, b in WRITER_BITS.items())
+    every_width = tuple(sorted({b for w in WRITER_BITS.values() for b in w}))
+    return (
+        WriterOption("format", "format", default["format"], tuple(WRITER_BITS)),
+        WriterOption("bits", "bits", None, every_width,
+                     note=f"per format, the first is the default: {widths}"),
+        WriterOption("group_size", "group_size", default["group_size"],
+                     note=f"{PACKED} only; -1 or any other format: one scale per output channel"),
+        WriterOption("sym", "sym", default["sym"],
+                     note=f"--no-sym: a zero point per group; {FLOAT} is symmetric only"),
+        WriterOption("actorder", "actorder", None, ("group",),
+                     note=f"{PACKED} with a group size; {ACTORDER_NOTE}"),
+    )  # fmt: skip

@@ -1,8 +1,30 @@
-"""Round-to-nearest quantization shared by the built-in writers (AWQ, GPTQ)."""
+"""Round-to-nearest quantization shared by the built-in writers (AWQ, GPTQ), and the
+defaults their option listings read from a writer's signature."""
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+from typing import Any
+
 import torch
+
+# What act-order means for a round-to-nearest writer (GPTQ's desc_act, compressed-tensors'
+# actorder "group"), and why llm-compressor's "weight" order is refused.
+ACTORDER_NOTE = (
+    "columns are grouped in decreasing-norm order (g_idx scattered); 'weight' and 'static' "
+    "only reorder GPTQ's error-correction pass, which round-to-nearest does not run"
+)
+
+
+def writer_defaults(writer: Callable[..., Any]) -> dict[str, Any]:
+    """The keyword defaults of a writer function: the defaults its ``writer_options`` list
+    (read from the signature, so the listing cannot drift from what the writer does)."""
+    return {
+        name: param.default
+        for name, param in inspect.signature(writer).parameters.items()
+        if param.default is not param.empty
+    }
 
 
 def grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -13,9 +13,10 @@ from typing import Any, ClassVar, Self
 import torch
 from pydantic import AliasChoices, Field, field_validator
 
-from quantreg import InputError, IntWeights, LayerRule, Platform, QuantConfig
+from quantreg import InputError, IntWeights, LayerRule, Platform, QuantConfig, WriterOption
 from quantreg.methods import _awq_format as fmt
 from quantreg.methods._decoded import DecodedLinearMethod
+from quantreg.methods._rtn import writer_defaults
 from quantreg.methods._wna16 import (
     GroupSize,
     check_layout_fields,
@@ -147,6 +148,7 @@ class AWQConfig(QuantConfig):
         bits: int = 4,
         group_size: int = 128,
         sym: bool = False,
+        version: str = "gemm",
         scale_dtype: torch.dtype = torch.float16,
         **unused: Any,
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -154,13 +156,14 @@ class AWQConfig(QuantConfig):
         ``[out, in]`` weight, with AutoAWQ's zero-point rule (``sym=True``: zero fixed at 8).
 
         Raises:
-            ConfigError: bits other than 4, an output size not a multiple of 8, or an input
-                size not a multiple of the group size.
+            ConfigError: bits other than 4, a version other than ``gemm``, an output size not
+                a multiple of 8, or an input size not a multiple of the group size.
             InputError: an unsupported option.
         """
         _refuse(unused, "awq")
         config = cls.from_quant_config(
-            {"bits": bits, "group_size": group_size, "zero_point": not sym}, method="awq"
+            {"bits": bits, "group_size": group_size, "zero_point": not sym, "version": version},
+            method="awq",
         )
         tensors = fmt.quantize(
             weight, group_size=config.group_size, sym=sym, scale_dtype=scale_dtype
@@ -170,10 +173,24 @@ class AWQConfig(QuantConfig):
             "bits": config.bits,
             "group_size": config.group_size,
             "zero_point": config.zero_point,
-            "version": "gemm",
+            "version": config.version,
             "lm_head": True,
         }
         return tensors, qcfg
+
+    @classmethod
+    def writer_options(cls) -> tuple[WriterOption, ...]:
+        """AutoAWQ's options: the GEMM layout, 4-bit codes, a zero point unless ``sym``."""
+        default = writer_defaults(cls.quantize_weight)
+        return (
+            WriterOption("format", "version", default["version"], SUPPORTED_VERSIONS,
+                         note="AutoAWQ's version: the GEMM layout"),
+            WriterOption("bits", "bits", default["bits"], SUPPORTED_BITS),
+            WriterOption("group_size", "group_size", default["group_size"],
+                         note="-1 (one group) or a size that divides the hidden size"),
+            WriterOption("sym", "sym", default["sym"],
+                         note="--no-sym: a zero point per group (AutoAWQ's rule)"),
+        )  # fmt: skip
 
     @classmethod
     def scope_config(

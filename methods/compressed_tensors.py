@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Self
 import torch
 from pydantic import Field, PrivateAttr, field_validator
 
-from quantreg import ConfigError, IntWeights, LayerRule, QuantConfig, layer_geometry
+from quantreg import ConfigError, IntWeights, LayerRule, QuantConfig, WriterOption, layer_geometry
 from quantreg.kernels import Float8Layout
 from quantreg.methods import _ct_format as fmt
 from quantreg.methods._ct_schema import (
@@ -248,6 +248,11 @@ class CompressedTensorsConfig(QuantConfig):
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Round-to-nearest tensors of one format (see ``_ct_format.quantize_ct``)."""
         return fmt.quantize_ct(weight, **params)
+
+    @classmethod
+    def writer_options(cls) -> tuple[WriterOption, ...]:
+        """The writer's options (see ``_ct_format.writer_options``)."""
+        return fmt.writer_options()
 
     def unmatched_entries(self, modules: Collection[str]) -> list[str]:
         """``ignore`` and ``targets`` entries that match no module of the checkpoint (see

@@ -33,6 +33,7 @@ from quantreg import (
     Platform,
     QuantConfig,
     Relabel,
+    WriterOption,
     checked_regex,
     is_lm_head,
     regex_list_problem,
@@ -40,6 +41,7 @@ from quantreg import (
 )
 from quantreg.methods import _gptq_format as fmt
 from quantreg.methods._decoded import DecodedLinearMethod
+from quantreg.methods._rtn import ACTORDER_NOTE, writer_defaults
 from quantreg.methods._wna16 import (
     GroupSize,
     check_layout_fields,
@@ -272,6 +274,22 @@ class GPTQConfig(QuantConfig):
             scale_dtype=scale_dtype,
         )  # fmt: skip
         return tensors, qcfg
+
+    @classmethod
+    def writer_options(cls) -> tuple[WriterOption, ...]:
+        """GPTQ's options; ``format`` is the ``checkpoint_format``, ``actorder`` is
+        ``desc_act``."""
+        default = writer_defaults(cls.quantize_weight)
+        return (
+            WriterOption("format", "checkpoint_format", default["checkpoint_format"],
+                         CHECKPOINT_FORMATS, note="gptq_v2 stores the zero points without v1's -1"),
+            WriterOption("bits", "bits", default["bits"], SUPPORTED_BITS),
+            WriterOption("group_size", "group_size", default["group_size"],
+                         note="-1 (one group) or any positive size"),
+            WriterOption("sym", "sym", default["sym"], note="--no-sym: a zero point per group"),
+            WriterOption("actorder", "desc_act", None, ("group",), {"group": True},
+                         note=f"'group' is desc_act: {ACTORDER_NOTE}"),
+        )  # fmt: skip
 
     @classmethod
     def scope_config(

@@ -16,6 +16,7 @@ from quantreg.contract import LayerRule
 from quantreg.contract import LinearMethod
 from quantreg.contract import QuantConfig
 from quantreg.contract import Relabel
+from quantreg.contract import WriterOption
 from quantreg.contract import is_lm_head
 from quantreg.contract import select_kernel
 from quantreg.decision import resolve
@@ -60,6 +61,7 @@ if typing.TYPE_CHECKING:
     from quantreg.writers import quantize
     from quantreg.writers import quantize_checkpoint
     from quantreg.writers import write_checkpoint
+    from quantreg.writers import writer_params
 
 # Names whose modules import torch: loaded on first access so that `import quantreg`,
 # the registry and resolution stay light.
@@ -70,6 +72,7 @@ _LAZY = {
     "quantize": "quantreg.writers",
     "quantize_checkpoint": "quantreg.writers",
     "write_checkpoint": "quantreg.writers",
+    "writer_params": "quantreg.writers",
 }
 
 
@@ -112,6 +115,7 @@ __all__ = [
     "Resolution",
     "UnknownMethodError",
     "UnquantizedLinearMethod",
+    "WriterOption",
     "__version__",
     "check_lm_head",
     "checked_regex",
@@ -135,4 +139,5 @@ __all__ = [
     "share_lm_head",
     "unpack_codes",
     "write_checkpoint",
+    "writer_params",
 ]

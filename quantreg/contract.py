@@ -76,6 +76,47 @@ class Relabel:
     note: str
 
 
+@dataclass(frozen=True)
+class WriterOption:
+    """One option of a method's writer (``QuantConfig.quantize_weight``) under the name the
+    producers' users know (``bits``, ``group_size``, ``sym``, ``format``, ``actorder``), as
+    ``quantreg quantize --help`` lists it and ``quantreg.writer_params`` maps it.
+
+    Attributes:
+        name: the user-facing name (``quantize --group-size`` is ``group_size``).
+        keyword: the writer keyword it sets (GPTQ's ``format`` is ``checkpoint_format``).
+        default: the writer's value when the option is not given; None when another option
+            decides it or the option is off (``note`` says which).
+        choices: the values it takes (the writer checks them); empty: see ``note``.
+        values: the writer's value of a choice that is not the choice itself
+            (GPTQ: ``actorder='group'`` is ``desc_act=True``).
+        note: what else limits the option or decides its default.
+    """
+
+    name: str
+    keyword: str
+    default: Any = None
+    choices: tuple[Any, ...] = ()
+    values: Mapping[Any, Any] = field(default_factory=dict)
+    note: str = ""
+
+    def writer_value(self, value: Any, *, method: str) -> Any:
+        """The writer's value for ``value`` (the writer checks it, unless ``values`` maps it).
+
+        Raises:
+            InputError: a value outside ``choices`` of an option with ``values``.
+        """
+        if self.values and value not in self.values:
+            expected = " or ".join(str(c) for c in self.choices)
+            note = f" ({self.note})" if self.note else ""
+            raise InputError(
+                f"{method} writer: {self.name} {value!r} is not supported; expected "
+                f"{expected}{note}",
+                field=self.name,
+            )
+        return self.values.get(value, value)
+
+
 class LinearMethod(ABC):
     """Creates, loads, repacks and runs one layer's (quantized) weights; vLLM-shaped."""
 
@@ -265,6 +306,12 @@ class QuantConfig(BaseModel):
             ConfigError: this method has no writer, or a parameter it does not support.
         """
         raise ConfigError(f"{cls.__qualname__} has no writer: it cannot quantize a weight")
+
+    @classmethod
+    def writer_options(cls) -> tuple[WriterOption, ...]:
+        """The options of ``quantize_weight`` under their users' names (``quantreg quantize
+        --help`` lists them); empty (the default): no writer, or no options listed."""
+        return ()
 
     @classmethod
     def scope_config(

@@ -24,10 +24,11 @@ from quantreg.checkpoint import (
     read_tensors,
     weight_files,
 )
+from quantreg.contract import WriterOption
 from quantreg.detection import detect_quant_config, load_model_config
-from quantreg.errors import CheckpointError, ConfigError, InputError
+from quantreg.errors import CheckpointError, ConfigError, InputError, QuantregError
 from quantreg.output_files import output_folder, write_file, write_folder
-from quantreg.registry import get_quant_config_cls, normalize_name
+from quantreg.registry import Registry, default_registry, get_quant_config_cls, normalize_name
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,59 @@ def _quantize(
         return cls.quantize_weight(weight.detach().cpu(), **params)
     except ConfigError as exc:  # the writer's options are this call's arguments
         raise InputError(str(exc), field=exc.field) from exc
+
+
+def writer_params(method: str, **options: Any) -> dict[str, Any]:
+    """The keyword arguments of ``method``'s writer for options given under their users'
+    names (``format``, ``bits``, ``group_size``, ``sym``, ``actorder``: see
+    ``QuantConfig.writer_options``), e.g. GPTQ's ``actorder='group'`` is ``desc_act=True``;
+    an option that is None is left out (the writer's default applies).
+
+    Raises:
+        InputError: an option ``method``'s writer does not have (the message names the
+            methods whose writer has it), or a value outside its choices.
+        UnknownMethodError: unknown method.
+    """
+    name = normalize_name(method)
+    known = {option.name: option for option in get_quant_config_cls(method).writer_options()}
+    params: dict[str, Any] = {}
+    for key, value in options.items():
+        if value is None:
+            continue
+        option = known.get(key)
+        if option is None:
+            having = [names for names, opts in writers() if key in {o.name for o in opts}]
+            listed = "; ".join(", ".join(names) for names in having) or "none"
+            raise InputError(
+                f"{name} writer: no '{key}' option (its options: {', '.join(known)}); "
+                f"writers with '{key}': {listed}"
+                if known
+                else f"{name} has no writer, so it takes no '{key}'; writers: "
+                + "; ".join(", ".join(names) for names, _ in writers()),
+                field=key,
+            )
+        params[option.keyword] = option.writer_value(value, method=name)
+    return params
+
+
+def writers(
+    registry: Registry | None = None,
+) -> list[tuple[tuple[str, ...], tuple[WriterOption, ...]]]:
+    """Every registered method with a writer that lists options, as ``(names, options)``;
+    methods that share one writer (``awq`` and ``awq_marlin``) share an entry. Imports every
+    method; a plugin that fails to import is left out (``quantreg methods`` shows it)."""
+    registry = registry or default_registry()
+    groups: dict[Any, tuple[list[str], tuple[WriterOption, ...]]] = {}
+    for name in registry.names():
+        try:
+            cls = registry.get(name)
+            options = cls.writer_options()
+        except QuantregError:
+            continue
+        if options:
+            key = getattr(cls.quantize_weight, "__func__", cls.quantize_weight)
+            groups.setdefault(key, ([], options))[0].append(name)
+    return [(tuple(names), options) for names, options in groups.values()]
 
 
 def write_checkpoint(
