@@ -12,6 +12,9 @@ contract (``QuantConfig``, ``LinearMethod``, ``Relabel``), the parameter helpers
 import typing
 
 from quantreg._version import __version__
+from quantreg.compare import Comparison
+from quantreg.compare import compare_heads
+from quantreg.compare import compare_logits
 from quantreg.contract import LayerRule
 from quantreg.contract import LinearMethod
 from quantreg.contract import QuantConfig
@@ -93,6 +96,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "Candidate",
     "CheckpointError",
+    "Comparison",
     "ConfigError",
     "DistributedError",
     "DrafterConfig",
@@ -119,6 +123,8 @@ __all__ = [
     "__version__",
     "check_lm_head",
     "checked_regex",
+    "compare_heads",
+    "compare_logits",
     "frozen_param",
     "get_quant_config_cls",
     "has_own_lm_head",

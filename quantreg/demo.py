@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from quantreg.compare import compare_logits
 from quantreg.decision import resolve
 from quantreg.loading import load_lm_head
 from quantreg.writers import write_checkpoint
@@ -192,10 +193,10 @@ def hidden_states(seed: int = 0) -> torch.Tensor:
 
 
 def logit_error(logits: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
-    """``(|logits - ref| / |ref|, share of tokens whose arg-max agrees)`` against ``ref``."""
-    delta = (logits.double() - reference).norm() / reference.norm()
-    agree = (logits.argmax(-1) == reference.argmax(-1)).double().mean()
-    return float(delta), float(agree)
+    """``(|logits - ref| / |ref|, share of tokens whose arg-max agrees)`` against ``ref``
+    (the metrics of :func:`quantreg.compare_logits`, which ``quantreg compare`` prints)."""
+    comparison = compare_logits(logits, reference)
+    return comparison.rel_err, comparison.top1
 
 
 def run_demo(
