@@ -11,15 +11,14 @@ import contextlib
 import json
 import os
 import sys
-import time
+import textwrap
 from pathlib import Path
 from typing import Any
 
 import quantreg
 from quantreg.checkpoint import INDEX_NAME, weight_files
 from quantreg.errors import InputError, QuantregError
-from quantreg.files import regular_stat
-from quantreg.output_files import FileId, file_ids, output_file, strict_json, write_file
+from quantreg.output_files import output_file, strict_json
 
 STDOUT = "writing to standard output"
 
@@ -48,19 +47,31 @@ def checkpoint_files(path: str) -> list[Path]:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    """List every registered method: built-ins and plugins, broken ones with their error."""
-    infos = quantreg.list_quant_methods()
+    """List every registered method: built-ins and plugins, broken ones with their error, and
+    whether each runs its intended kernels on this machine (and why not)."""
+    from quantreg.report import methods_here
+
+    args.doing = "probing this machine"
+    rows = methods_here()
     if args.json:
-        print_json(args, [info.to_dict() for info in infos])
+        print_json(args, rows)
         return 0
     args.doing = STDOUT
-    width = max(len(info.name) for info in infos)
-    for info in infos:
-        state = "broken" if info.error else ("loaded" if info.loaded else "available")
-        aliases = f" (aliases: {', '.join(info.aliases)})" if info.aliases else ""
-        print(f"{info.name:<{width}}  {state:<9}  {info.source}{aliases}")
-        if info.error:
-            print(f"{'':<{width}}  error: {info.error}")
+    width = max(len(row["name"]) for row in rows)
+    for row in rows:
+        state = "broken" if row["error"] else ("loaded" if row["loaded"] else "available")
+        aliases = f" (aliases: {', '.join(row['aliases'])})" if row["aliases"] else ""
+        here = {True: "yes", False: "no", None: "?"}[row["runs_here"]]
+        print(f"{row['name']:<{width}}  {state:<9}  here: {here:<3}  {row['source']}{aliases}")
+        if row["error"]:
+            print(f"{'':<{width}}  error: {row['error']}")
+        elif row["platform_reason"]:
+            print(f"{'':<{width}}  not here: {row['platform_reason']}")
+    if any(row["runs_here"] is False for row in rows):
+        print(
+            "here: no -- resolution picks another method on this machine; forced "
+            "(--quantization), the method runs its CPU path"
+        )
     return 0
 
 
@@ -83,7 +94,8 @@ def cmd_resolve(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    """Show a checkpoint's config, its head's method, and every tensor (headers only)."""
+    """Show a checkpoint's config, its head's method, drafter facts, and every tensor
+    (headers only)."""
     from quantreg.report import inspect_checkpoint
 
     args.doing = f"inspecting {args.path}"
@@ -94,8 +106,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     args.doing = STDOUT
     quant = report["config"].get("quantization_config")
     print(f"{args.path}: {args.prefix} -> {report['method'] or 'unquantized'} ({report['rule']})")
-    if isinstance(quant, dict):
-        print(f"quantization_config: {json.dumps(quant, sort_keys=True)[:300]}")
+    if quant is not None:
+        text = " " + strict_json(quant, indent=None)
+        if len(text) > 80:  # whole, one key per line: never cut inside a structure
+            text = "\n" + textwrap.indent(strict_json(quant, indent=2), "  ")
+        print(f"quantization_config:{text}")
+    if report["drafter"] is not None:
+        print(f"drafter: {_drafter_line(report['drafter'])}")
     width = max((len(t["name"]) for t in report["tensors"]), default=4)
     for t in report["tensors"]:
         flag = "q" if t["quantized"] else " "
@@ -103,127 +120,98 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             f"  {flag} {t['name']:<{width}}  {t['dtype']:<7} {t['shape']!s:<16} "
             f"{t['bytes']:>12,d}  {t['file']}"
         )
+    if any(t["quantized"] for t in report["tensors"]):
+        print("  (q: a tensor of a quantized layer's layout)")
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    """Load the head, compute logits for hidden states, print top-5 ids and timings."""
-    import torch
-
-    from quantreg.loading import load_lm_head
-    from quantreg.values import check_logits
-
-    if args.hidden is not None:  # before the load: a bad --hidden fails fast
-        regular_stat(Path(args.hidden), what="hidden states file")
-    reads = file_ids([*checkpoint_files(args.path), *([args.hidden] if args.hidden else [])])
-    if args.out is not None:  # every rank checks, so all fail alike before any collective
-        output_file(args.out, reads=reads, what="--out")
-    args.doing = f"loading {args.prefix} of {args.path}"
-    start = time.perf_counter()
-    head = load_lm_head(
-        args.path, device=args.device, dtype=args.dtype, requested=args.quantization,
-        platform=args.platform, prefix=args.prefix, kernel=args.kernel,
-    )  # fmt: skip
-    load_s = time.perf_counter() - start
-    x = _hidden_states(args, head.embedding_dim).to(device=args.device, dtype=head.params_dtype)
-    args.doing = f"computing logits for {x.shape[0]} tokens"
-    start = time.perf_counter()
-    with torch.inference_mode():
-        logits = head.compute_logits(x)
-    forward_s = time.perf_counter() - start
-    check_logits(logits, x, head, args.path, args.hidden)  # no exit 0 with NaN / inf logits
-    top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices.tolist()
-    if args.rank != 0:
-        return 0  # under torchrun every rank computed the full logits; rank 0 reports them
-    if args.out is not None:
-        _write_logits(args, logits, reads)
-    assert head.kernel is not None  # recorded by the loader
-    result = {
-        "method": head.resolution.method if head.resolution else None,
-        "kernel": head.kernel.name,
-        "kernel_reason": head.kernel.reason,
-        "load_s": round(load_s, 6),
-        "forward_s": round(forward_s, 6),
-        "resident_bytes": head.resident_bytes(),
-        "top5": top5,
-    }
-    if args.json:
-        print_json(args, result)
-        return 0
-    args.doing = STDOUT
-    print(f"method: {result['method'] or 'unquantized'}  ({head.quant_reason})")
-    print(f"kernel: {head.kernel.name}  ({head.kernel.reason})")
-    print(f"load {load_s * 1e3:.1f} ms, forward {forward_s * 1e3:.2f} ms "
-          f"({x.shape[0]} tokens), resident head {result['resident_bytes']:,d} bytes")  # fmt: skip
-    for i, ids in enumerate(top5):
-        print(f"  token {i}: top-5 ids {ids}")
-    if args.out is not None:
-        print(f"logits {list(logits.shape)} written to {args.out}")
-    return 0
-
-
-def _hidden_states(args: argparse.Namespace, hidden: int) -> Any:
-    """``--hidden``'s tensor ``x`` (checked against the head's hidden size) or ``--tokens``
-    random rows from ``--seed``.
-
-    Raises:
-        CheckpointError: an unreadable ``--hidden`` file (see ``read_hidden_states``).
-        InputError: its ``x`` has another number of features than the head.
-    """
-    import torch
-
-    from quantreg.checkpoint import read_hidden_states
-
-    if args.hidden is None:
-        args.doing = f"drawing {args.tokens} random hidden states of size {hidden}"
-        return torch.randn(args.tokens, hidden, generator=torch.Generator().manual_seed(args.seed))
-    args.doing = f"reading hidden states from {args.hidden}"
-    x = read_hidden_states(args.hidden)
-    if x.shape[-1] != hidden:
-        raise InputError(
-            f"{args.hidden}: tensor 'x' has {x.shape[-1]} features; the head expects "
-            f"hidden size {hidden}",
-            field="hidden",
-        )
-    return x
-
-
-def _write_logits(args: argparse.Namespace, logits: Any, reads: dict[FileId, Path]) -> None:
-    from quantreg.writers import save_tensors
-
-    args.doing = f"writing logits to {args.out}"
-    tensors = {"logits": logits.detach().cpu().contiguous()}
-    write_file(Path(args.out), lambda tmp: save_tensors(tensors, tmp), reads=reads, what="--out")
+def _drafter_line(facts: dict[str, Any]) -> str:
+    """One line of drafter facts: layout, vocab sizes, and whether d2t is present and valid."""
+    if "error" in facts:
+        return f"invalid drafter config: {facts['error']}"
+    draft, target = facts["draft_vocab_size"], facts["target_vocab_size"]
+    d2t = facts["d2t"]
+    if not d2t["present"]:
+        state = "absent" + (" (same vocab: none needed)" if draft == target else
+                            " -- to_target_vocab cannot map draft ids to target ids")  # fmt: skip
+    elif d2t["valid"]:
+        state = f"present, valid ({draft} draft ids map one-to-one into the target vocab)"
+    else:
+        state = f"present, INVALID: {d2t['error']}"
+    arch = ", ".join(facts["architectures"]) or "no architectures"
+    return (
+        f"{facts['layout']} ({arch}), hidden {facts['hidden_size']}, draft vocab {draft} -> "
+        f"target vocab {target}; d2t {state}"
+    )
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    """Quantize the head of a checkpoint into a copy."""
+    """Quantize the head of a checkpoint into a copy; print the settings used and the head's
+    bytes on disk before and after."""
     from quantreg.files import read_json
-    from quantreg.writers import quantize_checkpoint
+    from quantreg.report import head_bytes
+    from quantreg.writers import quantize_checkpoint, writer_params
 
-    params = {
+    if args.desc_act and args.actorder not in (None, "group"):
+        raise InputError(
+            f"--desc-act is --actorder group; it contradicts --actorder {args.actorder}",
+            field="actorder",
+        )
+    given = {
         key: value
         for key, value in (
-            ("bits", args.bits), ("group_size", args.group_size), ("sym", args.sym),
-            ("desc_act", args.desc_act or None), ("format", args.format),
+            ("format", args.format), ("bits", args.bits), ("group_size", args.group_size),
+            ("sym", args.sym), ("actorder", "group" if args.desc_act else args.actorder),
         )
         if value is not None
     }  # fmt: skip
+    params = writer_params(args.method, **given)
     args.doing = f"quantizing {args.prefix} of {args.src} into {args.dst}"
     dst = quantize_checkpoint(
         args.src, args.dst, args.method, prefix=args.prefix, overwrite=args.force, **params
     )
+    args.doing = f"reading the headers of {args.src} and {dst}"
+    before, after = head_bytes(args.src, args.prefix), head_bytes(dst, args.prefix)
     qcfg = read_json(dst / "config.json", what="written config")["quantization_config"]
     settings = {k: v for k, v in qcfg.items() if k not in ("modules_to_not_convert", "dynamic")}
+    args.doing = STDOUT
     print(f"wrote {dst}: {args.prefix} quantized with {args.method} by round-to-nearest "
           "(no calibration data); every other module stays float")  # fmt: skip
+    print(f"  settings: {_settings(args.method, given)}")
     print(f"  quantization_config: {json.dumps(settings, sort_keys=True)}")
+    old, new = sum(before.values()), sum(after.values())
+    print(
+        f"  {args.prefix} on disk: {old:,d} bytes ({_names(before, args.prefix)}) -> {new:,d} "
+        f"bytes ({_names(after, args.prefix)}): {new / max(old, 1):.2f}x"
+    )
     for key in ("modules_to_not_convert", "dynamic"):
         if qcfg.get(key):
             print(
                 f"  {key}: {json.dumps(qcfg[key])}  (the float modules, for vLLM and transformers)"
             )
     return 0
+
+
+def _settings(method: str, given: dict[str, Any]) -> str:
+    """Every writer option with the value used: given, or the writer's default."""
+    parts = []
+    for option in quantreg.get_quant_config_cls(method).writer_options():
+        value = given.get(option.name, option.default)
+        shown = {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+        if option.name in given:
+            parts.append(f"{option.name} {shown}")
+        elif value is None:
+            unset = (
+                "off" if option.name == "actorder" else "set by the format (quantization_config)"
+            )
+            parts.append(f"{option.name} {unset}")
+        else:
+            parts.append(f"{option.name} {shown} (default)")
+    return ", ".join(parts)
+
+
+def _names(sizes: dict[str, int], prefix: str) -> str:
+    return ", ".join(name.removeprefix(f"{prefix}.") for name in sizes)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

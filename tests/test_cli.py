@@ -39,7 +39,10 @@ def test_methods_json_lists_every_builtin(capsys):
     assert [e["name"] for e in entries] == [
         "awq", "awq_marlin", "compressed-tensors", "cpu_wna16", "gptq", "gptq_marlin", "unquantized",
     ]  # fmt: skip
-    assert all(set(e) == {"name", "aliases", "source", "loaded", "error"} for e in entries)
+    assert all(
+        set(e) == {"name", "aliases", "source", "loaded", "error", "runs_here", "platform_reason"}
+        for e in entries
+    )
 
 
 def test_methods_text(capsys):

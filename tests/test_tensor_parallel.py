@@ -151,7 +151,8 @@ def test_torchrun_cli_prints_once_and_matches_one_process(tmp_path):
     save_file({"x": x}, str(tmp_path / "x.safetensors"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
            "-m", "quantreg", "run", str(ckpt), "--hidden", str(tmp_path / "x.safetensors"),
-           "--out", str(tmp_path / "o.safetensors"), "--dtype", "float32", "--json"]  # fmt: skip
+           "--out", str(tmp_path / "o.safetensors"), "--dtype", "float32", "--json",
+           "--reference", str(ckpt)]  # fmt: skip
     out = subprocess.run(
         cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
@@ -163,6 +164,9 @@ def test_torchrun_cli_prints_once_and_matches_one_process(tmp_path):
         load_file(str(tmp_path / "o.safetensors"))["logits"], expected, rtol=0, atol=0
     )
     assert data["top5"] == expected.topk(5).indices.tolist()
+    assert data["tp_size"] == 2 and data["resident_bytes_per_rank"] is True
+    reference = data["reference"]  # the same head, sharded alike: nothing lost
+    assert (reference["rel_err"], reference["top1"], reference["kl"]) == (0.0, 1.0, 0.0)
 
 
 @pytest.mark.slow
