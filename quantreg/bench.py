@@ -5,10 +5,11 @@ checkpoint in the format's own layout and loaded by ``load_lm_head``, so every r
 kernel the loader selected and names it (``kernel``) -- plus torch's own weight-only ops as
 peers, for (N, K) in {(32000, 4096), (128256, 4096)} and M in {1, 4, 16,
 64}. Heads are rotated across copies until their weights exceed the caches, every case is
-warmed up, runs are interleaved across methods, and the median is reported.
+warmed up, runs are interleaved across methods, and the median is reported with the spread of
+the timed rounds (``min_ms``, ``max_ms``).
 
-* ``ratio_vs_bf16`` = median time of dense bf16 ``F.linear`` / median time of the case
-  (higher is faster);
+* ``ratio_vs_bf16`` = median time of dense bf16 ``F.linear`` of the same N, K and M, timed in
+  the same group (interleaved with the case) / median time of the case (higher is faster);
 * ``gbps`` = resident weight bytes / median time;
 * ``peak_transient_bytes``: the peak of (bytes allocated - bytes freed) by torch's CPU
   allocator during one call, from ``torch.profiler`` memory events (each op's own
@@ -48,6 +49,10 @@ QUICK_SHAPES = ((1024, 512),)
 MS = (1, 4, 16, 64)
 CACHE_BYTES = 256 * 2**20  # rotate copies until the weights exceed this
 ROW_CHUNK = 8192  # vocab rows quantized per step when building a head
+# Seconds per weight element, timed case and M beyond the timing budget (writing, loading,
+# warm-up, profiling and the exact reference of every case): the pace of a 2-core CPU, where a
+# full run took about 45 minutes.
+PACE_S = 6e-8
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,8 @@ class Row:
     M: int
     dtype: str
     median_ms: float
+    min_ms: float
+    max_ms: float
     ratio_vs_bf16: float
     gbps: float
     resident_bytes: int
@@ -196,8 +203,10 @@ def run_bench(
     measured alongside it.
     """
     say = progress or (lambda message: logger.info("%s", message))
+    shapes = shapes or (QUICK_SHAPES if quick else FULL_SHAPES)
+    say(estimate(shapes, ms, budget_s, methods))
     rows: list[Row] = []
-    for n, k in shapes or (QUICK_SHAPES if quick else FULL_SHAPES):
+    for n, k in shapes:
         copies = max(1, min(8, math.ceil(CACHE_BYTES / (n * k * 2))))
         dense = _dense_cases(n, k)
         groups: list[Callable[[], list[Case]]] = [list]
@@ -218,16 +227,39 @@ def run_bench(
     return {"machine": machine(), "rows": [asdict(r) for r in rows]}
 
 
+def estimate(
+    shapes: tuple[tuple[int, int], ...],
+    ms: tuple[int, ...],
+    budget_s: float,
+    methods: tuple[str, ...] | None = None,
+) -> str:
+    """What a run will cost, said before it starts: the timing budget it spends for sure,
+    plus the work that grows with the weights (at ``PACE_S``, a 2-core CPU's pace)."""
+    kept = [[m for m in f.methods if methods is None or m in methods] for f in FORMATS]
+    peers = 2 if methods is None or "torch" in methods else 0
+    groups = 1 + sum(1 for m in kept if m) + (1 if peers else 0)
+    cases = 2 + sum(len(m) for m in kept) + peers
+    timing = len(shapes) * groups * len(ms) * budget_s
+    work = sum(n * k for n, k in shapes) * cases * len(ms) * PACE_S
+    total = timing + work
+    about = f"{total / 60:.0f} min" if total >= 90 else f"{max(total, 1):.0f} s"
+    return (
+        f"bench: {len(shapes)} shape(s) x {groups} groups x {len(ms)} token counts, "
+        f"{budget_s:g} s of timing each ({timing:.0f} s), plus writing, loading and checking "
+        f"{cases} cases per shape: about {about} in all on a 2-core CPU"
+    )
+
+
 def _time_group(cases: list[Case], n: int, k: int, m: int, budget_s: float, skip: int) -> list[Row]:
     """Time ``cases`` interleaved (``cases[0]`` or ``[1]`` is dense bf16: the baseline) and
     return a row for each case after the first ``skip``."""
     x32 = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
     inputs = [x32.to(case.dtype) for case in cases]
-    medians = _medians([_cycle(c.fns, x) for c, x in zip(cases, inputs, strict=True)], budget_s)
-    bf16 = next(t for c, t in zip(cases, medians, strict=True) if c.method == "dense bf16")
+    times = _timings([_cycle(c.fns, x) for c, x in zip(cases, inputs, strict=True)], budget_s)
+    bf16 = next(t[0] for c, t in zip(cases, times, strict=True) if c.method == "dense bf16")
     references: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # one exact result per format
     rows = []
-    for case, x, median in list(zip(cases, inputs, medians, strict=True))[skip:]:
+    for case, x, (median, low, high) in list(zip(cases, inputs, times, strict=True))[skip:]:
         key = (id(getattr(case.reference, "__self__", case.reference)), case.dtype)
         if key not in references:
             references[key] = case.reference(x.float())
@@ -236,7 +268,7 @@ def _time_group(cases: list[Case], n: int, k: int, m: int, budget_s: float, skip
             Row(
                 method=case.method, format=case.format, bits=case.bits, N=n, K=k, M=m,
                 dtype=str(case.dtype).removeprefix("torch."), median_ms=round(median, 4),
-                ratio_vs_bf16=round(bf16 / median, 3),
+                min_ms=round(low, 4), max_ms=round(high, 4), ratio_vs_bf16=round(bf16 / median, 3),
                 gbps=round(case.resident_bytes / median / 1e6, 2),
                 resident_bytes=case.resident_bytes,
                 peak_transient_bytes=peak_transient_bytes(lambda c=case, x=x: c.fns[0](x)),
@@ -296,9 +328,9 @@ def _cycle(fns: list[Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor) -
     return call
 
 
-def _medians(calls: list[Callable[[], Any]], budget_s: float) -> list[float]:
-    """Median ms per call: warm-up, then rounds of one call each (interleaved) until the
-    budget is spent (at least 3 rounds, at most 50)."""
+def _timings(calls: list[Callable[[], Any]], budget_s: float) -> list[tuple[float, float, float]]:
+    """(median, min, max) ms per call: warm-up, then rounds of one call each (interleaved)
+    until the budget is spent (at least 3 rounds, at most 50)."""
     for call in calls:
         call()
     times: list[list[float]] = [[] for _ in calls]
@@ -310,7 +342,7 @@ def _medians(calls: list[Callable[[], Any]], budget_s: float) -> list[float]:
             times[i].append((time.perf_counter() - t0) * 1e3)
         if round_ >= 2 and time.perf_counter() - start > budget_s:
             break
-    return [statistics.median(t) for t in times]
+    return [(statistics.median(t), min(t), max(t)) for t in times]
 
 
 def _torch_peers(n: int, k: int, copies: int) -> list[Case]:

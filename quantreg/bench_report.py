@@ -44,37 +44,61 @@ def machine() -> dict[str, Any]:
     }
 
 
+CURRENT, HISTORY = "\n## Current numbers\n", "\n## History\n"
+BASELINE = (
+    "× dense bf16 = median time of dense bf16 `F.linear` with the same N, K and M, timed in the "
+    "same group as the row (interleaved with it), / the row's median time: higher is faster. "
+    "median ms (min–max): over the row's timed rounds."
+)
+
+
 def format_table(result: dict[str, Any]) -> str:
-    """The rows as a Markdown table."""
+    """The rows as a Markdown table, with the baseline of the ratios under it."""
     lines = [
-        "| method | kernel | format | N | K | M | dtype | median ms | × bf16 | GB/s "
-        "| resident MiB | peak transient MiB | max rel err |",
+        "| method | kernel | format | N | K | M | dtype | median ms (min–max) | × dense bf16 "
+        "| GB/s | resident MiB | peak transient MiB | max rel err |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
+        spread = f" ({r['min_ms']:.3f}–{r['max_ms']:.3f})" if "min_ms" in r else ""
         lines.append(
             f"| {r['method']} | {r.get('kernel', '')} | {r['format']} | {r['N']} | {r['K']} | "
             f"{r['M']} | {r['dtype']} | "
-            f"{r['median_ms']:.3f} | {r['ratio_vs_bf16']:.2f} | {r['gbps']:.1f} | "
+            f"{r['median_ms']:.3f}{spread} | {r['ratio_vs_bf16']:.2f} | {r['gbps']:.1f} | "
             f"{r['resident_bytes'] / 2**20:.1f} | {r['peak_transient_bytes'] / 2**20:.1f} | "
             f"{r['max_rel_err']:.1e} |"
         )
-    return "\n".join(lines)
+    return "\n".join([*lines, "", BASELINE])
 
 
 def append_results(result: dict[str, Any], path: Path, note: str = "") -> None:
-    """Add a dated table with the machine to ``path`` (e.g. bench/RESULTS.md): current numbers
-    first, so the section goes before the file's first ``## `` section (after its intro)."""
+    """Record a run in ``path`` (e.g. bench/RESULTS.md) as its current numbers: the section
+    under ``## Current numbers`` moves to the top of ``## History`` (newest first), and the new
+    one (date, machine, note, table) takes its place. A file without those headings gets them
+    before its first ``## `` section (after its intro)."""
     m = result["machine"]
     header = (
-        f"\n## {m['date']} — {m['cpu']}, {m['cores']} cores ({m['threads']} threads), "
+        f"\n### {m['date']} — {m['cpu']}, {m['cores']} cores ({m['threads']} threads), "
         f"{', '.join(m['isa']) or 'no AVX-512'}, torch {m['torch']}\n"
     )
     section = header + (f"\n{note}\n" if note else "") + "\n" + format_table(result) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     text = path.read_text(encoding="utf-8") if path.exists() else ""
-    first = text.find("\n## ")
-    text = text + section if first < 0 else text[:first] + section + text[first:]
+    if CURRENT in text:
+        start = text.index(CURRENT) + len(CURRENT)
+        end = text.find("\n## ", start)
+        end = len(text) if end < 0 else end
+        previous, text = text[start:end], text[:start] + text[end:]
+        if HISTORY not in text:
+            text = text.rstrip("\n") + "\n" + HISTORY
+        at = text.index(HISTORY) + len(HISTORY)
+        text = text[:at] + previous + text[at:]
+        at = text.index(CURRENT) + len(CURRENT)
+        text = text[:at] + section + text[at:]
+    else:
+        first = text.find("\n## ")
+        block = CURRENT + section
+        text = text + block if first < 0 else text[:first] + block + text[first:]
     write_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), what="--append-results")
 
 

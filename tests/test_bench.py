@@ -10,12 +10,14 @@ import contextlib
 import importlib.util
 import io
 import json
+import re
+from pathlib import Path
 
 import pytest
 
 from quantreg import kernels
-from quantreg.bench import FORMATS
-from quantreg.bench_report import append_results, format_table
+from quantreg.bench import FORMATS, estimate
+from quantreg.bench_report import BASELINE, append_results, format_table
 from quantreg.cli import main
 
 ROW_KEYS = {"method", "kernel", "bits", "N", "K", "M", "dtype", "median_ms", "ratio_vs_bf16", "gbps",
@@ -109,3 +111,44 @@ def test_methods_keeps_only_those_and_the_dense_baselines(tmp_path, capsys):
 def test_unknown_methods_are_a_clear_error(capsys):
     assert main(["bench", "--quick", "--methods", "awq,nope"]) == 1
     assert "--methods: unknown nope; expected some of" in capsys.readouterr().err
+
+
+def test_every_median_comes_with_its_spread_and_the_table_states_its_baseline(quick):
+    _, stdout, result, _ = quick
+    assert all(r["min_ms"] <= r["median_ms"] <= r["max_ms"] for r in result["rows"])
+    assert "| median ms (min–max) | × dense bf16 |" in stdout
+    assert BASELINE in stdout and "same N, K and M" in BASELINE and "same group" in BASELINE
+    row = {**result["rows"][0], "median_ms": 1.0, "min_ms": 0.9, "max_ms": 1.25}
+    assert "| 1.000 (0.900–1.250) |" in format_table({"rows": [row]})
+
+
+def test_the_estimate_is_said_before_any_timing(capsys):
+    argv = ["bench", "--shape", "256x256", "--m", "1,2", "--budget", "0", "--methods", "torch"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == estimate(((256, 256),), (1, 2), 0.0, ("torch",))
+    assert err[0].startswith("bench: 1 shape(s) x 2 groups x 2 token counts, 0 s of timing each")
+
+
+def test_a_new_run_becomes_the_current_numbers_and_the_old_ones_history(tmp_path):
+    path = tmp_path / "R.md"
+    path.write_text("# Results\n\nintro\n")
+    machine = {"cpu": "X", "cores": 2, "threads": 2, "isa": [], "torch": "2.13"}
+    for date in ("2026-01-01", "2026-02-02", "2026-03-03"):
+        append_results({"machine": {**machine, "date": date}, "rows": []}, path)
+    text = path.read_text()
+    assert text.startswith("# Results\n\nintro\n\n## Current numbers\n\n### 2026-03-03 — X")
+    current, history = text.split("\n## History\n")
+    assert "2026-02-02" not in current and "2026-01-01" not in current
+    assert history.index("### 2026-02-02") < history.index("### 2026-01-01")
+    assert text.count("\n## ") == 2 and text.count("\n### ") == 3
+
+
+def test_results_md_opens_with_the_current_numbers_then_the_history_newest_first():
+    text = (Path(__file__).parents[1] / "bench" / "RESULTS.md").read_text()
+    sections = re.findall(r"(?m)^## (.*)$", text)
+    assert sections == ["Current numbers", "History"]
+    current, history = text.split("\n## History\n")
+    dates = re.findall(r"(?m)^### (\d{4}-\d\d-\d\d \d\d:\d\d UTC) — ", history)
+    (now,) = re.findall(r"(?m)^### (\d{4}-\d\d-\d\d \d\d:\d\d UTC) — ", current)
+    assert dates == sorted(dates, reverse=True) and now > dates[0]
