@@ -58,11 +58,15 @@ def cmd_methods(args: argparse.Namespace) -> int:
         return 0
     args.doing = STDOUT
     width = max(len(row["name"]) for row in rows)
-    for row in rows:
+    origins = [
+        row["source"] + (f" (aliases: {', '.join(row['aliases'])})" if row["aliases"] else "")
+        for row in rows
+    ]
+    column = max(map(len, origins))
+    for row, origin in zip(rows, origins, strict=True):
         state = "broken" if row["error"] else ("loaded" if row["loaded"] else "available")
-        aliases = f" (aliases: {', '.join(row['aliases'])})" if row["aliases"] else ""
         here = {True: "yes", False: "no", None: "?"}[row["runs_here"]]
-        print(f"{row['name']:<{width}}  {state:<9}  here: {here:<3}  {row['source']}{aliases}")
+        print(f"{row['name']:<{width}}  {state:<9}  {origin:<{column}}  here: {here}")
         if row["error"]:
             print(f"{'':<{width}}  error: {row['error']}")
         elif row["platform_reason"]:

@@ -149,6 +149,8 @@ def test_a_good_plugin_is_listed_as_loaded_next_to_every_builtin(tmp_path):
         "source": "plugin good-plugin 1.0: good = good_plugin:GoodConfig",
         "loaded": True,
         "error": None,
+        "runs_here": True,
+        "platform_reason": None,
     }
     assert {methods[name]["source"] for name in BUILTINS} == {"built-in"}
 
@@ -235,6 +237,8 @@ def test_a_self_registering_plugin_module_is_listed_once_under_its_entry_point(t
         "source": selfreg.source("selfreg"),
         "loaded": True,
         "error": None,
+        "runs_here": True,
+        "platform_reason": None,
     }
 
 
