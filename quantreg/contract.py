@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import reprlib
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
 from quantreg.errors import ConfigError, InputError, MethodDefinitionError
 from quantreg.parameters import copy_weight, layer_geometry
+from quantreg.validation_messages import describe_validation_error, first_field, where
 
 if TYPE_CHECKING:
     import torch
@@ -222,7 +222,7 @@ class QuantConfig(BaseModel):
         """
         if not isinstance(data, Mapping):
             raise ConfigError(
-                f"quantization_config{_where(source)} must be a JSON object, "
+                f"quantization_config{where(source)} must be a JSON object, "
                 f"got {type(data).__name__}"
             )
         payload = {k: v for k, v in data.items() if k != "quant_method"}
@@ -237,7 +237,7 @@ class QuantConfig(BaseModel):
             logger.debug(
                 "%s config%s: keeping unknown keys %s",
                 method,
-                _where(source),
+                where(source),
                 sorted(config.model_extra),
             )
         return config
@@ -388,54 +388,3 @@ def select_kernel(
     if layer is not None:
         layer.kernel = kernel
     return kernel
-
-
-def _where(source: str | None) -> str:
-    return f" in {source}" if source else ""
-
-
-def first_field(exc: ValidationError) -> str | None:
-    """The dotted name of the first field a pydantic error is about."""
-    errors = exc.errors(include_url=False)
-    return ".".join(str(part) for part in errors[0]["loc"]) or None if errors else None
-
-
-def describe_validation_error(
-    exc: ValidationError,
-    *,
-    method: str,
-    source: str | None = None,
-    what: str = "quantization_config",
-) -> str:
-    """Turn a pydantic error into one line per bad field: file, method, field, value, rule
-    (the first ten bad fields, each value cut to 200 characters: a checkpoint's lists can be
-    huge)."""
-    lines = []
-    errors = exc.errors(include_url=False)
-    for err in errors[:_SHOWN_ERRORS]:
-        loc = ".".join(str(part) for part in err["loc"]) or "<config>"
-        msg = err["msg"]
-        if msg.startswith("Value error, "):
-            msg = msg[len("Value error, ") :]
-        if err["type"] == "missing":
-            lines.append(f"field '{loc}' is required")
-        else:
-            lines.append(f"field '{loc}' = {_shown(err.get('input'))}: {msg}")
-    if len(errors) > _SHOWN_ERRORS:
-        lines.append(f"and {len(errors) - _SHOWN_ERRORS} more")
-    return f"invalid {method} {what}{_where(source)}: " + "; ".join(lines)
-
-
-_SHOWN_ERRORS = 10
-_SHOWN_CHARS = 200
-
-
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 3, 10, 10
-_REPR.maxstring, _REPR.maxother, _REPR.maxlong = _SHOWN_CHARS, _SHOWN_CHARS, 60
-
-
-def _shown(value: Any) -> str:
-    """``repr(value)``, with at most 10 items of a list or dict and 200 characters shown."""
-    text = _REPR.repr(value)
-    return text if len(text) <= _SHOWN_CHARS else f"{text[:_SHOWN_CHARS]}..."

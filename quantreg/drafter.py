@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any, Self
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from quantreg.checkpoint import D2T_NAME, TensorInfo
-from quantreg.contract import describe_validation_error
 from quantreg.detection import flatten_config
 from quantreg.errors import CheckpointError, ConfigError
+from quantreg.validation_messages import describe_validation_error
 from quantreg.view import read_checkpoint
 
 if TYPE_CHECKING:
