@@ -100,7 +100,8 @@ def read_checkpoint(
     Raises:
         InputError: ``source`` is neither a path nor a dict.
         CheckpointError: the path does not exist, is a broken link or a symlink loop, is
-            neither a folder nor a regular file, or its index / headers are bad.
+            neither a folder nor a regular file, is a ``.safetensors`` file, or its index /
+            headers are bad.
         ConfigError: config.json is missing, unreadable or not JSON.
     """
     if isinstance(source, Mapping):
@@ -116,6 +117,12 @@ def read_checkpoint(
         raise CheckpointError(
             f"checkpoint path {path} is {kind(mode)}; expected a checkpoint folder or its "
             "config.json",
+            path=path,
+        )
+    if stat.S_ISREG(mode) and path.suffix == ".safetensors":
+        raise CheckpointError(
+            f"checkpoint path {path} is a safetensors file; pass its checkpoint folder (or "
+            "the folder's config.json)",
             path=path,
         )
     root = path if stat.S_ISDIR(mode) else path.parent

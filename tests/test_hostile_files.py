@@ -299,6 +299,7 @@ CATALOGUE = [
     ("path-is-a-fifo", elsewhere(fifo_beside), CheckpointError, r"checkpoint path .*pipe is a FIFO \(named pipe\); expected a checkpoint folder or its config.json"),
     ("path-is-a-device", elsewhere(lambda p: Path("/dev/null")), CheckpointError, r"checkpoint path /dev/null is a character device"),
     ("path-is-a-link-loop", elsewhere(loop_beside), CheckpointError, r"checkpoint path .*loop-a is a symlink loop"),
+    ("path-is-a-safetensors-file", elsewhere(lambda p: p / "model.safetensors"), CheckpointError, r"checkpoint path .*model.safetensors is a safetensors file; pass its checkpoint folder"),
     ("path-is-a-broken-link", elsewhere(dangling_beside), CheckpointError, r"checkpoint path .*gone is a broken link to nowhere"),
     # safetensors headers safe_open refuses
     ("header-hole-at-the-start", header(data=lambda d, h: bytes(8) + d, edit=lambda h: re.sub(rb'"data_offsets":\s*\[(\d+),\s*(\d+)\]', lambda m: b'"data_offsets": [%d, %d]' % (int(m[1]) + 8, int(m[2]) + 8), h)), CheckpointError, r"model.safetensors: tensor '.*': a hole of 8 bytes before its data_offsets"),
