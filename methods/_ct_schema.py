@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo, field_validator
 
-from quantreg.methods._ct_targets import check_entry, match_kind
+from quantreg.methods._ct_targets import check_entries, match_kind
 
 FORMATS = (
     "dense", "int-quantized", "float-quantized", "naive-quantized", "pack-quantized",
@@ -93,9 +93,7 @@ class SparsityConfig(BaseModel):
     @field_validator("targets", "ignore")
     @classmethod
     def _regexes(cls, value: list[str] | None) -> list[str] | None:
-        for entry in value or ():
-            check_entry(entry)
-        return value
+        return None if value is None else check_entries(value)
 
     def compresses(self, prefix: str) -> str | None:
         """Why the sparse format compresses layer ``prefix`` (the target that matches it), or
@@ -124,6 +122,4 @@ class QuantizationScheme(BaseModel):
     @field_validator("targets")
     @classmethod
     def _regexes(cls, value: list[str]) -> list[str]:
-        for entry in value:
-            check_entry(entry)
-        return value
+        return check_entries(value)

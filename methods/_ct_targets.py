@@ -49,6 +49,18 @@ def check_entry(entry: Any) -> None:
             raise ValueError(f"{entry!r} {problem}")
 
 
+def check_entries(entries: list[str]) -> list[str]:
+    """A pydantic validator's body for a list of entries: each checked (see
+    :func:`check_entry`), the list returned unchanged.
+
+    Raises:
+        ValueError: naming the first bad entry and the problem.
+    """
+    for entry in entries:
+        check_entry(entry)
+    return entries
+
+
 def raw_entries(data: Any) -> list[str]:
     """The ``re:`` entries of a config not validated yet (whatever its shape): counted
     before any is analysed, so that a million of them cost one ``len``."""

@@ -28,7 +28,7 @@ from quantreg.methods._ct_schema import (
 )
 from quantreg.methods._ct_targets import (
     check_all,
-    check_entry,
+    check_entries,
     match_kind,
     raw_entries,
     unmatched,
@@ -140,9 +140,7 @@ class CompressedTensorsConfig(QuantConfig):
     @field_validator("ignore")
     @classmethod
     def _regexes(cls, value: list[str]) -> list[str]:
-        for entry in value:
-            check_entry(entry)
-        return value
+        return check_entries(value)
 
     def layer_rule(self, prefix: str) -> LayerRule:
         """``ignore`` first, then the best-matching target (exact name > regex > ``Linear``).

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
-import json
 import re
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from cli_runner import run_cli_batch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_bad_inputs import base, digest, edit_config, rewrite_header, shard
@@ -323,20 +322,6 @@ def test_the_search_for_unmatched_entries_stops_after_a_time_bound():
 
 # -- the CLI: each case in one subprocess, with a timeout ----------------------------------
 
-CLI_SCRIPT = """
-import contextlib, io, json, sys, time
-from quantreg.cli import main
-import quantreg.methods.compressed_tensors, quantreg.methods.gptq  # one-time imports: not timed
-results = []
-for args in json.loads(sys.argv[1]):
-    err = io.StringIO()
-    start = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-        code = main(args)
-    results.append({"code": code, "stderr": err.getvalue(), "seconds": time.perf_counter() - start})
-print(json.dumps(results))
-"""
-
 
 def test_the_cli_refuses_each_case_quickly_without_a_traceback(tmp_path):
     commands, expected = [], []
@@ -349,9 +334,9 @@ def test_the_cli_refuses_each_case_quickly_without_a_traceback(tmp_path):
     long_prefix = str(base(tmp_path / "long-prefix"))
     commands.append(["resolve", long_prefix, "--platform", "cpu", "--prefix", "a" * 300])
     expected.append(("resolve --prefix", r"prefix must be a module name of at most 256"))
-    out = subprocess.run([sys.executable, "-c", CLI_SCRIPT, json.dumps(commands)], capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    for (name, message), result in zip(expected, json.loads(out.stdout), strict=True):
+    preload = ("quantreg.methods.compressed_tensors", "quantreg.methods.gptq")
+    results = run_cli_batch(commands, timeout=300, preload=preload)
+    for (name, message), result in zip(expected, results, strict=True):
         assert result["code"] == 1, name
         assert result["stderr"].startswith("quantreg: error: "), (name, result["stderr"])
         assert "Traceback" not in result["stderr"], name

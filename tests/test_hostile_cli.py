@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_runner import run_cli
+from cli_runner import run_cli, run_cli_batch
 from safetensors.torch import load_file, save_file
 from test_bad_inputs import CATALOGUE, base, digest, shard
 
@@ -156,18 +156,6 @@ def test_a_failed_write_leaves_the_old_out_file_and_no_temporary(tmp_path, ckpt,
 
 # -- inputs that would hang or are not files ---------------------------------------------------
 
-FIFO_SCRIPT = """
-import contextlib, io, json, sys
-from quantreg.cli import main
-results = []
-for argv in json.loads(sys.argv[1]):
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = main(argv)
-    results.append({"code": code, "stderr": err.getvalue()})
-print(json.dumps(results))
-"""
-
 
 def test_fifos_are_refused_without_waiting_and_stay_fifos(tmp_path, ckpt, hidden):
     fifo = tmp_path / "fifo"
@@ -182,10 +170,8 @@ def test_fifos_are_refused_without_waiting_and_stay_fifos(tmp_path, ckpt, hidden
         (["quantize", str(ckpt), str(fifo), "--method", "gptq", "--force"], r"fifo is a FIFO \(named pipe\); quantize writes a folder, never over a special file"),
     ]  # fmt: skip
     before = everything(ckpt)
-    argvs = json.dumps([argv for argv, _ in cases])
-    out = subprocess.run([sys.executable, "-c", FIFO_SCRIPT, argvs], capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    for (argv, message), result in zip(cases, json.loads(out.stdout), strict=True):
+    results = run_cli_batch([argv for argv, _ in cases], timeout=120)
+    for (argv, message), result in zip(cases, results, strict=True):
         assert result["code"] == 1, (argv, result)
         assert result["stderr"].startswith("quantreg: error: "), (argv, result)
         assert re.search(message, result["stderr"]), (argv, result)

@@ -18,8 +18,6 @@ import shutil
 import socket
 import stat
 import struct
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import run_cli_batch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -413,25 +412,10 @@ def test_the_catalogue_covers_every_class_several_times():
         assert sum(word in name for name in IDS) >= 2, word
 
 
-CLI_SCRIPT = """
-import contextlib, io, json, sys
-from quantreg.cli import main
-results = []
-for argv in json.loads(sys.argv[1]):
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = main(argv)
-    results.append({"code": code, "stderr": err.getvalue()})
-print(json.dumps(results))
-"""
-
-
 def run_batch(argvs: list[list[str]]) -> list[dict]:
     """Every command line in one fresh process (no tracebacks hidden by pytest); a hang is a
     timeout, not a stuck suite."""
-    out = subprocess.run([sys.executable, "-c", CLI_SCRIPT, json.dumps(argvs)], capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout)
+    return run_cli_batch(argvs, timeout=300)
 
 
 def test_the_cli_exits_1_with_the_message_and_no_traceback(tmp_path, template):

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import run_cli_batch
 from safetensors.torch import save_file
 from test_bad_inputs import HIDDEN, VOCAB, base, digest, edit_config, edit_tensors
 from torch.overrides import TorchFunctionMode
@@ -280,18 +279,6 @@ def test_an_f64_bias_runs_on_every_kernel_this_machine_has(tmp_path, method):
 
 # -- the command line ---------------------------------------------------------------------------
 
-CLI_SCRIPT = """
-import contextlib, io, json, sys
-from quantreg.cli import main
-results = []
-for argv in json.loads(sys.argv[1]):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    results.append({"code": code, "stdout": out.getvalue(), "stderr": err.getvalue()})
-print(json.dumps(results))
-"""
-
 
 def _huge_logits(folder: Path) -> None:
     """A float head whose fp16 weights are finite but whose fp16 logits are not."""
@@ -323,10 +310,8 @@ def test_quantreg_run_never_exits_0_with_non_finite_logits(tmp_path):
         folder = plain(tmp_path / name, method, **params)
         damage(folder)
         cases.append((name, ["run", str(folder), "--json"], 0, ""))
-    argv = json.dumps([case[1] for case in cases])
-    out = subprocess.run([sys.executable, "-c", CLI_SCRIPT, argv], capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    for (name, _, code, message), result in zip(cases, json.loads(out.stdout), strict=True):
+    results = run_cli_batch([case[1] for case in cases], timeout=600)
+    for (name, _, code, message), result in zip(cases, results, strict=True):
         assert result["code"] == code, (name, result["stderr"])
         assert "Traceback" not in result["stderr"], name
         if code:
