@@ -110,8 +110,9 @@ def _write(folder: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor
     return folder
 
 
-def unquantized_drafter(folder: Path, gen: torch.Generator) -> tuple[Path, torch.Tensor]:
-    weight = (torch.randn(DRAFT_VOCAB, HIDDEN, generator=gen) * 0.05).half()
+def unquantized_drafter(
+    folder: Path, gen: torch.Generator, weight: torch.Tensor
+) -> tuple[Path, torch.Tensor]:
     tensors = {
         "lm_head.weight": weight,
         "d2t": sorted_d2t(gen),
@@ -121,7 +122,7 @@ def unquantized_drafter(folder: Path, gen: torch.Generator) -> tuple[Path, torch
     return _write(folder, eagle3_config(), tensors), weight
 
 
-def tied_drafter(folder: Path, gen: torch.Generator) -> tuple[Path, torch.Tensor]:
+def tied_drafter(folder: Path, gen: torch.Generator, _: torch.Tensor) -> tuple[Path, torch.Tensor]:
     embedding = (torch.randn(DRAFT_VOCAB, HIDDEN, generator=gen) * 0.05).half()
     tensors = {"embed_tokens.weight": embedding, "d2t": sorted_d2t(gen)}
     config = speculators_config(tie_word_embeddings=True)
@@ -129,13 +130,14 @@ def tied_drafter(folder: Path, gen: torch.Generator) -> tuple[Path, torch.Tensor
     return _write(folder, config, tensors), embedding
 
 
-def quantized_drafter(
-    method: str, **params: Any
-) -> Callable[[Path, torch.Generator], tuple[Path, torch.Tensor]]:
-    """A drafter whose head is written by quantreg's own writer for ``method``."""
+# (folder, generator, the float head every drafter but the tied one is made from)
+Maker = Callable[[Path, torch.Generator, torch.Tensor], tuple[Path, torch.Tensor]]
 
-    def make(folder: Path, gen: torch.Generator) -> tuple[Path, torch.Tensor]:
-        weight = (torch.randn(DRAFT_VOCAB, HIDDEN, generator=gen) * 0.05).half()
+
+def quantized_drafter(method: str, **params: Any) -> Maker:
+    """A drafter whose head is ``weight`` written by quantreg's own writer for ``method``."""
+
+    def make(folder: Path, gen: torch.Generator, weight: torch.Tensor) -> tuple[Path, torch.Tensor]:
         path = write_checkpoint(
             folder, weight, method, d2t=sorted_d2t(gen), vocab_size=TARGET_VOCAB, **params
         )
@@ -144,7 +146,6 @@ def quantized_drafter(
     return make
 
 
-Maker = Callable[[Path, torch.Generator], tuple[Path, torch.Tensor]]
 CHECKPOINTS: dict[str, Maker] = {
     "eagle3_unquantized": unquantized_drafter,
     "speculators_tied": tied_drafter,
@@ -182,9 +183,14 @@ DEMOS: list[tuple[str, str, str | None]] = [
 
 
 def write_demo_checkpoints(folder: Path, *, seed: int = 0) -> dict[str, tuple[Path, torch.Tensor]]:
-    """Write every demo checkpoint into ``folder/<name>``: name -> (folder, its float weight)."""
+    """Write every demo checkpoint into ``folder/<name>``: name -> (folder, its float weight).
+
+    Every head but the tied one is the same float head (``eagle3_unquantized``) in another
+    format, so that checkpoint is the ``--reference`` of every quantized one.
+    """
     gen = torch.Generator().manual_seed(seed)
-    return {key: make(folder / key, gen) for key, make in CHECKPOINTS.items()}
+    weight = (torch.randn(DRAFT_VOCAB, HIDDEN, generator=gen) * 0.05).half()
+    return {key: make(folder / key, gen, weight) for key, make in CHECKPOINTS.items()}
 
 
 def hidden_states(seed: int = 0) -> torch.Tensor:

@@ -47,6 +47,7 @@ from quantreg.output_files import strict_json
 from quantreg.registry import list_quant_methods
 
 DRAFTER = "awq_int4_g128"  # screens 1 and 3
+FLOAT = "eagle3_unquantized"  # the float head every quantized one was made from
 AUTOAWQ = "autoawq_no_lm_head_key"  # screen 2
 
 
@@ -245,7 +246,8 @@ def table_screen(rows: list[DemoRow]) -> Screen:
     """Screen 4: every format, loaded and run."""
     title = (
         f"4. Every format, loaded and run in float32 ({TOKENS} tokens; error and top-1 against "
-        "the float head in float64; resident bytes against that head in bf16)"
+        f"the float head ({FLOAT}, the source of every quantized one) in float64; resident "
+        "bytes against that head in bf16)"
     )
     return Screen(
         "rows", title, tuple(format_rows(rows).splitlines()),
@@ -263,6 +265,8 @@ def next_steps(folder: str | None) -> str:
         f"  quantreg resolve {where}/{AUTOAWQ}",
         f"  quantreg inspect {where}/gptq_int4_g128_act_order",
         f"  quantreg run {where}/{DRAFTER} --tokens 2",
+        f"  quantreg run {where}/{DRAFTER} --reference {where}/{FLOAT}  (what int4 cost)",
+        f"  quantreg compare {where}/gptq_int8_g64_asym {where}/{FLOAT}",
         f"  quantreg run {where}/ct_w4a16_g128_asym --dtype bfloat16 --json",
     ]
     return "\n".join(lines)

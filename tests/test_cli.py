@@ -60,10 +60,15 @@ def test_demo_lists_the_registry(capsys):
     assert "quantreg.resolve(path): the tensors win" in out
     assert "compute_logits equals the one-process logits bit for bit: yes" in out
     assert "* forced with load_lm_head(requested=...); resolution alone picks" in out
-    assert out.rstrip().splitlines()[-6:-4] == [
-        "next, try:",
-        "  quantreg demo --keep DIR      (keeps the checkpoints; this run's are gone)",
-    ]
+    steps = out.rstrip().splitlines()
+    steps = steps[steps.index("next, try:") :]
+    assert (
+        steps[1] == "  quantreg demo --keep DIR      (keeps the checkpoints; this run's are gone)"
+    )
+    assert (
+        "  quantreg run DIR/awq_int4_g128 --reference DIR/eagle3_unquantized  (what int4 cost)"
+        in steps
+    )
 
 
 @pytest.mark.parametrize(
