@@ -38,7 +38,8 @@ from quantreg import (
 )
 from quantreg.kernels import Float8Layout
 from quantreg.methods._checks import check_float8_codes, check_scales
-from quantreg.methods._rtn import ACTORDER_NOTE, writer_defaults
+from quantreg.methods._fp8_blocks import block_scale, decode_blocks, quantize_blocks
+from quantreg.methods._rtn import ACTORDER_NOTE, column_order, grouped, writer_defaults
 
 PACKED, INT, NAIVE, FLOAT = "pack-quantized", "int-quantized", "naive-quantized", "float-quantized"
 FP8_MAX = 448.0  # largest float8_e4m3fn value
@@ -59,6 +60,7 @@ class WeightScheme:
         symmetric: no zero point tensor when true.
         actorder_group: a ``weight_g_idx`` names every column's group (actorder ``group``).
         static_input: the checkpoint stores an ``input_scale`` (kept, unused: weight-only).
+        block: ``[rows, cols]`` of strategy ``block`` (float8 only; see ``_fp8_blocks``).
     """
 
     format: str
@@ -68,6 +70,7 @@ class WeightScheme:
     symmetric: bool
     actorder_group: bool
     static_input: bool
+    block: tuple[int, int] | None = None
 
     def groups(self, k: int) -> int:
         """The number of scale groups along ``k`` input columns."""
@@ -103,7 +106,9 @@ def create_weights(
             zp_rows = {} if scheme.strategy == "tensor" else rows
             params["weight_zero_point"] = frozen_param(zp_shape, torch.int8, **zp_rows)
     scale = {"keep_checkpoint_dtype": True}
-    if scheme.strategy == "tensor":
+    if scheme.block is not None:
+        params["weight_scale"] = block_scale(layer, scheme.block, k, params_dtype)
+    elif scheme.strategy == "tensor":
         params["weight_scale"] = frozen_param((1,), params_dtype, **scale)
     else:
         params["weight_scale"] = frozen_param((n, groups), params_dtype, **rows, **scale)
@@ -141,6 +146,8 @@ def decode(layer: torch.nn.Module, scheme: WeightScheme) -> IntWeights | Float8L
     n = geometry.output_size_per_partition
     scale = layer.weight_scale.data
     scales = scale.reshape(1, 1).expand(1, n) if scheme.strategy == "tensor" else scale.T
+    if scheme.block is not None:
+        return decode_blocks(layer, scheme.block, "weight", "weight_scale")
     if scheme.format == FLOAT:
         zeros = None if scheme.symmetric else _per_group(scheme, layer.weight_zero_point, n).float()
         check_scales(layer, "weight_scale", scales, zeros, (-FP8_MAX, FP8_MAX))
@@ -194,6 +201,7 @@ def quantize_ct(
     actorder: str | None = None,
     perm: torch.Tensor | None = None,
     scale_dtype: torch.dtype = torch.float16,
+    block_structure: tuple[int, int] | list[int] | None = None,
     **unused: Any,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Round-to-nearest compressed-tensors tensors and ``quantization_config`` of a float
@@ -201,25 +209,26 @@ def quantize_ct(
 
     ``format``: pack-quantized (int4 / int8; group, channel or tensor), int-quantized (int8
     weights, config declares dynamic int8 per-token activations: W8A8), naive-quantized (int8
-    weight-only) or float-quantized (fp8 e4m3 weights + dynamic fp8 activations: FP8_DYNAMIC).
+    weight-only) or float-quantized (fp8 e4m3 weights + dynamic fp8 activations: FP8_DYNAMIC;
+    ``block_structure [rows, cols]``: strategy ``block``).
 
     Raises:
         InputError: an unsupported combination or option.
     """
+    strategy, block = _block_option(strategy, block_structure)
     bits, strategy = _writer_options(
         format, bits, strategy, group_size, sym, actorder, unused, k=weight.shape[1]
     )
+    if block is not None:  # float8 only (checked above)
+        config = _ct_config(format, bits, strategy, group_size, sym, actorder, True, block)
+        return quantize_blocks(weight, block, scale_dtype), config
     n, k = weight.shape
     is_float = format == FLOAT
     size = group_size if strategy == "group" else k
-    order = _column_order(weight, actorder, perm)
+    order = column_order(weight, actorder, perm, WRITER)
     w = weight.double()[:, order]
-    if strategy == "tensor":
-        grouped = w.reshape(1, 1, -1)
-    else:
-        pad = -k % size
-        grouped = torch.nn.functional.pad(w, (0, pad)).reshape(n, -1, size)
-    codes, scale, zero = _rtn(grouped, bits, sym, is_float, scale_dtype)
+    blocks = w.reshape(1, 1, -1) if strategy == "tensor" else grouped(w, size)
+    codes, scale, zero = _rtn(blocks, bits, sym, is_float, scale_dtype)
     codes = codes.reshape(n, -1)[:, :k] if strategy != "tensor" else codes.reshape(n, k)
     in_order = torch.empty_like(codes)
     in_order[:, order] = codes
@@ -228,10 +237,8 @@ def quantize_ct(
     if format == PACKED:
         tensors["weight_packed"] = pack_codes((in_order + offset).to(torch.int32), bits, dim=1)
         tensors["weight_shape"] = torch.tensor([n, k], dtype=torch.int64)
-    elif is_float:
-        tensors["weight"] = in_order.to(torch.float8_e4m3fn)
     else:
-        tensors["weight"] = in_order.to(torch.int8)
+        tensors["weight"] = in_order.to(torch.float8_e4m3fn if is_float else torch.int8)
     tensors["weight_scale"] = scale.reshape(1) if strategy == "tensor" else scale
     if not sym:
         zp = zero.reshape(1) if strategy == "tensor" else zero
@@ -243,6 +250,17 @@ def quantize_ct(
         g_idx[order] = (torch.arange(k) // size).to(torch.int32)
         tensors["weight_g_idx"] = g_idx
     return tensors, _ct_config(format, bits, strategy, group_size, sym, actorder, is_float)
+
+
+def _block_option(
+    strategy: str | None, block: tuple[int, int] | list[int] | None
+) -> tuple[str | None, tuple[int, int] | None]:
+    """Strategy ``block`` and its ``[rows, cols]`` (default 128 x 128) when either is given."""
+    if block is None and strategy != "block":
+        return strategy, None
+    if strategy not in (None, "block"):
+        raise InputError(f"{WRITER}: block_size needs strategy 'block'", field="strategy")
+    return "block", tuple(block or (128, 128))  # type: ignore[return-value]
 
 
 def _writer_options(
@@ -278,7 +296,8 @@ def _writer_options(
         raise InputError(
             f"{WRITER}: {format} with {bits}-bit weights is not supported", field="bits"
         )
-    if strategy not in ("group", "channel", "tensor") or (strategy == "group" and format != PACKED):
+    formats = {"group": (PACKED,), "block": (FLOAT,)}.get(strategy, tuple(WRITER_BITS))
+    if strategy not in ("group", "channel", "tensor", "block") or format not in formats:
         raise InputError(
             f"{WRITER}: strategy {strategy!r} is not supported for {format}", field="strategy"
         )
@@ -328,22 +347,6 @@ def _rtn(
     return codes.to(torch.int64), scale.to(scale_dtype), zero.to(torch.int64)
 
 
-def _column_order(
-    weight: torch.Tensor, actorder: str | None, perm: torch.Tensor | None
-) -> torch.Tensor:
-    k = weight.shape[1]
-    if actorder is None:
-        if perm is not None:
-            raise InputError(f"{WRITER}: perm needs actorder='group'")
-        return torch.arange(k)
-    if perm is None:
-        return torch.argsort(weight.double().norm(dim=0), descending=True, stable=True)
-    perm = torch.as_tensor(perm, dtype=torch.int64)
-    if perm.shape != (k,) or not torch.equal(perm.sort().values, torch.arange(k)):
-        raise InputError(f"{WRITER}: perm must be a permutation of range({k})")
-    return perm
-
-
 def _ct_config(
     format: str,
     bits: int,
@@ -352,12 +355,15 @@ def _ct_config(
     sym: bool,
     actorder: str | None,
     is_float: bool,
+    block: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     weights = {
         "num_bits": bits, "type": "float" if is_float else "int", "symmetric": sym,
         "strategy": strategy, "group_size": group_size if strategy == "group" else None,
         "dynamic": False, "actorder": actorder, "observer": "minmax",
     }  # fmt: skip
+    if block is not None:
+        weights["block_structure"] = [*block]
     acts = None
     if format in (INT, FLOAT):
         acts = {"num_bits": 8, "type": "float" if is_float else "int", "symmetric": True,
@@ -394,4 +400,7 @@ def writer_options() -> tuple[WriterOption, ...]:
                      note=f"--no-sym: a zero point per group; {FLOAT} is symmetric only"),
         WriterOption("actorder", "actorder", None, ("group",),
                      note=f"{PACKED} with a group size; {ACTORDER_NOTE}"),
+        WriterOption("block_size", "block_structure", None,
+                     note=f"{FLOAT} only: strategy 'block', one scale per [rows, cols] block "
+                     "(DeepSeek-V3 style: 128x128)"),
     )  # fmt: skip

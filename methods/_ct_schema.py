@@ -7,9 +7,17 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from quantreg.methods._ct_targets import check_entries, match_kind
+from quantreg.methods._fp8_blocks import block_problem
 
 FORMATS = (
     "dense", "int-quantized", "float-quantized", "naive-quantized", "pack-quantized",
@@ -67,6 +75,25 @@ class QuantizationArgs(BaseModel):
                 "channel) or null"
             )
         return value
+
+    @field_validator("block_structure")
+    @classmethod
+    def _block_structure(cls, value: list[int] | None) -> list[int] | None:
+        problem = None if value is None else block_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+    @model_validator(mode="after")
+    def _block_needs_structure(self) -> QuantizationArgs:
+        """compressed-tensors' rule: strategy ``block`` if and only if a ``block_structure``."""
+        if (self.strategy == "block") != (self.block_structure is not None):
+            raise ValueError(
+                "strategy 'block' needs a block_structure [rows, cols], and a block_structure "
+                f"needs strategy 'block'; got strategy {self.strategy!r}, block_structure "
+                f"{self.block_structure!r}"
+            )
+        return self
 
     @property
     def effective_strategy(self) -> str:

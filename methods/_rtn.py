@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from quantreg import InputError
+
 # What act-order means for a round-to-nearest writer (GPTQ's desc_act, compressed-tensors'
 # actorder "group"), and why llm-compressor's "weight" order is refused.
 ACTORDER_NOTE = (
@@ -68,3 +70,25 @@ def rtn_symmetric(
     zero = torch.full_like(scale, 1 << (bits - 1))
     codes = (torch.round(g / scale[..., None]) + zero[..., None]).clamp(0, qmax)
     return codes.to(torch.int32), scale.to(scale_dtype), zero.to(torch.int32)
+
+
+def column_order(
+    weight: torch.Tensor, actorder: str | None, perm: torch.Tensor | None, writer: str
+) -> torch.Tensor:
+    """The order in which columns are grouped: as stored, ``perm``, or (actorder ``group``
+    without ``perm``) decreasing column norm.
+
+    Raises:
+        InputError: ``perm`` without actorder, or not a permutation (naming ``writer``).
+    """
+    k = weight.shape[1]
+    if actorder is None:
+        if perm is not None:
+            raise InputError(f"{writer}: perm needs actorder='group'")
+        return torch.arange(k)
+    if perm is None:
+        return torch.argsort(weight.double().norm(dim=0), descending=True, stable=True)
+    perm = torch.as_tensor(perm, dtype=torch.int64)
+    if perm.shape != (k,) or not torch.equal(perm.sort().values, torch.arange(k)):
+        raise InputError(f"{writer}: perm must be a permutation of range({k})")
+    return perm

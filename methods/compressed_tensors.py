@@ -36,7 +36,7 @@ from quantreg.methods._ct_targets import (
 from quantreg.methods._decoded import DecodedLinearMethod
 
 SUPPORTED_FORMATS = ("pack-quantized", "int-quantized", "naive-quantized", "float-quantized")
-SUPPORTED_STRATEGIES = ("group", "channel", "tensor")
+SUPPORTED_STRATEGIES = ("group", "channel", "tensor", "block")  # block: float8 only
 STATUSES = ("initialized", "calibration", "frozen", "compressed", "decompressed")
 # Tensor names (after the layer prefix) of the formats; an int8 / fp8 ``weight`` is told
 # apart by its dtype.
@@ -230,7 +230,9 @@ class CompressedTensorsConfig(QuantConfig):
             )
         if fmt == "float-quantized" or (fmt == "naive-quantized" and weights.type == "float"):
             if (weights.type, weights.num_bits) != ("float", 8):
-                return f"{fmt} weights must be 8-bit float; got {weights.num_bits}-bit"
+                return f"{fmt} weights must be 8-bit float; got {weights.type}{weights.num_bits}"
+        elif strategy == "block":
+            return f"weight strategy 'block' ({layer}) is supported for float8 weights only"
         elif weights.type != "int" or weights.num_bits not in (4, 8):
             return (
                 f"{fmt} weights must be int4 or int8; got {weights.type}{weights.num_bits} "
@@ -297,6 +299,7 @@ class CompressedTensorsConfig(QuantConfig):
             symmetric=args.symmetric,
             actorder_group=args.actorder == "group",
             static_input=acts is not None and acts.dynamic is False,
+            block=tuple(args.block_structure) if args.block_structure else None,  # type: ignore[arg-type]
         )
 
     def notes(self) -> list[str]:

@@ -72,6 +72,20 @@ def budget(text: str) -> float:
     return value
 
 
+def block_size(text: str) -> tuple[int, int]:
+    """``quantize --block-size RxC`` (or one number for a square block): rows and columns of
+    a weight block, each from 1 to MAX_GROUP_SIZE."""
+    parts = text.lower().split("x")
+    if len(parts) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected RxC, e.g. 128x128, or one number")
+    rows, cols = (_int(parts[0]), _int(parts[-1]))
+    if not (1 <= rows <= MAX_GROUP_SIZE and 1 <= cols <= MAX_GROUP_SIZE):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected block rows and columns from 1 to {MAX_GROUP_SIZE}"
+        )
+    return rows, cols
+
+
 def _int(text: str) -> int:
     try:
         return int(text.strip(), 10)

@@ -233,6 +233,10 @@ def _add_quantize(sub: Any, verbose: argparse.ArgumentParser) -> None:
         "compressed-tensors actorder 'group'); refused by writers without it",
     )  # fmt: skip
     p.add_argument("--desc-act", action="store_true", help="the same as --actorder group")
+    p.add_argument(
+        "--block-size", type=cli_args.block_size, default=None, metavar="RxC",
+        help="one scale per block of R rows and C columns, e.g. 128x128 (writers with it below)",
+    )  # fmt: skip
     p.add_argument("--prefix", default="lm_head", help="layer name (default: lm_head)")
     p.add_argument(
         "--force", action="store_true",

@@ -13,6 +13,16 @@ from torch import nn
 STRATEGIES_WITH_OBSERVED_GROUPS = ("group", "tensor_group", "tensor")
 
 
+def block_view(w: torch.Tensor, block: list[int]) -> torch.Tensor:
+    """``[N, K]`` as ``[N / bn, bn, K / bk, bk]`` blocks; a partial last block is padded with
+    its own first value, so that padding never widens a block's min..max."""
+    (bn, bk), (n, k) = block, w.shape
+    rows, cols = -(-n // bn) * bn, -(-k // bk) * bk
+    w = torch.cat([w, w[-1:].expand(rows - n, k)]) if rows > n else w
+    w = torch.cat([w, w[:, -1:].expand(rows, cols - k)], 1) if cols > k else w
+    return w.reshape(rows // bn, bn, cols // bk, bk)
+
+
 def compress_head(
     folder: Path, weight: torch.Tensor, scheme: dict[str, Any], *, fc: bool = False
 ) -> torch.Tensor:
@@ -52,6 +62,9 @@ def compress_head(
         args, w = qs.weights, module.weight.data
         if args.strategy in STRATEGIES_WITH_OBSERVED_GROUPS:
             scale, zero_point = compute_dynamic_scales_and_zp(w, args, module)
+        elif args.strategy == "block":
+            blocks = block_view(w, args.block_structure)
+            scale, zero_point = calculate_qparams(blocks.amin((1, 3)), blocks.amax((1, 3)), args)
         else:
             scale, zero_point = calculate_qparams(
                 w.amin(1, keepdim=True), w.amax(1, keepdim=True), args
@@ -70,4 +83,25 @@ def compress_head(
     (folder / "config.json").write_text(json.dumps(config))
     compressor.update_config(str(folder))
     compressor.decompress_model(model)
+    return model.lm_head.weight.detach().clone()
+
+
+def library_decompress(folder: Path, dtype: torch.dtype) -> torch.Tensor:
+    """Read a checkpoint's head back as compressed-tensors (and transformers' quantizer) does:
+    the config validated by the library, the compressed tensors loaded into a module it
+    initialized, then its own ``decompress_model``; returns the decompressed weight."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+    from safetensors.torch import load_file
+
+    config = json.loads((folder / "config.json").read_text())
+    qcfg = QuantizationConfig.model_validate(
+        {k: v for k, v in config["quantization_config"].items() if k != "quant_method"}
+    )
+    model = nn.Module()
+    model.lm_head = nn.Linear(config["hidden_size"], config["vocab_size"], bias=False).to(dtype)
+    apply_quantization_config(model, qcfg)
+    for name, tensor in load_file(str(folder / "model.safetensors")).items():
+        getattr(model.lm_head, name.removeprefix("lm_head.")).data = tensor
+    ModelCompressor(quantization_config=qcfg).decompress_model(model)
     return model.lm_head.weight.detach().clone()

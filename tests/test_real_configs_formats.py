@@ -164,7 +164,7 @@ def test_naive_quantized_fp8_other_widths_are_refused(tmp_path):
     compress_head(tmp_path, random_weight(1000, HIDDEN), NAIVE_FP8_SCHEMES["w8a16-fp8-tensor-fp16"][0])  # fmt: skip
     edit_qcfg(tmp_path, lambda q: q["config_groups"]["group_0"]["weights"].update(num_bits=4))
     with pytest.raises(
-        ConfigError, match=r"naive-quantized weights must be 8-bit float; got 4-bit"
+        ConfigError, match=r"naive-quantized weights must be 8-bit float; got float4"
     ):
         load_lm_head(tmp_path, dtype=torch.float32)
 
