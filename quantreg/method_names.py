@@ -27,6 +27,7 @@ BUILTIN_METHODS: dict[str, str] = {
     "awq_marlin": "quantreg.methods.awq:AWQMarlinConfig",
     "compressed-tensors": "quantreg.methods.compressed_tensors:CompressedTensorsConfig",
     "cpu_wna16": "quantreg.methods.cpu_wna16:CPUWNA16Config",
+    "fp8": "quantreg.methods.fp8:Fp8Config",
     "gptq": "quantreg.methods.gptq:GPTQConfig",
     "gptq_marlin": "quantreg.methods.gptq:GPTQMarlinConfig",
     "unquantized": "quantreg.methods.unquantized:UnquantizedConfig",

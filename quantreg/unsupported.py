@@ -1,7 +1,7 @@
 """Configs quantreg cannot run, and the layers they still keep float.
 
-Two cases: a quantization method quantreg knows by name but does not implement (``fp8``,
-``mxfp4``, ``modelopt``, ...: the names vLLM and transformers use), and a variant of one of its
+Two cases: a quantization method quantreg knows by name but does not implement (``modelopt``,
+``mxfp4``, ``bitsandbytes``, ...: the names vLLM and transformers use), and a variant of one of its
 own methods that it refuses (3-bit GPTQ, AWQ GEMV, AutoGPTQ marlin). Either way the config
 still says which layers stay float, in the keys its producers write; :func:`config_rule` reads
 them without the method's own parser. Only a layer that is quantized raises. Their regexes
@@ -29,7 +29,7 @@ from quantreg.registry import Registry, normalize_name
 # registered under one of these names is used like any method).
 KNOWN_METHODS = frozenset({
     "aqlm", "auto-round", "autoround", "intel/auto-round", "awq_triton", "bitblas", "bitnet",
-    "bitsandbytes", "deepspeedfp", "eetq", "experts_int8", "fbgemm_fp8", "fp8", "fp_quant",
+    "bitsandbytes", "deepspeedfp", "eetq", "experts_int8", "fbgemm_fp8", "fp_quant",
     "gguf", "gptq_bitblas", "gptq_marlin_24", "higgs", "hqq", "inc", "ipex", "marlin",
     "modelopt", "modelopt_fp4", "modelopt_mixed", "moe_wna16", "mxfp4", "neuron_quant",
     "petit_nvfp4", "ptpc_fp8", "qqq", "quanto", "quark", "rtn", "spqr", "torchao", "tpu_int8",

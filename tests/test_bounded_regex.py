@@ -211,14 +211,14 @@ CATALOGUE = [
     ("gptq-dynamic-conditional", GPTQ, dynamic(r"-:(a)?(?(1)b|c)"), ConfigError, GPTQ_DYNAMIC + r"rule '-:\(a\)\?\(\?\(1\)b\|c\)' uses a backreference or a group conditional"),
     ("gptq-dynamic-too-many", GPTQ, dynamic(*(f"-:x{i}" for i in range(5000))), ConfigError, GPTQ_DYNAMIC + r"it holds 5000 regexes; at most 4096"),
     # the exclusion and inclusion lists of configs quantreg does not run
-    ("fp8-ignored-layers", GPTQ, replace_quant({"quant_method": "fp8", "ignored_layers": [r"re:(a+)+$"]}), ConfigError, UNSUPPORTED + r" 'ignored_layers': entry 're:\(a\+\)\+\$' " + NESTED),
+    ("ptpc_fp8-ignored-layers", GPTQ, replace_quant({"quant_method": "ptpc_fp8", "ignored_layers": [r"re:(a+)+$"]}), ConfigError, UNSUPPORTED + r" 'ignored_layers': entry 're:\(a\+\)\+\$' " + NESTED),
     ("modelopt-exclude-modules", GPTQ, replace_quant({"quant_method": "modelopt", "exclude_modules": ["lm_head", r"re:(.*)*x"]}), ConfigError, UNSUPPORTED + r" 'exclude_modules': entry 're:\(\.\*\)\*x' " + NESTED),
     ("mxfp4-modules-to-not-convert", GPTQ, replace_quant({"quant_method": "mxfp4", "modules_to_not_convert": [r"re:.*a.*a.*a.*b"]}), ConfigError, UNSUPPORTED + r" 'modules_to_not_convert': entry 're:\.\*a\.\*a\.\*a\.\*b' " + TOO_MUCH),
     ("quark-exclude-as-a-string", GPTQ, replace_quant({"quant_method": "quark", "exclude": r"lm_head, re:(a|aa)+$"}), ConfigError, UNSUPPORTED + r" 'exclude': entry 're:\(a\|aa\)\+\$' " + NESTED),
     ("auto-round-extra-config", GPTQ, replace_quant({"quant_method": "auto-round", "extra_config": {r"re:(a|a)*": {"bits": 16}}}), ConfigError, UNSUPPORTED + r" 'extra_config': entry 're:\(a\|a\)\*' " + NESTED),
     ("auto-round-block-names", GPTQ, replace_quant({"quant_method": "auto-round", "block_name_to_quantize": [r"re:(x+x+)+y"]}), ConfigError, UNSUPPORTED + r" 'block_name_to_quantize': entry 're:\(x\+x\+\)\+y' " + NESTED),
-    ("fp8-dynamic-keys", GPTQ, replace_quant({"quant_method": "fp8", "dynamic": {r"-:([a-z]+_?)+$": {}}}), ConfigError, UNSUPPORTED + r" 'dynamic': rule '-:\(\[a-z\]\+_\?\)\+\$' " + NESTED),
-    ("fp8-too-many-regexes", GPTQ, replace_quant({"quant_method": "fp8", "ignored_layers": [f"re:x{i}" for i in range(5000)]}), ConfigError, r"config\.json \(quantization_config\): it holds 5000 regexes; at most 4096"),
+    ("ptpc_fp8-dynamic-keys", GPTQ, replace_quant({"quant_method": "ptpc_fp8", "dynamic": {r"-:([a-z]+_?)+$": {}}}), ConfigError, UNSUPPORTED + r" 'dynamic': rule '-:\(\[a-z\]\+_\?\)\+\$' " + NESTED),
+    ("ptpc_fp8-too-many-regexes", GPTQ, replace_quant({"quant_method": "ptpc_fp8", "ignored_layers": [f"re:x{i}" for i in range(5000)]}), ConfigError, r"config\.json \(quantization_config\): it holds 5000 regexes; at most 4096"),
     ("gptq-3-bit-modules-to-not-convert", GPTQ, quant(lambda q: q.update(bits=3, modules_to_not_convert=[r"re:(a+)+$"])), ConfigError, UNSUPPORTED + r" 'modules_to_not_convert': entry 're:\(a\+\)\+\$' " + NESTED),
     # names
     ("quant-method-a-megabyte", GPTQ, quant(lambda q: q.update(quant_method="x" * 1_000_000)), ConfigError, r"field 'quant_method': unknown quantization method 'x{60}'\.\.\.; registered: awq, "),
@@ -252,7 +252,7 @@ def test_each_hostile_input_is_refused_quickly_and_changes_nothing(hostile):
 
 def test_the_catalogue_covers_every_place():
     assert len(set(IDS)) == len(IDS) >= 25
-    assert {i.split("-")[0] for i in IDS} >= {"ct", "gptq", "fp8", "modelopt", "header", "index"}
+    assert {i.split("-")[0] for i in IDS} >= {"ct", "gptq", "ptpc_fp8", "modelopt", "header", "index"}
 
 
 def test_a_prefix_longer_than_a_name_is_an_input_error(tmp_path):

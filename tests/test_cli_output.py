@@ -211,7 +211,7 @@ REFUSED = [
     ("ct-weight-order", ["--method", "compressed-tensors", "--actorder", "weight"], r"compressed-tensors writer: actorder must be None, or 'group' with strategy 'group'; got 'weight' \(.*round-to-nearest does not run\)"),
     ("contradicting-alias", ["--method", "gptq", "--desc-act", "--actorder", "weight"], r"--desc-act is --actorder group; it contradicts --actorder weight"),
     ("awq-gemv", ["--method", "awq", "--format", "gemv"], r"field 'version' = 'gemv': only the 'gemm' layout is supported"),
-    ("no-writer", ["--method", "cpu_wna16", "--bits", "4"], r"cpu_wna16 has no writer, so it takes no 'bits'; writers: awq, awq_marlin; compressed-tensors; gptq, gptq_marlin"),
+    ("no-writer", ["--method", "cpu_wna16", "--bits", "4"], r"cpu_wna16 has no writer, so it takes no 'bits'; writers: awq, awq_marlin; compressed-tensors; fp8; gptq, gptq_marlin"),
 ]  # fmt: skip
 
 

@@ -30,6 +30,7 @@ BUILTINS = (
     "awq_marlin",
     "compressed-tensors",
     "cpu_wna16",
+    "fp8",
     "gptq",
     "gptq_marlin",
     "unquantized",

@@ -19,7 +19,7 @@ import torch
 from ckpt import ct_packed_head, float_head, llama_config, write_checkpoint
 
 import quantreg
-from quantreg import ConfigError, resolve
+from quantreg import CheckpointError, ConfigError, resolve
 
 PLATFORMS = ("cpu", "cuda:9.0")
 NOT_SUPPORTED = r"quantization method '{}' is known but not supported by quantreg \(supported: awq, .*; a plugin can register it\)"  # fmt: skip
@@ -195,9 +195,9 @@ ATTN = "model.layers.0.self_attn.q_proj"
 CASES: dict[str, tuple[Any, str, tuple[str, Any], tuple[str, Any]]] = {
     "gpt-oss-20b-mxfp4-lm_head-excluded": (GPT_OSS, BODY, ("float", "modules_to_not_convert 'lm_head'"), ("unsupported", "mxfp4")),
     "gpt-oss-20b-mxfp4-attention-excluded": (GPT_OSS, ATTN, ("float", "modules_to_not_convert 'lm_head'"), ("float", "modules_to_not_convert 'model.layers.*.self_attn'")),
-    "deepseek-v3-fp8-no-exclusion": (DEEPSEEK_FP8, BODY, ("float", "quant_method 'fp8': no lm_head"), ("unsupported", "fp8")),
-    "transformers-4.51-finegrained-fp8-modules_to_not_convert": (FINEGRAINED_FP8, BODY, ("float", "modules_to_not_convert 'lm_head'"), ("unsupported", "fp8")),
-    "vllm-0.9-fp8-ignored_layers": (VLLM_FP8, BODY, ("float", "ignored_layers 'lm_head'"), ("unsupported", "fp8")),
+    "deepseek-v3-fp8-no-exclusion": (DEEPSEEK_FP8, BODY, ("float", "quant_method 'fp8': no lm_head"), ("method", {"cpu": "fp8", "cuda:9.0": "fp8"})),
+    "transformers-4.51-finegrained-fp8-modules_to_not_convert": (FINEGRAINED_FP8, BODY, ("float", "modules_to_not_convert 'lm_head'"), ("method", {"cpu": "fp8", "cuda:9.0": "fp8"})),
+    "vllm-0.9-fp8-ignored_layers": (VLLM_FP8, BODY, ("float", "ignored_layers 'lm_head'"), ("error", r"fp8 without weight_block_size \(per-tensor or per-channel weight_scale\) is not supported yet")),
     "modelopt-0.29-fp8-exclude_modules": ({"hf_quant_config.json": MODELOPT_FP8}, BODY, ("float", "exclude_modules 'lm_head'"), ("unsupported", "modelopt")),
     "modelopt-nvfp4-hf_quant_config-exclude_modules": ({"hf_quant_config.json": MODELOPT_NVFP4}, BODY, ("float", "exclude_modules 'lm_head'"), ("unsupported", "modelopt_fp4")),
     "modelopt-0.31-nvfp4-config-ignore-wildcards": (MODELOPT_CONFIG_NVFP4, ATTN, ("float", "ignore 'lm_head'"), ("float", "ignore 'model.layers.*.self_attn*'")),
@@ -229,7 +229,7 @@ CASES: dict[str, tuple[Any, str, tuple[str, Any], tuple[str, Any]]] = {
 # Configs quantreg runs whole: a float layer needs no note about the others.
 CONTROLS = (
     "autoawq-0.2-gemm", "gptqmodel-2.2-lm_head", "llm-compressor-0.6-w4a16",
-    "llm-compressor-0.6-fp8-block",
+    "llm-compressor-0.6-fp8-block", "deepseek-v3-fp8", "transformers-4.51-finegrained-fp8",
 )  # fmt: skip
 
 
@@ -287,8 +287,7 @@ def test_a_float_head_under_fp8_without_exclusion_loads_float(tmp_path):
     path = fp8_checkpoint(tmp_path, DEEPSEEK_FP8, head)
     res = resolve(path, platform="cpu")
     assert (res.method, res.quantized, res.tensors) == (None, False, "unquantized")
-    assert "quant_method 'fp8'" in res.rule
-    assert any("'fp8' is known but not supported" in n for n in res.notes)
+    assert res.rule.startswith("quant_method 'fp8': no lm_head key")
     loaded = quantreg.load_lm_head(path, dtype=torch.float32)
     x = torch.randn(3, 64)
     torch.testing.assert_close(loaded.compute_logits(x), x @ head["lm_head.weight"].float().T)
@@ -309,20 +308,33 @@ def test_a_producer_checkpoint_saved_as_gemv_loads_its_float_head(tmp_path):
 
 
 def test_float_tensors_win_over_a_config_that_quantizes_the_layer(tmp_path):
-    path = fp8_checkpoint(tmp_path, DEEPSEEK_FP8, float_head(prefix=BODY))
+    path = fp8_checkpoint(tmp_path, GPT_OSS, float_head(prefix=BODY))
     res = resolve(path, prefix=BODY, platform="cpu")
     assert (res.method, res.quantized) == (None, False)
-    assert res.rule.startswith(f"tensors: {BODY}.weight (F16) are float; also: quant_method 'fp8'")
+    assert res.rule.startswith(
+        f"tensors: {BODY}.weight (F16) are float; also: quant_method 'mxfp4'"
+    )
 
 
-@pytest.mark.parametrize("qcfg", [DEEPSEEK_FP8, VLLM_FP8], ids=["no-exclusion", "excluded"])
-def test_an_fp8_head_on_disk_is_not_supported_whatever_the_config_says(tmp_path, qcfg):
+@pytest.mark.parametrize(
+    ("qcfg", "error", "message"),
+    [
+        (
+            DEEPSEEK_FP8,
+            CheckpointError,
+            r"missing lm_head.weight_scale_inv: expected F32 \[8, 1\]\n  - present but not expected: lm_head.weight_scale",
+        ),
+        (VLLM_FP8, ConfigError, r"fp8 without weight_block_size .* is not supported yet"),
+    ],
+    ids=["block-config", "per-tensor-config"],
+)
+def test_a_per_tensor_fp8_head_on_disk_is_refused_whatever_the_config_says(tmp_path, qcfg, error, message):  # fmt: skip
     head = {"lm_head.weight": torch.zeros(1000, 64, dtype=torch.float8_e4m3fn),
             "lm_head.weight_scale": torch.ones(1)}  # fmt: skip
     path = fp8_checkpoint(tmp_path, qcfg, head)
-    with pytest.raises(ConfigError, match=r"'fp8' is known but not supported .*its tensors are quantized: lm_head.weight \(F8_E4M3\)") as info:  # fmt: skip
-        resolve(path, platform="cpu")
-    assert (info.value.path, info.value.field) == (path / "config.json", "quant_method")
+    assert resolve(path, platform="cpu").quantized if qcfg is DEEPSEEK_FP8 else True
+    with pytest.raises(error, match=message):
+        quantreg.load_lm_head(path, dtype=torch.float32)
 
 
 class Fp8LinearMethod(quantreg.LinearMethod):
@@ -337,8 +349,8 @@ class Fp8Config(quantreg.QuantConfig):
     linear_method = Fp8LinearMethod
 
 
-def test_a_plugin_registered_under_a_known_name_wins(registry):
-    registry.register("fp8", Fp8Config)
+def test_a_plugin_registered_under_a_built_in_name_wins_with_override(registry):
+    registry.register("fp8", Fp8Config, override=True)
     res = resolve(DEEPSEEK_FP8, prefix=BODY, platform="cpu")
     assert (res.method, res.quantized, res.rule) == ("fp8", True, "quant_method: every layer is quantized")  # fmt: skip
     assert not any("not supported" in note for note in res.notes)

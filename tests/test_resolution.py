@@ -264,7 +264,7 @@ def test_w8a8_heads_run_weight_only_and_say_so():
     ("fmt", "weights", "message"),
     [
         ("nvfp4-pack-quantized", {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16}, r"format 'nvfp4-pack-quantized' \(targets \['lm_head'\]\) is not supported yet"),
-        ("pack-quantized", {"num_bits": 4, "type": "int", "strategy": "block", "block_structure": [128, 128]}, r"weight strategy 'block' \(targets \['lm_head'\]\) is not supported yet"),
+        ("pack-quantized", {"num_bits": 4, "type": "int", "strategy": "block", "block_structure": [128, 128]}, r"weight strategy 'block' \(targets \['lm_head'\]\) is supported for float8 weights only"),
         ("pack-quantized", {"num_bits": 2, "type": "int", "strategy": "channel"}, r"pack-quantized weights must be int4 or int8; got int2"),
         ("sparse-24-bitmask", W8A16, r"format 'sparse-24-bitmask' .* is not supported yet"),
     ],
