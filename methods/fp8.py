@@ -143,10 +143,16 @@ class Fp8Config(QuantConfig):
                 "fp8 without weight_block_size (per-tensor or per-channel weight_scale) is not "
                 "supported yet; supported: block scales (weight_block_size, weight_scale_inv)"
             )
+        if not self.is_checkpoint_fp8_serialized:
+            return (
+                "is_checkpoint_fp8_serialized false: vLLM quantizes such weights at load time; "
+                "quantreg reads fp8-serialized checkpoints only"
+            )
         if self.activation_scheme != "dynamic":
             return (
                 "activation_scheme 'static' with weight_block_size is not supported (vLLM's "
-                "Fp8Config refuses it too: block-wise fp8 has dynamic activations only)"
+                "Fp8Config refuses it too: block-wise fp8 has dynamic activations only, so no "
+                "input_scale)"
             )
         return None
 

@@ -143,9 +143,10 @@ GOOD = fp8_tensors(1000, 256, (128, 128))
         ({**DEEPSEEK_V3, "fmt": "e5m2"}, GOOD, ConfigError, r"fmt 'e5m2' is not supported"),
         ({**DEEPSEEK_V3, "scale_fmt": "ue8m0"}, GOOD, ConfigError, r"scale_fmt 'ue8m0' is not supported"),
         ({**DEEPSEEK_V3, "activation_scheme": "static"}, GOOD, ConfigError, r"activation_scheme 'static' with weight_block_size is not supported"),
+        ({**DEEPSEEK_V3, "is_checkpoint_fp8_serialized": False}, GOOD, ConfigError, r"is_checkpoint_fp8_serialized false: vLLM quantizes such weights at load time"),
         ({**DEEPSEEK_V3, "activation_scheme": "token"}, GOOD, ConfigError, r"activation_scheme.*expected 'dynamic' or 'static'"),
     ],
-    ids=["scale-shape", "inf-scale", "overflowing-scale", "nan-code", "block-one-number", "zero-block", "float-block", "e5m2", "ue8m0-scales", "static", "bad-scheme"],
+    ids=["scale-shape", "inf-scale", "overflowing-scale", "nan-code", "block-one-number", "zero-block", "float-block", "e5m2", "ue8m0-scales", "static", "not-serialized", "bad-scheme"],
 )  # fmt: skip
 def test_bad_inputs_are_refused_naming_the_tensor_or_field(tmp_path, qcfg, tensors, error, message):
     with pytest.raises(error, match=message):
