@@ -37,11 +37,13 @@ from quantreg import (
     unpack_codes,
 )
 from quantreg.kernels import Float8Layout
+from quantreg.methods import _ct_nvfp4 as nvfp4
 from quantreg.methods._checks import check_float8_codes, check_scales
 from quantreg.methods._fp8_blocks import block_scale, decode_blocks, quantize_blocks
 from quantreg.methods._rtn import ACTORDER_NOTE, column_order, grouped, writer_defaults
 
 PACKED, INT, NAIVE, FLOAT = "pack-quantized", "int-quantized", "naive-quantized", "float-quantized"
+NVFP4 = "nvfp4-pack-quantized"
 FP8_MAX = 448.0  # largest float8_e4m3fn value
 WRITER = "compressed-tensors writer"
 # The weight widths the writer takes per format (the first one is the default).
@@ -85,6 +87,8 @@ def create_weights(
 ) -> None:
     """Register this rank's tensors of ``scheme`` on ``layer``: ``k`` inputs, ``n`` outputs
     (the vocab on dim 0 of every tensor)."""
+    if scheme.format == NVFP4:
+        return nvfp4.create_weights(layer, k, n)
     groups = scheme.groups(k)
     rows = {"output_dim": 0}
     params: dict[str, torch.nn.Parameter] = {}
@@ -128,6 +132,8 @@ def decode(layer: torch.nn.Module, scheme: WeightScheme) -> IntWeights | Float8L
             ``weight_shape`` that disagrees with the head, or a ``weight_g_idx`` entry outside
             the groups (see ``_checks``).
     """
+    if scheme.format == NVFP4:
+        return nvfp4.decode(layer)
     geometry = layer_geometry(layer)
     k, prefix = geometry.input_size, geometry.prefix
     if scheme.format == PACKED:

@@ -35,13 +35,22 @@ from quantreg.methods._ct_targets import (
 )
 from quantreg.methods._decoded import DecodedLinearMethod
 
-SUPPORTED_FORMATS = ("pack-quantized", "int-quantized", "naive-quantized", "float-quantized")
+SUPPORTED_FORMATS = (
+    "pack-quantized", "int-quantized", "naive-quantized", "float-quantized", "nvfp4-pack-quantized",
+)  # fmt: skip
 SUPPORTED_STRATEGIES = ("group", "channel", "tensor", "block")  # block: float8 only
 STATUSES = ("initialized", "calibration", "frozen", "compressed", "decompressed")
 # Tensor names (after the layer prefix) of the formats; an int8 / fp8 ``weight`` is told
 # apart by its dtype.
 TENSORS = frozenset(
-    {"weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx"}
+    {
+        "weight_packed",
+        "weight_scale",
+        "weight_zero_point",
+        "weight_shape",
+        "weight_g_idx",
+        "weight_global_scale",
+    }
 )
 
 
@@ -223,6 +232,10 @@ class CompressedTensorsConfig(QuantConfig):
         if weights is None:
             return f"format {fmt!r} ({layer}) quantizes no weights"
         strategy = weights.effective_strategy
+        if fmt == "nvfp4-pack-quantized":
+            nvfp4 = ("float", 4, "tensor_group", 16)
+            got = (weights.type, weights.num_bits, strategy, weights.group_size)
+            return None if got == nvfp4 else f"{fmt} weights must be {nvfp4}; got {got}"
         if strategy not in SUPPORTED_STRATEGIES:
             return (
                 f"weight strategy {strategy!r} ({layer}) is not supported yet; supported: "

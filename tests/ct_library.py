@@ -39,6 +39,7 @@ def compress_head(
     from compressed_tensors.quantization.utils import (
         calculate_qparams,
         compute_dynamic_scales_and_zp,
+        generate_gparam,
     )
 
     n, k = weight.shape
@@ -60,8 +61,12 @@ def compress_head(
         if qs is None or qs.weights is None:
             continue
         args, w = qs.weights, module.weight.data
+        if hasattr(module, "weight_global_scale"):  # NVFP4: llm-compressor's global scale first
+            module.weight_global_scale.data.copy_(generate_gparam(w.min(), w.max()).reshape(1))
         if args.strategy in STRATEGIES_WITH_OBSERVED_GROUPS:
-            scale, zero_point = compute_dynamic_scales_and_zp(w, args, module)
+            scale, zero_point = compute_dynamic_scales_and_zp(
+                w, args, module, global_scale=getattr(module, "weight_global_scale", None)
+            )
         elif args.strategy == "block":
             blocks = block_view(w, args.block_structure)
             scale, zero_point = calculate_qparams(blocks.amin((1, 3)), blocks.amax((1, 3)), args)

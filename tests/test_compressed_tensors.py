@@ -246,7 +246,7 @@ def test_bad_tensors_are_named(tmp_path, params, changes, message):
 
 
 def test_unsupported_formats_fail_naming_the_format_and_the_layer(tmp_path):
-    cfg = {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized", "config_groups": {"group_0": {"targets": ["lm_head"], "weights": {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16}}}}  # fmt: skip
+    cfg = {"quant_method": "compressed-tensors", "format": "mxfp4-pack-quantized", "config_groups": {"group_0": {"targets": ["lm_head"], "weights": {"num_bits": 4, "type": "float", "strategy": "group", "group_size": 32}}}}  # fmt: skip
     write_raw(
         tmp_path,
         config=llama_config(cfg),
@@ -254,7 +254,7 @@ def test_unsupported_formats_fail_naming_the_format_and_the_layer(tmp_path):
     )
     with pytest.raises(
         ConfigError,
-        match=r"format 'nvfp4-pack-quantized' \(targets \['lm_head'\]\) is not supported yet",
+        match=r"format 'mxfp4-pack-quantized' \(targets \['lm_head'\]\) is not supported yet",
     ):
         load_lm_head(tmp_path, dtype=torch.float32)
 

@@ -223,13 +223,13 @@ CASES: dict[str, tuple[Any, str, tuple[str, Any], tuple[str, Any]]] = {
     "autoawq-0.2-gemm": (AUTOAWQ_GEMM, BODY, ("float", "lm_head: false (absent)"), ("method", AWQ_LAYOUT)),
     "gptqmodel-2.2-lm_head": (GPTQMODEL_LMHEAD, BODY, ("method", GPTQ_LAYOUT), ("method", GPTQ_LAYOUT)),
     "llm-compressor-0.6-w4a16-ignore-lm_head": (LLMCOMPRESSOR_W4A16, BODY, ("float", "ignore 'lm_head'"), ("method", {"cpu": "compressed-tensors", "cuda:9.0": "compressed-tensors"})),
-    "llm-compressor-0.6-nvfp4-ignore-lm_head": (LLMCOMPRESSOR_NVFP4, BODY, ("float", "ignore 'lm_head'"), ("error", r"format 'nvfp4-pack-quantized' \(targets \['Linear'\]\) is not supported yet")),
+    "llm-compressor-0.6-nvfp4-ignore-lm_head": (LLMCOMPRESSOR_NVFP4, BODY, ("float", "ignore 'lm_head'"), ("method", {"cpu": "compressed-tensors", "cuda:9.0": "compressed-tensors"})),
     "llm-compressor-0.6-fp8-block-ignore-lm_head": (LLMCOMPRESSOR_FP8_BLOCK, BODY, ("float", "ignore 'lm_head'"), ("method", {"cpu": "compressed-tensors", "cuda:9.0": "compressed-tensors"})),
 }  # fmt: skip
 # Configs quantreg runs whole: a float layer needs no note about the others.
 CONTROLS = (
     "autoawq-0.2-gemm", "gptqmodel-2.2-lm_head", "llm-compressor-0.6-w4a16",
-    "llm-compressor-0.6-fp8-block", "deepseek-v3-fp8", "transformers-4.51-finegrained-fp8",
+    "llm-compressor-0.6-fp8-block", "llm-compressor-0.6-nvfp4", "deepseek-v3-fp8", "transformers-4.51-finegrained-fp8",
 )  # fmt: skip
 
 

@@ -263,12 +263,12 @@ def test_w8a8_heads_run_weight_only_and_say_so():
 @pytest.mark.parametrize(
     ("fmt", "weights", "message"),
     [
-        ("nvfp4-pack-quantized", {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16}, r"format 'nvfp4-pack-quantized' \(targets \['lm_head'\]\) is not supported yet"),
+        ("nvfp4-pack-quantized", {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 32}, r"nvfp4-pack-quantized weights must be \('float', 4, 'tensor_group', 16\); got \('float', 4, 'tensor_group', 32\)"),
         ("pack-quantized", {"num_bits": 4, "type": "int", "strategy": "block", "block_structure": [128, 128]}, r"weight strategy 'block' \(targets \['lm_head'\]\) is supported for float8 weights only"),
         ("pack-quantized", {"num_bits": 2, "type": "int", "strategy": "channel"}, r"pack-quantized weights must be int4 or int8; got int2"),
         ("sparse-24-bitmask", W8A16, r"format 'sparse-24-bitmask' .* is not supported yet"),
     ],
-    ids=["nvfp4", "block", "int2", "sparse"],
+    ids=["nvfp4-group-32", "block", "int2", "sparse"],
 )  # fmt: skip
 def test_unsupported_compressed_tensors_heads_fail_naming_format_and_layer(fmt, weights, message):
     qcfg = ct(["lm_head"], [], weights)

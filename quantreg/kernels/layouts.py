@@ -118,6 +118,8 @@ class Float8Layout(LayoutTensors):
         zeros: ``[G, N]`` zero points, or None (symmetric: fp8 checkpoints are).
         perm: int64 ``[K]`` or None, as in :class:`KPackedLayout`.
         bounds: the first column of every group, then ``K``.
+        round_to: a dtype the dequantized weights are rounded to last (compressed-tensors'
+            NVFP4 decompress ends in bfloat16 whatever its scale dtype), or None.
     """
 
     values: torch.Tensor
@@ -125,6 +127,7 @@ class Float8Layout(LayoutTensors):
     zeros: torch.Tensor | None
     perm: torch.Tensor | None
     bounds: tuple[int, ...]
+    round_to: torch.dtype | None = None
 
     @property
     def k(self) -> int:
@@ -146,6 +149,7 @@ class Float8Layout(LayoutTensors):
         zeros: torch.Tensor | None = None,
         g_idx: torch.Tensor | None = None,
         names: tuple[str, str] = ("g_idx", "scales"),
+        round_to: torch.dtype | None = None,
     ) -> Float8Layout:
         """``values`` ``[N, K]``, ``scales`` / ``zeros`` ``[G, N]``, ``g_idx`` the group of every
         column (None: ``ceil(K / G)`` columns per group, in order).
@@ -167,4 +171,5 @@ class Float8Layout(LayoutTensors):
             zeros=zeros,
             perm=perm,
             bounds=tuple(bounds),
+            round_to=round_to,
         )

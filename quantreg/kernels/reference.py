@@ -85,6 +85,7 @@ def float8_matmul(x: torch.Tensor, layout: Float8Layout) -> torch.Tensor:
         values = layout.values[:, start:stop].to(torch.float32)
         if layout.zeros is not None:
             values = values - layout.zeros[group].to(torch.float32)[:, None]
-        return dequantize(values, 0, layout.scales[group][:, None]).T
+        weights = dequantize(values, 0, layout.scales[group][:, None]).T
+        return weights if layout.round_to is None else weights.to(layout.round_to)
 
     return blockwise_matmul(x, layout.bounds, rows)
