@@ -182,13 +182,18 @@ DEMOS: list[tuple[str, str, str | None]] = [
 ]
 
 
+WEIGHT_SEED_OFFSET = 1000
+
+
 def write_demo_checkpoints(folder: Path, *, seed: int = 0) -> dict[str, tuple[Path, torch.Tensor]]:
     """Write every demo checkpoint into ``folder/<name>``: name -> (folder, its float weight).
 
     Every head but the tied one is the same float head (``eagle3_unquantized``) in another
     format, so that checkpoint is the ``--reference`` of every quantized one.
     """
-    gen = torch.Generator().manual_seed(seed)
+    # offset: `quantreg run --seed 0` draws its hidden states from seed 0, and the same draw
+    # as the weight would make row i of the head equal to token i's hidden state
+    gen = torch.Generator().manual_seed(seed + WEIGHT_SEED_OFFSET)
     weight = (torch.randn(DRAFT_VOCAB, HIDDEN, generator=gen) * 0.05).half()
     return {key: make(folder / key, gen, weight) for key, make in CHECKPOINTS.items()}
 
