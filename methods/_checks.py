@@ -16,11 +16,11 @@ contradict a symmetric config (used as stored).
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 
 from quantreg import CheckpointError, LayerGeometry, layer_geometry
+from quantreg import check_finite as finite_values
 
 logger = logging.getLogger(__name__)
 
@@ -32,20 +32,13 @@ def _extremes(value: torch.Tensor) -> tuple[float, float]:
 
 
 def check_finite(layer: torch.nn.Module, name: str) -> None:
-    """NaN or inf in a scale would silently poison every logit: refuse it, naming the tensor.
+    """NaN or inf in a scale would silently poison every logit: refuse it, naming the tensor
+    (``quantreg.check_finite`` on the layer's parameter ``name``).
 
     Raises:
         CheckpointError: the tensor holds a non-finite value.
     """
-    value = getattr(layer, name)
-    if value.numel() == 0 or all(math.isfinite(v) for v in _extremes(value)):
-        return
-    bad = int((~torch.isfinite(value)).sum())
-    prefix = layer_geometry(layer).prefix
-    raise CheckpointError(
-        f"{prefix}.{name} holds {bad} non-finite value(s) (NaN or inf); expected finite scales",
-        tensor=f"{prefix}.{name}",
-    )
+    finite_values(getattr(layer, name), f"{layer_geometry(layer).prefix}.{name}")
 
 
 def check_scales(

@@ -22,6 +22,7 @@ from quantreg.contract import Relabel
 from quantreg.contract import WriterOption
 from quantreg.contract import is_lm_head
 from quantreg.contract import select_kernel
+from quantreg.values import check_finite
 from quantreg.decision import resolve
 from quantreg.dense import UnquantizedLinearMethod
 from quantreg.drafter import DrafterConfig
@@ -121,6 +122,7 @@ __all__ = [
     "UnquantizedLinearMethod",
     "WriterOption",
     "__version__",
+    "check_finite",
     "check_lm_head",
     "checked_regex",
     "compare_heads",

@@ -44,7 +44,7 @@ class UnquantizedLinearMethod(LinearMethod):
         from quantreg.kernels.selection import Kernel
         from quantreg.values import check_finite
 
-        check_finite(layer.weight, f"{layer_geometry(layer).prefix}.weight")
+        check_finite(layer.weight, f"{layer_geometry(layer).prefix}.weight", cast=True)
 
         layer.kernel = Kernel.record(
             DENSE_KERNEL, f"F.linear on the float weight ({layer.weight.dtype})"

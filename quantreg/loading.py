@@ -285,7 +285,7 @@ def _process(head: ParallelLMHead, tensors: Mapping[str, TensorInfo]) -> None:
     a recorded kernel gets a ``method-defined`` record."""
     try:
         if head.bias is not None:
-            check_finite(head.bias, f"{head.prefix}.bias")
+            check_finite(head.bias, f"{head.prefix}.bias", cast=True)
         head.quant_method.process_weights_after_loading(head)
     except CheckpointError as exc:
         info = tensors.get(exc.tensor or "")

@@ -39,9 +39,11 @@ def _first_bad(tensor: torch.Tensor) -> tuple[int, list[int]]:
     return int(bad.sum()), bad.nonzero()[0].tolist()
 
 
-def check_finite(tensor: torch.Tensor, name: str) -> None:
+def check_finite(tensor: torch.Tensor, name: str, *, cast: bool = False) -> None:
     """Refuse a loaded float tensor holding NaN or inf, naming it (``name``: the checkpoint
-    tensor, e.g. ``lm_head.bias``).
+    tensor, e.g. ``lm_head.bias``), in one pass. ``cast``: the tensor was cast to the compute
+    dtype on loading (a bias, a float weight), so a value beyond a half dtype's range may be
+    the cause; a scale kept in the checkpoint's dtype holds what the file holds.
 
     Raises:
         CheckpointError: a non-finite value; the message gives the count and the first index.
@@ -53,7 +55,7 @@ def check_finite(tensor: torch.Tensor, name: str) -> None:
     hint = (
         f" (a value beyond {dtype.removeprefix('torch.')}'s range is inf once cast: load with "
         "dtype=float32 if the checkpoint's values are finite)"
-        if dtype in HALF_DTYPES
+        if cast and dtype in HALF_DTYPES
         else ""
     )
     raise CheckpointError(
