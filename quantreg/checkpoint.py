@@ -33,7 +33,7 @@ from quantreg.headers import (
 )
 from quantreg.headers import clear_cache as _clear_headers
 from quantreg.jsonbounds import JSONLimits, parse_json
-from quantreg.patterns import MAX_NAME_CHARS, name_length_problem
+from quantreg.patterns import check_name_lengths
 
 if TYPE_CHECKING:
     import torch
@@ -169,11 +169,7 @@ def _parse_index(path: Path, handle: BinaryIO, st: os.stat_result) -> dict[str, 
             f"{MAX_INDEX_ENTRIES:,d}",
             path=path,
         )
-    long = next((name for name in weight_map if len(name) > MAX_NAME_CHARS), None)
-    if long is not None:  # checkpoint regexes are bounded for names up to this length
-        raise CheckpointError(
-            f"{path}: weight_map tensor name {name_length_problem(long)}", path=path, tensor=long
-        )
+    check_name_lengths(weight_map, path=path, what="weight_map")
     return weight_map
 
 

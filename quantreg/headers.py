@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 from quantreg.errors import CheckpointError
 from quantreg.files import ParsedFiles
 from quantreg.jsonbounds import JSONLimits, parse_json
-from quantreg.patterns import MAX_NAME_CHARS, name_length_problem
+from quantreg.patterns import check_name_lengths
 
 logger = logging.getLogger(__name__)
 
@@ -143,11 +143,7 @@ def parse_header(raw: bytes, *, path: Path, size: int) -> dict[str, TensorInfo]:
             path=path,
         )
     _check_metadata(path, header.pop("__metadata__", None))
-    long = next((name for name in header if len(name) > MAX_NAME_CHARS), None)
-    if long is not None:  # checkpoint regexes are bounded for names up to this length
-        raise CheckpointError(
-            f"{path}: header tensor name {name_length_problem(long)}", path=path, tensor=long
-        )
+    check_name_lengths(header, path=path, what="header")
     data_len = size - 8 - len(raw)
     infos: dict[str, TensorInfo] = {}
     spans: list[tuple[int, int, str]] = []

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
-from quantreg.errors import ConfigError, InputError
+from quantreg.errors import CheckpointError, ConfigError, InputError
 
 try:  # Python 3.11+; a private module, so its absence refuses every pattern
     from re import _parser as _sre
@@ -314,14 +315,21 @@ def _may_match(estimate: _Estimate, op: Any, av: Any, char: str) -> bool:
     return hit != negate
 
 
-def name_length_problem(name: str) -> str | None:
-    """Why a tensor or module name is too long to be matched against checkpoint regexes."""
-    if len(name) <= MAX_NAME_CHARS:
-        return None
-    return (
-        f"{short_name(name)} is {len(name)} characters long; names of at most "
-        f"{MAX_NAME_CHARS} characters are read"
-    )
+def check_name_lengths(names: Iterable[str], *, path: Path, what: str) -> None:
+    """The tensor names of a header or an index (``what``) are at most MAX_NAME_CHARS
+    characters long: the work bound of every checkpoint regex holds for such names.
+
+    Raises:
+        CheckpointError: naming the file and the first long name (shortened).
+    """
+    long = next((name for name in names if len(name) > MAX_NAME_CHARS), None)
+    if long is not None:
+        raise CheckpointError(
+            f"{path}: {what} tensor name {short_name(long)} is {len(long)} characters long; "
+            f"names of at most {MAX_NAME_CHARS} characters are read",
+            path=path,
+            tensor=long,
+        )
 
 
 def check_prefix(prefix: object) -> None:
