@@ -33,7 +33,7 @@ from quantreg.headers import (
 )
 from quantreg.headers import clear_cache as _clear_headers
 from quantreg.jsonbounds import JSONLimits, parse_json
-from quantreg.patterns import check_name_lengths
+from quantreg.patterns import check_name_lengths, listed
 
 if TYPE_CHECKING:
     import torch
@@ -281,9 +281,10 @@ def read_hidden_states(path: str | os.PathLike[str], *, name: str = "x") -> torc
         raise CheckpointError(f"cannot read hidden states: {exc}", path=file) from exc
     info = infos.get(name)
     if info is None:
-        found = ", ".join(list(infos)[:10]) + (", ..." if len(infos) > 10 else "")
         raise CheckpointError(
-            f"{file} has no tensor {name!r} (found: {found or 'none'})", path=file, tensor=name
+            f"{file} has no tensor {name!r} (found: {listed(list(infos)) or 'none'})",
+            path=file,
+            tensor=name,
         )
     if len(info.shape) != 2 or info.dtype not in FLOAT_DTYPES:
         raise CheckpointError(
