@@ -35,6 +35,7 @@ from quantreg import (
     Relabel,
     WriterOption,
     checked_regex,
+    dynamic_pattern,
     is_lm_head,
     regex_list_problem,
     regex_problem,
@@ -64,11 +65,6 @@ AWQ_LAYOUTS = ("gemm", "gemv", "gemv_fast")
 LAYOUT_FIELDS = ("format", "checkpoint_format")
 # Keys of a GPTQModel ``dynamic`` rule that change how a layer is quantized.
 OVERRIDE_KEYS = ("bits", "group_size", "sym", "desc_act")
-
-
-def _rule_pattern(key: str) -> str:
-    """The regex of a GPTQModel ``dynamic`` key, without its ``+:`` / ``-:`` sign."""
-    return key[2:] if key[:2] in ("+:", "-:") else key
 
 
 def _check_bits(value: int) -> int:
@@ -216,7 +212,7 @@ class GPTQConfig(QuantConfig):
         """The rules' regexes together (how many, their work on one name), checked before
         each rule is parsed: a million rules cost one ``len``."""
         if isinstance(value, Mapping):
-            problem = regex_list_problem([_rule_pattern(k) for k in value if isinstance(k, str)])
+            problem = regex_list_problem([dynamic_pattern(k) for k in value if isinstance(k, str)])
             if problem is not None:
                 raise ValueError(problem)
         return value
@@ -229,7 +225,7 @@ class GPTQConfig(QuantConfig):
         """Every rule's regex must match module names in bounded time (``+:(a+)+$`` would
         hang resolution)."""
         for key in value or {}:
-            problem = regex_problem(_rule_pattern(key))
+            problem = regex_problem(dynamic_pattern(key))
             if problem is not None:
                 raise ValueError(f"rule {key!r} {problem}")
         return value
@@ -334,7 +330,7 @@ class GPTQConfig(QuantConfig):
         Returns ``(key, excluded, overrides)``; ``excluded`` for a ``-:`` rule.
         """
         for key, rule in (self.dynamic or {}).items():
-            if checked_regex(_rule_pattern(key)).match(prefix):
+            if checked_regex(dynamic_pattern(key)).match(prefix):
                 overrides = {
                     k: getattr(rule, k) for k in OVERRIDE_KEYS if getattr(rule, k) is not None
                 }

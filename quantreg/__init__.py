@@ -46,6 +46,7 @@ from quantreg.parameters import frozen_param
 from quantreg.parameters import layer_geometry
 from quantreg.parameters import set_weight_attrs
 from quantreg.patterns import checked_regex
+from quantreg.patterns import dynamic_pattern
 from quantreg.patterns import regex_list_problem
 from quantreg.patterns import regex_problem
 from quantreg.platform import Platform
@@ -127,6 +128,7 @@ __all__ = [
     "checked_regex",
     "compare_heads",
     "compare_logits",
+    "dynamic_pattern",
     "frozen_param",
     "get_quant_config_cls",
     "has_own_lm_head",

@@ -315,6 +315,12 @@ def _may_match(estimate: _Estimate, op: Any, av: Any, char: str) -> bool:
     return hit != negate
 
 
+def dynamic_pattern(key: str) -> str:
+    """The regex of a GPTQModel ``dynamic`` key, without its ``+:`` (quantize) / ``-:`` (skip)
+    sign; a key without a sign is a ``+:`` rule."""
+    return key[2:] if key[:2] in ("+:", "-:") else key
+
+
 def check_name_lengths(names: Iterable[str], *, path: Path, what: str) -> None:
     """The tensor names of a header or an index (``what``) are at most MAX_NAME_CHARS
     characters long: the work bound of every checkpoint regex holds for such names.

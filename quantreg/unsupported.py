@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from quantreg.contract import LayerRule, QuantConfig, is_lm_head
 from quantreg.errors import ConfigError, UnknownMethodError
-from quantreg.patterns import checked_regex, regex_list_problem, regex_problem
+from quantreg.patterns import checked_regex, dynamic_pattern, regex_list_problem, regex_problem
 from quantreg.registry import Registry, normalize_name
 
 # Quantization methods of vLLM and transformers that quantreg does not implement (a plugin
@@ -138,13 +138,9 @@ def _dynamic(data: Mapping[str, Any], prefix: str) -> LayerRule | None:
     """GPTQModel's ``dynamic``: the first key that ``re.match``-es decides."""
     dynamic = data.get("dynamic")
     for key in dynamic if isinstance(dynamic, Mapping) else ():
-        if checked_regex(_rule_pattern(key)).match(prefix):
+        if checked_regex(dynamic_pattern(key)).match(prefix):
             return LayerRule(not key.startswith("-:"), f"dynamic '{key}'")
     return None
-
-
-def _rule_pattern(key: str) -> str:
-    return key[2:] if key[:2] in ("+:", "-:") else key
 
 
 def check_regexes(
@@ -179,7 +175,7 @@ def _regex_entries(data: Mapping[str, Any]) -> Iterator[tuple[str, str, str]]:
     dynamic = data.get("dynamic")
     for key in dynamic if isinstance(dynamic, Mapping) else ():
         if isinstance(key, str):
-            yield "dynamic", key, _rule_pattern(key)
+            yield "dynamic", key, dynamic_pattern(key)
 
 
 def config_rule(

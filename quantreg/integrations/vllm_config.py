@@ -246,7 +246,7 @@ def _without_head_act_order(config: Mapping[str, Any], *, everywhere: bool) -> d
     dynamic = config.get("dynamic")
     rules = dict(dynamic) if isinstance(dynamic, Mapping) else {}
     for key, rule in rules.items():
-        regex = quantreg.checked_regex(key[2:] if key[:2] in ("+:", "-:") else key)
+        regex = quantreg.checked_regex(quantreg.dynamic_pattern(key))
         head_rule = bool(regex.match(HEAD)) and not regex.match("model.layers.0.")
         if isinstance(rule, Mapping) and (everywhere or head_rule):
             rules[key] = {k: v for k, v in rule.items() if k != "desc_act"}
