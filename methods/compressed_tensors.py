@@ -123,16 +123,7 @@ class CompressedTensorsConfig(QuantConfig):
         check_all(raw_entries(data), method=method, source=source)  # before each is analysed
         config = super().from_quant_config(data, method=method, source=source)
         config._source = source
-        check_all(config.entries(), method=method, source=source)
         return config
-
-    def entries(self) -> list[str]:
-        """Every ``ignore`` and ``targets`` entry, the ``sparsity_config``'s included."""
-        sparsity = self.sparsity_config
-        found = [*self.ignore, *(t for s in self.config_groups.values() for t in s.targets)]
-        if sparsity is not None:
-            found += [*(sparsity.targets or ()), *(sparsity.ignore or ())]
-        return found
 
     @field_validator("sparsity_config", mode="before")
     @classmethod
