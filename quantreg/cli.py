@@ -88,8 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except Exception as exc:  # the last resort: a one-line message, never a traceback
         where = f" (rank {rank})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-        print(f"quantreg: error{where}: {_describe(exc, args)}", file=sys.stderr)
-        if getattr(args, "verbose", False) and _describe(exc, args).startswith("internal error"):
+        message = _describe(exc, args)
+        print(f"quantreg: error{where}: {message}", file=sys.stderr)
+        if getattr(args, "verbose", False) and message.startswith("internal error"):
             traceback.print_exception(exc, file=sys.stderr)
         _flush_or_silence_stdout()
         return 1
