@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import run_cli_batch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -164,31 +166,15 @@ def test_the_catalogue_is_at_least_30_distinct_inputs():
     assert len(set(IDS)) == len(IDS) >= 30
 
 
-CLI_SCRIPT = """
-import contextlib, io, json, sys
-from quantreg.cli import main
-results = []
-for folder in sys.argv[1:]:
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        code = main(["run", folder, "--dtype", "float32"])
-    results.append({"code": code, "stderr": err.getvalue()})
-print(json.dumps(results))
-"""
-
-
 def test_the_cli_exits_1_with_the_message_and_no_traceback(tmp_path):
-    folders, expected = [], []
+    argvs, expected = [], []
     for name, damage, _, message in CATALOGUE:
         folder = base(tmp_path / name)
         damage(folder)
-        folders.append(str(folder))
+        argvs.append(["run", str(folder), "--dtype", "float32"])
         expected.append(message)
-    out = subprocess.run([sys.executable, "-c", CLI_SCRIPT, *folders], capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    import re
-
-    for name, result, message in zip(IDS, json.loads(out.stdout), expected, strict=True):
+    results = run_cli_batch(argvs, timeout=600)
+    for name, result, message in zip(IDS, results, expected, strict=True):
         assert result["code"] == 1, name
         assert result["stderr"].startswith("quantreg: error: "), (name, result["stderr"])
         assert "Traceback" not in result["stderr"], name
