@@ -132,12 +132,18 @@ def _decline_int8(t: Target) -> str | None:
 
 
 def _decline_triton(t: Target) -> str | None:
-    import importlib.util
-
     if not isinstance(t.weights, IntWeights):
         return "runs integer (int4 / int8) weights only"
+    return _triton_device(t, "triton")
+
+
+def _triton_device(t: Target, name: str) -> str | None:
+    """Why Triton kernel ``name`` cannot run on ``t``'s device: CUDA >= 8.0 with triton, or
+    a CPU through the interpreter when the kernel is requested by name (tests, bench smoke)."""
+    import importlib.util
+
     if t.device.type == "cpu":
-        if t.requested != "triton":
+        if t.requested != name:
             return "runs on CUDA (on a CPU only through TRITON_INTERPRET=1, when requested)"
         if importlib.util.find_spec("triton") is None:
             return "triton is not installed (pip install 'quantreg[gpu]')"
@@ -151,6 +157,19 @@ def _decline_triton(t: Target) -> str | None:
     if not t.platform.triton:
         return "triton is not installed (pip install 'quantreg[gpu]')"
     return None
+
+
+def _decline_triton_float8(t: Target) -> str | None:
+    import torch
+
+    if not isinstance(t.weights, Float8Layout):
+        return "runs float8 / fp4 (Float8Layout) weights only"
+    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"takes float16, bfloat16 or float32 activations, not {t.dtype}"
+    for what, dtype in (("scales", t.weights.scales.dtype), ("round_to", t.weights.round_to)):
+        if dtype not in (None, torch.float16, torch.bfloat16, torch.float32):
+            return f"rounds to float16, bfloat16 or float32; the {what} are {dtype}"
+    return _triton_device(t, "triton-float8")
 
 
 def _build_cpu(weights: Weights, dtype: torch.dtype) -> Any:
@@ -200,6 +219,19 @@ def _run_triton(x: torch.Tensor, layout: Any) -> torch.Tensor:
     from quantreg.kernels.triton_wna16 import triton_matmul
 
     return triton_matmul(x, layout)
+
+
+def _build_triton_float8(weights: Weights, dtype: torch.dtype) -> Any:
+    from quantreg.kernels.triton_float8 import TritonFloat8Layout
+
+    assert isinstance(weights, Float8Layout)
+    return TritonFloat8Layout.build(weights)
+
+
+def _run_triton_float8(x: torch.Tensor, layout: Any) -> torch.Tensor:
+    from quantreg.kernels.triton_float8 import triton_float8_matmul
+
+    return triton_float8_matmul(x, layout)
 
 
 def _build_torch(kind: str) -> Callable[[Weights, torch.dtype], Any]:
@@ -254,6 +286,12 @@ KERNELS: dict[str, KernelDef] = {
         KernelDef(
             "triton", "quantreg's Triton kernel over the k-packed layout, float32 accumulation",
             _decline_triton, _build_kpacked, _run_triton,
+        ),
+        KernelDef(
+            "triton-float8",
+            "quantreg's Triton kernel over float8 / packed e2m1 bytes (fp8 tensor, channel and "
+            "block scales, NVFP4 groups), float32 accumulation",
+            _decline_triton_float8, _build_triton_float8, _run_triton_float8,
         ),
         KernelDef(
             "reference",

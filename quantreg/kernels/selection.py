@@ -16,6 +16,7 @@ kernel                    what it computes
 ``torch-int8pack``        torch's ``_weight_int8pack_mm`` (bf16 / fp16 heads)
 ``cpu-avx512``            quantreg's CPU kernel, float32 FMA on the producers' exact weights
 ``triton``                quantreg's Triton kernel (CUDA >= 8.0; the interpreter on request)
+``triton-float8``         quantreg's Triton kernel for float8 / NVFP4 heads (same conditions)
 ``reference``             exact block-wise dequantization in float32, any device
 ========================  ==================================================================
 
