@@ -3,12 +3,16 @@
     python bench/gpu.py --json out.json [--append-results bench/RESULTS.md]
     TRITON_INTERPRET=1 python bench/gpu.py --cpu-smoke     # the script's own logic, no GPU
 
-1. Smoke (about 30 s): import triton and quantreg, compile and run the kernel once per bits.
+1. Smoke (about 30 s): import triton and quantreg, compile and run the kernels once per bits
+   (int4, int8, float8 bytes, packed e2m1).
 2. Correctness on fresh random inputs, fp16 and bf16 activations: int4 g128 with zero points
-   (awq_marlin layout), int4 g128 act-order, int8 per-channel (compressed-tensors), odd N,
-   M in 1..64 -- against a float32 matmul with the dequantized weight.
+   (awq_marlin layout), int4 g128 act-order, int8 per-channel (compressed-tensors), fp8
+   per-channel, fp8 128 x 128 blocks (DeepSeek / compressed-tensors ``block``), NVFP4 (e2m1 in
+   groups of 16, rounded to bf16 last), odd N, M in 1..64 -- against a float32 matmul with the
+   dequantized weight (built here, independently of quantreg's reference kernel).
 3. Timings side by side: bf16 cuBLAS ``F.linear``, torch's ``_weight_int4pack_mm`` and
-   quantreg's kernels, N in {32000, 128256}, K = 4096, M in {1, 4, 16, 64}; the L2 cache is
+   quantreg's kernels (``triton`` for int4 / int8, ``triton-float8`` for fp8 channel, fp8 block
+   and NVFP4), N in {32000, 128256}, K = 4096, M in {1, 4, 16, 64}; the L2 cache is
    flushed (a 256 MiB write) before every timed call, CUDA events time the call alone, medians
    are reported. Ratios are bf16 time / case time.
 
@@ -66,12 +70,49 @@ def make_weights(bits: int, n: int, k: int, group: int, dtype: torch.dtype, devi
     return weights, weight.to(device)
 
 
-def quantreg_fn(weights, dtype: torch.dtype):  # type: ignore[no-untyped-def]
-    """quantreg's Triton kernel for ``weights``, chosen through the public selection."""
+FLOAT8_CASES = ("fp8 channel", "fp8 block", "nvfp4")
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def make_float8(kind: str, n: int, k: int, dtype: torch.dtype, device: str, seed: int = 0,
+                dense: bool = True):  # type: ignore[no-untyped-def]  # fmt: skip
+    """Random float8 weights of ``kind`` (one of ``FLOAT8_CASES``), drawn on ``device``, as a
+    ``quantreg.kernels.Float8Layout`` and (``dense``) the float32 ``W.T`` ``[K, N]`` they mean:
+    per-channel scales in ``dtype``; 128 x 128 float32 block scales (each row's block row, as
+    the fp8 methods expand them); NVFP4: e2m1 values, float32 group-of-16 scales, bf16 last."""
+    from quantreg.kernels import Float8Layout
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    draw = {"generator": gen, "device": device}
+    round_to, g_idx = None, None
+    if kind == "nvfp4":
+        e2m1 = torch.tensor([*E2M1, *(-v for v in E2M1)], device=device)
+        values = e2m1[torch.randint(0, 16, (n, k), **draw)]
+        g_idx, round_to = torch.arange(k, device=device) // 16, torch.bfloat16
+        scales = torch.rand(k // 16, n, **draw) * 0.004 + 0.0005
+    else:
+        values = (torch.randn(n, k, **draw) * 64).clamp(-448, 448)
+        if kind == "fp8 channel":
+            scales = (torch.rand(1, n, **draw) * 1e-4 + 1e-5).to(dtype)
+        else:
+            blocks = torch.rand(-(-n // 128), -(-k // 128), **draw) * 1e-4 + 1e-5
+            rows = torch.arange(n, device=device) // 128
+            scales, g_idx = blocks[rows].T.contiguous(), torch.arange(k, device=device) // 128
+    values = values.to(torch.float8_e4m3fn)
+    layout = Float8Layout.build(values, scales, None, g_idx, round_to=round_to)
+    if not dense:
+        return layout, None
+    cols = torch.zeros(k, dtype=torch.long, device=device) if g_idx is None else g_idx
+    weight = (values.float() * scales.float()[cols].T).to(scales.dtype)
+    return layout, (weight if round_to is None else weight.to(round_to)).float().T.contiguous()
+
+
+def quantreg_fn(weights, dtype: torch.dtype, name: str = "triton"):  # type: ignore[no-untyped-def]
+    """quantreg's Triton kernel ``name`` for ``weights``, chosen through the public selection."""
     import quantreg
 
-    kernel = quantreg.select_kernel(weights, dtype=dtype, requested="triton")
-    assert kernel.name == "triton", kernel
+    kernel = quantreg.select_kernel(weights, dtype=dtype, requested=name)
+    assert kernel.name == name, kernel
     return kernel
 
 
@@ -86,6 +127,9 @@ def smoke(device: str) -> None:
         weights, _ = make_weights(bits, 64, 256, 128 if bits == 4 else 256, torch.float16, device)
         x = torch.randn(2, 256, dtype=torch.float16, device=device)
         quantreg_fn(weights, torch.float16)(x)
+    for kind in ("fp8 block", "nvfp4"):  # the float8 bytes and the packed e2m1 codes
+        layout, _ = make_float8(kind, 64, 256, torch.float16, device)
+        quantreg_fn(layout, torch.float16, "triton-float8")(x)
     if device == "cuda":
         torch.cuda.synchronize()
     say(f"smoke: import + compile + run in {time.perf_counter() - t0:.1f} s")
@@ -100,14 +144,27 @@ def correctness(device: str, cpu_smoke: bool) -> list[dict]:
     for label, bits, group, act in cases:
         for dtype in dtypes:
             weights, w = make_weights(bits, n, k, group or k, dtype, device, act, seed=7)
-            fn = quantreg_fn(weights, dtype)
-            for m in (1, 5, 16, 64):
-                x = torch.randn(m, k, device=device).to(dtype)
-                ref = x.float() @ w
-                err = float((fn(x).float() - ref).abs().max() / ref.abs().max())
-                rows.append({"case": label, "dtype": str(dtype)[6:], "M": m, "max_rel_err": err,
-                             "ok": err < 1e-2})  # fmt: skip
-                say(f"correct {label} {dtype} M={m}: {err:.2e}")
+            rows += check(label, quantreg_fn(weights, dtype), w, dtype, device)
+    for label in FLOAT8_CASES:
+        for dtype in dtypes:
+            layout, w = make_float8(label, n, k, dtype, device, seed=7)
+            fn = quantreg_fn(layout, dtype, "triton-float8")
+            assert fn.layout.value_bits == (4 if label == "nvfp4" else 8), fn.layout  # packed?
+            rows += check(label, fn, w, dtype, device)
+    return rows
+
+
+def check(label: str, fn, w: torch.Tensor, dtype: torch.dtype, device: str) -> list[dict]:  # type: ignore[no-untyped-def]
+    """``fn(x)`` against ``x @ w`` in float32 for M in 1, 5, 16, 64 (relative to the largest
+    logit: within 1e-2)."""
+    rows = []
+    for m in (1, 5, 16, 64):
+        x = torch.randn(m, w.shape[0], device=device).to(dtype)
+        ref = x.float() @ w
+        err = float((fn(x).float() - ref).abs().max() / ref.abs().max())
+        rows.append({"case": label, "dtype": str(dtype)[6:], "M": m, "max_rel_err": err,
+                     "ok": err < 1e-2})  # fmt: skip
+        say(f"correct {label} {dtype} M={m}: {err:.2e}")
     return rows
 
 
@@ -147,6 +204,9 @@ def timings(device: str, shapes, ms, reps: int) -> list[dict]:  # type: ignore[n
                 make_weights(8, n, k, k, torch.bfloat16, device)[0], torch.bfloat16
             ),
         }
+        for kind in FLOAT8_CASES:
+            layout = make_float8(kind, n, k, torch.bfloat16, device, dense=False)[0]
+            heads[f"quantreg {kind}"] = quantreg_fn(layout, torch.bfloat16, "triton-float8")
         int4op = _torch_int4(n, k, device)
         for m in ms:
             x = torch.randn(m, k, device=device).to(torch.bfloat16)

@@ -215,6 +215,9 @@ def test_the_gpu_bench_script_runs_its_cpu_smoke(tmp_path, monkeypatch, capsys):
     result = json.loads((tmp_path / "g.json").read_text())
     assert result["machine"]["card"] == "CPU (Triton interpreter)"
     assert result["correctness"] and all(c["ok"] for c in result["correctness"])
+    assert {"fp8 channel", "fp8 block", "nvfp4"} <= {c["case"] for c in result["correctness"]}
+    assert all(f"quantreg {kind} ms" in row for row in result["timings"]
+               for kind in ("fp8 channel", "fp8 block", "nvfp4"))  # fmt: skip
     assert {row["M"] for row in result["timings"]} == {1, 17}
     assert "| N | K | M | bf16 cuBLAS ms |" in (tmp_path / "R.md").read_text()
     monkeypatch.setenv("TRITON_INTERPRET", "0")
