@@ -230,17 +230,20 @@ def test_an_fp8_block_head_and_its_tensor_parallel_shards(tmp_path):
 
 
 def test_a_compressed_tensors_nvfp4_head_reads_packed_codes(tmp_path):
-    """The library's own NVFP4 checkpoint (vocab 1000): packed e2m1 codes, the reference's
+    """The library's own NVFP4 checkpoint (vocab 1000): the kernel reads the library's own
+    packed bytes again (repacked from the float8 values bit for bit), and gives the reference's
     numbers in float32 and bfloat16."""
     from ct_library import compress_head
 
     weight = torch.randn(1000, 128, generator=torch.Generator().manual_seed(5)) * 0.05
     compress_head(tmp_path, weight.bfloat16(), {"preset": "NVFP4A16", "targets": ["lm_head"]})
+    stored = load_file(tmp_path / "model.safetensors")["lm_head.weight_packed"]
     x = torch.randn(3, 128)
     for dtype in (torch.float32, torch.bfloat16):
         exact = quantreg.load_lm_head(tmp_path, dtype=dtype, kernel="reference")
         head = quantreg.load_lm_head(tmp_path, dtype=dtype, kernel="triton-float8")
         packed = head.kernel.layout
         assert packed.value_bits == 4 and packed.values.shape == (1024, 64)  # padded vocab
+        assert torch.equal(packed.values[:1000].cpu(), stored)
         got = head.compute_logits(x.to(dtype))
         assert rel_err(got, exact.compute_logits(x.to(dtype))) < 1e-2

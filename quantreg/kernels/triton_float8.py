@@ -4,15 +4,17 @@
 The layout is :class:`TritonFloat8Layout`, built once from the ``Float8Layout``: the float8
 values as their bytes (``uint8 [N, K]``, vocab on dim 0), or -- when every value is an e2m1
 number (NVFP4 heads) and K is even -- two 4-bit e2m1 codes a byte, compressed-tensors' own
-packing (half the bytes to read). Bytes become float32 by integer bit tricks, not by Triton's
-float8 types: one kernel runs on every CUDA card from sm_80 on and on the interpreter.
+packing (half the bytes to read; checked against ``pack_fp4_to_uint8`` in compressed-tensors
+0.20's ``compressors/nvfp4/helpers.py``: its checkpoints' ``weight_packed`` comes back bit for
+bit). Bytes become float32 by integer bit tricks, not by Triton's float8 types (``float8e4nv``
+needs sm_89): one kernel runs on every CUDA card from sm_80 on, and on the interpreter.
 
 Each program multiplies a ``BLOCK_M x BLOCK_N`` tile over one slice of K (split-K for small M;
 the partial sums are added in float32 afterwards). A weight is computed as the reference
 kernel computes it -- ``(value - zero) * scale`` in float32, rounded to the scale dtype, then to
 ``round_to`` -- and then cast to the activation dtype for ``tl.dot`` with float32 accumulation
 (float32 activations: an IEEE float32 dot, no rounding at all). Rounding to bfloat16 is done on
-the float32 bits (round to nearest even), as every CUDA card does it, because the interpreter
+the float32 bits (round to nearest even, as CUDA's conversion rounds), because the interpreter
 truncates; the interpreter's ``tl.dot`` cannot multiply bfloat16 either, so there the bfloat16
 operands (exact in float32) are multiplied as float32. Scales are read three ways: one group
 per K block (the group size a multiple of ``BLOCK_K``; per-tensor and per-channel scales are one
@@ -43,7 +45,6 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = None
     tl = None
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The K blocks a configuration may use; a group size decides which read its scales.
 BLOCK_KS = (128, 64, 32, 16)
 # The "group size" of one group covering every column: a multiple of every BLOCK_K.
