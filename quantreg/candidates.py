@@ -95,10 +95,17 @@ def find_readers(
     return readers, declined
 
 
-def probe(reader: Reader, rule: LayerRule, prefix: str, platform: Platform) -> Probe:
-    """Try one reader for the layer; a plugin's failing hook declines it, never raises."""
+def probe(
+    reader: Reader,
+    rule: LayerRule,
+    prefix: str,
+    platform: Platform,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> Probe:
+    """Try one reader for the layer (``shapes``: its stored tensors' shapes, by name after the
+    prefix); a plugin's failing hook declines it, never raises."""
     try:
-        effective = reader.config.for_layer(rule)
+        effective = reader.config.for_layer(rule, shapes)
         if is_lm_head(prefix) and not reader.cls.supports_lm_head:
             unable: str | None = (
                 "cannot run a quantized lm_head (supports_lm_head is false for "

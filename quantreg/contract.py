@@ -272,10 +272,20 @@ class QuantConfig(BaseModel):
         layout, else None (and loading then fails, naming the tensors)."""
         return None
 
-    def for_layer(self, rule: LayerRule) -> Self:
-        """The effective config of one layer: this config with the rule's overrides applied,
-        and the rule pinned (``rule_for`` returns it for any prefix from then on)."""
-        config = self.with_overrides(rule.overrides) if rule.overrides else self.model_copy()
+    def tensor_overrides(self, shapes: Mapping[str, tuple[int, ...]]) -> Mapping[str, Any]:
+        """Fields of a quantized layer's effective config that its stored tensors decide,
+        from ``shapes`` (tensor name after the prefix -> shape in the headers), e.g. whether
+        fp8's ``weight_scale`` is per-tensor or per-channel; none by default."""
+        return {}
+
+    def for_layer(
+        self, rule: LayerRule, shapes: Mapping[str, tuple[int, ...]] | None = None
+    ) -> Self:
+        """The effective config of one layer: this config with the rule's overrides (and the
+        ``tensor_overrides`` of the layer's tensor ``shapes``) applied, and the rule pinned
+        (``rule_for`` returns it for any prefix from then on)."""
+        overrides = {**rule.overrides, **(self.tensor_overrides(shapes) if shapes else {})}
+        config = self.with_overrides(overrides) if overrides else self.model_copy()
         config._layer_rule = rule
         return config
 

@@ -144,7 +144,8 @@ def decide(
             config=None, format=fmt,
         )  # fmt: skip
         return _tied_or_kept(facts, resolution)
-    probes = [probe(reader, rule, prefix, platform) for reader in readers]
+    shapes = {t.name[len(prefix) + 1 :]: tuple(t.shape) for t in facts.infos}
+    probes = [probe(reader, rule, prefix, platform, shapes) for reader in readers]
     if req is not None:
         chosen, candidates = pick_requested(probes, req, prefix, view.source, facts.notes)
     else:

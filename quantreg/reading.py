@@ -110,8 +110,8 @@ def _slice(handle: Any, head: ParallelLMHead, param: torch.nn.Parameter, info: T
     """This rank's region of tensor ``info`` from an open safetensors file."""
     region = head.checkpoint_region(param)
     piece = handle.get_slice(info.name)
-    if region is None:
-        return piece[:]
+    if region is None:  # a 0-d tensor (AutoFP8's scalar scales) cannot be sliced
+        return piece[:] if info.shape else handle.get_tensor(info.name)
     dim, start, stop = region
     index = tuple(slice(start, stop) if d == dim else slice(None) for d in range(len(info.shape)))
     return piece[index]

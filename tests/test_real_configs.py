@@ -197,7 +197,7 @@ CASES: dict[str, tuple[Any, str, tuple[str, Any], tuple[str, Any]]] = {
     "gpt-oss-20b-mxfp4-attention-excluded": (GPT_OSS, ATTN, ("float", "modules_to_not_convert 'lm_head'"), ("float", "modules_to_not_convert 'model.layers.*.self_attn'")),
     "deepseek-v3-fp8-no-exclusion": (DEEPSEEK_FP8, BODY, ("float", "quant_method 'fp8': no lm_head"), ("method", {"cpu": "fp8", "cuda:9.0": "fp8"})),
     "transformers-4.51-finegrained-fp8-modules_to_not_convert": (FINEGRAINED_FP8, BODY, ("float", "modules_to_not_convert 'lm_head'"), ("method", {"cpu": "fp8", "cuda:9.0": "fp8"})),
-    "vllm-0.9-fp8-ignored_layers": (VLLM_FP8, BODY, ("float", "ignored_layers 'lm_head'"), ("error", r"fp8 without weight_block_size \(per-tensor or per-channel weight_scale\) is not supported yet")),
+    "vllm-0.9-fp8-ignored_layers": (VLLM_FP8, BODY, ("float", "ignored_layers 'lm_head'"), ("method", {"cpu": "fp8", "cuda:9.0": "fp8"})),
     "modelopt-0.29-fp8-exclude_modules": ({"hf_quant_config.json": MODELOPT_FP8}, BODY, ("float", "exclude_modules 'lm_head'"), ("unsupported", "modelopt")),
     "modelopt-nvfp4-hf_quant_config-exclude_modules": ({"hf_quant_config.json": MODELOPT_NVFP4}, BODY, ("float", "exclude_modules 'lm_head'"), ("unsupported", "modelopt_fp4")),
     "modelopt-0.31-nvfp4-config-ignore-wildcards": (MODELOPT_CONFIG_NVFP4, ATTN, ("float", "ignore 'lm_head'"), ("float", "ignore 'model.layers.*.self_attn*'")),
@@ -230,6 +230,7 @@ CASES: dict[str, tuple[Any, str, tuple[str, Any], tuple[str, Any]]] = {
 CONTROLS = (
     "autoawq-0.2-gemm", "gptqmodel-2.2-lm_head", "llm-compressor-0.6-w4a16",
     "llm-compressor-0.6-fp8-block", "llm-compressor-0.6-nvfp4", "deepseek-v3-fp8", "transformers-4.51-finegrained-fp8",
+    "vllm-0.9-fp8",
 )  # fmt: skip
 
 
@@ -324,15 +325,21 @@ def test_float_tensors_win_over_a_config_that_quantizes_the_layer(tmp_path):
             CheckpointError,
             r"missing lm_head.weight_scale_inv: expected F32 \[8, 1\]\n  - present but not expected: lm_head.weight_scale",
         ),
-        (VLLM_FP8, ConfigError, r"fp8 without weight_block_size .* is not supported yet"),
+        (VLLM_FP8, None, None),
     ],
     ids=["block-config", "per-tensor-config"],
 )
-def test_a_per_tensor_fp8_head_on_disk_is_refused_whatever_the_config_says(tmp_path, qcfg, error, message):  # fmt: skip
-    head = {"lm_head.weight": torch.zeros(1000, 64, dtype=torch.float8_e4m3fn),
-            "lm_head.weight_scale": torch.ones(1)}  # fmt: skip
+def test_a_per_tensor_fp8_head_on_disk_loads_only_under_a_per_tensor_config(tmp_path, qcfg, error, message):  # fmt: skip
+    head = {"lm_head.weight": torch.ones(1000, 64).to(torch.float8_e4m3fn),
+            "lm_head.weight_scale": torch.full((1,), 0.5)}  # fmt: skip
+    if qcfg is VLLM_FP8:  # static activations: AutoFP8 / vLLM store an input_scale too
+        head["lm_head.input_scale"] = torch.ones(1)
     path = fp8_checkpoint(tmp_path, qcfg, head)
-    assert resolve(path, platform="cpu").quantized if qcfg is DEEPSEEK_FP8 else True
+    assert resolve(path, platform="cpu").quantized
+    if error is None:
+        loaded = quantreg.load_lm_head(path, dtype=torch.float32)
+        assert torch.equal(loaded.compute_logits(torch.eye(64)), torch.full((64, 1000), 0.5))
+        return
     with pytest.raises(error, match=message):
         quantreg.load_lm_head(path, dtype=torch.float32)
 
