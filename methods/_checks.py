@@ -10,7 +10,9 @@ kernels round weights to the one and compute in the other: an infinite weight ma
 logit of its row NaN); float8 NaN codes. What is legal but odd, and logged as a WARNING naming
 the tensor: vocab rows whose scales are all zero (their logits are exactly 0), negative scales
 (they flip the sign of their group's weights; no producer writes them), and zero points that
-contradict a symmetric config (used as stored).
+contradict a symmetric config (used as stored). Where every producer stores a positive scale
+(fp8's ``weight_scale``, a static ``input_scale``), zero and negative ones are refused
+(``check_positive``).
 """
 
 from __future__ import annotations
@@ -115,6 +117,31 @@ def _warn_odd_scales(full: str, real: torch.Tensor, low: float) -> None:
             "(used as stored; no producer writes them)", full, int((real < 0).sum()),
             real.numel(),
         )  # fmt: skip
+
+
+def check_positive(layer: torch.nn.Module, name: str, values: torch.Tensor) -> None:
+    """Refuse zero and negative values of scale ``name`` (``values``: its entries, flat; more
+    than one: per vocab row of this rank) where producers always store a positive one: fp8's
+    ``weight_scale`` and every static ``input_scale`` (AutoFP8, vLLM and llm-compressor store
+    ``amax / 448``, clamped above zero), so such a value is a broken file, not a zero row.
+
+    Raises:
+        CheckpointError: a value <= 0, naming the tensor, the count and the first one.
+    """
+    geometry = layer_geometry(layer)
+    if values.numel() > 1:  # per-channel: the real rows only (the rest is vocab padding)
+        values = values[: geometry.output_stop - geometry.output_start]
+    bad = (values <= 0).nonzero()
+    if bad.numel() == 0:
+        return
+    first = int(bad[0, 0])
+    where = f" (vocab row {geometry.output_start + first})" if values.numel() > 1 else ""
+    full = f"{geometry.prefix}.{name}"
+    raise CheckpointError(
+        f"{full} holds {bad.shape[0]} scale(s) <= 0, the first {float(values[first]):.6g}"
+        f"{where}; expected positive scales (producers store amax / 448, clamped above 0)",
+        tensor=full,
+    )
 
 
 def check_symmetric_zeros(

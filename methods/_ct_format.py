@@ -38,7 +38,7 @@ from quantreg import (
 )
 from quantreg.kernels import Float8Layout
 from quantreg.methods import _ct_nvfp4 as nvfp4
-from quantreg.methods._checks import check_float8_codes, check_scales
+from quantreg.methods._checks import check_finite, check_float8_codes, check_positive, check_scales
 from quantreg.methods._fp8_blocks import block_scale, decode_blocks, quantize_blocks
 from quantreg.methods._rtn import ACTORDER_NOTE, column_order, grouped, writer_defaults
 
@@ -154,6 +154,9 @@ def decode(layer: torch.nn.Module, scheme: WeightScheme) -> IntWeights | Float8L
     scales = scale.reshape(1, 1).expand(1, n) if scheme.strategy == "tensor" else scale.T
     if scheme.block is not None:
         return decode_blocks(layer, scheme.block, "weight", "weight_scale")
+    if scheme.static_input:  # checked, never applied: the head runs weight-only
+        check_finite(layer, "input_scale")
+        check_positive(layer, "input_scale", layer.input_scale.data.reshape(-1))
     if scheme.format == FLOAT:
         zeros = None if scheme.symmetric else _per_group(scheme, layer.weight_zero_point, n).float()
         check_scales(layer, "weight_scale", scales, zeros, (-FP8_MAX, FP8_MAX))
@@ -406,6 +409,10 @@ def writer_options() -> tuple[WriterOption, ...]:
                      note=f"--no-sym: a zero point per group; {FLOAT} is symmetric only"),
         WriterOption("actorder", "actorder", None, ("group",),
                      note=f"{PACKED} with a group size; {ACTORDER_NOTE}"),
+        WriterOption("strategy", "strategy", None, ("group", "channel", "tensor", "block"),
+                     note=f"default: group for {PACKED} with a group size, else channel; "
+                     f"block: {FLOAT} only (--block-size, default 128x128); tensor: one "
+                     "scale for the whole head"),
         WriterOption("block_size", "block_structure", None,
                      note=f"{FLOAT} only: strategy 'block', one scale per [rows, cols] block "
                      "(DeepSeek-V3 style: 128x128)"),

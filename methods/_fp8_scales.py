@@ -21,7 +21,7 @@ import torch
 
 from quantreg import CheckpointError, frozen_param, layer_geometry
 from quantreg.kernels import Float8Layout
-from quantreg.methods._checks import check_finite, check_float8_codes, check_scales
+from quantreg.methods._checks import check_finite, check_float8_codes, check_positive, check_scales
 
 FP8_MAX = 448.0  # largest float8_e4m3fn value
 WEIGHT_SCALE, INPUT_SCALE = "weight_scale", "input_scale"
@@ -86,30 +86,11 @@ def decode_scales(layer: torch.nn.Module) -> Float8Layout:
     for name in (WEIGHT_SCALE, INPUT_SCALE):
         if hasattr(layer, name):
             check_finite(layer, name)
-            _check_positive(layer, name, getattr(layer, name).data.reshape(-1))
+            check_positive(layer, name, getattr(layer, name).data.reshape(-1))
     check_scales(layer, WEIGHT_SCALE, scales, None, (-FP8_MAX, FP8_MAX))
     check_float8_codes(layer, "weight")
     name = f"{geometry.prefix}.{WEIGHT_SCALE}"
     return Float8Layout.build(layer.weight.data, scales, None, None, (name, name))
-
-
-def _check_positive(layer: torch.nn.Module, name: str, values: torch.Tensor) -> None:
-    """Refuse zero and negative scales: AutoFP8, vLLM and llm-compressor store ``amax / 448``
-    clamped away from zero, so such a value is a broken file, not a zero row."""
-    geometry = layer_geometry(layer)
-    if values.numel() > 1:  # per-channel: the real rows only (the rest is vocab padding)
-        values = values[: geometry.output_stop - geometry.output_start]
-    bad = (values <= 0).nonzero()
-    if bad.numel() == 0:
-        return
-    first = int(bad[0, 0])
-    where = f" (vocab row {geometry.output_start + first})" if values.numel() > 1 else ""
-    full = f"{geometry.prefix}.{name}"
-    raise CheckpointError(
-        f"{full} holds {bad.shape[0]} scale(s) <= 0, the first {float(values[first]):.6g}"
-        f"{where}; expected positive scales (producers store amax / 448, clamped above 0)",
-        tensor=full,
-    )
 
 
 def quantize_rows(weight: torch.Tensor, *, per_channel: bool) -> dict[str, torch.Tensor]:

@@ -308,10 +308,12 @@ class CompressedTensorsConfig(QuantConfig):
 
     def notes(self) -> list[str]:
         scheme = self.scheme
-        if scheme is not None and scheme.input_activations is not None:
-            return [
-                "the checkpoint also quantizes input activations "
-                f"({scheme.input_activations.type}{scheme.input_activations.num_bits}); "
-                "quantreg runs the layer weight-only: activations stay float"
-            ]
-        return []
+        if scheme is None or scheme.input_activations is None:
+            return []
+        acts = scheme.input_activations
+        static = ", static: its input_scale is checked (finite, positive) but not applied"
+        return [
+            f"the checkpoint also quantizes input activations ({acts.type}{acts.num_bits}"
+            f"{static if acts.dynamic is False else ''}); quantreg runs the layer weight-only: "
+            "activations stay float"
+        ]

@@ -166,7 +166,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         for key, value in (
             ("format", args.format), ("bits", args.bits), ("group_size", args.group_size),
             ("sym", args.sym), ("actorder", "group" if args.desc_act else args.actorder),
-            ("block_size", args.block_size),
+            ("block_size", args.block_size), ("strategy", args.strategy),
         )
         if value is not None
     }  # fmt: skip

@@ -234,6 +234,11 @@ def _add_quantize(sub: Any, verbose: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--desc-act", action="store_true", help="the same as --actorder group")
     p.add_argument(
+        "--strategy", default=None, metavar="NAME",
+        help="scale strategy, as compressed-tensors names it: group, channel, tensor or block "
+        "(writers with it below)",
+    )  # fmt: skip
+    p.add_argument(
         "--block-size", type=cli_args.block_size, default=None, metavar="RxC",
         help="one scale per block of R rows and C columns, e.g. 128x128 (writers with it below)",
     )  # fmt: skip

@@ -77,6 +77,10 @@ def compress_head(
         module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
         if hasattr(module, "weight_zero_point"):
             module.weight_zero_point.data.copy_(zero_point.reshape(module.weight_zero_point.shape))
+        if hasattr(module, "input_scale"):  # static activations: calibrated on [-1, 1], as
+            one = torch.ones(1, dtype=w.dtype)  # llm-compressor's observer would (never empty)
+            scale, _ = calculate_qparams(-one, one, qs.input_activations)
+            module.input_scale.data.copy_(scale.reshape(module.input_scale.shape))
     compressor = ModelCompressor.from_pretrained_model(model)
     compressor.compress_model(model)
     folder.mkdir(parents=True, exist_ok=True)
