@@ -262,6 +262,14 @@ GPTQMODEL_7_6 = {"bits": 4, "group_size": 32, "desc_act": False, "sym": True, "l
 OPTIMUM_2_1_V2 = {"act_group_aware": True, "backend": "auto", "batch_size": 1, "bits": 4, "block_name_to_quantize": None, "cache_block_outputs": True, "checkpoint_format": "gptq_v2", "damp_percent": 0.1, "desc_act": False, "format": "gptq_v2", "group_size": 128, "max_input_length": None, "meta": {"quantizer": ["optimum:2.1.0", "gptqmodel:6.0.3"]}, "model_seqlen": None, "module_name_preceding_first_block": None, "modules_in_block_to_quantize": None, "pad_token_id": None, "quant_method": "gptq", "sym": True, "tokenizer": None, "true_sequential": True}  # fmt: skip
 # nm-testing/Meta-Llama-3.1-8B-Instruct-FP8-hf, as transformers' compressed-tensors guide quotes it.
 NM_FP8_NAIVE = {"config_groups": {"group_0": {"input_activations": {"num_bits": 8, "strategy": "tensor", "type": "float"}, "targets": ["Linear"], "weights": {"num_bits": 8, "strategy": "tensor", "type": "float"}}}, "format": "naive-quantized", "ignore": ["lm_head"], "quant_method": "compressed-tensors", "quantization_status": "frozen"}  # fmt: skip
+# vLLM's serialized per-tensor fp8 (quant_method fp8, no weight_block_size). What AutoFP8's
+# quantize.py writes (save_quantized_model, verbatim): the script the first model card of
+# neuralmagic/Meta-Llama-3-8B-Instruct-FP8 (now RedHatAI/) cites (AutoFP8 commit b0c1f78);
+# it quantizes model.model's Linears only, so the head stays bf16.
+AUTOFP8_SCRIPT = {"quant_method": "fp8", "activation_scheme": "static"}
+# What the auto_fp8 package writes (save_quantized_model) for ignore_patterns ["re:.*lm_head"],
+# the pattern the later card of that model names: the matched module names as ignored_layers.
+AUTOFP8_LIB = {"quant_method": "fp8", "activation_scheme": "static", "ignored_layers": ["lm_head"]}
 # compressed-tensors' own tests (tests/test_compressors/model_compressors): its sparsity and
 # quantization configs, combined as ModelCompressor writes them.
 CT_LIB_QUANT = {"config_groups": {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "strategy": "channel", "symmetric": True, "type": "int"}}}, "format": "pack-quantized", "global_compression_ratio": 1.891791164021256, "ignore": ["lm_head"], "quant_method": "compressed-tensors", "quantization_status": "frozen"}  # fmt: skip
@@ -312,6 +320,10 @@ REAL = [
     pytest.param(NM_FP8_NAIVE, "float", (None, None), id="nm-testing-llama3.1-fp8-naive-quantized-head-ignored"),
     pytest.param(with_(NM_FP8_NAIVE, ignore=[]), "fp8", ("compressed-tensors", None),
                  id="nm-testing-llama3.1-fp8-naive-quantized-head-targeted"),
+    pytest.param(AUTOFP8_SCRIPT, "float", (None, None), id="neuralmagic-llama3-8b-fp8-autofp8-script-bf16-head"),
+    pytest.param(AUTOFP8_SCRIPT, "fp8", ("fp8", None), id="autofp8-script-static-fp8-head"),
+    pytest.param(AUTOFP8_LIB, "float", (None, None), id="autofp8-lib-ignored-lm_head"),
+    pytest.param(AUTOFP8_LIB, "fp8", ("fp8", None), id="autofp8-lib-ignored-but-fp8-tensors"),
     pytest.param(with_(CT_LIB_QUANT, sparsity_config=CT_LIB_SPARSE), "float",
                  r"sparsity_config format 'sparse-bitmask' compresses layer 'lm_head'",
                  id="compressed-tensors-lib-tests-sparse-bitmask-every-layer"),
@@ -344,3 +356,24 @@ def test_real_configs(tmp_path, qcfg, head, expected):
         assert res.format == fmt
     if zero_point_offset is not None:
         assert gptq_config(res.config).zero_point_offset == zero_point_offset
+
+
+@pytest.mark.parametrize(
+    ("qcfg", "head", "method", "rule"),
+    [
+        (AUTOFP8_SCRIPT, "float", None, "quant_method 'fp8': no lm_head key"),
+        (AUTOFP8_SCRIPT, "fp8", "fp8", "tensors: lm_head.weight with weight_scale are fp8"),
+        (AUTOFP8_LIB, "float", None, "ignored_layers 'lm_head'"),
+        (AUTOFP8_LIB, "fp8", "fp8", "tensors: lm_head.weight with weight_scale are fp8; also: ignored_layers 'lm_head'"),
+        (with_(NM_FP8_NAIVE, ignore=[]), "fp8", "compressed-tensors", "targets 'Linear' (group_0)"),
+    ],
+    ids=["autofp8-script-bf16-head", "autofp8-script-fp8-head", "autofp8-lib-bf16-head", "autofp8-lib-fp8-head", "nm-testing-static-fp8-head-targeted"],
+)  # fmt: skip
+def test_real_per_tensor_fp8_configs_resolve_with_their_rule(tmp_path, qcfg, head, method, rule):
+    tensors = fp8_head() if head == "fp8" else HEADS[head]()
+    write_raw(tmp_path, config=llama_config(qcfg, vocab_size=VOCAB), tensors=tensors)
+    res = resolve(tmp_path, platform="cpu")
+    assert (res.method, res.quantized) == (method, method is not None)
+    assert res.rule.startswith(rule), res.rule
+    if method is not None:  # static activations: weight-only, the input_scale never applied
+        assert any("not applied" in note for note in res.notes), res.notes
