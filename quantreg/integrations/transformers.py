@@ -1,5 +1,5 @@
-"""Hugging Face transformers: quantreg loads the lm_head of AWQ, GPTQ and compressed-tensors
-checkpoints in ``AutoModelForCausalLM.from_pretrained``::
+"""Hugging Face transformers: quantreg loads the lm_head of AWQ, GPTQ, compressed-tensors and
+fp8 checkpoints in ``AutoModelForCausalLM.from_pretrained``::
 
     import quantreg.integrations.transformers as qr_hf
 
@@ -9,7 +9,7 @@ checkpoints in ``AutoModelForCausalLM.from_pretrained``::
     qr_hf.disable()  # transformers' own quantizers again
 
 transformers picks a quantizer by ``quant_method`` and refuses a second registration of a
-name, so :func:`enable` points the ``awq``, ``gptq`` and ``compressed-tensors`` entries of
+name, so :func:`enable` points the ``awq``, ``gptq``, ``compressed-tensors`` and ``fp8`` entries of
 ``AUTO_QUANTIZER_MAPPING`` / ``AUTO_QUANTIZATION_CONFIG_MAPPING`` at :class:`QuantregHfQuantizer`
 / :class:`QuantregConfig`, and :func:`disable` puts the originals back. The body loads as
 transformers loads a float checkpoint (a quantized body tensor is a ``ConfigError``, never a
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("awq", "gptq", "compressed-tensors")
+FORMATS = ("awq", "gptq", "compressed-tensors", "fp8")
 """The ``quant_method`` values whose transformers quantizer :func:`enable` replaces."""
 
 SUPPORTED = ((5, 19), (6, 0))  # transformers versions [low, high)
@@ -82,7 +82,7 @@ def _check_version(version: str) -> None:
 
 
 def enable(*, requested: str | None = None, kernel: str | None = None) -> None:
-    """Load the lm_head of ``awq``, ``gptq`` and ``compressed-tensors`` checkpoints through
+    """Load the lm_head of ``awq``, ``gptq``, ``compressed-tensors`` and ``fp8`` checkpoints via
     quantreg in ``from_pretrained``, in this process until :func:`disable`. ``requested``
     forces a quantreg method and ``kernel`` a kernel, as in :func:`quantreg.load_lm_head`.
     Calling it again with the same options does nothing.
@@ -120,7 +120,7 @@ def enable(*, requested: str | None = None, kernel: str | None = None) -> None:
 
 
 def disable() -> None:
-    """Give ``awq``, ``gptq`` and ``compressed-tensors`` back to transformers: the exact
+    """Give ``awq``, ``gptq``, ``compressed-tensors``, ``fp8`` back to transformers: the exact
     mapping entries :func:`enable` replaced. Nothing happens when not enabled; an entry that
     someone else replaced since is left as it is, with a WARNING. Models already loaded keep
     their quantreg heads.
@@ -221,7 +221,7 @@ class QuantregLMHead(nn.Module):
 
 
 class QuantregHfQuantizer(HfQuantizer):
-    """transformers' quantizer for ``awq`` / ``gptq`` / ``compressed-tensors`` checkpoints
+    """transformers' quantizer for ``awq`` / ``gptq`` / ``compressed-tensors`` / ``fp8`` heads
     while :func:`enable` is in effect: the float body as transformers loads it, the head by
     quantreg. After loading: ``folder`` (the checkpoint), ``head_name`` (None when a tied
     head was left to transformers) and ``head`` (the :class:`quantreg.ParallelLMHead`).

@@ -1,6 +1,6 @@
-"""quantreg inside transformers: ``enable()`` hands AWQ, GPTQ and compressed-tensors
+"""quantreg inside transformers: ``enable()`` hands AWQ, GPTQ, compressed-tensors and fp8
 checkpoints to quantreg's quantizer, which loads the float body as transformers does and the
-lm_head with quantreg; ``disable()`` gives the three formats back, object for object.
+lm_head with quantreg; ``disable()`` gives the four formats back, object for object.
 
 Tiny Llama models are built from a ``LlamaConfig`` (no download, no tokenizer) and their heads
 quantized by quantreg's own writer."""
@@ -41,6 +41,9 @@ FORMATS = [
     pytest.param("compressed-tensors", {"format": "pack-quantized", "bits": 4, "group_size": 64}, "compressed-tensors", id="ct-pack-quantized-int4-g64"),
     pytest.param("compressed-tensors", {"format": "pack-quantized", "bits": 4, "group_size": 64, "sym": False}, "compressed-tensors", id="ct-pack-quantized-int4-g64-asym"),
     pytest.param("compressed-tensors", {"format": "float-quantized"}, "compressed-tensors", id="ct-float-quantized-fp8"),
+    pytest.param("fp8", {"block_size": (64, 32)}, "fp8", id="fp8-block-64x32"),
+    pytest.param("fp8", {"format": "tensor"}, "fp8", id="fp8-per-tensor"),
+    pytest.param("fp8", {"format": "channel"}, "fp8", id="fp8-per-channel"),
 ]  # fmt: skip
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])  # fmt: skip
 
@@ -218,7 +221,7 @@ def test_enable_forwards_its_options_to_load_lm_head(quantized):
 # -- enable / disable ---------------------------------------------------------------------
 
 
-def test_enable_swaps_the_three_formats_and_disable_restores_the_same_objects():
+def test_enable_swaps_the_formats_and_disable_restores_the_same_objects():
     before, others = mappings(), dict(auto.AUTO_QUANTIZER_MAPPING)
     qr_hf.enable()
     assert qr_hf.is_enabled()
@@ -290,6 +293,18 @@ def test_refused_checkpoints(quantized, tmp_path, edit, error, match):
     folder = variant(quantized("awq", group_size=64), tmp_path / "ckpt", edit)
     qr_hf.enable()
     with pytest.raises(error, match=match):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_an_fp8_body_is_left_to_transformers_own_fp8_quantizer(quantized, tmp_path):
+    def fp8_q_proj(tensors: Tensors) -> None:  # a DeepSeek-V3 style block-fp8 body layer
+        name = "model.layers.1.self_attn.q_proj.weight"
+        tensors[name] = tensors[name].to(torch.float8_e4m3fn)
+        tensors[f"{name}_scale_inv"] = torch.ones(1, 1)
+
+    folder = variant(quantized("fp8", block_size=(64, 32)), tmp_path / "ckpt", fp8_q_proj)
+    qr_hf.enable()
+    with pytest.raises(quantreg.ConfigError, match=r"q_proj\.weight \(F8_E4M3\).*own 'fp8' quantizer: call quantreg\.integrations\.transformers\.disable\(\)"):  # fmt: skip
         AutoModelForCausalLM.from_pretrained(folder)
 
 
