@@ -277,9 +277,9 @@ class Fp8Config(QuantConfig):
                 "float-quantized --strategy channel)",
             ),
             WriterOption(
-                "block_size", "block_size", (128, 128),
-                note="format block only: rows x cols per float32 weight_scale_inv entry "
-                "(DeepSeek-V3: 128x128)",
+                "block_size", "block_size", None,
+                note="format block only, where it is 128x128 unless given (DeepSeek-V3's): "
+                "rows x cols per float32 weight_scale_inv entry",
             ),
         )  # fmt: skip
 
