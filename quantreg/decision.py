@@ -144,7 +144,8 @@ def decide(
             config=None, format=fmt,
         )  # fmt: skip
         return _tied_or_kept(facts, resolution)
-    shapes = {t.name[len(prefix) + 1 :]: tuple(t.shape) for t in facts.infos}
+    own = [t for t in facts.infos if t.name.startswith(f"{prefix}.")]  # not a tied embedding
+    shapes = {t.name[len(prefix) + 1 :]: tuple(t.shape) for t in own}
     probes = [probe(reader, rule, prefix, platform, shapes) for reader in readers]
     if req is not None:
         chosen, candidates = pick_requested(probes, req, prefix, view.source, facts.notes)
