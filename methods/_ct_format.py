@@ -47,7 +47,7 @@ NVFP4 = "nvfp4-pack-quantized"
 FP8_MAX = 448.0  # largest float8_e4m3fn value
 WRITER = "compressed-tensors writer"
 # The weight widths the writer takes per format (the first one is the default).
-WRITER_BITS = {PACKED: (4, 8), INT: (8,), NAIVE: (8,), FLOAT: (8,)}
+WRITER_BITS = {PACKED: (4, 8), INT: (8,), NAIVE: (8,), FLOAT: (8,), NVFP4: (4,)}
 
 
 @dataclass(frozen=True)
@@ -219,11 +219,15 @@ def quantize_ct(
     ``format``: pack-quantized (int4 / int8; group, channel or tensor), int-quantized (int8
     weights, config declares dynamic int8 per-token activations: W8A8), naive-quantized (int8
     weight-only) or float-quantized (fp8 e4m3 weights + dynamic fp8 activations: FP8_DYNAMIC;
-    ``block_structure [rows, cols]``: strategy ``block``).
+    ``block_structure [rows, cols]``: strategy ``block``) or nvfp4-pack-quantized (NVFP4A16).
 
     Raises:
         InputError: an unsupported combination or option.
     """
+    if format == NVFP4:  # fp4 in groups of 16, float8 scales, a global scale: _ct_nvfp4
+        given = {"bits": bits, "strategy": strategy, "group_size": group_size, "sym": sym,
+                 "actorder": actorder, "block_structure": block_structure}  # fmt: skip
+        return nvfp4.quantize(weight, **given, **unused)
     strategy, block = _block_option(strategy, block_structure)
     bits, strategy = _writer_options(
         format, bits, strategy, group_size, sym, actorder, unused, k=weight.shape[1]
@@ -404,7 +408,8 @@ def writer_options() -> tuple[WriterOption, ...]:
         WriterOption("bits", "bits", None, every_width,
                      note=f"per format, the first is the default: {widths}"),
         WriterOption("group_size", "group_size", default["group_size"],
-                     note=f"{PACKED} only; -1 or any other format: one scale per output channel"),
+                     note=f"{PACKED} only; -1 or any other format: one scale per output channel; "
+                     f"{NVFP4}: always 16"),
         WriterOption("sym", "sym", default["sym"],
                      note=f"--no-sym: a zero point per group; {FLOAT} is symmetric only"),
         WriterOption("actorder", "actorder", None, ("group",),

@@ -1,28 +1,34 @@
 """compressed-tensors ``nvfp4-pack-quantized``: fp4 (e2m1) weights in groups of 16 with float8
 scales and one float32 global scale.
 
-Tensors (vocab on dim 0): ``weight_packed`` uint8 ``[N, K / 2]`` (element ``2j`` in the low
-nibble of byte ``j``, ``2j + 1`` in the high one; bit 3 of a nibble is the sign, bits 0-2 index
-``0, 0.5, 1, 1.5, 2, 3, 4, 6``), ``weight_scale`` float8_e4m3fn ``[N, K / 16]``,
+Tensors (vocab on dim 0): ``weight_packed`` uint8 ``[N, K / 2]`` (two e2m1 codes a byte, see
+``_e2m1``), ``weight_scale`` float8_e4m3fn ``[N, K / 16]``,
 ``weight_global_scale`` float32 ``[1]``. The library's ``decompress`` divides:
 ``W = bfloat16(e2m1 * (float32(weight_scale) / weight_global_scale))`` -- the product in
-float32, then rounded to bfloat16 whatever the model's dtype. Every e2m1 value is exact in
-float8 e4m3, so the codes become a ``Float8Layout`` (one byte a weight) with the effective
-float32 scales, rounded to bfloat16 last: the exact reference kernel runs it.
+float32, then rounded to bfloat16 whatever the model's dtype. The codes become a
+``Float8Layout`` with the effective float32 scales, rounded to bfloat16 last: the exact
+reference kernel runs it.
+
+The writer follows llm-compressor's NVFP4 observers and compressed-tensors 0.20's
+``calculate_qparams`` / ``generate_gparam``: ``weight_global_scale = 448 * 6 / max |W|``, group
+scales ``global * max |group| / 6`` rounded to float8 (a zero one becomes 0.125, the library's
+float8 eps), codes ``e2m1(W / (scale / global))``.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
-from quantreg import CheckpointError, ConfigError, frozen_param, layer_geometry
+from quantreg import CheckpointError, ConfigError, InputError, frozen_param, layer_geometry
 from quantreg.kernels import Float8Layout
+from quantreg.methods import _e2m1 as e2m1
 from quantreg.methods._checks import check_finite, check_float8_codes
 
-GROUP = 16
-E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+GROUP = e2m1.GROUP
+FORMAT = "nvfp4-pack-quantized"
 
 
 def create_weights(layer: torch.nn.Module, k: int, n: int) -> None:
@@ -55,7 +61,7 @@ def decode(layer: torch.nn.Module) -> Float8Layout:
             scales, NaN float8 scale codes (naming the tensor).
     """
     geometry = layer_geometry(layer)
-    prefix, k = geometry.prefix, geometry.input_size
+    prefix = geometry.prefix
     check_float8_codes(layer, "weight_scale")
     check_finite(layer, "weight_global_scale")
     global_scale = float(layer.weight_global_scale)
@@ -65,7 +71,7 @@ def decode(layer: torch.nn.Module) -> Float8Layout:
             "float32 (compressed-tensors divides the group scales by it)",
             tensor=f"{prefix}.weight_global_scale",
         )
-    effective = (layer.weight_scale.data.to(torch.float32) / global_scale).T.contiguous()
+    effective = layer.weight_scale.data.to(torch.float32) / global_scale
     peak = 6 * float(effective.abs().max()) if effective.numel() else 0.0
     if not peak <= torch.finfo(torch.bfloat16).max:  # NaN too
         raise CheckpointError(
@@ -75,12 +81,60 @@ def decode(layer: torch.nn.Module) -> Float8Layout:
             "finite in it",
             tensor=f"{prefix}.weight_global_scale",
         )
-    packed = layer.weight_packed.data
-    codes = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
-    table = torch.tensor(E2M1, dtype=torch.float32)
-    values = table[(codes & 7).long()] * (1 - 2 * (codes >> 3).float())
     name = f"{prefix}.weight_scale"
-    return Float8Layout.build(
-        values.to(torch.float8_e4m3fn), effective, None,
-        torch.arange(k) // GROUP, (name, name), round_to=torch.bfloat16,
-    )  # fmt: skip
+    return e2m1.layout(layer.weight_packed.data, effective, name, torch.bfloat16)
+
+
+def quantize(
+    weight: torch.Tensor, **options: Any
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Round-to-nearest ``nvfp4-pack-quantized`` tensors of a float ``[N, K]`` weight and the
+    ``quantization_config`` compressed-tensors writes for its ``NVFP4A16`` preset. ``options``:
+    the compressed-tensors writer's other options, each refused unless it is what NVFP4 is.
+
+    Raises:
+        InputError: an option NVFP4 does not take; ``K`` not a multiple of the group size 16.
+    """
+    fixed = {"bits": (None, 4), "strategy": (None, "tensor_group"), "group_size": (GROUP, 128),
+             "sym": (True,), "actorder": (None,), "block_structure": (None,)}  # fmt: skip
+    for name, value in options.items():
+        if value not in fixed.get(name, ()):
+            allowed = " or ".join(repr(v) for v in fixed.get(name, ()) if v is not None)
+            raise InputError(
+                f"compressed-tensors writer: {FORMAT} takes no {name} {value!r}"
+                + (f" (expected {allowed})" if allowed else ""),
+                field=name,
+            )
+    k = weight.shape[1]
+    if k % GROUP:
+        raise InputError(
+            f"compressed-tensors writer: {FORMAT} needs an input size that is a multiple of "
+            f"{GROUP} (its group size); got {k}",
+            field="format",
+        )
+    w = weight.to(torch.float32)
+    peak = w.abs().max().clamp(min=torch.finfo(torch.float32).tiny)
+    global_scale = torch.nan_to_num(e2m1.FP8_MAX * e2m1.E2M1_MAX / peak, nan=1.0, posinf=1.0)
+    scale = (global_scale * e2m1.group_amax(w) / e2m1.E2M1_MAX).clamp(max=e2m1.FP8_MAX)
+    scale = scale.to(torch.float8_e4m3fn)
+    scale = torch.where(scale.float() == 0, torch.full_like(scale, 0.125), scale)
+    effective = scale.float() / global_scale
+    packed = e2m1.encode(w / effective.repeat_interleave(GROUP, dim=1))
+    tensors = {
+        "weight_packed": packed, "weight_scale": scale,
+        "weight_global_scale": global_scale.reshape(1),
+    }  # fmt: skip
+    return tensors, _config()
+
+
+def _config() -> dict[str, Any]:
+    weights = {
+        "num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group",
+        "group_size": GROUP, "dynamic": False, "scale_dtype": "torch.float8_e4m3fn",
+    }  # fmt: skip
+    group = {"targets": ["lm_head"], "format": FORMAT, "weights": weights,
+             "input_activations": None, "output_activations": None}  # fmt: skip
+    return {
+        "quant_method": "compressed-tensors", "format": FORMAT,
+        "quantization_status": "compressed", "config_groups": {"group_0": group}, "ignore": [],
+    }  # fmt: skip
