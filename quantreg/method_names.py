@@ -19,6 +19,7 @@ BUILTIN = "built-in"
 NAME_ALIASES: dict[str, str] = {
     "compressed_tensors": "compressed-tensors",
     "cpu_awq": "cpu_wna16",
+    "modelopt_fp4": "modelopt",  # vLLM's name for ModelOpt NVFP4; one config reads both
 }
 
 # Built-in name -> "module:Class", imported on first lookup. Classes live in quantreg.methods.
@@ -30,6 +31,7 @@ BUILTIN_METHODS: dict[str, str] = {
     "fp8": "quantreg.methods.fp8:Fp8Config",
     "gptq": "quantreg.methods.gptq:GPTQConfig",
     "gptq_marlin": "quantreg.methods.gptq:GPTQMarlinConfig",
+    "modelopt": "quantreg.methods.modelopt:ModelOptConfig",
     "unquantized": "quantreg.methods.unquantized:UnquantizedConfig",
 }
 

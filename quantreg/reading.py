@@ -109,6 +109,8 @@ def _load_one(
 def _slice(handle: Any, head: ParallelLMHead, param: torch.nn.Parameter, info: TensorInfo) -> Any:
     """This rank's region of tensor ``info`` from an open safetensors file."""
     region = head.checkpoint_region(param)
+    if not info.shape:  # a 0-dim tensor (ModelOpt's per-tensor scales): a slice cannot index it
+        return handle.get_tensor(info.name)
     piece = handle.get_slice(info.name)
     if region is None:  # a 0-d tensor (AutoFP8's scalar scales) cannot be sliced
         return piece[:] if info.shape else handle.get_tensor(info.name)

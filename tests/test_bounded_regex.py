@@ -212,7 +212,8 @@ CATALOGUE = [
     ("gptq-dynamic-too-many", GPTQ, dynamic(*(f"-:x{i}" for i in range(5000))), ConfigError, GPTQ_DYNAMIC + r"it holds 5000 regexes; at most 4096"),
     # the exclusion and inclusion lists of configs quantreg does not run
     ("ptpc_fp8-ignored-layers", GPTQ, replace_quant({"quant_method": "ptpc_fp8", "ignored_layers": [r"re:(a+)+$"]}), ConfigError, UNSUPPORTED + r" 'ignored_layers': entry 're:\(a\+\)\+\$' " + NESTED),
-    ("modelopt-exclude-modules", GPTQ, replace_quant({"quant_method": "modelopt", "exclude_modules": ["lm_head", r"re:(.*)*x"]}), ConfigError, UNSUPPORTED + r" 'exclude_modules': entry 're:\(\.\*\)\*x' " + NESTED),
+    ("modelopt-exclude-modules-wildcard", GPTQ, replace_quant({"quant_method": "modelopt", "quant_algo": "NVFP4", "exclude_modules": ["lm_head", "a*" * 600]}), ConfigError, rf"invalid modelopt quantization_config {WHERE}: field 'exclude_modules' = .*wildcard '(a\*){{30}}\.\.\.' translates to a regex that is 4802 characters long; at most 1000"),
+    ("modelopt-ignore-too-many-wildcards", GPTQ, replace_quant({"quant_method": "modelopt", "quant_algo": "FP8", "ignore": ["x*"] * 5000}), ConfigError, rf"invalid modelopt quantization_config {WHERE}: field 'ignore' = .*it holds 5000 regexes; at most 4096"),
     ("mxfp4-modules-to-not-convert", GPTQ, replace_quant({"quant_method": "mxfp4", "modules_to_not_convert": [r"re:.*a.*a.*a.*b"]}), ConfigError, UNSUPPORTED + r" 'modules_to_not_convert': entry 're:\.\*a\.\*a\.\*a\.\*b' " + TOO_MUCH),
     ("quark-exclude-as-a-string", GPTQ, replace_quant({"quant_method": "quark", "exclude": r"lm_head, re:(a|aa)+$"}), ConfigError, UNSUPPORTED + r" 'exclude': entry 're:\(a\|aa\)\+\$' " + NESTED),
     ("auto-round-extra-config", GPTQ, replace_quant({"quant_method": "auto-round", "extra_config": {r"re:(a|a)*": {"bits": 16}}}), ConfigError, UNSUPPORTED + r" 'extra_config': entry 're:\(a\|a\)\*' " + NESTED),

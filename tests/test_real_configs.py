@@ -198,10 +198,10 @@ CASES: dict[str, tuple[Any, str, tuple[str, Any], tuple[str, Any]]] = {
     "deepseek-v3-fp8-no-exclusion": (DEEPSEEK_FP8, BODY, ("float", "quant_method 'fp8': no lm_head"), ("method", {"cpu": "fp8", "cuda:9.0": "fp8"})),
     "transformers-4.51-finegrained-fp8-modules_to_not_convert": (FINEGRAINED_FP8, BODY, ("float", "modules_to_not_convert 'lm_head'"), ("method", {"cpu": "fp8", "cuda:9.0": "fp8"})),
     "vllm-0.9-fp8-ignored_layers": (VLLM_FP8, BODY, ("float", "ignored_layers 'lm_head'"), ("method", {"cpu": "fp8", "cuda:9.0": "fp8"})),
-    "modelopt-0.29-fp8-exclude_modules": ({"hf_quant_config.json": MODELOPT_FP8}, BODY, ("float", "exclude_modules 'lm_head'"), ("unsupported", "modelopt")),
-    "modelopt-nvfp4-hf_quant_config-exclude_modules": ({"hf_quant_config.json": MODELOPT_NVFP4}, BODY, ("float", "exclude_modules 'lm_head'"), ("unsupported", "modelopt_fp4")),
+    "modelopt-0.29-fp8-exclude_modules": ({"hf_quant_config.json": MODELOPT_FP8}, BODY, ("float", "exclude_modules 'lm_head'"), ("method", {"cpu": "modelopt", "cuda:9.0": "modelopt"})),
+    "modelopt-nvfp4-hf_quant_config-exclude_modules": ({"hf_quant_config.json": MODELOPT_NVFP4}, BODY, ("float", "exclude_modules 'lm_head'"), ("method", {"cpu": "modelopt", "cuda:9.0": "modelopt"})),
     "modelopt-0.31-nvfp4-config-ignore-wildcards": (MODELOPT_CONFIG_NVFP4, ATTN, ("float", "ignore 'lm_head'"), ("float", "ignore 'model.layers.*.self_attn*'")),
-    "modelopt-mixed-precision-quantized_layers": (MODELOPT_MIXED, BODY, ("float", "quantized_layers: no entry covers 'lm_head'"), ("unsupported", "modelopt")),
+    "modelopt-mixed-precision-quantized_layers": (MODELOPT_MIXED, BODY, ("float", "quantized_layers: no entry covers 'lm_head'"), ("method", {"cpu": "modelopt", "cuda:9.0": "modelopt"})),
     "transformers-bnb-nf4-llm_int8_skip_modules": (BNB_NF4, BODY, ("float", "llm_int8_skip_modules 'lm_head'"), ("unsupported", "bitsandbytes")),
     "transformers-bnb-int8-no-skip": (BNB_INT8_NO_SKIP, BODY, ("float", "quant_method 'bitsandbytes'"), ("unsupported", "bitsandbytes")),
     "quark-0.9-fp8-exclude": (QUARK, BODY, ("float", "exclude 'lm_head'"), ("unsupported", "quark")),
@@ -218,7 +218,7 @@ CASES: dict[str, tuple[Any, str, tuple[str, Any], tuple[str, Any]]] = {
     "gptqmodel-7.6-awq-gemv-lm_head-false": (GPTQMODEL_AWQ_GEMV, BODY, ("float", "lm_head: false"), ("error", r"field 'version' = 'gemv'")),
     "autoawq-0.1-3bit-quant_config-w_bit": ({"quant_config.json": {"zero_point": True, "q_group_size": 128, "w_bit": 3, "version": "GEMM"}}, BODY, ("float", "lm_head: false (absent)"), ("error", r"field 'w_bit' = 3: AWQ checkpoints are supported with 4-bit codes only")),
     "auto-round-0.5-extra_config-lm_head-4bit": ({**AUTO_ROUND, "block_name_to_quantize": None, "extra_config": {"lm_head": {"bits": 4, "group_size": 128}}}, BODY, ("unsupported", "auto-round"), ("unsupported", "auto-round")),
-    "modelopt-mixed-precision-lm_head-quantized": ({**MODELOPT_MIXED, "quantized_layers": {"lm_head": {"quant_algo": "FP8"}}}, ATTN, ("unsupported", "modelopt"), ("float", "quantized_layers: no entry covers")),
+    "modelopt-mixed-precision-lm_head-quantized": ({**MODELOPT_MIXED, "quantized_layers": {"lm_head": {"quant_algo": "FP8"}}}, ATTN, ("method", {"cpu": "modelopt", "cuda:9.0": "modelopt"}), ("float", "quantized_layers: no entry covers")),
     "auto-round-0.2-intel-label": ({"bits": 4, "group_size": 128, "sym": False, "data_type": "int", "quant_method": "intel/auto-round", "backend": "autoround:gptq:exllamav2"}, BODY, ("float", "quant_method 'intel/auto-round'"), ("unsupported", "intel/auto-round")),
     "autoawq-0.2-gemm": (AUTOAWQ_GEMM, BODY, ("float", "lm_head: false (absent)"), ("method", AWQ_LAYOUT)),
     "gptqmodel-2.2-lm_head": (GPTQMODEL_LMHEAD, BODY, ("method", GPTQ_LAYOUT), ("method", GPTQ_LAYOUT)),
@@ -231,6 +231,7 @@ CONTROLS = (
     "autoawq-0.2-gemm", "gptqmodel-2.2-lm_head", "llm-compressor-0.6-w4a16",
     "llm-compressor-0.6-fp8-block", "llm-compressor-0.6-nvfp4", "deepseek-v3-fp8", "transformers-4.51-finegrained-fp8",
     "vllm-0.9-fp8",
+    "modelopt-",  # quantreg runs modelopt FP8 and NVFP4 (methods/modelopt.py)
 )  # fmt: skip
 
 
