@@ -120,7 +120,7 @@ def quantize(weight: torch.Tensor, algo: str) -> dict[str, torch.Tensor]:
         InputError: an NVFP4 input size that is not a multiple of 16.
     """
     w = weight.to(torch.float32)
-    n, k = w.shape
+    k = w.shape[1]
     if algo == FP8_PCPT:
         scale = w.abs().amax(1) / e2m1.FP8_MAX
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
