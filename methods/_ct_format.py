@@ -219,15 +219,11 @@ def quantize_ct(
     ``format``: pack-quantized (int4 / int8; group, channel or tensor), int-quantized (int8
     weights, config declares dynamic int8 per-token activations: W8A8), naive-quantized (int8
     weight-only) or float-quantized (fp8 e4m3 weights + dynamic fp8 activations: FP8_DYNAMIC;
-    ``block_structure [rows, cols]``: strategy ``block``) or nvfp4-pack-quantized (NVFP4A16).
+    ``block_structure [rows, cols]``: strategy ``block``); nvfp4-pack-quantized: ``_ct_nvfp4``.
 
     Raises:
         InputError: an unsupported combination or option.
     """
-    if format == NVFP4:  # fp4 in groups of 16, float8 scales, a global scale: _ct_nvfp4
-        given = {"bits": bits, "strategy": strategy, "group_size": group_size, "sym": sym,
-                 "actorder": actorder, "block_structure": block_structure}  # fmt: skip
-        return nvfp4.quantize(weight, **given, **unused)
     strategy, block = _block_option(strategy, block_structure)
     bits, strategy = _writer_options(
         format, bits, strategy, group_size, sym, actorder, unused, k=weight.shape[1]

@@ -95,7 +95,7 @@ def quantize(
     Raises:
         InputError: an option NVFP4 does not take; ``K`` not a multiple of the group size 16.
     """
-    fixed = {"bits": (None, 4), "strategy": (None, "tensor_group"), "group_size": (GROUP, 128),
+    fixed = {"bits": (None, 4), "strategy": (None, "tensor_group"), "group_size": (GROUP,),
              "sym": (True,), "actorder": (None,), "block_structure": (None,)}  # fmt: skip
     for name, value in options.items():
         if value not in fixed.get(name, ()):

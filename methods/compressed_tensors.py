@@ -21,6 +21,7 @@ from pydantic import Field, PrivateAttr, field_validator
 from quantreg import ConfigError, IntWeights, LayerRule, QuantConfig, WriterOption, layer_geometry
 from quantreg.kernels import Float8Layout
 from quantreg.methods import _ct_format as fmt
+from quantreg.methods import _ct_nvfp4 as nvfp4
 from quantreg.methods._ct_schema import (
     Format,
     QuantizationScheme,
@@ -250,7 +251,11 @@ class CompressedTensorsConfig(QuantConfig):
     def quantize_weight(
         cls, weight: torch.Tensor, **params: Any
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Round-to-nearest tensors of one format (see ``_ct_format.quantize_ct``)."""
+        """Round-to-nearest tensors of one format (see ``_ct_format.quantize_ct``; NVFP4:
+        ``_ct_nvfp4.quantize``, whose float8 scales ignore ``scale_dtype``)."""
+        if params.get("format") == fmt.NVFP4:
+            options = {k: v for k, v in params.items() if k not in ("format", "scale_dtype")}
+            return nvfp4.quantize(weight, **options)
         return fmt.quantize_ct(weight, **params)
 
     @classmethod

@@ -203,7 +203,8 @@ def test_writer_config_is_what_compressed_tensors_writes(tmp_path):
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        ({"format": "nvfp4-pack-quantized"}, r"format 'nvfp4-pack-quantized' is not supported"),
+        ({"format": "mxfp4-pack-quantized"}, r"format 'mxfp4-pack-quantized' is not supported"),
+        ({"format": "nvfp4-pack-quantized", "strategy": "group"}, r"nvfp4-pack-quantized takes no strategy 'group' \(expected 'tensor_group'\)"),
         ({"format": "pack-quantized", "bits": 2}, r"pack-quantized with 2-bit weights is not supported"),
         ({"format": "int-quantized", "strategy": "group"}, r"strategy 'group' is not supported for int-quantized"),
         ({"format": "float-quantized", "sym": False}, r"fp8 weights are symmetric"),
@@ -211,7 +212,7 @@ def test_writer_config_is_what_compressed_tensors_writes(tmp_path):
         ({"format": "pack-quantized", "perm": torch.arange(HIDDEN)}, r"perm needs actorder='group'"),
         ({"format": "pack-quantized", "desc_act": True}, r"unsupported option\(s\) desc_act"),
     ],
-    ids=["nvfp4", "2-bit", "int-group", "fp8-asym", "actorder-weight", "perm-without-actorder", "unknown-option"],
+    ids=["mxfp4", "nvfp4-group", "2-bit", "int-group", "fp8-asym", "actorder-weight", "perm-without-actorder", "unknown-option"],
 )  # fmt: skip
 def test_writer_errors(params, message):
     with pytest.raises(InputError, match=message):

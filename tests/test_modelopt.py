@@ -295,7 +295,7 @@ def test_the_compressed_tensors_nvfp4_writer_is_read_back_by_the_library(tmp_pat
 @pytest.mark.parametrize(
     ("option", "message"),
     [(("--bits", "8"), r"nvfp4-pack-quantized takes no bits 8 \(expected 4\)"),
-     (("--group-size", "32"), r"nvfp4-pack-quantized takes no group_size 32 \(expected 16 or 128\)"),
+     (("--group-size", "32"), r"nvfp4-pack-quantized takes no group_size 32 \(expected 16\)"),
      (("--no-sym",), r"nvfp4-pack-quantized takes no sym False \(expected True\)")],
     ids=["bits-8", "group-32", "asymmetric"],
 )  # fmt: skip

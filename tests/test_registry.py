@@ -22,7 +22,7 @@ from quantreg import (
 )
 from quantreg.registry import Registry, normalize_name, set_default_registry
 
-BUILTINS = ["awq", "awq_marlin", "compressed-tensors", "cpu_wna16", "fp8", "gptq", "gptq_marlin", "unquantized"]  # fmt: skip
+BUILTINS = ["awq", "awq_marlin", "compressed-tensors", "cpu_wna16", "fp8", "gptq", "gptq_marlin", "modelopt", "unquantized"]  # fmt: skip
 
 
 class _NoopMethod(LinearMethod):
