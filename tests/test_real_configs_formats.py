@@ -377,3 +377,52 @@ def test_real_per_tensor_fp8_configs_resolve_with_their_rule(tmp_path, qcfg, hea
     assert res.rule.startswith(rule), res.rule
     if method is not None:  # static activations: weight-only, the input_scale never applied
         assert any("not applied" in note for note in res.notes), res.notes
+
+
+# -- ModelOpt (methods/modelopt.py): hf_quant_config.json and config.json forms ----------------
+
+# nvidia/Qwen3-32B-NVFP4 hf_quant_config.json (modelopt 0.33.0), as ai-dynamo/aiconfigurator
+# stores it (src/aiconfigurator/model_configs/nvidia--Qwen3-32B-NVFP4_hf_quant_config.json).
+QWEN3_32B_NVFP4 = {"producer": {"name": "modelopt", "version": "0.33.0"}, "quantization": {"quant_algo": "NVFP4", "kv_cache_quant_algo": "FP8", "group_size": 16, "exclude_modules": ["lm_head"]}}  # fmt: skip
+# nvidia/Qwen3-30B-A3B-NVFP4 (modelopt 0.33.0, same source): the 48 router gates and lm_head;
+# 3 of the gates kept here.
+QWEN3_30B_A3B_NVFP4 = {"producer": {"name": "modelopt", "version": "0.33.0"}, "quantization": {"quant_algo": "NVFP4", "kv_cache_quant_algo": "FP8", "group_size": 16, "exclude_modules": ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate", "model.layers.10.mlp.gate", "lm_head"]}}  # fmt: skip
+# nvidia/DeepSeek-V3-0324-NVFP4 (modelopt 0.27.0, same source): 250 entries, ModelOpt's
+# "prefix*" summaries among them; these 8 kept in their order.
+DEEPSEEK_V3_NVFP4 = {"producer": {"name": "modelopt", "version": "0.27.0"}, "quantization": {"quant_algo": "NVFP4", "kv_cache_quant_algo": None, "group_size": 16, "exclude_modules": ["model.layers.11.mlp.gate", "model.layers.11.input_layernorm", "model.layers.21.self_attn*", "model.layers.44.self_attn*", "lm_head", "model.layers.61*", "model.embed_tokens", "model.norm"]}}  # fmt: skip
+# ModelOpt's own FP8 example (modelopt/torch/export/convert_hf_config.py docstring, 0.19.0) and
+# its conversion into config.json's quantization_config (the same function's output).
+MODELOPT_FP8_EXAMPLE = {"producer": {"name": "modelopt", "version": "0.19.0"}, "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8", "exclude_modules": ["lm_head"]}}  # fmt: skip
+MODELOPT_FP8_CONVERTED = {"config_groups": {"group_0": {"input_activations": {"dynamic": False, "num_bits": 8, "type": "float"}, "weights": {"dynamic": False, "num_bits": 8, "type": "float"}, "targets": ["Linear"]}}, "ignore": ["lm_head"], "quant_algo": "FP8", "kv_cache_scheme": {"dynamic": False, "num_bits": 8, "type": "float"}, "producer": {"name": "modelopt", "version": "0.19.0"}, "quant_method": "modelopt"}  # fmt: skip
+
+MODELOPT_REAL = [
+    pytest.param(QWEN3_32B_NVFP4, "lm_head", "exclude_modules 'lm_head'", id="nvidia-qwen3-32b-nvfp4-head"),
+    pytest.param(QWEN3_32B_NVFP4, "model.layers.0.mlp.down_proj", "quant_algo 'NVFP4'", id="nvidia-qwen3-32b-nvfp4-body"),
+    pytest.param(QWEN3_30B_A3B_NVFP4, "lm_head", "exclude_modules 'lm_head'", id="nvidia-qwen3-30b-a3b-nvfp4-head"),
+    pytest.param(QWEN3_30B_A3B_NVFP4, "model.layers.1.mlp.gate", "exclude_modules 'model.layers.1.mlp.gate'", id="nvidia-qwen3-30b-a3b-nvfp4-router"),
+    pytest.param(QWEN3_30B_A3B_NVFP4, "model.layers.1.mlp.experts.0.gate_proj", "quant_algo 'NVFP4'", id="nvidia-qwen3-30b-a3b-nvfp4-expert"),
+    pytest.param(DEEPSEEK_V3_NVFP4, "lm_head", "exclude_modules 'lm_head'", id="nvidia-deepseek-v3-0324-nvfp4-head"),
+    pytest.param(DEEPSEEK_V3_NVFP4, "model.layers.21.self_attn.kv_a_proj_with_mqa", "exclude_modules 'model.layers.21.self_attn*'", id="nvidia-deepseek-v3-0324-nvfp4-attention-summary"),
+    pytest.param(DEEPSEEK_V3_NVFP4, "model.layers.61.eh_proj", "exclude_modules 'model.layers.61*'", id="nvidia-deepseek-v3-0324-nvfp4-mtp-layer"),
+    pytest.param(DEEPSEEK_V3_NVFP4, "model.layers.22.self_attn.o_proj", "quant_algo 'NVFP4'", id="nvidia-deepseek-v3-0324-nvfp4-other-attention"),
+    pytest.param(MODELOPT_FP8_EXAMPLE, "lm_head", "exclude_modules 'lm_head'", id="modelopt-0.19-fp8-example-head"),
+    pytest.param(MODELOPT_FP8_EXAMPLE, "model.layers.0.self_attn.q_proj", "quant_algo 'FP8'", id="modelopt-0.19-fp8-example-body"),
+    pytest.param(MODELOPT_FP8_CONVERTED, "lm_head", "ignore 'lm_head'", id="modelopt-0.19-fp8-config.json-head"),
+    pytest.param(MODELOPT_FP8_CONVERTED, "model.layers.0.self_attn.q_proj", "quant_algo 'FP8'", id="modelopt-0.19-fp8-config.json-body"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("platform", ["cpu", "cuda:9.0"])
+@pytest.mark.parametrize(("source", "prefix", "rule"), MODELOPT_REAL)
+def test_real_modelopt_configs(tmp_path, source, prefix, rule, platform):
+    """A side file beside a config.json without quantization_config, or config.json's own."""
+    if "quant_method" in source:
+        write_raw(tmp_path, config=llama_config(source, vocab_size=VOCAB), tensors=HEADS["float"]())
+    else:
+        (tmp_path / "hf_quant_config.json").write_text(json.dumps(source))
+        write_raw(tmp_path, config=llama_config(vocab_size=VOCAB), tensors=HEADS["float"]())
+    res = resolve(tmp_path, prefix=prefix, platform=platform)
+    assert res.rule.startswith(rule), res.rule
+    assert (res.method, res.quantized) == (("modelopt", True) if rule.startswith("quant_algo") else (None, False))  # fmt: skip
+    if prefix == "lm_head":
+        assert load_lm_head(tmp_path, dtype=torch.float32).resolution.method is None
