@@ -1,6 +1,6 @@
 """Configs quantreg cannot run, and the layers they still keep float.
 
-Two cases: a quantization method quantreg knows by name but does not implement (``modelopt``,
+Two cases: a quantization method quantreg knows by name but does not implement (``quark``,
 ``mxfp4``, ``bitsandbytes``, ...: the names vLLM and transformers use), and a variant of one of its
 own methods that it refuses (3-bit GPTQ, AWQ GEMV, AutoGPTQ marlin). Either way the config
 still says which layers stay float, in the keys its producers write; :func:`config_rule` reads
