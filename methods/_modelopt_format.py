@@ -50,8 +50,9 @@ def create_weights(layer: torch.nn.Module, algo: str, k: int, n: int) -> None:
         if k % GROUP:
             raise ConfigError(
                 f"modelopt: {algo} groups of {GROUP} do not divide the input size {k} of "
-                f"{layer_geometry(layer).prefix}; expected a multiple of {GROUP} (vLLM refuses "
-                "it too; ModelOpt pads the last group, which its export cannot store)",
+                f"{layer_geometry(layer).prefix}; expected a multiple of {GROUP} (vLLM's "
+                "ModelOptNvFp4LinearMethod refuses it too; ModelOpt's quantizer zero-pads the "
+                "last group, so its tensors would not be [N, K / 2])",
                 field="group_size",
             )
         params["weight"] = frozen_param(
