@@ -109,11 +109,11 @@ def _load_one(
 def _slice(handle: Any, head: ParallelLMHead, param: torch.nn.Parameter, info: TensorInfo) -> Any:
     """This rank's region of tensor ``info`` from an open safetensors file."""
     region = head.checkpoint_region(param)
-    if not info.shape:  # a 0-dim tensor (ModelOpt's per-tensor scales): a slice cannot index it
+    if not info.shape:  # a 0-d tensor (AutoFP8's, ModelOpt's per-tensor scales): no slicing
         return handle.get_tensor(info.name)
     piece = handle.get_slice(info.name)
-    if region is None:  # a 0-d tensor (AutoFP8's scalar scales) cannot be sliced
-        return piece[:] if info.shape else handle.get_tensor(info.name)
+    if region is None:
+        return piece[:]
     dim, start, stop = region
     index = tuple(slice(start, stop) if d == dim else slice(None) for d in range(len(info.shape)))
     return piece[index]
