@@ -18,7 +18,7 @@ from __future__ import annotations
 import inspect
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
@@ -69,11 +69,17 @@ class LayerRule:
 @dataclass(frozen=True)
 class Relabel:
     """A checkpoint config that another method reads: ``quant_method`` and ``data`` replace
-    the config's own, and ``note`` says why (it becomes a note of the Resolution)."""
+    the config's own, and ``note`` says why (it becomes a note of the Resolution).
+
+    ``layer_rule``, when given, decides each layer in place of the reading method's own
+    ``layer_rule``: for a config whose per-layer keys the reading method has no words for
+    (AutoRound's ``extra_config`` read by the GPTQ and AWQ methods). Its overrides use the
+    reading method's field names."""
 
     quant_method: str
     data: Mapping[str, Any]
     note: str
+    layer_rule: Callable[[str], LayerRule] | None = None
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import Any
 
 from quantreg.candidates import Reader, find_readers, pick_best, pick_requested, probe
 from quantreg.checkpoint import EMBEDDING_NAMES, FLOAT_DTYPES, TensorInfo
-from quantreg.contract import LayerRule, is_lm_head
+from quantreg.contract import LayerRule, Relabel, is_lm_head
 from quantreg.detection import flatten_config
 from quantreg.errors import ConfigError, PluginError, UnknownMethodError
 from quantreg.patterns import check_prefix
@@ -40,6 +40,9 @@ from quantreg.unsupported import (
 from quantreg.view import CheckpointView, read_checkpoint
 
 logger = logging.getLogger(__name__)
+# (format, config dict, the relabel that made them) and (the layer's rule, the rule it overrode)
+Format = tuple[str, Mapping[str, Any], Relabel | None]
+Decided = tuple[LayerRule, LayerRule | None]
 
 
 @dataclass(frozen=True)
@@ -123,7 +126,8 @@ def decide(
     known = known_method(view.quant.quant_method, registry)
     if known is not None:
         return _tied_or_kept(facts, _unsupported(facts, known, view.quant.data))
-    fmt, data, relabel_note = _format(view, registry)
+    fmt, data, relabel = _format(view, registry)
+    relabel_note = f"{view.quant.where}: {relabel.note}" if relabel is not None else None
     try:
         readers, declined = _readers(view, registry, fmt, data)
     except ConfigError as exc:
@@ -133,7 +137,7 @@ def decide(
         return _tied_or_kept(facts, _unsupported(facts, fmt, data, exc))
     facts = _with_tensors(facts, names=_tensor_names(registry))
     decider = next((r for r in readers if r.name == fmt), readers[0])
-    rule, overridden = _layer_rule(decider, facts)
+    rule, overridden = _layer_rule(decider, facts, relabel)
     _check_request(facts, fmt, readers, rule)
     facts.notes.extend(_rule_notes(facts, rule, decider, overridden, fmt, relabel_note))
     rule_text = rule.rule + ("; also: " + "; ".join(rule.also) if rule.also else "")
@@ -270,8 +274,9 @@ def _unsupported(
     )  # fmt: skip
 
 
-def _format(view: CheckpointView, registry: Registry) -> tuple[str, Mapping[str, Any], str | None]:
-    """The canonical format name and config dict, after the owning method's ``relabel``."""
+def _format(view: CheckpointView, registry: Registry) -> Format:
+    """The canonical format name and config dict, after the owning method's ``relabel``
+    (returned too: its note, its layer rule)."""
     assert view.quant is not None
     try:
         fmt = registry.canonical_name(view.quant.quant_method)
@@ -288,8 +293,7 @@ def _format(view: CheckpointView, registry: Registry) -> tuple[str, Mapping[str,
         relabel = None  # reported as a declined candidate by _readers
     if relabel is None:
         return fmt, data, None
-    note = f"{view.quant.where}: {relabel.note}"
-    return registry.canonical_name(relabel.quant_method), relabel.data, note
+    return registry.canonical_name(relabel.quant_method), relabel.data, relabel
 
 
 def _tensor_names(registry: Registry) -> frozenset[str]:
@@ -314,9 +318,11 @@ def _with_tensors(facts: Facts, *, names: frozenset[str]) -> Facts:
     return replace(facts, state="quantized" if quantized else "unquantized", infos=infos)
 
 
-def _layer_rule(decider: Reader, facts: Facts) -> tuple[LayerRule, LayerRule | None]:
-    """The format's rule for the layer, and the rule it overrode when the tensors decided."""
-    rule = decider.config.layer_rule(facts.prefix)
+def _layer_rule(decider: Reader, facts: Facts, relabel: Relabel | None) -> Decided:
+    """The format's rule for the layer (the relabelling method's, if it gives one), and the
+    rule it overrode when the tensors decided."""
+    rule_of = (relabel.layer_rule if relabel else None) or decider.config.layer_rule
+    rule = rule_of(facts.prefix)
     if rule.class_target and rule.quantized and is_lm_head(facts.prefix):
         return _class_target(rule, facts), None
     if rule.quantized or facts.state != "quantized":
