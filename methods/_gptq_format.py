@@ -30,9 +30,17 @@ TENSORS = frozenset({"qweight", "qzeros", "scales", "g_idx"})
 
 
 def create_weights(
-    layer: torch.nn.Module, k: int, n: int, bits: int, group_size: int, params_dtype: torch.dtype
+    layer: torch.nn.Module,
+    k: int,
+    n: int,
+    bits: int,
+    group_size: int,
+    params_dtype: torch.dtype,
+    *,
+    g_idx: bool = True,
 ) -> None:
-    """Register this rank's GPTQ tensors on ``layer``: ``k`` inputs, ``n`` outputs.
+    """Register this rank's GPTQ tensors on ``layer``: ``k`` inputs, ``n`` outputs; without
+    ``g_idx`` when the producer writes none (its groups are then ``row // group_size``).
 
     Raises:
         ConfigError: sizes that do not pack into whole words.
@@ -50,8 +58,9 @@ def create_weights(
         ),
         "qzeros": frozen_param((groups, n // pf), torch.int32, **packed_out),
         "scales": frozen_param((groups, n), params_dtype, output_dim=1, keep_checkpoint_dtype=True),
-        "g_idx": frozen_param((k,), torch.int32, input_dim=0),
     }
+    if g_idx:
+        params["g_idx"] = frozen_param((k,), torch.int32, input_dim=0)
     for name, param in params.items():
         layer.register_parameter(name, param)
 
@@ -66,7 +75,8 @@ def decode(
     group_size: int = -1,
 ) -> IntWeights:
     """The loaded GPTQ codes and true zero points (``zero_point_offset``, v1's ``1``, undone),
-    rows grouped by ``g_idx``, after checking the values (see ``_checks``).
+    rows grouped by ``g_idx`` (a layer without one: ``row // group_size``), after checking the
+    values (see ``_checks``).
 
     With ``sym`` every zero point should be ``2**(bits-1)``: others are used as stored, with
     a WARNING. Without ``desc_act``, ``g_idx`` must be ``row // group_size``: vLLM then ignores
@@ -78,7 +88,9 @@ def decode(
             groups, or a ``g_idx`` that contradicts ``desc_act: false``.
     """
     mask = (1 << bits) - 1
-    qweight, k = layer.qweight, layer.g_idx.shape[0]
+    g_idx = getattr(layer, "g_idx", None)
+    qweight = layer.qweight
+    k = g_idx.shape[0] if g_idx is not None else qweight.shape[0] * (32 // bits)
     zeros = (unpack_codes(layer.qzeros, bits, dim=1) + zero_point_offset) & mask
     zeros = zeros[:, : layer.scales.shape[1]]
     check_scales(layer, "scales", layer.scales.data, zeros, (0, mask))
@@ -91,13 +103,19 @@ def decode(
         codes=lambda c0, c1: unpack_codes(qweight[:, c0:c1], bits, dim=0, count=k),
         scales=layer.scales.data,
         zeros=zeros,
-        g_idx=layer.g_idx.data,
+        g_idx=g_idx.data if g_idx is not None else _plain_groups(k, group_size, qweight.device),
         names=(f"{prefix}.g_idx", f"{prefix}.scales"),
         k_packed=qweight.data,
     )
-    if not desc_act:
-        _check_plain_groups(layer.g_idx.data, group_size if group_size > 0 else k, prefix)
+    if not desc_act and g_idx is not None:
+        _check_plain_groups(g_idx.data, group_size if group_size > 0 else k, prefix)
     return weights
+
+
+def _plain_groups(k: int, group_size: int, device: torch.device) -> torch.Tensor:
+    """``row // group_size`` for every row (one group when ``group_size`` is -1)."""
+    size = group_size if group_size > 0 else k
+    return torch.arange(k, dtype=torch.int32, device=device) // size
 
 
 def _check_plain_groups(g_idx: torch.Tensor, group_size: int, prefix: str) -> None:

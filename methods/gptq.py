@@ -109,7 +109,7 @@ class GPTQLinearMethod(DecodedLinearMethod):
     ) -> None:
         cfg = self.quant_config
         k, n = input_size_per_partition, sum(output_partition_sizes)
-        fmt.create_weights(layer, k, n, cfg.bits, cfg.group_size, params_dtype)
+        fmt.create_weights(layer, k, n, cfg.bits, cfg.group_size, params_dtype, g_idx=cfg.g_idx)
 
     def decode(self, layer: torch.nn.Module) -> IntWeights:
         cfg = self.quant_config
@@ -148,6 +148,15 @@ class GPTQConfig(QuantConfig):
     modules_to_not_convert: list[str] | None = None
     modules_in_block_to_quantize: list[str] | list[list[str]] | None = None
     dynamic: dict[str, DynamicOverride] | None = None
+    # False for producers that write no g_idx (AutoRound's GPTQ packing): groups row // size.
+    g_idx: bool = True
+
+    @field_validator("g_idx")
+    @classmethod
+    def _g_idx(cls, value: bool, info: ValidationInfo) -> bool:
+        if not value and info.data.get("desc_act"):
+            raise ValueError("act-order (desc_act: true) needs the g_idx tensor; expected true")
+        return value
 
     @field_validator("checkpoint_format")
     @classmethod
@@ -368,10 +377,9 @@ class GPTQConfig(QuantConfig):
 
     def rule_from_tensors(self, prefix: str, names: frozenset[str]) -> LayerRule | None:
         """A GPTQ config that keeps the head unquantized over GPTQ-packed head tensors."""
-        if names >= fmt.TENSORS:
-            return LayerRule(
-                True, f"tensors: {prefix}.qweight, qzeros, scales and g_idx are GPTQ-packed"
-            )
+        if names >= (fmt.TENSORS if self.g_idx else fmt.TENSORS - {"g_idx"}):
+            listed = "qzeros, scales and g_idx" if self.g_idx else "qzeros and scales"
+            return LayerRule(True, f"tensors: {prefix}.qweight, {listed} are GPTQ-packed")
         return None
 
 
