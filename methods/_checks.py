@@ -9,10 +9,10 @@ dequantized weights ``|q - z| * |s|`` overflow the scale dtype or the compute dt
 kernels round weights to the one and compute in the other: an infinite weight makes every
 logit of its row NaN); float8 NaN codes. What is legal but odd, and logged as a WARNING naming
 the tensor: vocab rows whose scales are all zero (their logits are exactly 0), negative scales
-(they flip the sign of their group's weights; no producer writes them), and zero points that
-contradict a symmetric config (used as stored). Where every producer stores a positive scale
-(fp8's ``weight_scale``, a static ``input_scale``), zero and negative ones are refused
-(``check_positive``).
+(they flip the sign of their group's weights; AutoRound's symmetric quantizer writes them), and
+zero points that contradict a symmetric config (used as stored). Where every producer stores a
+positive scale (fp8's ``weight_scale``, a static ``input_scale``), zero and negative ones are
+refused (``check_positive``).
 """
 
 from __future__ import annotations
@@ -114,8 +114,8 @@ def _warn_odd_scales(full: str, real: torch.Tensor, low: float) -> None:
     if low < 0:
         logger.warning(
             "%s holds %d negative scale(s) of %d: each flips the sign of its group's weights "
-            "(used as stored; no producer writes them)", full, int((real < 0).sum()),
-            real.numel(),
+            "(used as stored; AutoRound's symmetric quantizer writes them)", full,
+            int((real < 0).sum()), real.numel(),
         )  # fmt: skip
 
 

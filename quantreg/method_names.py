@@ -20,10 +20,12 @@ NAME_ALIASES: dict[str, str] = {
     "compressed_tensors": "compressed-tensors",
     "cpu_awq": "cpu_wna16",
     "modelopt_fp4": "modelopt",  # vLLM's name for ModelOpt NVFP4; one config reads both
+    "intel/auto-round": "auto-round",
 }
 
 # Built-in name -> "module:Class", imported on first lookup. Classes live in quantreg.methods.
 BUILTIN_METHODS: dict[str, str] = {
+    "auto-round": "quantreg.methods.autoround:AutoRoundConfig",
     "awq": "quantreg.methods.awq:AWQConfig",
     "awq_marlin": "quantreg.methods.awq:AWQMarlinConfig",
     "compressed-tensors": "quantreg.methods.compressed_tensors:CompressedTensorsConfig",

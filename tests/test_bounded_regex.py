@@ -217,12 +217,15 @@ CATALOGUE = [
     ("mxfp4-modules-to-not-convert", GPTQ, replace_quant({"quant_method": "mxfp4", "modules_to_not_convert": [r"re:.*a.*a.*a.*b"]}), ConfigError, UNSUPPORTED + r" 'modules_to_not_convert': entry 're:\.\*a\.\*a\.\*a\.\*b' " + TOO_MUCH),
     ("quark-exclude-as-a-string", GPTQ, replace_quant({"quant_method": "quark", "exclude": r"lm_head, re:(a|aa)+$"}), ConfigError, UNSUPPORTED + r" 'exclude': entry 're:\(a\|aa\)\+\$' " + NESTED),
     ("auto-round-extra-config", GPTQ, replace_quant({"quant_method": "auto-round", "extra_config": {r"re:(a|a)*": {"bits": 16}}}), ConfigError, UNSUPPORTED + r" 'extra_config': entry 're:\(a\|a\)\*' " + NESTED),
-    ("auto-round-block-names", GPTQ, replace_quant({"quant_method": "auto-round", "block_name_to_quantize": [r"re:(x+x+)+y"]}), ConfigError, UNSUPPORTED + r" 'block_name_to_quantize': entry 're:\(x\+x\+\)\+y' " + NESTED),
+    ("inc-block-names", GPTQ, replace_quant({"quant_method": "inc", "block_name_to_quantize": [r"re:(x+x+)+y"]}), ConfigError, UNSUPPORTED + r" 'block_name_to_quantize': entry 're:\(x\+x\+\)\+y' " + NESTED),
+    # AutoRound's extra_config keys (re.search-ed by its loader when not a layer name)
+    ("auto-round-extra-config-polynomial", GPTQ, replace_quant({"quant_method": "auto-round", "bits": 4, "group_size": 32, "extra_config": {r".*a.*a.*a.*b": {"bits": 16}}}), ConfigError, r"invalid auto-round quantization_config " + WHERE + r": field 'extra_config': entry '\.\*a\.\*a\.\*a\.\*b' " + TOO_MUCH),
+    ("auto-round-extra-config-too-many", GPTQ, replace_quant({"quant_method": "auto-round", "bits": 4, "group_size": 32, "extra_config": {f".*x{i}$": {"bits": 16} for i in range(4097)}}), ConfigError, r"invalid auto-round quantization_config " + WHERE + r": field 'extra_config': it holds 4097 regexes; at most 4096"),
     ("ptpc_fp8-dynamic-keys", GPTQ, replace_quant({"quant_method": "ptpc_fp8", "dynamic": {r"-:([a-z]+_?)+$": {}}}), ConfigError, UNSUPPORTED + r" 'dynamic': rule '-:\(\[a-z\]\+_\?\)\+\$' " + NESTED),
     ("ptpc_fp8-too-many-regexes", GPTQ, replace_quant({"quant_method": "ptpc_fp8", "ignored_layers": [f"re:x{i}" for i in range(5000)]}), ConfigError, r"config\.json \(quantization_config\): it holds 5000 regexes; at most 4096"),
     ("gptq-3-bit-modules-to-not-convert", GPTQ, quant(lambda q: q.update(bits=3, modules_to_not_convert=[r"re:(a+)+$"])), ConfigError, UNSUPPORTED + r" 'modules_to_not_convert': entry 're:\(a\+\)\+\$' " + NESTED),
     # names
-    ("quant-method-a-megabyte", GPTQ, quant(lambda q: q.update(quant_method="x" * 1_000_000)), ConfigError, r"field 'quant_method': unknown quantization method 'x{60}'\.\.\.; registered: awq, "),
+    ("quant-method-a-megabyte", GPTQ, quant(lambda q: q.update(quant_method="x" * 1_000_000)), ConfigError, r"field 'quant_method': unknown quantization method 'x{60}'\.\.\.; registered: auto-round, awq, "),
     ("header-name-100k", GPTQ, add_tensor("a" * 100_000), CheckpointError, r"model\.safetensors: header tensor name 'a{60}'\.\.\. is 100000 characters long; names of at most 256 characters are read"),
     ("header-name-257", GPTQ, add_tensor("lm_head." + "b" * 249), CheckpointError, r"model\.safetensors: header tensor name 'lm_head\.b+'\.\.\. is 257 characters long"),
     ("index-name-300", GPTQ, lambda p: shard(p, names={"x" * 300: "model-00001-of-00001.safetensors"}), CheckpointError, r"model\.safetensors\.index\.json: weight_map tensor name 'x{60}'\.\.\. is 300 characters long"),

@@ -37,8 +37,8 @@ def test_methods_json_lists_every_builtin(capsys):
     assert main(["methods", "--json"]) == 0
     entries = json.loads(capsys.readouterr().out)
     assert [e["name"] for e in entries] == [
-        "awq", "awq_marlin", "compressed-tensors", "cpu_wna16", "fp8", "gptq", "gptq_marlin",
-        "modelopt", "unquantized",
+        "auto-round", "awq", "awq_marlin", "compressed-tensors", "cpu_wna16", "fp8", "gptq",
+        "gptq_marlin", "modelopt", "unquantized",
     ]  # fmt: skip
     assert all(
         set(e) == {"name", "aliases", "source", "loaded", "error", "runs_here", "platform_reason"}

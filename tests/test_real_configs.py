@@ -22,7 +22,7 @@ import quantreg
 from quantreg import CheckpointError, ConfigError, resolve
 
 PLATFORMS = ("cpu", "cuda:9.0")
-NOT_SUPPORTED = r"quantization method '{}' is known but not supported by quantreg \(supported: awq, .*; a plugin can register it\)"  # fmt: skip
+NOT_SUPPORTED = r"quantization method '{}' is known but not supported by quantreg \(supported: auto-round, awq, .*; a plugin can register it\)"  # fmt: skip
 GPTQ_LAYOUT = {"cpu": "cpu_wna16", "cuda:9.0": "gptq_marlin"}
 AWQ_LAYOUT = {"cpu": "cpu_wna16", "cuda:9.0": "awq_marlin"}
 
@@ -95,7 +95,7 @@ QUARK = {
     "layer_type_quant_config": {}, "layer_quant_config": {}, "kv_cache_quant_config": {},
     "export": {"kv_cache_group": [], "pack_method": "reorder", "weight_format": "real_quantized"},
 }  # fmt: skip
-# Intel auto-round 0.5 export (auto_gptq packing; the head is float unless quant_lm_head).
+# Intel auto-round 0.5 export (auto_gptq packing; the head is float unless extra_config names it).
 AUTO_ROUND = {
     "bits": 4, "group_size": 128, "sym": True, "data_type": "int", "iters": 200,
     "quant_method": "auto-round", "packing_format": "auto_round:auto_gptq",
@@ -205,8 +205,8 @@ CASES: dict[str, tuple[Any, str, tuple[str, Any], tuple[str, Any]]] = {
     "transformers-bnb-nf4-llm_int8_skip_modules": (BNB_NF4, BODY, ("float", "llm_int8_skip_modules 'lm_head'"), ("unsupported", "bitsandbytes")),
     "transformers-bnb-int8-no-skip": (BNB_INT8_NO_SKIP, BODY, ("float", "quant_method 'bitsandbytes'"), ("unsupported", "bitsandbytes")),
     "quark-0.9-fp8-exclude": (QUARK, BODY, ("float", "exclude 'lm_head'"), ("unsupported", "quark")),
-    "auto-round-0.5-block_name_to_quantize": (AUTO_ROUND, ATTN, ("float", "block_name_to_quantize: no entry covers 'lm_head'"), ("unsupported", "auto-round")),
-    "auto-round-0.5-extra_config-bits16": (AUTO_ROUND, BODY, ("float", "block_name_to_quantize"), ("float", "extra_config 'model.layers.0.mlp.down_proj': bits=16")),
+    "auto-round-0.5-block_name_to_quantize": (AUTO_ROUND, ATTN, ("float", "extra_config: no entry names 'lm_head'"), ("method", GPTQ_LAYOUT)),
+    "auto-round-0.5-extra_config-bits16": (AUTO_ROUND, BODY, ("float", "extra_config: no entry names 'lm_head'"), ("float", "extra_config 'model.layers.0.mlp.down_proj': bits=16")),
     "torchao-0.12-int4-include_input_output_embeddings-false": (TORCHAO, BODY, ("float", "include_input_output_embeddings: false"), ("unsupported", "torchao")),
     "hqq-0.2-skip_modules": (HQQ, BODY, ("float", "skip_modules 'lm_head'"), ("unsupported", "hqq")),
     "aqlm-1.1-linear_weights_not_to_quantize": (AQLM, BODY, ("float", "linear_weights_not_to_quantize 'lm_head.weight'"), ("unsupported", "aqlm")),
@@ -217,9 +217,9 @@ CASES: dict[str, tuple[Any, str, tuple[str, Any], tuple[str, Any]]] = {
     "autoawq-0.2-gemv-quant_config": ({"quant_config.json": AUTOAWQ_GEMV_LEGACY}, BODY, ("float", "lm_head: false (absent)"), ("error", r"field 'version' = 'GEMV'")),
     "gptqmodel-7.6-awq-gemv-lm_head-false": (GPTQMODEL_AWQ_GEMV, BODY, ("float", "lm_head: false"), ("error", r"field 'version' = 'gemv'")),
     "autoawq-0.1-3bit-quant_config-w_bit": ({"quant_config.json": {"zero_point": True, "q_group_size": 128, "w_bit": 3, "version": "GEMM"}}, BODY, ("float", "lm_head: false (absent)"), ("error", r"field 'w_bit' = 3: AWQ checkpoints are supported with 4-bit codes only")),
-    "auto-round-0.5-extra_config-lm_head-4bit": ({**AUTO_ROUND, "block_name_to_quantize": None, "extra_config": {"lm_head": {"bits": 4, "group_size": 128}}}, BODY, ("unsupported", "auto-round"), ("unsupported", "auto-round")),
+    "auto-round-0.5-extra_config-lm_head-4bit": ({**AUTO_ROUND, "block_name_to_quantize": None, "extra_config": {"lm_head": {"bits": 4, "group_size": 128}}}, BODY, ("method", GPTQ_LAYOUT), ("method", GPTQ_LAYOUT)),
     "modelopt-mixed-precision-lm_head-quantized": ({**MODELOPT_MIXED, "quantized_layers": {"lm_head": {"quant_algo": "FP8"}}}, ATTN, ("method", {"cpu": "modelopt", "cuda:9.0": "modelopt"}), ("float", "quantized_layers: no entry covers")),
-    "auto-round-0.2-intel-label": ({"bits": 4, "group_size": 128, "sym": False, "data_type": "int", "quant_method": "intel/auto-round", "backend": "autoround:gptq:exllamav2"}, BODY, ("float", "quant_method 'intel/auto-round'"), ("unsupported", "intel/auto-round")),
+    "auto-round-0.2-intel-label": ({"bits": 4, "group_size": 128, "sym": False, "data_type": "int", "quant_method": "intel/auto-round", "backend": "autoround:gptq:exllamav2"}, BODY, ("float", "extra_config: no entry names 'lm_head'"), ("method", {"cpu": "cpu_wna16", "cuda:9.0": "gptq"})),
     "autoawq-0.2-gemm": (AUTOAWQ_GEMM, BODY, ("float", "lm_head: false (absent)"), ("method", AWQ_LAYOUT)),
     "gptqmodel-2.2-lm_head": (GPTQMODEL_LMHEAD, BODY, ("method", GPTQ_LAYOUT), ("method", GPTQ_LAYOUT)),
     "llm-compressor-0.6-w4a16-ignore-lm_head": (LLMCOMPRESSOR_W4A16, BODY, ("float", "ignore 'lm_head'"), ("method", {"cpu": "compressed-tensors", "cuda:9.0": "compressed-tensors"})),
@@ -228,6 +228,7 @@ CASES: dict[str, tuple[Any, str, tuple[str, Any], tuple[str, Any]]] = {
 }  # fmt: skip
 # Configs quantreg runs whole: a float layer needs no note about the others.
 CONTROLS = (
+    "auto-round-",
     "autoawq-0.2-gemm", "gptqmodel-2.2-lm_head", "llm-compressor-0.6-w4a16",
     "llm-compressor-0.6-fp8-block", "llm-compressor-0.6-nvfp4", "deepseek-v3-fp8", "transformers-4.51-finegrained-fp8",
     "vllm-0.9-fp8",

@@ -22,7 +22,7 @@ from quantreg import (
 )
 from quantreg.registry import Registry, normalize_name, set_default_registry
 
-BUILTINS = ["awq", "awq_marlin", "compressed-tensors", "cpu_wna16", "fp8", "gptq", "gptq_marlin", "modelopt", "unquantized"]  # fmt: skip
+BUILTINS = ["auto-round", "awq", "awq_marlin", "compressed-tensors", "cpu_wna16", "fp8", "gptq", "gptq_marlin", "modelopt", "unquantized"]  # fmt: skip
 
 
 class _NoopMethod(LinearMethod):
@@ -93,12 +93,12 @@ def test_unknown_names_suggest_the_closest(name, suggestion):
     with pytest.raises(UnknownMethodError, match=f"did you mean '{suggestion}'") as info:
         quantreg.get_quant_config_cls(name)
     assert isinstance(info.value, LookupError)
-    assert "registered: awq, awq_marlin" in str(info.value)
+    assert "registered: auto-round, awq, awq_marlin" in str(info.value)
 
 
 def test_unknown_name_without_a_close_match_lists_the_registered_names():
     with pytest.raises(
-        UnknownMethodError, match=r"unknown quantization method 'zzz'; registered: awq"
+        UnknownMethodError, match=r"unknown quantization method 'zzz'; registered: auto-round, awq"
     ):
         quantreg.get_quant_config_cls("zzz")
 
