@@ -31,6 +31,9 @@ QUANTIZED_HEADS = {
     "ct_w4a16_asym_lmhead": ["compressed-tensors"],
     "ct_int8_w8a8_lmhead": ["compressed-tensors"],
     "ct_fp8_lmhead": ["compressed-tensors"],
+    "autoround_gptq_lmhead": ["gptq", "gptq_marlin", "cpu_wna16"],
+    "autoround_gptq_lmhead_w8": ["gptq", "gptq_marlin", "cpu_wna16"],
+    "autoround_awq_lmhead": ["awq", "awq_marlin", "cpu_wna16"],
 }
 # fixture -> (method chosen on cpu by default, on cuda:9.0, deciding rule prefix)
 RESOLUTIONS = {
@@ -49,6 +52,9 @@ RESOLUTIONS = {
     "ct_w4a16_asym_lmhead": ("compressed-tensors", "compressed-tensors", "targets 'lm_head' (group_0)"),
     "ct_int8_w8a8_lmhead": ("compressed-tensors", "compressed-tensors", "targets 'lm_head' (group_0)"),
     "ct_fp8_lmhead": ("compressed-tensors", "compressed-tensors", "targets 'lm_head' (group_0)"),
+    "autoround_gptq_lmhead": ("cpu_wna16", "gptq_marlin", "extra_config 'lm_head' → bits=4, group_size=32, sym=true (packing_format 'auto_round:auto_gptq')"),
+    "autoround_gptq_lmhead_w8": ("cpu_wna16", "gptq_marlin", "extra_config 'lm_head' → bits=8, group_size=64, sym=true (packing_format 'auto_round:auto_gptq')"),
+    "autoround_awq_lmhead": ("cpu_wna16", "awq_marlin", "extra_config 'lm_head' → bits=4, group_size=32, sym=false (packing_format 'auto_round:auto_awq')"),
 }  # fmt: skip
 UNQUANTIZED_HEADS = [name for name, (cpu, _, _) in RESOLUTIONS.items() if cpu is None]
 
@@ -104,6 +110,9 @@ TWO_RANK_FIXTURES = [
     "gptq_gptqmodel_dynamic_w8g64",
     "ct_w8a16_lmhead",
     "ct_w4a16_asym_lmhead",
+    "autoround_gptq_lmhead",
+    "autoround_gptq_lmhead_w8",
+    "autoround_awq_lmhead",
 ]
 
 

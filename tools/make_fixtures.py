@@ -1,10 +1,11 @@
 """Regenerate tests/fixtures/producers/ with the real producer libraries (a manual step).
 
-The conformance fixtures are small checkpoints written by GPTQModel 7.6.0, AutoAWQ 0.2.9 and
-compressed-tensors 0.20.0 themselves, so that quantreg is tested against what producers really
-write, not against our reading of their formats. The producers cannot share one environment
-(numpy and transformers pins), so each gets its own venv, created once in a cache folder with
-`torch==2.13.0` installed first (a bare torch requirement would pull a multi-GB CUDA build).
+The conformance fixtures are small checkpoints written by GPTQModel 7.6.0, AutoAWQ 0.2.9,
+compressed-tensors 0.20.0 and AutoRound 0.16.1 themselves, so that quantreg is tested against
+what producers really write, not against our reading of their formats. The producers cannot
+share one environment (numpy and transformers pins), so each gets its own venv, created once in
+a cache folder with `torch==2.13.0` installed first (a bare torch requirement would pull a
+multi-GB CUDA build).
 
 Steps: create the missing venvs; write the tiny random Llama base models; run the producer scripts
 in tools/fixtures/ (one process per GPTQModel case); then run the independent format cross-check
@@ -57,7 +58,8 @@ class Producer:
 GPTQMODEL = Producer("gptqm", "gptqmodel", "7.6.0", "gptqmodel_cases.py")
 AUTOAWQ = Producer("awq", "autoawq", "0.2.9", "autoawq_cases.py")
 CT = Producer("ct", "compressed-tensors", "0.20.0", "ct_cases.py")
-PRODUCERS = (CT, AUTOAWQ, GPTQMODEL)
+AUTOROUND = Producer("autoround", "auto-round", "0.16.1", "autoround_cases.py")
+PRODUCERS = (CT, AUTOAWQ, GPTQMODEL, AUTOROUND)
 
 # Base models (written in the GPTQModel venv) by folder name: hidden size.
 BASES = {"llama_h64": 64, "llama_h128": 128}
@@ -88,6 +90,9 @@ CASES: dict[str, Case] = {
     "ct_int8_w8a8_lmhead": Case(CT),
     "ct_fp8_lmhead": Case(CT),
     "ct_ignore_lmhead": Case(CT),
+    "autoround_gptq_lmhead": Case(AUTOROUND, "llama_h64"),
+    "autoround_gptq_lmhead_w8": Case(AUTOROUND, "llama_h64"),
+    "autoround_awq_lmhead": Case(AUTOROUND, "llama_h64"),
 }
 
 # Not made by default: fails inside GPTQModel 7.6.0 (see the fixtures README). `--only` runs it.
@@ -210,6 +215,13 @@ def make_autoawq(python: Path, names: list[str], base_dir: Path, out: Path, work
     run(command, work / "autoawq.log", cwd=work)
 
 
+def make_autoround(python: Path, names: list[str], base_dir: Path, out: Path, work: Path) -> None:
+    log(f"AutoRound: {' '.join(names)}")
+    command = [python, SCRIPTS / AUTOROUND.script, *names]
+    command += ["--base", base_dir / "llama_h64", "--out", out, "--work", work]
+    run(command, work / "autoround.log", cwd=work)
+
+
 def make_ct(python: Path, names: list[str], out: Path, work: Path) -> None:
     log(f"compressed-tensors: {' '.join(names)}")
     run([python, SCRIPTS / CT.script, *names, "--out", out], work / "ct.log", cwd=work)
@@ -225,7 +237,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--venvs",
         type=Path,
         default=DEFAULT_VENVS,
-        help=f"venv cache folder holding ct/, awq/, gptqm/ (default: {DEFAULT_VENVS})",
+        help=f"venv cache folder holding ct/, awq/, gptqm/, autoround/ (default: {DEFAULT_VENVS})",
     )
     parser.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, help=f"fixture root (default: {DEFAULT_OUT})"
@@ -262,7 +274,7 @@ def regenerate(args: argparse.Namespace, work: Path) -> None:
     }
     # GPTQModel's venv also writes the base models; compressed-tensors' runs the cross-check.
     needed = {p for p, names in by_producer.items() if names} | {CT}
-    if by_producer[AUTOAWQ]:
+    if by_producer[AUTOAWQ] or by_producer[AUTOROUND]:
         needed.add(GPTQMODEL)
     pythons = {
         p: ensure_venv(args.venvs.resolve(), p, args.python, work) for p in PRODUCERS if p in needed
@@ -277,6 +289,8 @@ def regenerate(args: argparse.Namespace, work: Path) -> None:
         make_autoawq(pythons[AUTOAWQ], by_producer[AUTOAWQ], base_dir, out, work)
     if by_producer[CT]:
         make_ct(pythons[CT], by_producer[CT], out, work)
+    if by_producer[AUTOROUND]:
+        make_autoround(pythons[AUTOROUND], by_producer[AUTOROUND], base_dir, out, work)
     log("format cross-check (tools/fixtures/verify_formats.py)")
     run([pythons[CT], SCRIPTS / "verify_formats.py", "--out", out, *cases], None)
 
