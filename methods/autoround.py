@@ -17,7 +17,14 @@ keeps a layer float. The lm_head is quantized only when an ``extra_config`` entr
 (AutoRound's exporter writes one for a quantized head; vLLM's ``AutoRoundConfig`` quantizes a
 ``ParallelLMHead`` only through an exact entry). ``block_name_to_quantize`` (or
 ``to_quant_block_names``) lists the name prefixes of the quantized blocks. An absent
-``packing_format`` is ``auto_round:auto_gptq``, as vLLM and AutoRound's loader read it.
+``packing_format`` is ``auto_round:auto_gptq``, as vLLM and AutoRound's loader read it -- except
+under AutoRound 0.2's label ``intel/auto-round``, whose export packed with AutoGPTQ's
+QuantLinear (GPTQ v1 *with* ``g_idx``; checked against its ``export_to_autoround.py``).
+
+The tensors win over the config: AutoRound 0.16.1's default low-memory export writes a head that
+``extra_config`` says is 4-bit as a dense float weight (its fake-quantized weight), which then
+loads float, the rule saying why; packed tensors under a config that keeps the head float load
+quantized (the GPTQ and AWQ methods' ``rule_from_tensors``).
 
 AutoRound's other packings (``auto_round`` asymmetric, ``auto_round:gptqmodel``,
 ``auto_round:llm_compressor``, fp8 / nvfp4 / mxfp4 ...) and data types are refused by name. Checked
@@ -51,7 +58,8 @@ from quantreg.methods._autoround_rules import (
     target_overrides,
 )
 from quantreg.methods._wna16 import GroupSize
-from quantreg.methods.gptq import GPTQLinearMethod
+from quantreg.methods.awq import AWQConfig
+from quantreg.methods.gptq import GPTQConfig, GPTQLinearMethod
 
 DATA_TYPES = ("int",)
 # AutoRound 0.2's label: its export_to_autoround packed with AutoGPTQ's QuantLinear (g_idx kept)
@@ -59,6 +67,8 @@ DATA_TYPES = ("int",)
 LEGACY_LABEL = "intel/auto-round"
 # A key of only name characters: linear to search for, so not counted among the regexes checked.
 PLAIN_NAME = re.compile(r"[\w.]+")
+# A layer's tensors in the GPTQ or AWQ layout (a float layer has only ``weight`` and ``bias``).
+PACKED = GPTQConfig.tensor_names | AWQConfig.tensor_names
 # Bits at or above this keep a layer float (AutoRound writes 16 with data_type "float" / "fp").
 FLOAT_BITS = 16
 
@@ -166,7 +176,7 @@ class AutoRoundConfig(QuantConfig):
             f"quant_method '{label}' with {config.packing_text}: AutoRound writes {layout} "
             f"tensors, so it is read as {target}"
         )
-        return Relabel(target, config.target_config(g_idx=g_idx), note, config.layer_rule)
+        return Relabel(target, config.target_config(g_idx=g_idx), note, config.rule_with_tensors)
 
     @property
     def packing(self) -> str:
@@ -237,11 +247,36 @@ class AutoRoundConfig(QuantConfig):
         return LayerRule(True, f"{packing}: bits={self.bits}, group_size={self.group_size}, "
                          f"sym={str(self.sym).lower()}")  # fmt: skip
 
+    def rule_with_tensors(self, prefix: str, names: frozenset[str]) -> LayerRule:
+        """:meth:`layer_rule`, except that a layer it quantizes whose tensors (``names``, after
+        the prefix) are float loads float: AutoRound 0.16.1's default low-memory export writes a
+        quantized head dense -- its fake-quantized weight -- while ``extra_config`` says 4-bit.
+
+        Raises:
+            ConfigError: as :meth:`layer_rule`.
+        """
+        rule = self.layer_rule(prefix)
+        if not rule.quantized or not names or names & PACKED:
+            return rule
+        shown = ", ".join(f"{prefix}.{name}" for name in sorted(names))
+        verb = "is" if len(names) == 1 else "are"
+        return LayerRule(
+            False, f"tensors: {shown} {verb} float (AutoRound's low-memory export writes a "
+            "quantized layer dense, as its fake-quantized weight): loaded float, as tensors say",
+            also=(rule.rule, *rule.also),
+        )  # fmt: skip
+
     def _entry_rule(self, prefix: str, key: str, entry: LayerEntry) -> LayerRule:
         bits = self.bits if entry.bits is None else entry.bits
         packing = self.packing_text
         if bits >= FLOAT_BITS:
             return LayerRule(False, f"extra_config '{key}': bits={bits} ({packing})")
+        if (entry.model_extra or {}).get("rotation_config") is not None:
+            raise ConfigError(
+                f"auto-round extra_config '{key}' rotates '{prefix}' (rotation_config "
+                f"{entry.model_extra['rotation_config']!r}); rotated layers are not supported",
+                field="extra_config",
+            )
         data_type = entry.data_type or self.data_type
         if data_type.strip().lower() not in DATA_TYPES:
             raise ConfigError(

@@ -73,13 +73,14 @@ class Relabel:
 
     ``layer_rule``, when given, decides each layer in place of the reading method's own
     ``layer_rule``: for a config whose per-layer keys the reading method has no words for
-    (AutoRound's ``extra_config`` read by the GPTQ and AWQ methods). Its overrides use the
+    (AutoRound's ``extra_config`` read by the GPTQ and AWQ methods). It takes the layer's name
+    and its tensor names after the prefix (empty when not read), and its overrides use the
     reading method's field names."""
 
     quant_method: str
     data: Mapping[str, Any]
     note: str
-    layer_rule: Callable[[str], LayerRule] | None = None
+    layer_rule: Callable[[str, frozenset[str]], LayerRule] | None = None
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,6 @@ from quantreg.unsupported import (
 from quantreg.view import CheckpointView, read_checkpoint
 
 logger = logging.getLogger(__name__)
-# (format, config dict, the relabel that made them) and (the layer's rule, the rule it overrode)
 Format = tuple[str, Mapping[str, Any], Relabel | None]
 Decided = tuple[LayerRule, LayerRule | None]
 
@@ -321,14 +320,16 @@ def _with_tensors(facts: Facts, *, names: frozenset[str]) -> Facts:
 def _layer_rule(decider: Reader, facts: Facts, relabel: Relabel | None) -> Decided:
     """The format's rule for the layer (the relabelling method's, if it gives one), and the
     rule it overrode when the tensors decided."""
-    rule_of = (relabel.layer_rule if relabel else None) or decider.config.layer_rule
-    rule = rule_of(facts.prefix)
+    suffixes = frozenset(t.name[len(facts.prefix) + 1 :] for t in facts.infos)
+    if relabel is not None and relabel.layer_rule is not None:
+        rule = relabel.layer_rule(facts.prefix, suffixes)
+    else:
+        rule = decider.config.layer_rule(facts.prefix)
     if rule.class_target and rule.quantized and is_lm_head(facts.prefix):
         return _class_target(rule, facts), None
     if rule.quantized or facts.state != "quantized":
         return rule, None
     # The tensors are the truth: a packed head is never loaded as a float one.
-    suffixes = frozenset(t.name[len(facts.prefix) + 1 :] for t in facts.infos)
     by_tensors = decider.config.rule_from_tensors(facts.prefix, suffixes)
     if by_tensors is None:
         return rule, None

@@ -55,6 +55,7 @@ RESOLUTIONS = {
     "autoround_gptq_lmhead": ("cpu_wna16", "gptq_marlin", "extra_config 'lm_head' → bits=4, group_size=32, sym=true (packing_format 'auto_round:auto_gptq')"),
     "autoround_gptq_lmhead_w8": ("cpu_wna16", "gptq_marlin", "extra_config 'lm_head' → bits=8, group_size=64, sym=true (packing_format 'auto_round:auto_gptq')"),
     "autoround_awq_lmhead": ("cpu_wna16", "awq_marlin", "extra_config 'lm_head' → bits=4, group_size=32, sym=false (packing_format 'auto_round:auto_awq')"),
+    "autoround_gptq_lmhead_dense": (None, None, "tensors: lm_head.weight is float (AutoRound's low-memory export writes a quantized layer dense"),
 }  # fmt: skip
 UNQUANTIZED_HEADS = [name for name, (cpu, _, _) in RESOLUTIONS.items() if cpu is None]
 

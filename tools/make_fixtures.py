@@ -93,6 +93,7 @@ CASES: dict[str, Case] = {
     "autoround_gptq_lmhead": Case(AUTOROUND, "llama_h64"),
     "autoround_gptq_lmhead_w8": Case(AUTOROUND, "llama_h64"),
     "autoround_awq_lmhead": Case(AUTOROUND, "llama_h64"),
+    "autoround_gptq_lmhead_dense": Case(AUTOROUND, "llama_h64"),
 }
 
 # Not made by default: fails inside GPTQModel 7.6.0 (see the fixtures README). `--only` runs it.
