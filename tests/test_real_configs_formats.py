@@ -426,3 +426,47 @@ def test_real_modelopt_configs(tmp_path, source, prefix, rule, platform):
     assert (res.method, res.quantized) == (("modelopt", True) if rule.startswith("quant_algo") else (None, False))  # fmt: skip
     if prefix == "lm_head":
         assert load_lm_head(tmp_path, dtype=torch.float32).resolution.method is None
+
+
+# -- AutoRound (issue 18) ------------------------------------------------------------------------
+
+# quantization_config.json of an auto-round 0.12.3 W4A16 RTN export of Qwen/Qwen3-8B (AutoRound's
+# default scheme and packing, as a public quantization run log prints it).
+AUTOROUND_0_12_QWEN3_8B = {"bits": 4, "data_type": "int", "group_size": 128, "sym": True, "iters": 0, "autoround_version": "0.12.3", "quant_method": "auto-round", "packing_format": "auto_round:auto_gptq"}  # fmt: skip
+# config.json quantization_config of an auto-round 0.12.3 RTN export of unsloth/gemma-4-E4B-it
+# (a multimodal model: only the language model's blocks are quantized).
+AUTOROUND_0_12_GEMMA4 = {"autoround_version": "0.12.3", "bits": 4, "block_name_to_quantize": "model.language_model.layers", "data_type": "int", "group_size": 128, "iters": 0, "low_gpu_mem_usage": True, "packing_format": "auto_round:auto_gptq", "quant_method": "auto-round", "seqlen": 256, "sym": True}  # fmt: skip
+# auto-round 0.14.2's model-free RTN export of a Qwen3.6-27B fine-tune (W4A16), extra_config cut
+# after its first four of many entries (every norm is listed at 16 bits; the head is float).
+AUTOROUND_0_14_MODEL_FREE = {"quant_method": "auto-round", "packing_format": "auto_round:auto_gptq", "bits": 4, "group_size": 128, "sym": True, "data_type": "int", "iters": 0, "model_free": True, "autoround_version": "0.14.2", "extra_config": {"lm_head": {"bits": 16, "data_type": "float"}, "model.language_model.layers.0.input_layernorm": {"bits": 16, "data_type": "float"}, "model.language_model.layers.0.linear_attn.norm": {"bits": 16, "data_type": "float"}, "model.language_model.layers.0.post_attention_layernorm": {"bits": 16, "data_type": "float"}}}  # fmt: skip
+# vllm-omni's INC regression check (a Qwen-Omni thinker): a regex extra_config entry keeps the MoE
+# routers float. Its dict has no quant_method (it is given to INCConfig); "auto-round" added.
+VLLM_OMNI_THINKER = {"quant_method": "auto-round", "bits": 4, "group_size": 128, "sym": True, "packing_format": "auto_round:auto_gptq", "block_name_to_quantize": "thinker.model.layers", "extra_config": {r".*thinker\.model\.layers\.\d+\.mlp\.gate.*": {"bits": 16}}}  # fmt: skip
+# auto-round 0.5.1's auto_gptq export (format "auto_gptq": quant_method "gptq") of Qwen3-14B,
+# following Intel/Qwen3-14B-int4-AutoRound-gptq-inc, as its README quotes it.
+AUTOROUND_0_5_GPTQ_QWEN3_14B = {"act_bits": 16, "act_data_type": "int", "act_dynamic": True, "act_group_size": 128, "act_sym": True, "amp": True, "autoround_version": "0.5.1", "batch_size": 8, "bits": 4, "damp_percent": 0.01, "data_type": "int", "desc_act": False, "enable_minmax_tuning": True, "enable_norm_bias_tuning": False, "enable_quanted_input": True, "gradient_accumulate_steps": 1, "group_size": 128, "iters": 1000, "low_gpu_mem_usage": True, "lr": 0.001, "minmax_lr": 0.001, "nsamples": 512, "quant_method": "gptq", "scale_dtype": "torch.float16", "seqlen": 2048, "super_bits": None, "super_group_size": None, "sym": True, "to_quant_block_names": None, "true_sequential": False}  # fmt: skip
+
+AR_GPTQ = {"cpu": "cpu_wna16", "cuda:9.0": "gptq_marlin"}
+AR_NO_HEAD = "extra_config: no entry names 'lm_head' (AutoRound quantizes a head only through one; packing_format 'auto_round:auto_gptq')"  # fmt: skip
+# id -> (config, body layer, head: (methods by platform or None, rule), body: (methods or None, rule))
+AUTOROUND_REAL = {
+    "auto-round-0.12.3-qwen3-8b-default": (AUTOROUND_0_12_QWEN3_8B, "model.layers.0.mlp.down_proj", (None, AR_NO_HEAD), (AR_GPTQ, "packing_format 'auto_round:auto_gptq': bits=4, group_size=128, sym=true")),
+    "auto-round-0.12.3-gemma-4-language-blocks": (AUTOROUND_0_12_GEMMA4, "model.language_model.layers.3.self_attn.q_proj", (None, AR_NO_HEAD), (AR_GPTQ, "packing_format 'auto_round:auto_gptq'")),
+    "auto-round-0.12.3-gemma-4-vision-tower-float": (AUTOROUND_0_12_GEMMA4, "model.vision_tower.encoder.layers.0.mlp.fc1", (None, AR_NO_HEAD), (None, "block_name_to_quantize: no block covers 'model.vision_tower.encoder.layers.0.mlp.fc1'")),
+    "auto-round-0.14.2-model-free-head-16-bit": (AUTOROUND_0_14_MODEL_FREE, "model.language_model.layers.0.mlp.down_proj", (None, "extra_config 'lm_head': bits=16 (packing_format 'auto_round:auto_gptq')"), (AR_GPTQ, "packing_format 'auto_round:auto_gptq'")),
+    "vllm-omni-thinker-router-regex": (VLLM_OMNI_THINKER, "thinker.model.layers.5.mlp.gate", (None, AR_NO_HEAD), (None, r"extra_config '.*thinker\.model\.layers\.\d+\.mlp\.gate.*': bits=16")),
+    "vllm-omni-thinker-experts": (VLLM_OMNI_THINKER, "thinker.model.layers.5.mlp.experts.7.down_proj", (None, AR_NO_HEAD), (AR_GPTQ, "packing_format 'auto_round:auto_gptq'")),
+    "auto-round-0.5.1-auto_gptq-export-is-gptq": (AUTOROUND_0_5_GPTQ_QWEN3_14B, "model.layers.0.mlp.down_proj", (None, "lm_head: false (absent)"), (AR_GPTQ, "quant_method 'gptq': every linear layer")),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("platform", ["cpu", "cuda:9.0"])
+@pytest.mark.parametrize(("qcfg", "body", "head_expect", "body_expect"), AUTOROUND_REAL.values(), ids=AUTOROUND_REAL)  # fmt: skip
+def test_real_autoround_configs(qcfg, body, head_expect, body_expect, platform):
+    for prefix, (methods, rule) in (("lm_head", head_expect), (body, body_expect)):
+        res = resolve(qcfg, prefix=prefix, platform=platform)
+        assert res.rule.startswith(rule), (prefix, res.rule)
+        expected = None if methods is None else methods[platform]
+        assert (res.method, res.quantized) == (expected, expected is not None), prefix
+        if qcfg["quant_method"] == "auto-round":
+            assert any("quant_method 'auto-round' with packing_format" in n for n in res.notes)
