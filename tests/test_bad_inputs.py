@@ -104,6 +104,9 @@ CATALOGUE = [
     ("dynamic-bad-regex", edit_config(lambda c: c["quantization_config"].update(dynamic={"+:lm_head(": {}})), ConfigError, r"rule '\+:lm_head\(' is not a valid regular expression"),
     ("zero-vocab", edit_config(lambda c: c.update(draft_vocab_size=0)), ConfigError, r"config.json: field 'draft_vocab_size' = 0: expected a positive integer"),
     ("hidden-size-bool", edit_config(lambda c: c.update(hidden_size=True)), ConfigError, r"field 'hidden_size' = True: expected a positive integer"),
+    ("auto-round-packing-unknown", edit_config(lambda c: c.update(quantization_config={"quant_method": "auto-round", "bits": 4, "group_size": 32, "packing_format": "auto_round:gptqmodel", "extra_config": {"lm_head": {"bits": 4}}})), ConfigError, r"invalid auto-round quantization_config in .*config.json.*: field 'packing_format' = 'auto_round:gptqmodel': expected one of auto_round:auto_gptq"),
+    ("auto-round-extra-config-bad-regex", edit_config(lambda c: c.update(quantization_config={"quant_method": "auto-round", "bits": 4, "group_size": 32, "extra_config": {"lm_head(": {"bits": 4}}})), ConfigError, r"field 'extra_config': entry 'lm_head\(' is not a valid regular expression"),
+    ("auto-round-head-3-bit", edit_config(lambda c: c.update(quantization_config={"quant_method": "auto-round", "bits": 4, "group_size": 32, "extra_config": {"lm_head": {"bits": 3}}})), ConfigError, r"auto-round extra_config 'lm_head' quantizes 'lm_head' with bits=3"),
     ("unsupported-ct-format", edit_config(lambda c: c.update(quantization_config={"quant_method": "compressed-tensors", "format": "mxfp4-pack-quantized", "config_groups": {"g": {"targets": ["lm_head"], "weights": {"num_bits": 4, "type": "float", "strategy": "group", "group_size": 32}}}})), ConfigError, r"format 'mxfp4-pack-quantized' \(targets \['lm_head'\]\) is not supported yet"),
     # the index
     ("index-missing-shard", lambda p: shard(p, names={"lm_head.qweight": "model-00002-of-00002.safetensors"}), CheckpointError, r"model-00002-of-00002.safetensors"),
@@ -212,14 +215,11 @@ JSON = st.recursive(
     max_leaves=12,
 )
 KEYS = ["bits", "group_size", "sym", "desc_act", "lm_head", "zero_point", "version", "format", "checkpoint_format",
-        "dynamic", "modules_to_not_convert", "config_groups", "ignore", "quantization_status", "w_bit", "q_group_size"]  # fmt: skip
+        "dynamic", "modules_to_not_convert", "config_groups", "ignore", "quantization_status", "w_bit", "q_group_size",
+        "packing_format", "data_type", "extra_config", "block_name_to_quantize", "to_quant_block_names"]  # fmt: skip
+FUZZ_METHODS = ["awq", "gptq", "compressed-tensors", "cpu_awq", "AWQ", "auto-round", "intel/auto-round", "bogus", ""]  # fmt: skip
 QUANT_CONFIGS = st.fixed_dictionaries(
-    {
-        "quant_method": st.sampled_from(
-            ["awq", "gptq", "compressed-tensors", "cpu_awq", "AWQ", "bogus", ""]
-        )
-        | JSON
-    },
+    {"quant_method": st.sampled_from(FUZZ_METHODS) | JSON},
     optional={key: JSON for key in KEYS}
     | {
         "config_groups": st.dictionaries(
