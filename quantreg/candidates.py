@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from quantreg.checkpoint import FLOAT_DTYPES, TensorInfo
 from quantreg.contract import LayerRule, QuantConfig, is_lm_head
 from quantreg.errors import ConfigError, PluginError
 from quantreg.platform import Platform
@@ -178,3 +179,14 @@ def pick_best(
             why = f"viable, but '{winner.reader.name}' has a higher priority"
             candidates.append(Candidate(p.reader.name, False, why, p.reader.priority))
     return winner, candidates
+
+
+def tensor_names(registry: Registry) -> frozenset[str]:
+    """The tensor names the loaded methods declare for their formats."""
+    return frozenset().union(*(cls.tensor_names for cls in registry.loaded().values()))
+
+
+def is_quantized_tensor(info: TensorInfo, prefix: str, names: frozenset[str]) -> bool:
+    """Whether a tensor of layer ``prefix`` belongs to a quantized layout: a name some method
+    declares (``qweight``, ``weight_scale``, ...) or any tensor that is not float."""
+    return info.name[len(prefix) + 1 :] in names or info.dtype not in FLOAT_DTYPES

@@ -21,8 +21,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from quantreg.candidates import Reader, find_readers, pick_best, pick_requested, probe
-from quantreg.checkpoint import EMBEDDING_NAMES, FLOAT_DTYPES, TensorInfo
+from quantreg.candidates import (
+    Reader,
+    find_readers,
+    is_quantized_tensor,
+    pick_best,
+    pick_requested,
+    probe,
+    tensor_names,
+)
+from quantreg.checkpoint import EMBEDDING_NAMES, TensorInfo
 from quantreg.contract import LayerRule, Relabel, is_lm_head
 from quantreg.detection import flatten_config
 from quantreg.errors import ConfigError, PluginError, UnknownMethodError
@@ -134,7 +142,7 @@ def decide(
             raise
         facts.notes.extend([relabel_note] if relabel_note else [])
         return _tied_or_kept(facts, _unsupported(facts, fmt, data, exc))
-    facts = _with_tensors(facts, names=_tensor_names(registry))
+    facts = _with_tensors(facts, names=tensor_names(registry))
     decider = next((r for r in readers if r.name == fmt), readers[0])
     rule, overridden = _layer_rule(decider, facts, relabel)
     _check_request(facts, fmt, readers, rule)
@@ -202,7 +210,7 @@ def _no_quantization(facts: Facts) -> Resolution:
             f"requested method '{facts.requested}' cannot read {facts.view.source}: the "
             "checkpoint has no quantization_config"
         )
-    facts = _with_tensors(facts, names=_tensor_names(facts.registry))
+    facts = _with_tensors(facts, names=tensor_names(facts.registry))
     rule = LayerRule(False, "no quantization_config")
     facts.notes.extend(_tensor_notes(rule, facts))
     chosen = Candidate(UNQUANTIZED, True, "the checkpoint has no quantization_config")
@@ -245,7 +253,7 @@ def _unsupported(
     where = quant.path if quant is not None else None
     if error is None:
         error = ConfigError(not_supported(fmt, facts.registry), path=where, field="quant_method")
-    facts = _with_tensors(facts, names=_tensor_names(facts.registry))
+    facts = _with_tensors(facts, names=tensor_names(facts.registry))
     rule = config_rule(
         data, facts.prefix, fmt, registered=fmt in facts.registry.names(),
         source=quant.where if quant is not None else None, path=where,
@@ -293,17 +301,6 @@ def _format(view: CheckpointView, registry: Registry) -> Format:
     if relabel is None:
         return fmt, data, None
     return registry.canonical_name(relabel.quant_method), relabel.data, relabel
-
-
-def _tensor_names(registry: Registry) -> frozenset[str]:
-    """The tensor names the loaded methods declare for their formats."""
-    return frozenset().union(*(cls.tensor_names for cls in registry.loaded().values()))
-
-
-def is_quantized_tensor(info: TensorInfo, prefix: str, names: frozenset[str]) -> bool:
-    """Whether a tensor of layer ``prefix`` belongs to a quantized layout: a name some method
-    declares (``qweight``, ``weight_scale``, ...) or any tensor that is not float."""
-    return info.name[len(prefix) + 1 :] in names or info.dtype not in FLOAT_DTYPES
 
 
 def _with_tensors(facts: Facts, *, names: frozenset[str]) -> Facts:

@@ -9,8 +9,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from quantreg.candidates import is_quantized_tensor
 from quantreg.checkpoint import D2T_NAME, SIDE_TENSORS, TensorInfo, tensor_infos
-from quantreg.decision import is_quantized_tensor, resolve
+from quantreg.decision import resolve
 from quantreg.drafter import DrafterConfig
 from quantreg.errors import CheckpointError, ConfigError, QuantregError
 from quantreg.platform import Platform
