@@ -9,8 +9,9 @@ dequantized weights ``|q - z| * |s|`` overflow the scale dtype or the compute dt
 kernels round weights to the one and compute in the other: an infinite weight makes every
 logit of its row NaN); float8 NaN codes. What is legal but odd, and logged as a WARNING naming
 the tensor: vocab rows whose scales are all zero (their logits are exactly 0), negative scales
-(they flip the sign of their group's weights; AutoRound's symmetric quantizer writes them), and
-zero points that contradict a symmetric config (used as stored). Where every producer stores a
+(they flip the sign of their group's weights; not warned where the producer writes them on
+purpose: AutoRound's symmetric quantizer), and zero points that contradict a symmetric config
+(used as stored). Where every producer stores a
 positive scale (fp8's ``weight_scale``, a static ``input_scale``), zero and negative ones are
 refused (``check_positive``).
 """
@@ -49,10 +50,13 @@ def check_scales(
     scales: torch.Tensor,
     zeros: torch.Tensor | None,
     codes: tuple[float, float],
+    *,
+    signed: bool = False,
 ) -> None:
     """Check decoded ``[G, N]`` scales (``name`` is their tensor on ``layer``) of the vocab
     rows this rank loaded, with their ``[G, N]`` zero points (None: 0) and the ``(lowest,
-    highest)`` value a code may take. Typical scales (positive, far from overflow) cost a few
+    highest)`` value a code may take (``signed``: the producer writes negative scales on
+    purpose, so they are not warned about). Typical scales (positive, far from overflow) cost a few
     reductions; the exact per-entry bound runs only when those say it may be needed.
 
     Raises:
@@ -73,7 +77,7 @@ def check_scales(
     if max(-low, high) * widest > torch.finfo(dtype).max:
         _check_overflow(geometry, name, real, zeros, codes, dtype)
     if low <= 0:
-        _warn_odd_scales(f"{geometry.prefix}.{name}", real, low)
+        _warn_odd_scales(f"{geometry.prefix}.{name}", real, 0.0 if signed else low)
 
 
 def _check_overflow(
@@ -114,7 +118,7 @@ def _warn_odd_scales(full: str, real: torch.Tensor, low: float) -> None:
     if low < 0:
         logger.warning(
             "%s holds %d negative scale(s) of %d: each flips the sign of its group's weights "
-            "(used as stored; AutoRound's symmetric quantizer writes them)", full,
+            "(used as stored)", full,
             int((real < 0).sum()), real.numel(),
         )  # fmt: skip
 

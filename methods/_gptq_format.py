@@ -73,6 +73,7 @@ def decode(
     sym: bool = False,
     desc_act: bool = True,
     group_size: int = -1,
+    signed_scales: bool = False,
 ) -> IntWeights:
     """The loaded GPTQ codes and true zero points (``zero_point_offset``, v1's ``1``, undone),
     rows grouped by ``g_idx`` (a layer without one: ``row // group_size``), after checking the
@@ -93,7 +94,7 @@ def decode(
     k = g_idx.shape[0] if g_idx is not None else qweight.shape[0] * (32 // bits)
     zeros = (unpack_codes(layer.qzeros, bits, dim=1) + zero_point_offset) & mask
     zeros = zeros[:, : layer.scales.shape[1]]
-    check_scales(layer, "scales", layer.scales.data, zeros, (0, mask))
+    check_scales(layer, "scales", layer.scales.data, zeros, (0, mask), signed=signed_scales)
     if sym:
         check_symmetric_zeros(layer, "qzeros", zeros, 1 << (bits - 1), "sym: true")
     prefix = layer_geometry(layer).prefix

@@ -199,7 +199,7 @@ class AutoRoundConfig(QuantConfig):
                     "zero_point": not self.sym, "version": "gemm"}  # fmt: skip
         return {"quant_method": "gptq", "bits": self.bits, "group_size": self.group_size,
                 "sym": self.sym, "desc_act": False, "checkpoint_format": "gptq",
-                "g_idx": g_idx}  # fmt: skip
+                "g_idx": g_idx, "signed_scales": True}  # fmt: skip
 
     def blocks(self) -> list[str]:
         """The quantized blocks' name prefixes (a comma-separated string or nested lists)."""

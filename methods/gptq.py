@@ -115,7 +115,7 @@ class GPTQLinearMethod(DecodedLinearMethod):
         cfg = self.quant_config
         return fmt.decode(
             layer, cfg.bits, cfg.zero_point_offset, sym=cfg.sym, desc_act=cfg.desc_act,
-            group_size=cfg.group_size,
+            group_size=cfg.group_size, signed_scales=cfg.signed_scales,
         )  # fmt: skip
 
 
@@ -150,6 +150,9 @@ class GPTQConfig(QuantConfig):
     dynamic: dict[str, DynamicOverride] | None = None
     # False for producers that write no g_idx (AutoRound's GPTQ packing): groups row // size.
     g_idx: bool = True
+    # True for producers whose symmetric quantizer writes negative scales on purpose
+    # (AutoRound): they are then not warned about.
+    signed_scales: bool = False
 
     @field_validator("g_idx")
     @classmethod

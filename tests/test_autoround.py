@@ -198,3 +198,16 @@ def test_head_tensors_that_disagree_with_the_config_are_refused(tmp_path, change
     rewrite_tensors(folder, change)
     with pytest.raises(CheckpointError, match=message):
         load_lm_head(folder, dtype=torch.float32)
+
+
+def test_autoround_negative_scales_load_without_a_warning(caplog):
+    """AutoRound's symmetric quantizer writes negative scales on purpose (1009 of the 2048 of
+    this head): loading its checkpoint warns about nothing, while the same scales in a plain
+    GPTQ checkpoint are warned about (tests/test_poisoned_values.py)."""
+    folder = Path(__file__).parent / "fixtures" / "producers" / "autoround_gptq_lmhead"
+    assert (load_file(folder / "model.safetensors")["lm_head.scales"] < 0).any()
+    with caplog.at_level("WARNING"):
+        head = load_lm_head(folder, dtype=torch.float32)
+    config = head.resolution.config  # cpu_wna16 here: the GPTQ config it wraps
+    assert getattr(config, "checkpoint", config).signed_scales
+    assert not caplog.records, caplog.text
