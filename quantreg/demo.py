@@ -160,6 +160,10 @@ CHECKPOINTS: dict[str, Maker] = {
     ),
     "ct_w8a8_int8": quantized_drafter("compressed-tensors", format="int-quantized"),
     "ct_fp8_channel": quantized_drafter("compressed-tensors", format="float-quantized"),
+    "ct_nvfp4": quantized_drafter("compressed-tensors", format="nvfp4-pack-quantized"),
+    "fp8_block_128": quantized_drafter("fp8", format="block", block_size=(128, 128)),
+    "fp8_tensor": quantized_drafter("fp8", format="tensor"),
+    "modelopt_nvfp4": quantized_drafter("modelopt", format="nvfp4"),
     "autoawq_no_lm_head_key": quantized_drafter(
         "awq", group_size=128, config={"quantization_config": AUTOAWQ_CONFIG}
     ),
@@ -179,6 +183,10 @@ DEMOS: list[tuple[str, str, str | None]] = [
     ("ct w4a16 g128 asym", "ct_w4a16_g128_asym", None),
     ("ct w8a8 int8 (weight-only)", "ct_w8a8_int8", None),
     ("ct fp8 per-channel", "ct_fp8_channel", None),
+    ("ct nvfp4 g16", "ct_nvfp4", None),
+    ("fp8 block 128x128", "fp8_block_128", None),
+    ("fp8 per-tensor", "fp8_tensor", None),
+    ("modelopt nvfp4 g16", "modelopt_nvfp4", None),
 ]
 
 

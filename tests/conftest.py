@@ -46,7 +46,7 @@ def registry() -> Iterator[Registry]:
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory) -> tuple[Path, int, dict]:
     """``quantreg demo --keep DIR --json``, run once per session (the demo writes, loads and
-    runs ten checkpoints and starts two ranks): ``(DIR, exit code, its JSON)``. The kept
+    runs fourteen checkpoints and starts two ranks): ``(DIR, exit code, its JSON)``. The kept
     checkpoints are what the README's examples run against."""
     from cli_runner import run_cli
 
