@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "quantreg-int8-plugin"
 
 BUILTINS = (
+    "auto-round",
     "awq",
     "awq_marlin",
     "compressed-tensors",
@@ -33,6 +34,7 @@ BUILTINS = (
     "fp8",
     "gptq",
     "gptq_marlin",
+    "modelopt",
     "unquantized",
 )
 
