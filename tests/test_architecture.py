@@ -164,7 +164,7 @@ def test_layouts_are_frozen_dataclasses_with_documented_fields():
 
     from quantreg import kernels
 
-    for name in ("KPackedLayout", "CPUBlockedLayout", "TorchInt4Layout", "TorchInt8Layout", "Float8Layout", "IntWeights"):  # fmt: skip
+    for name in ("KPackedLayout", "CPUBlockedLayout", "CPUFloat8Layout", "TorchInt4Layout", "TorchInt8Layout", "Float8Layout", "IntWeights"):  # fmt: skip
         cls = getattr(kernels, name)
         assert dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen, name
         doc = cls.__doc__ or ""
@@ -176,5 +176,5 @@ def test_kernels_are_named_not_numbered():
     from quantreg.kernels import kernel_names
 
     names = kernel_names()
-    assert names == ("cpu-amx", "cpu-avx512-bf16", "torch-int4pack", "torch-int8pack", "cpu-avx512", "triton", "triton-float8", "reference")  # fmt: skip
+    assert names == ("cpu-amx", "cpu-avx512-bf16", "torch-int4pack", "torch-int8pack", "cpu-avx512", "cpu-avx2-float8", "triton", "triton-float8", "reference")  # fmt: skip
     assert all(a != b for a, b in itertools.combinations(names, 2))

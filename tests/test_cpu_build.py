@@ -57,7 +57,17 @@ def other_source(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_build, "SOURCE", changed)
 
 
+def other_kernel(monkeypatch, _):
+    original = cpu_build.kernel_source
+    monkeypatch.setattr(
+        cpu_build,
+        "kernel_source",
+        lambda name="wna16": dataclasses.replace(original(name), name="other"),
+    )
+
+
 INGREDIENTS = {
+    "kernel": other_kernel,
     "source": other_source,
     "flags": lambda mp, _: mp.setattr(cpu_build, "CFLAGS", (*cpu_build.CFLAGS, "-DX")),
     "torch": lambda mp, _: mp.setattr(torch, "__version__", torch.__version__ + "+other"),

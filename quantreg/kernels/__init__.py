@@ -6,7 +6,8 @@ the device -- recording why every other kernel declined -- and builds that kerne
 straight from the weights; the layer then calls the returned :class:`Kernel`.
 
 Layouts (frozen dataclasses of tensors): :class:`KPackedLayout` (reference and Triton),
-:class:`CPUBlockedLayout` (quantreg's CPU kernel), :class:`TorchInt4Layout` /
+:class:`CPUBlockedLayout` (quantreg's CPU kernel), :class:`CPUFloat8Layout` (its AVX2 float8
+kernel), :class:`TorchInt4Layout` /
 :class:`TorchInt8Layout` (torch's weight-only ops), :class:`Float8Layout`.
 
 Importing this package is light: each module (and torch, Triton, the C++ extension) loads on
@@ -20,6 +21,7 @@ import typing
 
 if typing.TYPE_CHECKING:
     from quantreg.kernels.cpu import CPUBlockedLayout, CPUPath
+    from quantreg.kernels.cpu_float8 import CPUFloat8Layout
     from quantreg.kernels.layouts import Float8Layout, KPackedLayout
     from quantreg.kernels.packing import pack_codes, unpack_codes
     from quantreg.kernels.reference import dequantize
@@ -30,6 +32,7 @@ if typing.TYPE_CHECKING:
 
 _NAMES = {
     "CPUBlockedLayout": "cpu",
+    "CPUFloat8Layout": "cpu_float8",
     "CPUPath": "cpu",
     "Float8Layout": "layouts",
     "IntWeights": "weights",
@@ -62,6 +65,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "CPUBlockedLayout",
+    "CPUFloat8Layout",
     "CPUPath",
     "Float8Layout",
     "IntWeights",

@@ -172,6 +172,38 @@ def _decline_triton_float8(t: Target) -> str | None:
     return _triton_device(t, "triton-float8")
 
 
+def _decline_float8(t: Target) -> str | None:
+    from quantreg.kernels import cpu_float8
+
+    if t.device.type != "cpu":
+        return f"runs on the CPU; the layer is on {t.device}"
+    if not isinstance(t.weights, Float8Layout):
+        return "runs float8 (fp8 / nvfp4) weights only"
+    if not t.half:
+        return "takes bf16 / fp16 activations; float32 heads take the exact reference kernel"
+    why = cpu_float8.CPUFloat8Layout.fits(t.weights)
+    if why is not None:
+        return why
+    flags = t.platform.cpu_isa if t.platform.cpu_isa is not None else probe_cpu_isa()
+    why = cpu_float8.not_here(flags)
+    if why is not None:
+        return why
+    return cpu_float8.unavailable_reason()  # builds the extension once, if it is not built yet
+
+
+def _build_float8(weights: Weights, dtype: torch.dtype) -> Any:
+    from quantreg.kernels.cpu_float8 import CPUFloat8Layout
+
+    assert isinstance(weights, Float8Layout)
+    return CPUFloat8Layout.build(weights)
+
+
+def _run_float8(x: torch.Tensor, layout: Any) -> torch.Tensor:
+    from quantreg.kernels.cpu_float8 import float8_cpu_matmul
+
+    return float8_cpu_matmul(x, layout)
+
+
 def _build_cpu(weights: Weights, dtype: torch.dtype) -> Any:
     from quantreg.kernels.cpu import CPUBlockedLayout
 
@@ -282,6 +314,13 @@ KERNELS: dict[str, KernelDef] = {
             "quantreg's CPU kernel: float32 FMA on the producers' weights (each rounded to "
             "the scale dtype)",
             _decline_fma, _build_cpu, _run_cpu("cpu-avx512"),
+        ),
+        KernelDef(
+            "cpu-avx2-float8",
+            "quantreg's float8 CPU kernel: AVX2 FMA on fp8 (1 byte) or e2m1 (4 bits) codes "
+            "decoded in registers, scales in float32; bf16 / fp16 activations, float32 "
+            "accumulation",
+            _decline_float8, _build_float8, _run_float8,
         ),
         KernelDef(
             "triton", "quantreg's Triton kernel over the k-packed layout, float32 accumulation",

@@ -1,12 +1,15 @@
-"""Building quantreg's CPU kernel: where the build is cached, and saying so while it runs.
+"""Building quantreg's CPU kernels: where a build is cached, and saying so while it runs.
 
-The first use compiles ``wna16_kernel.cpp`` with ``torch.utils.cpp_extension.load_inline``
-(30-60 s), once per :class:`BuildKey`: one folder per source, flags, torch, Python and
-environment (``sys.prefix``) and compiler, so two venvs -- or two compilers -- never rebuild
-each other's kernel in place (ninja's command line holds a venv's include paths). A build that
-is not cached yet is announced by a WARNING line before it starts and a "still building" line
-every :data:`TICK_S` seconds: a 60-second silence on a first load looks like a hang.
-``quantreg warmup`` builds it ahead of time.
+Two C++ sources, each its own extension (:class:`KernelSource`): ``wna16_kernel.cpp`` (int4 /
+int8, AVX-512) and ``float8_kernel.cpp`` (float8 / fp4, AVX2 + FMA + F16C). They are built apart
+because a unit's flags apply to all of it: with ``-mavx512f`` the compiler may emit AVX-512 in
+any function, which an AVX2-only CPU cannot run. The first use of one compiles it with
+``torch.utils.cpp_extension.load_inline`` (30-60 s), once per :class:`BuildKey`: one folder per
+kernel, source, flags, torch, Python and environment (``sys.prefix``) and compiler, so two
+venvs -- or two compilers -- never rebuild each other's kernel in place (ninja's command line
+holds a venv's include paths). A build that is not cached yet is announced by a WARNING line
+before it starts and a "still building" line every :data:`TICK_S` seconds: a 60-second silence
+on a first load looks like a hang. ``quantreg warmup`` builds the int kernel ahead of time.
 """
 
 from __future__ import annotations
@@ -31,14 +34,48 @@ BASE_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512vbmi", "f16c")
 CFLAGS = ("-O3", "-fopenmp", *(f"-m{f}" for f in BASE_FLAGS))
 LDFLAGS = ("-fopenmp",)
 FUNCTIONS = ("wna16_gemm", "amx_ready")
+FLOAT8_SOURCE = Path(__file__).with_name("float8_kernel.cpp")
+FLOAT8_FLAGS = ("avx2", "fma", "f16c")
+FLOAT8_CFLAGS = ("-O3", "-fopenmp", *(f"-m{f}" for f in FLOAT8_FLAGS))
+FLOAT8_FUNCTIONS = ("float8_gemm",)
 TICK_S = 10.0  # seconds between "still building" lines
 
 
 @dataclass(frozen=True)
-class BuildKey:
-    """Everything that makes one build of the kernel differ from another.
+class KernelSource:
+    """One C++ kernel to build: its name, source file, flags and the functions it binds.
 
     Attributes:
+        name: ``wna16`` or ``float8`` (the extension module is ``quantreg_<name>_<digest>``).
+        path: the C++ source.
+        cflags, ldflags: compiler and linker flags.
+        functions: the functions bound to Python.
+        title: what the log lines call it.
+    """
+
+    name: str
+    path: Path
+    cflags: tuple[str, ...]
+    ldflags: tuple[str, ...]
+    functions: tuple[str, ...]
+    title: str
+
+
+def kernel_source(name: str = "wna16") -> KernelSource:
+    """The source named ``name``, from this module's constants as they are now (tests patch
+    them)."""
+    if name == "float8":
+        return KernelSource("float8", FLOAT8_SOURCE, FLOAT8_CFLAGS, LDFLAGS, FLOAT8_FUNCTIONS,
+                            "quantreg's AVX2 float8 kernel")  # fmt: skip
+    return KernelSource("wna16", SOURCE, CFLAGS, LDFLAGS, FUNCTIONS, "quantreg's CPU kernel")
+
+
+@dataclass(frozen=True)
+class BuildKey:
+    """Everything that makes one build of a kernel differ from another.
+
+    Attributes:
+        kernel: which :class:`KernelSource` (``wna16``, ``float8``).
         source: sha256 of the C++ source.
         flags: compiler and linker flags, and the functions bound.
         torch: ``torch.__version__`` (its headers and ABI).
@@ -48,6 +85,7 @@ class BuildKey:
             its ``--version``.
     """
 
+    kernel: str
     source: str
     flags: tuple[str, ...]
     torch: str
@@ -63,7 +101,7 @@ class BuildKey:
 
     @property
     def module_name(self) -> str:
-        return f"quantreg_wna16_{self.digest}"
+        return f"quantreg_{self.kernel}_{self.digest}"
 
 
 def compiler_identity() -> str:
@@ -82,13 +120,16 @@ def compiler_identity() -> str:
     return f"{cxx} -> {os.path.realpath(path)}: {first}"
 
 
-def build_key() -> BuildKey:
-    """The key of a build in this process's environment (runs ``$CXX --version`` once)."""
+def build_key(kernel: str = "wna16") -> BuildKey:
+    """The key of a build of ``kernel`` in this process's environment (runs ``$CXX --version``
+    once)."""
     import torch
 
+    spec = kernel_source(kernel)
     return BuildKey(
-        source=hashlib.sha256(SOURCE.read_bytes()).hexdigest(),
-        flags=(*CFLAGS, *LDFLAGS, *FUNCTIONS),
+        kernel=spec.name,
+        source=hashlib.sha256(spec.path.read_bytes()).hexdigest(),
+        flags=(*spec.cflags, *spec.ldflags, *spec.functions),
         torch=torch.__version__,
         python=sys.version,
         prefix=sys.prefix,
@@ -116,34 +157,36 @@ def compile_extension(key: BuildKey, folder: Path) -> Any:
     """``load_inline``: compile (or, when ninja finds it up to date, just import) the kernel."""
     from torch.utils.cpp_extension import load_inline
 
+    spec = kernel_source(key.kernel)
     return load_inline(
         name=key.module_name,
-        cpp_sources=SOURCE.read_text(),
-        functions=list(FUNCTIONS),
-        extra_cflags=list(CFLAGS),
-        extra_ldflags=list(LDFLAGS),
+        cpp_sources=spec.path.read_text(),
+        functions=list(spec.functions),
+        extra_cflags=list(spec.cflags),
+        extra_ldflags=list(spec.ldflags),
         build_directory=str(folder),
         verbose=False,
     )
 
 
-def build() -> Any:
-    """The compiled extension, built first if this environment has no cached build -- then
-    announced (WARNING) with the cache folder, and ticking while it compiles.
+def build(kernel: str = "wna16") -> Any:
+    """The compiled extension of ``kernel``, built first if this environment has no cached
+    build -- then announced (WARNING) with the cache folder, and ticking while it compiles.
 
     Raises:
         Exception: whatever the compiler or ninja raise (the caller records it as the reason
             the kernel is unavailable).
     """
-    key = build_key()
+    key = build_key(kernel)
+    title = kernel_source(kernel).title
     folder = build_dir(key)
     folder.mkdir(parents=True, exist_ok=True)
     if is_built(key):
         return compile_extension(key, folder)
     with announce_wait(
-        f"building quantreg's CPU kernel once (~30-60 s), cached in {folder}",
-        tick="still building quantreg's CPU kernel",
-        done="quantreg's CPU kernel built",
+        f"building {title} once (~30-60 s), cached in {folder}",
+        tick=f"still building {title}",
+        done=f"{title} built",
         every=TICK_S,
         logger=logger,
     ):

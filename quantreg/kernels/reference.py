@@ -20,6 +20,12 @@ if TYPE_CHECKING:
 
 # Input rows dequantized at once: bounded memory at any group size.
 ROW_BLOCK = 128
+# float8: at most this many bytes of float32 temporaries per call besides the result (values,
+# their product with the scales, its rounding, the float32 copy blockwise_matmul multiplies: up
+# to 4 weight blocks alive; the partial sums), with room left for x in float32.
+FLOAT8_TRANSIENT_BYTES = 28 * 2**20
+FLOAT8_TEMPORARIES = 4
+COLUMN_MULTIPLE = 256
 
 
 def dequantize(
@@ -78,14 +84,45 @@ def reference_matmul(x: torch.Tensor, layout: KPackedLayout) -> torch.Tensor:
 
 
 def float8_matmul(x: torch.Tensor, layout: Float8Layout) -> torch.Tensor:
-    """``x [M, K]`` (features in the layout's column order) ``@ W.T`` for float8 weights."""
+    """``x [M, K]`` (features in the layout's column order) ``@ W.T`` for float8 weights.
+
+    Output columns are computed ``float8_columns(N)`` at a time, each over the same
+    ``ROW_BLOCK``-row blocks, so that the float32 temporaries stay within
+    ``FLOAT8_TRANSIENT_BYTES`` at any vocab size; every output element is summed exactly as
+    with one column block.
+    """
+    import torch
+
+    n = layout.n
+    step = float8_columns(n, x.shape[0])
+    if step >= n:
+        return _float8_columns(x, layout, 0, n)
+    out = torch.empty((x.shape[0], n), dtype=torch.float32, device=x.device)
+    for c0 in range(0, n, step):
+        c1 = min(c0 + step, n)
+        out[:, c0:c1] = _float8_columns(x, layout, c0, c1)
+    return out
+
+
+def float8_columns(n: int, m: int) -> int:
+    """Output columns per step: ``FLOAT8_TEMPORARIES`` float32 ``[ROW_BLOCK, columns]`` weight
+    blocks and two ``[m, columns]`` partial sums fit in ``FLOAT8_TRANSIENT_BYTES``; a multiple
+    of ``COLUMN_MULTIPLE``, so that torch's CPU matmul tiles each step's columns as it tiles
+    them in one block (narrower, odd steps change the summation of some columns)."""
+    per_column = 4 * (ROW_BLOCK * FLOAT8_TEMPORARIES + 2 * m)
+    step = FLOAT8_TRANSIENT_BYTES // per_column // COLUMN_MULTIPLE * COLUMN_MULTIPLE
+    return min(n, max(COLUMN_MULTIPLE, step))
+
+
+def _float8_columns(x: torch.Tensor, layout: Float8Layout, c0: int, c1: int) -> torch.Tensor:
+    """Columns ``c0:c1`` of ``x @ W.T`` (float32)."""
     import torch
 
     def rows(start: int, stop: int, group: int) -> torch.Tensor:
-        values = layout.values[:, start:stop].to(torch.float32)
+        values = layout.values[c0:c1, start:stop].to(torch.float32)
         if layout.zeros is not None:
-            values = values - layout.zeros[group].to(torch.float32)[:, None]
-        weights = dequantize(values, 0, layout.scales[group][:, None]).T
+            values = values - layout.zeros[group, c0:c1].to(torch.float32)[:, None]
+        weights = dequantize(values, 0, layout.scales[group, c0:c1][:, None]).T
         return weights if layout.round_to is None else weights.to(layout.round_to)
 
     return blockwise_matmul(x, layout.bounds, rows)

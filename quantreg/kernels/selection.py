@@ -15,13 +15,16 @@ kernel                    what it computes
 ``torch-int4pack``        torch's ``_weight_int4pack_mm_for_cpu`` (bf16 / fp16 heads)
 ``torch-int8pack``        torch's ``_weight_int8pack_mm`` (bf16 / fp16 heads)
 ``cpu-avx512``            quantreg's CPU kernel, float32 FMA on the producers' exact weights
+``cpu-avx2-float8``       quantreg's float8 CPU kernel (AVX2 + FMA + F16C), bf16 / fp16
+                          activations: fp8 or e2m1 (NVFP4) codes decoded in registers
 ``triton``                quantreg's Triton kernel (CUDA >= 8.0; the interpreter on request)
 ``triton-float8``         quantreg's Triton kernel for float8 / NVFP4 heads (same conditions)
 ``reference``             exact block-wise dequantization in float32, any device
 ========================  ==================================================================
 
 float32 activations always get an exact kernel (``cpu-avx512`` or ``reference``); the cpu
-kernels run float32 activations on their FMA path whatever their name.
+kernels run float32 activations on their FMA path whatever their name, and ``cpu-avx2-float8``
+declines them.
 """
 
 from __future__ import annotations

@@ -1,0 +1,174 @@
+// quantreg's float8 / fp4 weight-only CPU matmul for AVX2 + FMA + F16C; built and called by
+// quantreg/kernels/cpu_float8.py. Compiled apart from wna16_kernel.cpp (whose whole unit is
+// built with AVX-512 flags), so that nothing here can carry an AVX-512 instruction.
+//
+// Layout: 16 outputs per block, K-major. fp8: byte 16k + o of a block is output o's e4m3 code
+// at row k. fp4: byte 8k + j holds output 2j (low nibble) and 2j + 1 (high nibble) as e2m1
+// codes (bit 3 the sign). Scales: float32 [N/16][G][16], fp8 ones pre-multiplied by 2^8.
+//
+// Decoding needs no table in memory: an e4m3 code b, sign-extended to 16 bits and shifted left
+// by 7 with bit 14 cleared, is the fp16 of value * 2^-8 (normals and subnormals alike: fp16 has
+// one more exponent bit); an e2m1 code indexes a 16-entry vpshufb table of fp16 high bytes
+// (every e2m1 value is an fp16 with a zero low byte). F16C widens to float32.
+//
+// Per block and K chunk the weights are decoded and scaled once into a float32 buffer (L1),
+// then every row of x runs over it with FMA (float32 accumulation in a per-thread [M][16]
+// scratch); the result is written in the output's dtype.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int NB = 16;   // outputs per block: two registers of float32
+constexpr int KC = 256;  // rows decoded at a time: 16 KiB of float32
+constexpr int MR = 6;    // rows of x per pass: 12 accumulators
+
+struct Geo {
+  int64_t M, N, K, gs, G;
+  bool fp4;
+  const uint8_t* codes;  // [N/16][K * 16] (fp8) or [N/16][K * 8] (fp4)
+  const float* scales;   // [N/16][G][16]
+  const float* x;        // [M][K]
+};
+
+inline void decode_fp8(const uint8_t* p, __m256& lo, __m256& hi) {
+  const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)p));
+  const __m256i h = _mm256_and_si256(_mm256_slli_epi16(w, 7), _mm256_set1_epi16((short)0xBFFF));
+  lo = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+  hi = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
+}
+
+inline void decode_fp4(const uint8_t* p, __m256& lo, __m256& hi) {
+  // fp16 high bytes of 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives
+  const __m128i table = _mm_setr_epi8(0x00, 0x38, 0x3C, 0x3E, 0x40, 0x42, 0x44, 0x46, (char)0x80,
+                                      (char)0xB8, (char)0xBC, (char)0xBE, (char)0xC0, (char)0xC2,
+                                      (char)0xC4, (char)0xC6);
+  const __m128i v = _mm_loadl_epi64((const __m128i*)p);
+  const __m128i nib = _mm_set1_epi8(0x0F);
+  const __m128i codes = _mm_unpacklo_epi8(_mm_and_si128(v, nib),
+                                          _mm_and_si128(_mm_srli_epi16(v, 4), nib));
+  const __m128i t = _mm_shuffle_epi8(table, codes);
+  const __m128i zero = _mm_setzero_si128();
+  lo = _mm256_cvtph_ps(_mm_unpacklo_epi8(zero, t));
+  hi = _mm256_cvtph_ps(_mm_unpackhi_epi8(zero, t));
+}
+
+// rows k0 .. k0 + kc of block b, scaled, as float32 [kc][16] in buf
+void decode_chunk(const Geo& g, int64_t b, int64_t k0, int64_t kc, float* buf) {
+  const int64_t row_bytes = g.fp4 ? 8 : 16;
+  const uint8_t* src = g.codes + b * g.K * row_bytes + k0 * row_bytes;
+  int64_t k = 0;
+  while (k < kc) {
+    const int64_t grp = (k0 + k) / g.gs, end = std::min(kc, (grp + 1) * g.gs - k0);
+    const float* s = g.scales + (b * g.G + grp) * NB;
+    const __m256 s0 = _mm256_loadu_ps(s), s1 = _mm256_loadu_ps(s + 8);
+    for (; k < end; ++k) {
+      __m256 lo, hi;
+      if (g.fp4) decode_fp4(src + k * 8, lo, hi); else decode_fp8(src + k * 16, lo, hi);
+      _mm256_store_ps(buf + k * NB, _mm256_mul_ps(lo, s0));
+      _mm256_store_ps(buf + k * NB + 8, _mm256_mul_ps(hi, s1));
+    }
+  }
+}
+
+// acc[m][16] += x[m0 + m, k0 : k0 + kc] @ buf, for R rows
+template <int R>
+void rows_fma(const Geo& g, const float* buf, int64_t k0, int64_t kc, int64_t m0, float* acc) {
+  __m256 a[R][2];
+  for (int m = 0; m < R; ++m) {
+    a[m][0] = _mm256_loadu_ps(acc + (m0 + m) * NB);
+    a[m][1] = _mm256_loadu_ps(acc + (m0 + m) * NB + 8);
+  }
+  const float* x = g.x + m0 * g.K + k0;
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 w0 = _mm256_load_ps(buf + k * NB), w1 = _mm256_load_ps(buf + k * NB + 8);
+#pragma GCC unroll 6
+    for (int m = 0; m < R; ++m) {
+      const __m256 xv = _mm256_broadcast_ss(x + m * g.K + k);
+      a[m][0] = _mm256_fmadd_ps(xv, w0, a[m][0]);
+      a[m][1] = _mm256_fmadd_ps(xv, w1, a[m][1]);
+    }
+  }
+  for (int m = 0; m < R; ++m) {
+    _mm256_storeu_ps(acc + (m0 + m) * NB, a[m][0]);
+    _mm256_storeu_ps(acc + (m0 + m) * NB + 8, a[m][1]);
+  }
+}
+
+void all_rows(const Geo& g, const float* buf, int64_t k0, int64_t kc, float* acc) {
+  int64_t m0 = 0;
+  for (; m0 + MR <= g.M; m0 += MR) rows_fma<MR>(g, buf, k0, kc, m0, acc);
+  switch (g.M - m0) {
+    case 1: rows_fma<1>(g, buf, k0, kc, m0, acc); break;
+    case 2: rows_fma<2>(g, buf, k0, kc, m0, acc); break;
+    case 3: rows_fma<3>(g, buf, k0, kc, m0, acc); break;
+    case 4: rows_fma<4>(g, buf, k0, kc, m0, acc); break;
+    case 5: rows_fma<5>(g, buf, k0, kc, m0, acc); break;
+    default: break;
+  }
+}
+
+template <typename T>
+void write_out(const Geo& g, const float* acc, int64_t b, T* out) {
+  const int64_t n0 = b * NB, cols = std::min<int64_t>(NB, g.N - n0);
+  for (int64_t m = 0; m < g.M; ++m)
+    for (int64_t o = 0; o < cols; ++o) out[m * g.N + n0 + o] = static_cast<T>(acc[m * NB + o]);
+}
+
+template <typename T>
+void run(const Geo& g, T* out) {
+  const int64_t blocks = (g.N + NB - 1) / NB;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(KC * NB + g.M * NB + 16);
+    float* buf = (float*)(((uintptr_t)scratch.data() + 31) & ~(uintptr_t)31);
+    float* acc = buf + KC * NB;
+    for (int64_t b = begin; b < end; ++b) {
+      std::fill(acc, acc + g.M * NB, 0.0f);
+      for (int64_t k0 = 0; k0 < g.K; k0 += KC) {
+        const int64_t kc = std::min<int64_t>(KC, g.K - k0);
+        decode_chunk(g, b, k0, kc, buf);
+        all_rows(g, buf, k0, kc, acc);
+      }
+      write_out(g, acc, b, out);
+    }
+  });
+}
+
+}  // namespace
+
+// out [M, N] (float32, bfloat16 or float16) = x [M, K] (float32) @ W.T
+void float8_gemm(torch::Tensor x, torch::Tensor out, torch::Tensor codes, torch::Tensor scales,
+                 int64_t group_size, bool fp4) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.dtype() == torch::kFloat32,
+              "x must be a contiguous float32 [M, K] matrix");
+  TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(0) == x.size(0) &&
+              (out.dtype() == torch::kFloat32 || out.dtype() == torch::kBFloat16 ||
+               out.dtype() == torch::kFloat16),
+              "out must be a contiguous float32 / bfloat16 / float16 [M, N] matrix");
+  TORCH_CHECK(codes.dtype() == torch::kUInt8 && codes.is_contiguous() && codes.dim() == 2,
+              "codes: uint8 [N/16, bytes]");
+  TORCH_CHECK(scales.dtype() == torch::kFloat32 && scales.is_contiguous() && scales.dim() == 3 &&
+              scales.size(2) == NB, "scales: float32 [N/16, G, 16]");
+  const int64_t M = x.size(0), K = x.size(1), N = out.size(1), G = scales.size(1);
+  const int64_t blocks = (N + NB - 1) / NB;
+  TORCH_CHECK(scales.size(0) == blocks && codes.size(0) == blocks, "N does not match the layout");
+  TORCH_CHECK(codes.size(1) == K * (fp4 ? 8 : 16), "codes do not match K");
+  TORCH_CHECK(group_size > 0 && (K + group_size - 1) / group_size == G,
+              "scales must hold ceil(K / group_size) groups");
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    out.zero_();
+    return;
+  }
+  Geo g{M, N, K, group_size, G, fp4, codes.data_ptr<uint8_t>(), scales.data_ptr<float>(),
+        x.data_ptr<float>()};
+  if (out.dtype() == torch::kFloat32) run(g, out.data_ptr<float>());
+  else if (out.dtype() == torch::kBFloat16) run(g, (c10::BFloat16*)out.data_ptr());
+  else run(g, (c10::Half*)out.data_ptr());
+}

@@ -1,0 +1,248 @@
+"""quantreg's float8 CPU kernel (``cpu-avx2-float8``): when it is chosen and why it declines,
+its results against the exact reference kernel, the 4-bit layout of e2m1 (NVFP4) values, and
+the reference kernel's bounded memory.
+
+Precision, as specified here: with float32 activations the kernel is within 1e-5 (relative to
+the largest logit) of ``x @ (value * scale).T`` in float64 -- the float8 values decoded exactly,
+the scales in float32, no rounding of the weights. The reference rounds every weight to the
+scale dtype (compressed-tensors' NVFP4: to bfloat16) and the kernel does not, so against the
+reference, in bf16, it is within 1e-2 (the precision contract's bf16 bound).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import quantreg
+from quantreg.bench import peak_transient_bytes
+from quantreg.kernels import Float8Layout, choose, cpu_float8, reference
+from quantreg.kernels.cpu_float8 import CPUFloat8Layout, float8_cpu_matmul
+from quantreg.platform import Platform
+
+BF16 = torch.bfloat16
+AVX2 = Platform("cpu", cpu_isa=frozenset({"avx2", "fma", "f16c"}))
+E2M1 = torch.tensor(cpu_float8.E2M1)
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    """The compiled extension, or a skip that says why this machine has none."""
+    if cpu_float8.extension() is None:
+        pytest.skip(f"cpu-avx2-float8 unavailable: {cpu_float8.unavailable_reason()}")
+
+
+def fp8_values(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Random float8 codes over the whole finite range (subnormals included)."""
+    codes = torch.randint(0, 256, (n, k), generator=gen, dtype=torch.uint8)
+    codes[(codes & 0x7F) == 0x7F] = 0x42  # no NaN: the loaders refuse them
+    return codes.view(torch.float8_e4m3fn)
+
+
+def e2m1_values(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    magnitude = E2M1[torch.randint(0, 8, (n, k), generator=gen)]
+    sign = torch.randint(0, 2, (n, k), generator=gen) * 2 - 1
+    return (magnitude * sign).to(torch.float8_e4m3fn)
+
+
+def every_code(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Each row a shuffle of the 254 finite codes."""
+    finite = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.uint8)
+    rows = [finite[torch.randperm(254, generator=gen)][:k] for _ in range(n)]
+    return torch.stack(rows).view(torch.float8_e4m3fn)
+
+
+VALUES = {"fp8": fp8_values, "e2m1": e2m1_values, "every-code": every_code}
+
+# id -> (N, K, columns per group (None: one group), values, scale dtype, round_to)
+CASES = {
+    "fp8-channel-odd-n-1001": (1001, 96, None, "fp8", BF16, None),
+    "fp8-channel-fp16-scales": (48, 64, None, "fp8", torch.float16, None),
+    "fp8-block-128-k-200": (300, 200, 128, "fp8", torch.float32, None),
+    "fp8-group-48-k-300-crosses-a-256-chunk": (33, 300, 48, "fp8", BF16, None),
+    "fp8-every-code": (40, 254, None, "every-code", torch.float32, None),
+    "nvfp4-g16-round-to-bf16": (1000, 48, 16, "e2m1", torch.float32, BF16),
+    "nvfp4-g16-k-272-n-17": (17, 272, 16, "e2m1", torch.float32, BF16),
+}
+
+
+def layout_of(case: str, seed: int = 0) -> Float8Layout:
+    n, k, group, kind, scale_dtype, round_to = CASES[case]
+    gen = torch.Generator().manual_seed(seed)
+    values = VALUES[kind](n, k, gen)
+    groups = 1 if group is None else -(-k // group)
+    scales = (torch.rand(groups, n, generator=gen) * 0.01 + 1e-4).to(scale_dtype)
+    g_idx = None if group is None else torch.arange(k) // group
+    return Float8Layout.build(values, scales, None, g_idx, round_to=round_to)
+
+
+def unrounded(x: torch.Tensor, layout: Float8Layout) -> torch.Tensor:
+    """``x @ (value * scale).T`` in float64, no weight rounded."""
+    g_idx = torch.bucketize(torch.arange(layout.k), torch.tensor(layout.bounds[1:]), right=True)
+    w = layout.values.double() * layout.scales.double()[g_idx].T
+    return x.double() @ w.T
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want.double()).abs().max() / want.double().abs().max())
+
+
+# -- choice ------------------------------------------------------------------------------------
+
+
+def zero_pointed() -> Float8Layout:
+    layout = layout_of("fp8-channel-fp16-scales")
+    return Float8Layout.build(layout.values, layout.scales, torch.ones_like(layout.scales))
+
+
+DECLINES = {
+    "float32-activations": (lambda: layout_of("fp8-channel-fp16-scales"), torch.float32, "cpu", AVX2, "takes bf16 / fp16 activations; float32 heads take the exact reference kernel"),
+    "zero-points": (zero_pointed, BF16, "cpu", AVX2, "takes symmetric float8 weights; these have zero points"),
+    "no-avx2": (lambda: layout_of("fp8-channel-fp16-scales"), BF16, "cpu", Platform("cpu", cpu_isa=frozenset({"f16c"})), "this CPU lacks avx2/fma"),
+    "on-cuda": (lambda: layout_of("fp8-channel-fp16-scales"), BF16, "cuda", Platform("cuda", (9, 0)), "runs on the CPU; the layer is on cuda"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("make", "dtype", "device", "platform", "reason"), DECLINES.values(), ids=DECLINES.keys())  # fmt: skip
+def test_the_kernel_declines_with_its_reason(make, dtype, device, platform, reason):
+    choice = choose(make(), dtype=dtype, device=device, platform=platform)
+    assert choice.name == "reference"
+    assert dict(choice.declined)["cpu-avx2-float8"] == reason
+
+
+def test_the_environment_variable_turns_it_off(monkeypatch):
+    monkeypatch.setenv("QUANTREG_NO_CPU_KERNELS", "1")
+    choice = choose(layout_of("fp8-channel-fp16-scales"), dtype=BF16, device="cpu", platform=AVX2)
+    assert dict(choice.declined)["cpu-avx2-float8"] == "QUANTREG_NO_CPU_KERNELS is set"
+
+
+def test_integer_weights_are_not_its_business():
+    from quantreg.kernels.catalog import KERNELS, Target
+
+    target = Target(quantreg.IntWeights.__new__(quantreg.IntWeights), BF16, torch.device("cpu"), AVX2, None)  # fmt: skip
+    assert KERNELS["cpu-avx2-float8"].decline(target) == "runs float8 (fp8 / nvfp4) weights only"
+
+
+def test_bf16_float8_heads_choose_it_before_the_reference(kernel):
+    choice = choose(layout_of("fp8-block-128-k-200"), dtype=BF16, device="cpu")
+    assert choice.name == "cpu-avx2-float8"
+    assert dict(choice.declined)["reference"] == "cpu-avx2-float8 fits and comes first"
+
+
+# -- results -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_float32_activations_give_the_unrounded_product(kernel, case):
+    layout = layout_of(case)
+    fast = CPUFloat8Layout.build(layout)
+    for m in (1, 2, 7):
+        x = torch.randn(m, layout.k)
+        assert rel_err(float8_cpu_matmul(x, fast), unrounded(x, layout)) < 1e-5, m
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_bf16_activations_match_the_exact_reference(kernel, case):
+    layout = layout_of(case)
+    fast = CPUFloat8Layout.build(layout)
+    for m in (1, 6, 65):
+        x = torch.randn(m, layout.k).to(BF16)
+        got = float8_cpu_matmul(x, fast)
+        assert got.dtype == BF16 and got.shape == (m, layout.n)
+        assert rel_err(got, reference.float8_matmul(x, layout)) < 1e-2, m
+
+
+def test_nvfp4_bf16_rounding_is_not_reproduced(kernel):
+    """The reference rounds each dequantized NVFP4 weight to bf16; the kernel keeps the float32
+    product: the two differ, by less than bf16's half ulp per weight."""
+    layout = layout_of("nvfp4-g16-round-to-bf16")
+    x = torch.randn(4, layout.k)
+    got = float8_cpu_matmul(x, CPUFloat8Layout.build(layout))
+    exact = reference.float8_matmul(x, layout)
+    assert not torch.equal(got, exact)
+    assert rel_err(got, exact) < 2**-8
+
+
+def test_fp16_activations_come_back_in_fp16(kernel):
+    layout = layout_of("fp8-channel-odd-n-1001")
+    x = torch.randn(3, layout.k).half()
+    got = float8_cpu_matmul(x, CPUFloat8Layout.build(layout))
+    assert got.dtype == torch.float16
+    assert rel_err(got, reference.float8_matmul(x, layout)) < 1e-2
+
+
+def test_tensor_parallel_shards_of_a_1000_vocab(kernel):
+    """Vocab 1000 padded to 1024 on two ranks: rows 0..511 and 512..999 (+ 24 zero rows)."""
+    layout = layout_of("nvfp4-g16-round-to-bf16")
+    x = torch.randn(5, layout.k).to(BF16)
+    parts = []
+    for rows in (slice(0, 512), slice(512, 1000)):
+        values = layout.values[rows]
+        scales = layout.scales[:, rows]
+        pad = 512 - values.shape[0]
+        values = torch.cat([values, torch.zeros(pad, layout.k).to(torch.float8_e4m3fn)])
+        scales = torch.nn.functional.pad(scales, (0, pad))
+        shard = Float8Layout.build(values, scales, None, torch.arange(layout.k) // 16)
+        parts.append(float8_cpu_matmul(x, CPUFloat8Layout.build(shard))[:, : 512 - pad])
+    assert rel_err(torch.cat(parts, dim=1), reference.float8_matmul(x, layout)) < 1e-2
+
+
+@pytest.mark.parametrize(
+    ("case", "fp4", "bytes_per_weight"),
+    [("nvfp4-g16-round-to-bf16", True, 0.5), ("fp8-every-code", False, 1.0)],
+    ids=["e2m1-values-take-4-bits", "float8-values-take-a-byte"],
+)
+def test_the_layout_packs_e2m1_values_in_4_bits(case, fp4, bytes_per_weight):
+    layout = layout_of(case)
+    fast = CPUFloat8Layout.build(layout)
+    assert fast.fp4 is fp4
+    assert fast.codes.numel() == -(-layout.n // 16) * 16 * layout.k * bytes_per_weight
+
+
+def test_one_value_off_the_e2m1_grid_keeps_a_byte_per_weight():
+    layout = layout_of("nvfp4-g16-round-to-bf16")
+    values = layout.values.clone()
+    values[999, 47] = 0.75
+    fast = CPUFloat8Layout.build(Float8Layout.build(values, layout.scales, None, torch.arange(48) // 16))  # fmt: skip
+    assert fast.fp4 is False
+
+
+def test_a_loaded_nvfp4_head_runs_it_in_bf16(kernel, tmp_path):
+    from ct_library import compress_head
+
+    weight = (torch.randn(1000, 64, generator=torch.Generator().manual_seed(1)) * 0.05).to(BF16)
+    decompressed = compress_head(tmp_path, weight, {"preset": "NVFP4A16", "targets": ["lm_head"]})
+    head = quantreg.load_lm_head(tmp_path, dtype=BF16)
+    assert head.kernel.name == "cpu-avx2-float8"
+    assert "cpu-avx2-float8" in head.kernel.explain()
+    x = torch.randn(3, 64).to(BF16)
+    assert rel_err(head.compute_logits(x), x.float() @ decompressed.float().T) < 1e-2
+
+
+# -- memory ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_the_reference_tiles_columns_bit_for_bit(monkeypatch, m):
+    """Columns 256 at a time (the smallest step) give every logit exactly as one block of all
+    1000 columns does."""
+    layout = layout_of("nvfp4-g16-round-to-bf16")
+    x = torch.randn(m, layout.k)
+    whole = reference.float8_matmul(x, layout)
+    monkeypatch.setattr(reference, "FLOAT8_TRANSIENT_BYTES", 1)
+    assert reference.float8_columns(layout.n, m) == 256
+    assert torch.equal(reference.float8_matmul(x, layout), whole)
+
+
+@pytest.mark.parametrize("m", [1, 64])
+def test_transient_memory_stays_under_32_mib_at_a_128256_vocab(kernel, m):
+    """Beyond the result, neither kernel holds more than 32 MiB (the reference used to hold
+    128 rows x vocab in float32 several times over)."""
+    n, k = 128256, 128
+    values = e2m1_values(n, k, torch.Generator().manual_seed(0))
+    layout = Float8Layout.build(values, torch.rand(1, n), round_to=BF16)
+    x = torch.randn(m, k).to(BF16)
+    result = m * n * 4
+    assert peak_transient_bytes(lambda: reference.float8_matmul(x, layout)) - result <= 32 * 2**20
+    fast = CPUFloat8Layout.build(layout)
+    assert peak_transient_bytes(lambda: float8_cpu_matmul(x, fast)) - m * n * 2 <= 32 * 2**20
