@@ -76,7 +76,13 @@ FORMATS = (
            {"format": "pack-quantized", "bits": 4, "group_size": 128}, ("compressed-tensors",)),
     Format("ct int8 channel", "compressed-tensors", 8,
            {"format": "pack-quantized", "bits": 8, "strategy": "channel"}, ("compressed-tensors",)),
+    Format("ct fp8 channel", "compressed-tensors", 8,
+           {"format": "float-quantized", "strategy": "channel"}, ("compressed-tensors",)),
+    Format("fp8 block 128x128", "fp8", 8, {"block_size": (128, 128)}, ("fp8",)),
+    Format("ct nvfp4 g16", "nvfp4", 4, {"tensor_amax": 0.125}, ("compressed-tensors",)),
 )  # fmt: skip
+# Writers that are not a method's quantize_weight: NVFP4 (see quantreg.bench_nvfp4).
+BENCH_WRITERS = {"nvfp4": "quantreg.bench_nvfp4:quantize_nvfp4"}
 
 
 @dataclass
@@ -108,13 +114,13 @@ def write_format(folder: Path, fmt: Format, n: int, k: int, seed: int) -> Path:
     writers work in float64; one chunk at a time keeps that small)."""
     from safetensors.torch import save_file
 
-    writer = get_quant_config_cls(fmt.writer)
-    vocab_dim = 0 if fmt.writer == "compressed-tensors" else 1
+    quantize = _writer(fmt.writer)
+    vocab_dim = 1 if fmt.writer in ("awq", "gptq") else 0
     parts, qcfg = [], {}
     for start in range(0, n, ROW_CHUNK):
         gen = torch.Generator().manual_seed(seed * 1_000_003 + start)
         weight = (torch.randn(min(ROW_CHUNK, n - start), k, generator=gen) * 0.02).half()
-        part, qcfg = writer.quantize_weight(weight, scale_dtype=torch.float16, **fmt.params)
+        part, qcfg = quantize(weight, scale_dtype=torch.float16, **fmt.params)
         parts.append(part)
     tensors = {}
     for name, first in parts[0].items():
@@ -131,6 +137,16 @@ def write_format(folder: Path, fmt: Format, n: int, k: int, seed: int) -> Path:
     save_file({f"lm_head.{name}": t.contiguous() for name, t in tensors.items()},
               str(folder / "model.safetensors"))  # fmt: skip
     return folder
+
+
+def _writer(name: str) -> Callable[..., tuple[dict[str, torch.Tensor], dict[str, Any]]]:
+    """The method's ``quantize_weight``, or the bench's own writer of that name."""
+    if name in BENCH_WRITERS:
+        import importlib
+
+        module, function = BENCH_WRITERS[name].split(":")
+        return getattr(importlib.import_module(module), function)
+    return get_quant_config_cls(name).quantize_weight
 
 
 def load_head(folder: Path, method: str, dtype: torch.dtype) -> ParallelLMHead:
@@ -191,11 +207,12 @@ def run_bench(
     budget_s: float = 2.0,
     progress: Callable[[str], None] | None = None,
     methods: tuple[str, ...] | None = None,
+    formats: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
     """Run every case; returns ``{"machine": ..., "rows": [...]}`` (see the module doc).
 
-    ``methods`` keeps only those methods (``"torch"`` for torch's ops); the dense baselines
-    always run.
+    ``methods`` keeps only those methods (``"torch"`` for torch's ops), ``formats`` only the
+    formats of those labels (and no torch ops); the dense baselines always run.
 
     Cases are timed one group at a time (the dense baselines, each format with all the
     methods that run it, torch's ops), interleaved with dense bf16 ``F.linear`` inside every
@@ -204,18 +221,15 @@ def run_bench(
     """
     say = progress or (lambda message: logger.info("%s", message))
     shapes = shapes or (QUICK_SHAPES if quick else FULL_SHAPES)
-    say(estimate(shapes, ms, budget_s, methods))
+    say(estimate(shapes, ms, budget_s, methods, formats))
     rows: list[Row] = []
     for n, k in shapes:
         copies = max(1, min(8, math.ceil(CACHE_BYTES / (n * k * 2))))
         dense = _dense_cases(n, k)
         groups: list[Callable[[], list[Case]]] = [list]
-        for fmt in FORMATS:
-            kept = tuple(m for m in fmt.methods if methods is None or m in methods)
-            if kept:
-                fmt = replace(fmt, methods=kept)
-                groups.append(functools.partial(_method_cases, fmt, n, k, copies, say))
-        if methods is None or "torch" in methods:
+        for fmt in _kept(methods, formats):
+            groups.append(functools.partial(_method_cases, fmt, n, k, copies, say))
+        if (methods is None or "torch" in methods) and formats is None:
             groups.append(functools.partial(_torch_peers, n, k, copies))
         for index, make in enumerate(groups):
             cases = dense if index == 0 else [dense[1], *make()]
@@ -227,16 +241,27 @@ def run_bench(
     return {"machine": machine(), "rows": [asdict(r) for r in rows]}
 
 
+def _kept(methods: tuple[str, ...] | None, formats: tuple[str, ...] | None) -> list[Format]:
+    """The formats to run, each with the methods kept."""
+    kept = []
+    for fmt in FORMATS:
+        names = tuple(m for m in fmt.methods if methods is None or m in methods)
+        if names and (formats is None or fmt.label in formats):
+            kept.append(replace(fmt, methods=names))
+    return kept
+
+
 def estimate(
     shapes: tuple[tuple[int, int], ...],
     ms: tuple[int, ...],
     budget_s: float,
     methods: tuple[str, ...] | None = None,
+    formats: tuple[str, ...] | None = None,
 ) -> str:
     """What a run will cost, said before it starts: the timing budget it spends for sure,
     plus the work that grows with the weights (at ``PACE_S``, a 2-core CPU's pace)."""
-    kept = [[m for m in f.methods if methods is None or m in methods] for f in FORMATS]
-    peers = 2 if methods is None or "torch" in methods else 0
+    kept = [f.methods for f in _kept(methods, formats)]
+    peers = 2 if (methods is None or "torch" in methods) and formats is None else 0
     groups = 1 + sum(1 for m in kept if m) + (1 if peers else 0)
     cases = 2 + sum(len(m) for m in kept) + peers
     timing = len(shapes) * groups * len(ms) * budget_s

@@ -237,10 +237,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 f"--methods: unknown {', '.join(unknown)}; expected some of "
                 f"{', '.join(sorted(known))}"
             )
+    formats = tuple(f.strip() for f in args.formats.split(",")) if args.formats else None
+    if formats:
+        labels = [fmt.label for fmt in bench.FORMATS]
+        unknown = sorted(set(formats) - set(labels))
+        if unknown:
+            raise InputError(
+                f"--formats: unknown {', '.join(map(repr, unknown))}; expected some of "
+                f"{', '.join(map(repr, labels))}"
+            )
     args.doing = "timing the methods"
     result = bench.run_bench(
         quick=args.quick, shapes=tuple(args.shape) if args.shape else None,
-        ms=args.m or bench.MS, budget_s=budget, methods=methods,
+        ms=args.m or bench.MS, budget_s=budget, methods=methods, formats=formats,
         progress=lambda message: print(message, file=sys.stderr),
     )  # fmt: skip
     print(bench_report.format_table(result))

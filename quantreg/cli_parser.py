@@ -314,6 +314,11 @@ def _add_bench(sub: Any, verbose: argparse.ArgumentParser) -> None:
         "--methods", default=None, metavar="A,B",
         help="only these methods (torch = torch's ops); dense baselines always run",
     )  # fmt: skip
+    p.add_argument(
+        "--formats", default=None, metavar="A,B",
+        help="only the formats of these labels (e.g. 'ct fp8 channel,ct nvfp4 g16'; no torch "
+        "ops); dense baselines always run",
+    )  # fmt: skip
     p.add_argument("--json", default=None, metavar="PATH", help="write {machine, rows} as JSON")
     p.add_argument("--plot", default=None, metavar="PNG", help="time vs M (needs matplotlib)")
     p.add_argument(

@@ -11,9 +11,10 @@
 // one more exponent bit); an e2m1 code indexes a 16-entry vpshufb table of fp16 high bytes
 // (every e2m1 value is an fp16 with a zero low byte). F16C widens to float32.
 //
-// Per block and K chunk the weights are decoded and scaled once into a float32 buffer (L1),
+// Up to DIRECT_M rows, each weight is decoded in registers and multiplied at once. More rows:
+// per block and K chunk the weights are decoded and scaled once into a float32 buffer (L1),
 // then every row of x runs over it with FMA (float32 accumulation in a per-thread [M][16]
-// scratch); the result is written in the output's dtype.
+// scratch). The result is written in the output's dtype.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -28,6 +29,7 @@ namespace {
 constexpr int NB = 16;   // outputs per block: two registers of float32
 constexpr int KC = 256;  // rows decoded at a time: 16 KiB of float32
 constexpr int MR = 6;    // rows of x per pass: 12 accumulators
+constexpr int DIRECT_M = 4;  // up to this many rows: no buffer (direct_rows)
 
 struct Geo {
   int64_t M, N, K, gs, G;
@@ -77,24 +79,29 @@ void decode_chunk(const Geo& g, int64_t b, int64_t k0, int64_t kc, float* buf) {
   }
 }
 
-// acc[m][16] += x[m0 + m, k0 : k0 + kc] @ buf, for R rows
+// acc[m][16] += x[m0 + m, k0 : k0 + kc] @ buf, for R rows (every loop over m unrolled, so
+// that the accumulators stay in registers)
 template <int R>
-void rows_fma(const Geo& g, const float* buf, int64_t k0, int64_t kc, int64_t m0, float* acc) {
+void rows_fma(const Geo& g, const float* __restrict buf, int64_t k0, int64_t kc, int64_t m0,
+              float* __restrict acc) {
+  const int64_t K = g.K;
+  const float* __restrict x = g.x + m0 * K + k0;
   __m256 a[R][2];
+#pragma GCC unroll 8
   for (int m = 0; m < R; ++m) {
     a[m][0] = _mm256_loadu_ps(acc + (m0 + m) * NB);
     a[m][1] = _mm256_loadu_ps(acc + (m0 + m) * NB + 8);
   }
-  const float* x = g.x + m0 * g.K + k0;
   for (int64_t k = 0; k < kc; ++k) {
     const __m256 w0 = _mm256_load_ps(buf + k * NB), w1 = _mm256_load_ps(buf + k * NB + 8);
-#pragma GCC unroll 6
+#pragma GCC unroll 8
     for (int m = 0; m < R; ++m) {
-      const __m256 xv = _mm256_broadcast_ss(x + m * g.K + k);
+      const __m256 xv = _mm256_broadcast_ss(x + m * K + k);
       a[m][0] = _mm256_fmadd_ps(xv, w0, a[m][0]);
       a[m][1] = _mm256_fmadd_ps(xv, w1, a[m][1]);
     }
   }
+#pragma GCC unroll 8
   for (int m = 0; m < R; ++m) {
     _mm256_storeu_ps(acc + (m0 + m) * NB, a[m][0]);
     _mm256_storeu_ps(acc + (m0 + m) * NB + 8, a[m][1]);
@@ -114,6 +121,85 @@ void all_rows(const Geo& g, const float* buf, int64_t k0, int64_t kc, float* acc
   }
 }
 
+// Few rows (M <= DIRECT_M): decode in registers and multiply at once, no buffer. Scales
+// multiply the weights when there are groups, the sums once at the end when there is one.
+// U independent accumulator sets (rows k, k + 1, ...) hide the FMA latency when R is small.
+template <bool FP4>
+inline void decode(const uint8_t* src, int64_t k, __m256& lo, __m256& hi) {
+  if (FP4) decode_fp4(src + k * 8, lo, hi); else decode_fp8(src + k * 16, lo, hi);
+}
+
+template <int R, bool FP4, bool GROUPED>
+inline void direct_step(const float* __restrict x, int64_t K, const uint8_t* src, int64_t k,
+                        __m256 s0, __m256 s1, __m256 (*a)[2]) {
+  __m256 lo, hi;
+  decode<FP4>(src, k, lo, hi);
+  if (GROUPED) {
+    lo = _mm256_mul_ps(lo, s0);
+    hi = _mm256_mul_ps(hi, s1);
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < R; ++m) {
+    const __m256 xv = _mm256_broadcast_ss(x + m * K + k);
+    a[m][0] = _mm256_fmadd_ps(xv, lo, a[m][0]);
+    a[m][1] = _mm256_fmadd_ps(xv, hi, a[m][1]);
+  }
+}
+
+template <int R, int U, bool FP4, bool GROUPED>
+void direct_rows(const Geo& g, int64_t b, float* __restrict acc) {
+  const int64_t K = g.K, G = g.G, gs = g.gs;
+  const float* __restrict x = g.x;
+  const uint8_t* src = g.codes + b * K * (FP4 ? 8 : 16);
+  const float* sb = g.scales + b * G * NB;
+  __m256 a[U][R][2];
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u)
+#pragma GCC unroll 8
+    for (int m = 0; m < R; ++m) a[u][m][0] = a[u][m][1] = _mm256_setzero_ps();
+  for (int64_t grp = 0; grp < G; ++grp) {
+    const __m256 s0 = _mm256_loadu_ps(sb + grp * NB), s1 = _mm256_loadu_ps(sb + grp * NB + 8);
+    const int64_t end = std::min(K, (grp + 1) * gs);
+    int64_t k = grp * gs;
+    for (; k + U <= end; k += U) {
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) direct_step<R, FP4, GROUPED>(x, K, src, k + u, s0, s1, a[u]);
+    }
+    for (; k < end; ++k) direct_step<R, FP4, GROUPED>(x, K, src, k, s0, s1, a[0]);
+  }
+  const __m256 s0 = GROUPED ? _mm256_set1_ps(1.0f) : _mm256_loadu_ps(sb);
+  const __m256 s1 = GROUPED ? _mm256_set1_ps(1.0f) : _mm256_loadu_ps(sb + 8);
+#pragma GCC unroll 8
+  for (int m = 0; m < R; ++m) {
+    __m256 t0 = a[0][m][0], t1 = a[0][m][1];
+#pragma GCC unroll 4
+    for (int u = 1; u < U; ++u) {
+      t0 = _mm256_add_ps(t0, a[u][m][0]);
+      t1 = _mm256_add_ps(t1, a[u][m][1]);
+    }
+    _mm256_storeu_ps(acc + m * NB, _mm256_mul_ps(t0, s0));
+    _mm256_storeu_ps(acc + m * NB + 8, _mm256_mul_ps(t1, s1));
+  }
+}
+
+template <bool FP4, bool GROUPED>
+void direct_block(const Geo& g, int64_t b, float* acc) {
+  switch (g.M) {
+    case 1: direct_rows<1, 4, FP4, GROUPED>(g, b, acc); break;
+    case 2: direct_rows<2, 2, FP4, GROUPED>(g, b, acc); break;
+    case 3: direct_rows<3, 1, FP4, GROUPED>(g, b, acc); break;
+    default: direct_rows<4, 1, FP4, GROUPED>(g, b, acc); break;
+  }
+}
+
+void direct_block(const Geo& g, int64_t b, float* acc) {
+  if (g.fp4) {
+    g.G > 1 ? direct_block<true, true>(g, b, acc) : direct_block<true, false>(g, b, acc);
+  } else {
+    g.G > 1 ? direct_block<false, true>(g, b, acc) : direct_block<false, false>(g, b, acc);
+  }
+}
+
 template <typename T>
 void write_out(const Geo& g, const float* acc, int64_t b, T* out) {
   const int64_t n0 = b * NB, cols = std::min<int64_t>(NB, g.N - n0);
@@ -129,6 +215,11 @@ void run(const Geo& g, T* out) {
     float* buf = (float*)(((uintptr_t)scratch.data() + 31) & ~(uintptr_t)31);
     float* acc = buf + KC * NB;
     for (int64_t b = begin; b < end; ++b) {
+      if (g.M <= DIRECT_M) {
+        direct_block(g, b, acc);
+        write_out(g, acc, b, out);
+        continue;
+      }
       std::fill(acc, acc + g.M * NB, 0.0f);
       for (int64_t k0 = 0; k0 < g.K; k0 += KC) {
         const int64_t kc = std::min<int64_t>(KC, g.K - k0);
