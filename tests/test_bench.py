@@ -108,6 +108,22 @@ def test_methods_keeps_only_those_and_the_dense_baselines(tmp_path, capsys):
     }  # fmt: skip
 
 
+def test_formats_keeps_only_those_labels_and_the_dense_baselines(tmp_path, capsys):
+    code = main(["bench", "--shape", "256x256", "--m", "1", "--budget", "0", "--formats",
+                 "fp8 block 128x128,ct nvfp4 g16", "--json", str(tmp_path / "o.json")])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    rows = json.loads((tmp_path / "o.json").read_text())["rows"]
+    assert {(r["method"], r["format"]) for r in rows} == {
+        ("dense fp32", "float32"), ("dense bf16", "bfloat16"),
+        ("fp8", "fp8 block 128x128"), ("compressed-tensors", "ct nvfp4 g16"),
+    }  # fmt: skip
+
+
+def test_unknown_formats_are_a_clear_error(capsys):
+    assert main(["bench", "--quick", "--formats", "ct fp8 channel,fp9"]) == 1
+    assert "--formats: unknown 'fp9'; expected some of 'awq int4 g128'," in capsys.readouterr().err
+
+
 def test_unknown_methods_are_a_clear_error(capsys):
     assert main(["bench", "--quick", "--methods", "awq,nope"]) == 1
     assert "--methods: unknown nope; expected some of" in capsys.readouterr().err
