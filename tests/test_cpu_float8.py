@@ -63,6 +63,8 @@ CASES = {
     "fp8-every-code": (40, 254, None, "every-code", torch.float32, None),
     "nvfp4-g16-round-to-bf16": (1000, 48, 16, "e2m1", torch.float32, BF16),
     "nvfp4-g16-k-272-n-17": (17, 272, 16, "e2m1", torch.float32, BF16),
+    "e2m1-channel-odd-k-45": (24, 45, None, "e2m1", BF16, None),
+    "e2m1-groups-of-5": (40, 23, 5, "e2m1", torch.float16, None),
 }
 
 

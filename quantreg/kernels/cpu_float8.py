@@ -11,7 +11,8 @@ Layout (:class:`CPUFloat8Layout`), built once after loading, 16 outputs per bloc
   row ``k``), decoded through fp16 by bit shifts (see the C++ source);
 * fp4: when every value is one of +-{0, 0.5, 1, 1.5, 2, 3, 4, 6} -- the e2m1 grid, as
   compressed-tensors' and ModelOpt's NVFP4 heads hold them -- four bits a weight (byte
-  ``8k + j``: outputs ``2j`` and ``2j + 1``), found by a check at build time, lossless;
+  ``8k + j``: positions ``2j`` and ``2j + 1``, outputs in ``FP4_ORDER``), found by a check
+  at build time, lossless;
 * scales: float32 ``[N/16, G, 16]`` (the checkpoint's scales, exact in float32; fp8 ones
   times 2^8, the factor the fp16 decoding leaves out).
 
@@ -44,6 +45,9 @@ E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # code & 7 -> magnitude; bit 3 
 ROW_CHUNK = 256  # vocab rows converted per step at build time
 X_TILE_BYTES = 8 * 2**20  # float32 activations converted per call: rows of x per kernel call
 FP8_SHIFT = 256.0  # the fp16 decoding yields value * 2^-8
+# fp4 position p of a row holds output FP4_ORDER[p]: the decoding's in-lane unpacks put positions
+# 0-3 and 8-11 in the first register, 4-7 and 12-15 in the second.
+FP4_ORDER = (0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15)
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {}
@@ -120,7 +124,7 @@ def _block_codes(values: torch.Tensor, fp4: bool) -> torch.Tensor | None:
     codes = e2m1_codes(values)
     if codes is None:
         return None
-    c = codes.reshape(r // NB, NB, k).transpose(1, 2)  # [blocks, K, 16]
+    c = codes.reshape(r // NB, NB, k).transpose(1, 2)[..., list(FP4_ORDER)]  # [blocks, K, 16]
     return (c[..., 0::2] | (c[..., 1::2] << 4)).reshape(r // NB, k * NB // 2)
 
 

@@ -3,13 +3,16 @@
 // built with AVX-512 flags), so that nothing here can carry an AVX-512 instruction.
 //
 // Layout: 16 outputs per block, K-major. fp8: byte 16k + o of a block is output o's e4m3 code
-// at row k. fp4: byte 8k + j holds output 2j (low nibble) and 2j + 1 (high nibble) as e2m1
-// codes (bit 3 the sign). Scales: float32 [N/16][G][16], fp8 ones pre-multiplied by 2^8.
+// at row k. fp4: byte 8k + j holds positions 2j (low nibble) and 2j + 1 (high nibble) as e2m1
+// codes (bit 3 the sign); position p is output FP4_ORDER[p] = 0-3, 8-11, 4-7, 12-15 (the order
+// the decoding's in-lane unpacks leave them in). Scales: float32 [N/16][G][16], fp8 ones
+// pre-multiplied by 2^8.
 //
 // Decoding needs no table in memory: an e4m3 code b, sign-extended to 16 bits and shifted left
 // by 7 with bit 14 cleared, is the fp16 of value * 2^-8 (normals and subnormals alike: fp16 has
-// one more exponent bit); an e2m1 code indexes a 16-entry vpshufb table of fp16 high bytes
-// (every e2m1 value is an fp16 with a zero low byte). F16C widens to float32.
+// one more exponent bit), which F16C widens to float32; an e2m1 code indexes two 16-entry
+// vpshufb tables, the high and low bytes of its bfloat16, and a bfloat16 shifted into the high
+// half of a float32 is that float32.
 //
 // Up to DIRECT_M rows, each weight is decoded in registers and multiplied at once. More rows:
 // per block and K chunk the weights are decoded and scaled once into a float32 buffer (L1),
@@ -47,18 +50,23 @@ inline void decode_fp8(const uint8_t* p, __m256& lo, __m256& hi) {
 }
 
 inline void decode_fp4(const uint8_t* p, __m256& lo, __m256& hi) {
-  // fp16 high bytes of 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives
-  const __m128i table = _mm_setr_epi8(0x00, 0x38, 0x3C, 0x3E, 0x40, 0x42, 0x44, 0x46, (char)0x80,
-                                      (char)0xB8, (char)0xBC, (char)0xBE, (char)0xC0, (char)0xC2,
-                                      (char)0xC4, (char)0xC6);
+  // bfloat16 of 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives: high and low bytes
+  const __m128i th = _mm_setr_epi8(0x00, 0x3F, 0x3F, 0x3F, 0x40, 0x40, 0x40, 0x40, (char)0x80,
+                                   (char)0xBF, (char)0xBF, (char)0xBF, (char)0xC0, (char)0xC0,
+                                   (char)0xC0, (char)0xC0);
+  const __m128i tl = _mm_setr_epi8(0x00, 0x00, (char)0x80, (char)0xC0, 0x00, 0x40, (char)0x80,
+                                   (char)0xC0, 0x00, 0x00, (char)0x80, (char)0xC0, 0x00, 0x40,
+                                   (char)0x80, (char)0xC0);
   const __m128i v = _mm_loadl_epi64((const __m128i*)p);
   const __m128i nib = _mm_set1_epi8(0x0F);
   const __m128i codes = _mm_unpacklo_epi8(_mm_and_si128(v, nib),
                                           _mm_and_si128(_mm_srli_epi16(v, 4), nib));
-  const __m128i t = _mm_shuffle_epi8(table, codes);
-  const __m128i zero = _mm_setzero_si128();
-  lo = _mm256_cvtph_ps(_mm_unpacklo_epi8(zero, t));
-  hi = _mm256_cvtph_ps(_mm_unpackhi_epi8(zero, t));
+  const __m128i h = _mm_shuffle_epi8(th, codes), l = _mm_shuffle_epi8(tl, codes);
+  // bf16 words of positions 0-7 | 8-15; as float32 (bf16 << 16): [0-3 | 8-11], [4-7 | 12-15]
+  const __m256i w = _mm256_set_m128i(_mm_unpackhi_epi8(l, h), _mm_unpacklo_epi8(l, h));
+  const __m256i zero = _mm256_setzero_si256();
+  lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w));
+  hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w));
 }
 
 // rows k0 .. k0 + kc of block b, scaled, as float32 [kc][16] in buf
@@ -182,10 +190,108 @@ void direct_rows(const Geo& g, int64_t b, float* __restrict acc) {
   }
 }
 
+// One row: the group sums (two sets, rows k and k + 1) are scaled once per group.
+template <bool FP4>
+void direct_one(const Geo& g, int64_t b, float* __restrict acc) {
+  const int64_t K = g.K, G = g.G, gs = g.gs;
+  const float* __restrict x = g.x;
+  const uint8_t* src = g.codes + b * K * (FP4 ? 8 : 16);
+  const float* sb = g.scales + b * G * NB;
+  __m256 t0 = _mm256_setzero_ps(), t1 = _mm256_setzero_ps();
+  for (int64_t grp = 0; grp < G; ++grp) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps();
+    const int64_t end = std::min(K, (grp + 1) * gs);
+    int64_t k = grp * gs;
+    for (; k + 2 <= end; k += 2) {
+      __m256 lo, hi, lo2, hi2;
+      decode<FP4>(src, k, lo, hi);
+      decode<FP4>(src, k + 1, lo2, hi2);
+      const __m256 xv = _mm256_broadcast_ss(x + k), xv2 = _mm256_broadcast_ss(x + k + 1);
+      a0 = _mm256_fmadd_ps(xv, lo, a0);
+      a1 = _mm256_fmadd_ps(xv, hi, a1);
+      c0 = _mm256_fmadd_ps(xv2, lo2, c0);
+      c1 = _mm256_fmadd_ps(xv2, hi2, c1);
+    }
+    if (k < end) {
+      __m256 lo, hi;
+      decode<FP4>(src, k, lo, hi);
+      const __m256 xv = _mm256_broadcast_ss(x + k);
+      a0 = _mm256_fmadd_ps(xv, lo, a0);
+      a1 = _mm256_fmadd_ps(xv, hi, a1);
+    }
+    t0 = _mm256_fmadd_ps(_mm256_loadu_ps(sb + grp * NB), _mm256_add_ps(a0, c0), t0);
+    t1 = _mm256_fmadd_ps(_mm256_loadu_ps(sb + grp * NB + 8), _mm256_add_ps(a1, c1), t1);
+  }
+  _mm256_storeu_ps(acc, t0);
+  _mm256_storeu_ps(acc + 8, t1);
+}
+
+// One row of fp4, two rows of W per step: their 32 codes decoded at once in 256-bit registers
+// whose low lane holds row k and high lane row k + 1 (positions 0-3, 4-7, 8-11, 12-15: outputs
+// 0-3, 8-11, 4-7, 12-15), multiplied by x[k] | x[k + 1]; the lanes are added at the end.
+void direct_one_fp4(const Geo& g, int64_t b, float* __restrict acc) {
+  const __m256i th = _mm256_setr_epi8(
+      0x00, 0x3F, 0x3F, 0x3F, 0x40, 0x40, 0x40, 0x40, (char)0x80, (char)0xBF, (char)0xBF,
+      (char)0xBF, (char)0xC0, (char)0xC0, (char)0xC0, (char)0xC0, 0x00, 0x3F, 0x3F, 0x3F, 0x40,
+      0x40, 0x40, 0x40, (char)0x80, (char)0xBF, (char)0xBF, (char)0xBF, (char)0xC0, (char)0xC0,
+      (char)0xC0, (char)0xC0);
+  const __m256i tl = _mm256_setr_epi8(
+      0x00, 0x00, (char)0x80, (char)0xC0, 0x00, 0x40, (char)0x80, (char)0xC0, 0x00, 0x00,
+      (char)0x80, (char)0xC0, 0x00, 0x40, (char)0x80, (char)0xC0, 0x00, 0x00, (char)0x80,
+      (char)0xC0, 0x00, 0x40, (char)0x80, (char)0xC0, 0x00, 0x00, (char)0x80, (char)0xC0, 0x00,
+      0x40, (char)0x80, (char)0xC0);
+  constexpr int QUAD[4] = {0, 8, 4, 12};  // the outputs of positions 0-3, 4-7, 8-11, 12-15
+  const int64_t K = g.K, G = g.G, gs = g.gs;
+  const float* __restrict x = g.x;
+  const uint8_t* src = g.codes + b * K * 8;
+  const float* sb = g.scales + b * G * NB;
+  const __m128i nib = _mm_set1_epi8(0x0F);
+  const __m256i zero = _mm256_setzero_si256();
+  __m256 t[4];
+  for (int q = 0; q < 4; ++q) t[q] = _mm256_setzero_ps();
+  for (int64_t grp = 0; grp < G; ++grp) {
+    __m256 a[4];
+    for (int q = 0; q < 4; ++q) a[q] = _mm256_setzero_ps();
+    const int64_t end = std::min(K, (grp + 1) * gs);
+    int64_t k = grp * gs;
+    for (; k + 2 <= end; k += 2) {
+      const __m128i v = _mm_loadu_si128((const __m128i*)(src + k * 8));
+      const __m128i lo = _mm_and_si128(v, nib), hi = _mm_and_si128(_mm_srli_epi16(v, 4), nib);
+      const __m256i c = _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
+      const __m256i h = _mm256_shuffle_epi8(th, c), l = _mm256_shuffle_epi8(tl, c);
+      const __m256i w0 = _mm256_unpacklo_epi8(l, h), w1 = _mm256_unpackhi_epi8(l, h);
+      const __m256 xv = _mm256_blend_ps(_mm256_broadcast_ss(x + k), _mm256_broadcast_ss(x + k + 1), 0xF0);
+      a[0] = _mm256_fmadd_ps(xv, _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w0)), a[0]);
+      a[1] = _mm256_fmadd_ps(xv, _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w0)), a[1]);
+      a[2] = _mm256_fmadd_ps(xv, _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w1)), a[2]);
+      a[3] = _mm256_fmadd_ps(xv, _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w1)), a[3]);
+    }
+    if (k < end) {  // a last odd row: the high lane multiplies by 0
+      __m256 lo, hi;
+      decode_fp4(src + k * 8, lo, hi);  // [0-3 | 8-11], [4-7 | 12-15]: positions
+      const __m256 xv = _mm256_blend_ps(_mm256_broadcast_ss(x + k), _mm256_setzero_ps(), 0xF0);
+      const __m256 lo2 = _mm256_permute2f128_ps(lo, lo, 0x01), hi2 = _mm256_permute2f128_ps(hi, hi, 0x01);
+      a[0] = _mm256_fmadd_ps(xv, lo, a[0]);   // positions 0-3
+      a[1] = _mm256_fmadd_ps(xv, hi, a[1]);   // positions 4-7
+      a[2] = _mm256_fmadd_ps(xv, lo2, a[2]);  // positions 8-11
+      a[3] = _mm256_fmadd_ps(xv, hi2, a[3]);  // positions 12-15
+    }
+    for (int q = 0; q < 4; ++q) {
+      const __m256 sq = _mm256_broadcast_ps((const __m128*)(sb + grp * NB + QUAD[q]));
+      t[q] = _mm256_fmadd_ps(sq, a[q], t[q]);
+    }
+  }
+  for (int q = 0; q < 4; ++q) {
+    const __m128 sum = _mm_add_ps(_mm256_castps256_ps128(t[q]), _mm256_extractf128_ps(t[q], 1));
+    _mm_storeu_ps(acc + QUAD[q], sum);
+  }
+}
+
 template <bool FP4, bool GROUPED>
 void direct_block(const Geo& g, int64_t b, float* acc) {
   switch (g.M) {
-    case 1: direct_rows<1, 4, FP4, GROUPED>(g, b, acc); break;
+    case 1: FP4 ? direct_one_fp4(g, b, acc) : direct_one<FP4>(g, b, acc); break;
     case 2: direct_rows<2, 2, FP4, GROUPED>(g, b, acc); break;
     case 3: direct_rows<3, 1, FP4, GROUPED>(g, b, acc); break;
     default: direct_rows<4, 1, FP4, GROUPED>(g, b, acc); break;
