@@ -86,11 +86,13 @@ def decode(layer: torch.nn.Module) -> Float8Layout:
 
 
 def quantize(
-    weight: torch.Tensor, **options: Any
+    weight: torch.Tensor, *, tensor_amax: float | None = None, **options: Any
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Round-to-nearest ``nvfp4-pack-quantized`` tensors of a float ``[N, K]`` weight and the
     ``quantization_config`` compressed-tensors writes for its ``NVFP4A16`` preset. ``options``:
     the compressed-tensors writer's other options, each refused unless it is what NVFP4 is.
+    ``tensor_amax``: the absolute maximum the global scale is made from, when ``weight`` is one
+    piece of a head quantized in pieces (``quantreg bench``); None: the weight's own.
 
     Raises:
         InputError: an option NVFP4 does not take; ``K`` not a multiple of the group size 16.
@@ -113,7 +115,8 @@ def quantize(
             field="format",
         )
     w = weight.to(torch.float32)
-    peak = w.abs().max().clamp(min=torch.finfo(torch.float32).tiny)
+    peak = w.abs().max() if tensor_amax is None else torch.tensor(float(tensor_amax))
+    peak = peak.clamp(min=torch.finfo(torch.float32).tiny)
     global_scale = torch.nan_to_num(e2m1.FP8_MAX * e2m1.E2M1_MAX / peak, nan=1.0, posinf=1.0)
     scale = (global_scale * e2m1.group_amax(w) / e2m1.E2M1_MAX).clamp(max=e2m1.FP8_MAX)
     scale = scale.to(torch.float8_e4m3fn)

@@ -79,10 +79,10 @@ FORMATS = (
     Format("ct fp8 channel", "compressed-tensors", 8,
            {"format": "float-quantized", "strategy": "channel"}, ("compressed-tensors",)),
     Format("fp8 block 128x128", "fp8", 8, {"block_size": (128, 128)}, ("fp8",)),
-    Format("ct nvfp4 g16", "nvfp4", 4, {"tensor_amax": 0.125}, ("compressed-tensors",)),
+    # the global scale of the whole head, which write_format quantizes in pieces
+    Format("ct nvfp4 g16", "compressed-tensors", 4,
+           {"format": "nvfp4-pack-quantized", "tensor_amax": 0.125}, ("compressed-tensors",)),
 )  # fmt: skip
-# Writers that are not a method's quantize_weight: NVFP4 (see quantreg.bench_nvfp4).
-BENCH_WRITERS = {"nvfp4": "quantreg.bench_nvfp4:quantize_nvfp4"}
 
 
 @dataclass
@@ -114,7 +114,7 @@ def write_format(folder: Path, fmt: Format, n: int, k: int, seed: int) -> Path:
     writers work in float64; one chunk at a time keeps that small)."""
     from safetensors.torch import save_file
 
-    quantize = _writer(fmt.writer)
+    quantize = get_quant_config_cls(fmt.writer).quantize_weight
     vocab_dim = 1 if fmt.writer in ("awq", "gptq") else 0
     parts, qcfg = [], {}
     for start in range(0, n, ROW_CHUNK):
@@ -137,16 +137,6 @@ def write_format(folder: Path, fmt: Format, n: int, k: int, seed: int) -> Path:
     save_file({f"lm_head.{name}": t.contiguous() for name, t in tensors.items()},
               str(folder / "model.safetensors"))  # fmt: skip
     return folder
-
-
-def _writer(name: str) -> Callable[..., tuple[dict[str, torch.Tensor], dict[str, Any]]]:
-    """The method's ``quantize_weight``, or the bench's own writer of that name."""
-    if name in BENCH_WRITERS:
-        import importlib
-
-        module, function = BENCH_WRITERS[name].split(":")
-        return getattr(importlib.import_module(module), function)
-    return get_quant_config_cls(name).quantize_weight
 
 
 def load_head(folder: Path, method: str, dtype: torch.dtype) -> ParallelLMHead:
