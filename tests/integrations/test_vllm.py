@@ -256,7 +256,8 @@ def test_eagle3_drafter_with_a_quantized_head_decodes_what_the_target_decodes(se
 PRODUCERS = Path(__file__).resolve().parents[1] / "fixtures" / "producers"
 # Heads written by the producers themselves (tests/fixtures/producers/README.md), with the
 # producer's own dequantization beside them: AutoAWQ 0.2.9, GPTQModel 7.6.0 (act order, AWQ
-# layout under quant_method gptq, 8-bit, asym), compressed-tensors 0.20.0 (vocab 1000).
+# layout under quant_method gptq, 8-bit, asym), compressed-tensors 0.20.0 (vocab 1000),
+# auto-round 0.16.1 (GPTQ and AWQ packing), nvidia-modelopt 0.47.0 (FP8, NVFP4).
 PRODUCER_HEADS = [
     "awq_autoawq_g64",
     "awq_gptqmodel_lmhead_rtn",
@@ -269,6 +270,11 @@ PRODUCER_HEADS = [
     "ct_w8a16_lmhead",
     "ct_int8_w8a8_lmhead",
     "ct_fp8_lmhead",
+    "autoround_gptq_lmhead",
+    "autoround_gptq_lmhead_w8",
+    "autoround_awq_lmhead",
+    "modelopt_fp8_lmhead",
+    "modelopt_nvfp4_lmhead",
 ]
 
 
