@@ -27,14 +27,13 @@ from __future__ import annotations
 import enum
 import functools
 import logging
-import threading
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from quantreg.kernels.layouts import Float8Layout, LayoutTensors
-from quantreg.kernels.triton_wna16 import Config, interpreting
+from quantreg.kernels.triton_wna16 import Config, interpreting, tuned_config
 
 logger = logging.getLogger(__name__)
 
@@ -281,10 +280,6 @@ def candidates(m: int, k: int, group: int | None) -> list[Config]:
     return configs or [Config(bm, 64, ks[-1], 1)]
 
 
-_tuned: dict[tuple[Any, ...], Config] = {}
-_tune_lock = threading.Lock()
-
-
 def triton_float8_matmul(
     x: torch.Tensor, layout: TritonFloat8Layout, config: Config | None = None
 ) -> torch.Tensor:
@@ -338,32 +333,10 @@ def _tl_dtype(dtype: torch.dtype | None) -> Any:
 
 
 def _choose(x: torch.Tensor, layout: TritonFloat8Layout) -> Config:
-    """The cached best configuration: timed once per key on CUDA; on the interpreter the one
-    with the fewest programs (its cost is per program)."""
+    """The cached best configuration (see ``triton_wna16.tuned_config``)."""
     m, k = x.shape
     group = None if layout.col_groups is not None else layout.group_size
-    options = candidates(m, k, group)
-    if x.device.type != "cuda":
-        return min(options, key=lambda c: (c.split_k, -c.block_n, -c.block_k))
-    if len(options) == 1:
-        return options[0]
-    key = (1 << max(0, (m - 1).bit_length()), layout.n, k, layout.group_size, layout.value_bits,
-           layout.zeros is not None, layout.scales.dtype, layout.round_to, x.dtype,
-           x.device.index)  # fmt: skip
-    with _tune_lock:
-        if key in _tuned:
-            return _tuned[key]
-    from triton.testing import do_bench
-
-    times = []
-    for cfg in options:
-        try:
-            times.append((do_bench(functools.partial(_launch, x, layout, cfg), warmup=5, rep=20),
-                          cfg))  # fmt: skip
-        except Exception as exc:  # e.g. out of shared memory on a small GPU
-            logger.debug("config %s failed: %s", cfg, exc)
-    best = min(times, key=lambda t: t[0])[1] if times else options[0]
-    logger.info("tuned %s -> %s", key, best)
-    with _tune_lock:
-        _tuned[key] = best
-    return best
+    key = ("float8", 1 << max(0, (m - 1).bit_length()), layout.n, k, layout.group_size,
+           layout.value_bits, layout.zeros is not None, layout.scales.dtype, layout.round_to,
+           x.dtype, x.device.index)  # fmt: skip
+    return tuned_config(x, candidates(m, k, group), key, lambda cfg: _launch(x, layout, cfg))

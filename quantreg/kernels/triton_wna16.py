@@ -21,6 +21,7 @@ import functools
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -198,16 +199,26 @@ def _launch(x, wq, scales, zeros, bits, group_size, gidx, per_row, cfg: Config) 
 
 
 def _choose(x, wq, scales, zeros, bits, group_size, gidx, per_row) -> Config:  # type: ignore[no-untyped-def]
-    """The cached best configuration: timed once per key on CUDA; on the interpreter the one
-    with the fewest programs (its cost is per program; every candidate has its own test)."""
+    """The cached best configuration (see :func:`tuned_config`)."""
     m, k = x.shape
     n = wq.shape[1]
-    options = candidates(m, n, k, group_size)
+    key = ("wna16", _bucket(m), n, k, group_size, bits, per_row, x.dtype, x.device.index)
+    return tuned_config(
+        x, candidates(m, n, k, group_size), key,
+        lambda cfg: _launch(x, wq, scales, zeros, bits, group_size, gidx, per_row, cfg),
+    )  # fmt: skip
+
+
+def tuned_config(
+    x: torch.Tensor, options: list[Config], key: tuple[Any, ...], launch: Callable[[Config], Any]
+) -> Config:
+    """The best of ``options`` for ``key``: on CUDA each is timed once per process and key
+    (``launch`` runs one); on the interpreter the one with the fewest programs (its cost is
+    per program; every candidate has its own test)."""
     if x.device.type != "cuda":
         return min(options, key=lambda c: (c.split_k, -c.block_n, -c.block_k))
     if len(options) == 1:
         return options[0]
-    key = (_bucket(m), n, k, group_size, bits, per_row, x.dtype, x.device.index)
     with _tune_lock:
         if key in _tuned:
             return _tuned[key]
@@ -216,9 +227,7 @@ def _choose(x, wq, scales, zeros, bits, group_size, gidx, per_row) -> Config:  #
     times = []
     for cfg in options:
         try:
-            fn = functools.partial(_launch, x, wq, scales, zeros, bits, group_size, gidx, per_row,
-                                   cfg)  # fmt: skip
-            times.append((do_bench(fn, warmup=5, rep=20), cfg))
+            times.append((do_bench(functools.partial(launch, cfg), warmup=5, rep=20), cfg))
         except Exception as exc:  # e.g. out of shared memory on a small GPU
             logger.debug("config %s failed: %s", cfg, exc)
     best = min(times, key=lambda t: t[0])[1] if times else options[0]
