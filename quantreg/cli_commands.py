@@ -277,14 +277,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_warmup(args: argparse.Namespace) -> int:
-    """Build quantreg's CPU kernel now (or say why this machine has nothing to build)."""
-    from quantreg.kernels.cpu import warmup
+    """Build quantreg's CPU kernels now -- the int4 / int8 one, then the float8 one (or say
+    why this machine has nothing to build for one)."""
+    from quantreg.kernels import cpu, cpu_float8
 
     args.doing = "building quantreg's CPU kernel"
-    result = warmup()
+    result = cpu.warmup()
+    args.doing = "building quantreg's float8 CPU kernel"
+    float8 = cpu_float8.warmup()
     if args.json:
-        print_json(args, result.to_dict())
+        print_json(args, {**result.to_dict(), "float8": float8.to_dict()})
     else:
         args.doing = STDOUT
         print(result.summary())
-    return 0 if result.ready or not result.needed else 1
+        print(float8.summary("quantreg's float8 CPU kernel", "the reference kernel"))
+    return 0 if all(r.ready or not r.needed for r in (result, float8)) else 1

@@ -30,6 +30,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -133,28 +134,41 @@ class Warmup:
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "cache": None if self.cache is None else str(self.cache)}
 
-    def summary(self) -> str:
-        """One line for ``quantreg warmup``."""
+    def summary(self, what: str = "quantreg's CPU kernel", instead: str = "torch's ops or the "
+                "reference kernel") -> str:  # fmt: skip
+        """One line for ``quantreg warmup`` about kernel ``what`` (``instead``: what heads run
+        where it cannot)."""
         if self.ready:
             how = "already built" if self.cached else f"built in {self.seconds:.0f} s"
-            return f"quantreg's CPU kernel is ready ({how}), cached in {self.cache}"
+            return f"{what} is ready ({how}), cached in {self.cache}"
         if not self.needed:
-            return f"nothing to build: {self.reason}; heads run torch's ops or the reference kernel"
-        return f"quantreg's CPU kernel could not be built in {self.cache}: {self.reason}"
+            return f"nothing to build for {what}: {self.reason}; heads run {instead}"
+        return f"{what} could not be built in {self.cache}: {self.reason}"
 
 
 def warmup() -> Warmup:
     """Build (or load) the CPU kernel now, so that no head load waits for the compiler."""
+    return warm(_not_here, "wna16", extension, unavailable_reason)
+
+
+def warm(
+    not_here: Callable[[], str | None],
+    kernel: str,
+    build: Callable[[], Any],
+    reason: Callable[[], str | None],
+) -> Warmup:
+    """Build (or load) one kernel (``build``) unless ``not_here`` says why not: what
+    ``quantreg warmup`` did for it."""
     start = time.perf_counter()
-    why_not = _not_here()
+    why_not = not_here()
     if why_not is not None:  # said here, not also as extension()'s warning
         return Warmup(ready=False, needed=False, reason=why_not, cache=None, cached=False,
                       seconds=time.perf_counter() - start)  # fmt: skip
-    key = cpu_build.build_key()
+    key = cpu_build.build_key(kernel)
     cached = cpu_build.is_built(key)
-    module = extension()
+    module = build()
     return Warmup(
-        ready=module is not None, needed=True, reason=unavailable_reason(),
+        ready=module is not None, needed=True, reason=reason(),
         cache=cpu_build.build_dir(key), cached=cached, seconds=time.perf_counter() - start,
     )  # fmt: skip
 

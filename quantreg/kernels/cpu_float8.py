@@ -37,6 +37,8 @@ from quantreg.platform import probe_cpu_isa
 if TYPE_CHECKING:
     import torch
 
+    from quantreg.kernels.cpu import Warmup
+
 logger = logging.getLogger(__name__)
 
 NB = 16  # outputs per block: two AVX2 registers of float32
@@ -81,6 +83,14 @@ def extension() -> Any | None:
             )
         _state["module"], _state["reason"] = module, reason
         return module
+
+
+def warmup() -> Warmup:
+    """Build (or load) the float8 kernel now, so that no fp8 / NVFP4 head load waits for the
+    compiler."""
+    from quantreg.kernels.cpu import warm
+
+    return warm(not_here, "float8", extension, unavailable_reason)
 
 
 def unavailable_reason() -> str | None:
