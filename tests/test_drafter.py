@@ -300,6 +300,10 @@ def test_demo_rows(tmp_path):
         ("ct w4a16 g128 asym", "compressed-tensors"),
         ("ct w8a8 int8 (weight-only)", "compressed-tensors"),
         ("ct fp8 per-channel", "compressed-tensors"),
+        ("ct nvfp4 g16", "compressed-tensors"),
+        ("fp8 block 128x128", "fp8"),
+        ("fp8 per-tensor", "fp8"),
+        ("modelopt nvfp4 g16", "modelopt"),
     ]
     assert all(r.target_vocab_ok for r in rows)
     assert rows[0].max_abs_error < 1e-5 and rows[1].max_abs_error < 1e-5
@@ -316,8 +320,8 @@ def test_demo_rows(tmp_path):
 # -- quantized drafters in both layouts -----------------------------------------------------
 
 QN, QK, QTARGET = 256, 128, 1024  # draft vocab, hidden, target vocab
-# A quantized body with a float head: AutoAWQ (no lm_head key), and an fp8 body quantreg cannot
-# run (DeepSeek-V3's block-wise config, no exclusion key).
+# A quantized body with a float head: AutoAWQ (no lm_head key), and an fp8 body
+# (DeepSeek-V3's block-wise config, no exclusion key: the head stays float).
 FLOAT_HEAD_CONFIGS = {
     "awq-body": {"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": True, "version": "gemm"},
     "fp8-body": {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": [128, 128]},
