@@ -88,21 +88,10 @@ def _not_here() -> str | None:
 
 def extension() -> Any | None:
     """The compiled extension (built once per process, cached on disk), or None."""
-    with _lock:
-        if "module" in _state:
-            return _state["module"]
-        module, reason = None, _not_here()
-        if reason is None:
-            try:
-                module = cpu_build.build()
-            except Exception as exc:  # no compiler, no ninja, ...
-                reason = f"building the C++ kernel failed: {type(exc).__name__}: {exc}"
-        if reason is not None:
-            logger.warning(
-                "quantreg CPU kernels unavailable (%s); kernel selection declines them", reason
-            )
-        _state["module"], _state["reason"] = module, reason
-        return module
+    return cpu_build.build_once(
+        _state, _lock, "wna16", _not_here, "kernel",
+        "quantreg CPU kernels unavailable (%s); kernel selection declines them", logger,
+    )  # fmt: skip
 
 
 def unavailable_reason() -> str | None:

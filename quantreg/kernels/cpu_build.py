@@ -21,6 +21,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -191,3 +193,32 @@ def build(kernel: str = "wna16") -> Any:
         logger=logger,
     ):
         return compile_extension(key, folder)
+
+
+def build_once(
+    state: dict[str, Any],
+    lock: threading.Lock,
+    kernel: str,
+    not_here: Callable[[], str | None],
+    failed: str,
+    unavailable: str,
+    log: logging.Logger,
+) -> Any | None:
+    """The extension of ``kernel`` for this process, or None: built (or loaded from the cache)
+    on the first call unless ``not_here`` says why not, and kept in ``state`` (``module``, and
+    the ``reason`` it is unavailable), so that no later call builds or warns again. ``failed``
+    names the kernel in a failed build's reason; ``unavailable`` is the WARNING (``%s``: the
+    reason) logged once on ``log``."""
+    with lock:
+        if "module" in state:
+            return state["module"]
+        module, reason = None, not_here()
+        if reason is None:
+            try:
+                module = build(kernel)
+            except Exception as exc:  # no compiler, no ninja, ...
+                reason = f"building the C++ {failed} failed: {type(exc).__name__}: {exc}"
+        if reason is not None:
+            log.warning(unavailable, reason)
+        state["module"], state["reason"] = module, reason
+        return module

@@ -67,22 +67,10 @@ def not_here(flags: frozenset[str] | None = None) -> str | None:
 
 def extension() -> Any | None:
     """The compiled extension (built once per process, cached on disk), or None."""
-    with _lock:
-        if "module" in _state:
-            return _state["module"]
-        module, reason = None, not_here()
-        if reason is None:
-            try:
-                module = cpu_build.build("float8")
-            except Exception as exc:  # no compiler, no ninja, ...
-                reason = f"building the C++ float8 kernel failed: {type(exc).__name__}: {exc}"
-        if reason is not None:
-            logger.warning(
-                "quantreg's float8 CPU kernel unavailable (%s); kernel selection declines it",
-                reason,
-            )
-        _state["module"], _state["reason"] = module, reason
-        return module
+    return cpu_build.build_once(
+        _state, _lock, "float8", not_here, "float8 kernel",
+        "quantreg's float8 CPU kernel unavailable (%s); kernel selection declines it", logger,
+    )  # fmt: skip
 
 
 def warmup() -> Warmup:
