@@ -91,3 +91,19 @@ def llama_config(quantization_config: dict[str, Any] | None = None, **extra: Any
     if quantization_config is not None:
         config["quantization_config"] = quantization_config
     return config
+
+
+def load_regions(head: Any, tensors: Tensors, kernel: str) -> Any:
+    """Fill a built ``ParallelLMHead`` from a checkpoint's whole ``tensors``, each parameter
+    with its rank's region as the loader reads it, then run ``kernel``: a TP rank without a
+    process group."""
+    head.requested_kernel = kernel
+    for name, param in head.named_parameters():
+        full = tensors[f"{head.prefix}.{name}"]
+        region = head.checkpoint_region(param)
+        if region is not None:
+            dim, start, stop = region
+            full = full.narrow(dim, start, stop - start)
+        head.load_weight(param, full)
+    head.quant_method.process_weights_after_loading(head)
+    return head

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ckpt import load_regions
 from safetensors.torch import load_file
 
 import quantreg
@@ -198,16 +199,7 @@ def shard(folder, rank: int, size: int) -> ParallelLMHead:
     head = ParallelLMHead(vocab, hidden, params_dtype=torch.bfloat16,
                           quant_config=quantreg.resolve(folder).config, prefix="lm_head",
                           tp=TPGroup(None, rank, size))  # fmt: skip
-    head.requested_kernel = "triton-float8"
-    for name, param in head.named_parameters():
-        full = tensors[f"lm_head.{name}"]
-        region = head.checkpoint_region(param)
-        if region is not None:
-            dim, start, stop = region
-            full = full.narrow(dim, start, stop - start)
-        head.load_weight(param, full)
-    head.quant_method.process_weights_after_loading(head)
-    return head
+    return load_regions(head, tensors, "triton-float8")
 
 
 def test_an_fp8_block_head_and_its_tensor_parallel_shards(tmp_path):

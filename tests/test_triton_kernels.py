@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ckpt import load_regions
 from safetensors.torch import load_file
 
 import quantreg
@@ -71,16 +72,7 @@ def shard(folder, rank: int, size: int, method: str, kernel: str) -> ParallelLMH
     vocab, hidden = tensors["lm_head.scales"].shape[1], tensors["lm_head.qweight"].shape[0] * 8
     head = ParallelLMHead(vocab, hidden, params_dtype=torch.float16, quant_config=config,
                           prefix="lm_head", tp=TPGroup(None, rank, size))  # fmt: skip
-    head.requested_kernel = kernel
-    for name, param in head.named_parameters():
-        full = tensors[f"lm_head.{name}"]
-        region = head.checkpoint_region(param)
-        if region is not None:
-            dim, start, stop = region
-            full = full.narrow(dim, start, stop - start)
-        head.load_weight(param, full)
-    head.quant_method.process_weights_after_loading(head)
-    return head
+    return load_regions(head, tensors, kernel)
 
 
 def test_a_tensor_parallel_shard_matches_its_slice(tmp_path):
