@@ -16,13 +16,13 @@ import torch
 
 import quantreg
 from quantreg.bench import peak_transient_bytes
-from quantreg.kernels import Float8Layout, choose, cpu_float8, reference
+from quantreg.kernels import Float8Layout, choose, cpu_float8, layouts, reference
 from quantreg.kernels.cpu_float8 import CPUFloat8Layout, float8_cpu_matmul
 from quantreg.platform import Platform
 
 BF16 = torch.bfloat16
 AVX2 = Platform("cpu", cpu_isa=frozenset({"avx2", "fma", "f16c"}))
-E2M1 = torch.tensor(cpu_float8.E2M1)
+E2M1 = torch.tensor(layouts.E2M1)
 
 
 @pytest.fixture(scope="module")

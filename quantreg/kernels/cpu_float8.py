@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from quantreg.kernels import cpu_build
-from quantreg.kernels.layouts import Float8Layout, LayoutTensors
+from quantreg.kernels.layouts import Float8Layout, LayoutTensors, e2m1_codes
 from quantreg.platform import probe_cpu_isa
 
 if TYPE_CHECKING:
@@ -43,7 +43,6 @@ logger = logging.getLogger(__name__)
 
 NB = 16  # outputs per block: two AVX2 registers of float32
 FLAGS = cpu_build.FLOAT8_FLAGS  # avx2, fma, f16c
-E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # code & 7 -> magnitude; bit 3 is the sign
 ROW_CHUNK = 256  # vocab rows converted per step at build time
 X_TILE_BYTES = 8 * 2**20  # float32 activations converted per call: rows of x per kernel call
 FP8_SHIFT = 256.0  # the fp16 decoding yields value * 2^-8
@@ -87,23 +86,6 @@ def unavailable_reason() -> str | None:
     return _state["reason"]
 
 
-def e2m1_codes(values: torch.Tensor) -> torch.Tensor | None:
-    """float8 ``values`` as e2m1 codes (uint8, sign in bit 3), or None when any value is off
-    the e2m1 grid."""
-    import torch
-
-    table = torch.full((256,), -1, dtype=torch.int16)
-    every = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
-    for code, magnitude in enumerate(E2M1):
-        table[every == magnitude] = code  # 0x00 and 0x80 both match 0.0: fixed below
-        table[every == -magnitude] = code | 8
-    table[0x00], table[0x80] = 0, 8
-    codes = table[values.view(torch.uint8).long()]
-    if bool((codes < 0).any()):
-        return None
-    return codes.to(torch.uint8)
-
-
 def _pad_rows(t: torch.Tensor) -> torch.Tensor:
     import torch
 
@@ -119,7 +101,7 @@ def _block_codes(values: torch.Tensor, fp4: bool) -> torch.Tensor | None:
     if not fp4:
         c = values.view(torch.uint8).reshape(r // NB, NB, k).transpose(1, 2)
         return c.reshape(r // NB, k * NB)
-    codes = e2m1_codes(values)
+    codes = e2m1_codes(values.view(torch.uint8))
     if codes is None:
         return None
     c = codes.reshape(r // NB, NB, k).transpose(1, 2)[..., list(FP4_ORDER)]  # [blocks, K, 16]

@@ -7,6 +7,7 @@ of an activation and a layout.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,9 @@ from quantreg.kernels.weights import IntWeights, group_order, regular_group_size
 if TYPE_CHECKING:
     import torch
 
+# e2m1 (NVFP4) magnitudes by 3-bit code; bit 3 of a code is the sign. A Float8Layout holds an
+# NVFP4 head's values as float8: every one of them is one of these, exactly.
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 # Output columns converted per step: bounds the temporary codes to K x COLUMN_CHUNK.
 COLUMN_CHUNK = 4096
 # tl.dot reads K in blocks of at least 16 rows; other group sizes take the per-row path.
@@ -173,3 +177,27 @@ class Float8Layout(LayoutTensors):
             bounds=tuple(bounds),
             round_to=round_to,
         )
+
+
+@functools.cache
+def _e2m1_table(device: torch.device) -> torch.Tensor:
+    """int16 ``[256]``: the e2m1 code of every float8 e4m3 byte that is an e2m1 number, -1 for
+    the others (``-0.0`` keeps its sign bit, as compressed-tensors' codes may)."""
+    import torch
+
+    codes = torch.full((256,), -1, dtype=torch.int16)
+    for code, magnitude in enumerate(E2M1):
+        byte = int(torch.tensor(magnitude).to(torch.float8_e4m3fn).view(torch.uint8))
+        codes[byte], codes[byte | 0x80] = code, code | 8
+    return codes.to(device)
+
+
+def e2m1_codes(raw: torch.Tensor) -> torch.Tensor | None:
+    """float8 e4m3 bytes (uint8, any shape) as their e2m1 codes (uint8, sign in bit 3), or None
+    when some value is not an e2m1 number -- what the float8 kernels pack NVFP4 heads with."""
+    import torch
+
+    codes = _e2m1_table(raw.device)[raw.long()]
+    if bool((codes < 0).any()):
+        return None
+    return codes.to(torch.uint8)

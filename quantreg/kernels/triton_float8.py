@@ -25,14 +25,13 @@ or a group per column through ``col_groups`` (irregular groups).
 from __future__ import annotations
 
 import enum
-import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from quantreg.kernels.layouts import Float8Layout, LayoutTensors
+from quantreg.kernels.layouts import Float8Layout, LayoutTensors, e2m1_codes
 from quantreg.kernels.triton_wna16 import Config, interpreting, tuned_config
 
 logger = logging.getLogger(__name__)
@@ -48,8 +47,6 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
 BLOCK_KS = (128, 64, 32, 16)
 # The "group size" of one group covering every column: a multiple of every BLOCK_K.
 WHOLE = 1 << 30
-# e2m1 magnitudes by 3-bit code; their float8 e4m3 bytes, for packing.
-E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 ROWS_PER_CHECK = 4096  # rows packed per step: bounds the temporaries to 4096 x K
 
 
@@ -68,7 +65,7 @@ class TritonFloat8Layout(LayoutTensors):
     Attributes:
         values: uint8: the float8 e4m3 bytes ``[N, K]`` (``value_bits`` 8), or e2m1 codes two a
             byte ``[N, K / 2]`` (``value_bits`` 4: column ``2j`` in the low nibble of byte
-            ``j``, ``2j + 1`` in the high one; bit 3 the sign, bits 0-2 index ``E2M1``).
+            ``j``, ``2j + 1`` in the high one; bit 3 the sign, bits 0-2 index ``layouts.E2M1``).
         value_bits: 8 or 4.
         scales: ``[G, N]`` in the checkpoint's scale dtype (float16, bfloat16 or float32).
         zeros: ``[G, N]`` float zero points, or None.
@@ -140,30 +137,18 @@ def group_read(group: int | None, block_k: int) -> GroupRead:
     return GroupRead.WIDE if group % block_k == 0 else GroupRead.NARROW
 
 
-@functools.cache
-def _e2m1_codes(device: torch.device) -> torch.Tensor:
-    """int16 ``[256]``: the e2m1 code of every float8 e4m3 byte that is an e2m1 number, -1 for
-    the others (``-0.0`` keeps its sign bit, as compressed-tensors' codes may)."""
-    codes = torch.full((256,), -1, dtype=torch.int16)
-    for code, magnitude in enumerate(E2M1):
-        byte = int(torch.tensor(magnitude).to(torch.float8_e4m3fn).view(torch.uint8))
-        codes[byte], codes[byte | 0x80] = code, code | 8
-    return codes.to(device)
-
-
 def pack_e2m1(raw: torch.Tensor) -> torch.Tensor | None:
     """float8 bytes ``[N, K]`` as e2m1 codes two a byte ``[N, K / 2]``; None when K is odd or
     some value is not an e2m1 number (an fp8 head: found in its first rows)."""
     n, k = raw.shape
     if k % 2 or raw.numel() == 0:
         return None
-    table = _e2m1_codes(raw.device)
     packed = torch.empty((n, k // 2), dtype=torch.uint8, device=raw.device)
     for r0 in range(0, n, ROWS_PER_CHECK):
-        codes = table[raw[r0 : r0 + ROWS_PER_CHECK].long()]
-        if bool((codes < 0).any()):
+        codes = e2m1_codes(raw[r0 : r0 + ROWS_PER_CHECK])
+        if codes is None:
             return None
-        packed[r0 : r0 + ROWS_PER_CHECK] = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
+        packed[r0 : r0 + ROWS_PER_CHECK] = codes[:, 0::2] | (codes[:, 1::2] << 4)
     return packed
 
 
