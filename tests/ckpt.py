@@ -5,6 +5,7 @@ Tensor values are zeros: these checkpoints exercise names, dtypes, shapes and fi
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -107,3 +108,14 @@ def load_regions(head: Any, tensors: Tensors, kernel: str) -> Any:
         head.load_weight(param, full)
     head.quant_method.process_weights_after_loading(head)
     return head
+
+
+def with_(base: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """A deep copy of config ``base`` with some keys replaced (None removes a key)."""
+    out = copy.deepcopy(base)
+    for key, value in changes.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = value
+    return out

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from ckpt import with_
 from safetensors.torch import load_file, save_file
 
 from quantreg import CheckpointError, ConfigError, list_quant_methods, load_lm_head, resolve
@@ -41,13 +42,7 @@ PACKING = "(packing_format 'auto_round:auto_gptq')"
 
 def config(**changes: Any) -> dict[str, Any]:
     """BASE with some keys replaced (None removes a key)."""
-    out = json.loads(json.dumps(BASE))
-    for key, value in changes.items():
-        if value is None:
-            out.pop(key, None)
-        else:
-            out[key] = value
-    return out
+    return with_(BASE, **changes)
 
 
 # -- which layers are quantized, and how -------------------------------------------------------

@@ -5,14 +5,13 @@ against a table of configs copied from producers and public model repositories."
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from ckpt import awq_head, ct_packed_head, float_head, gptq_head, llama_config
+from ckpt import awq_head, ct_packed_head, float_head, gptq_head, llama_config, with_
 from ckpt import write_checkpoint as write_raw
 from ct_library import compress_head
 from safetensors.torch import load_file
@@ -279,16 +278,6 @@ CT_LIB_SPARSE = {"format": "sparse-bitmask", "global_sparsity": 19.0981032339755
 LLMC_2OF4_W4A16 = {"quant_method": "compressed-tensors", "format": "marlin-24", "config_groups": {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128, "symmetric": True}, "input_activations": None}}, "ignore": ["lm_head", "re:.*self_attn.*", "re:.*embed.*"], "sparsity_config": {"format": "sparse-24-bitmask", "sparsity_structure": "2:4", "targets": ["Linear"], "ignore": ["lm_head", "re:.*self_attn.*"]}}  # fmt: skip
 # SGLang's compressed-tensors 2:4 test: sparse-24-bitmask over every Linear, nothing ignored.
 SGLANG_24_W4A16 = {"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": [], "config_groups": {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32, "dynamic": False}}}, "sparsity_config": {"format": "sparse-24-bitmask", "sparsity_structure": "2:4", "targets": ["Linear"], "ignore": []}}  # fmt: skip
-
-
-def with_(base: dict, **changes: Any) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in changes.items():
-        if value is None:
-            out.pop(key, None)
-        else:
-            out[key] = value
-    return out
 
 
 REAL = [
