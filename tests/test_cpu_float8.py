@@ -63,6 +63,7 @@ CASES = {
     "fp8-every-code": (40, 254, None, "every-code", torch.float32, None),
     "nvfp4-g16-round-to-bf16": (1000, 48, 16, "e2m1", torch.float32, BF16),
     "nvfp4-g16-k-272-n-17": (17, 272, 16, "e2m1", torch.float32, BF16),
+    "nvfp4-e4m3-scales-over-a-global": (40, 96, 16, "e2m1", "e4m3/global", BF16),
     "e2m1-channel-odd-k-45": (24, 45, None, "e2m1", BF16, None),
     "e2m1-groups-of-5": (40, 23, 5, "e2m1", torch.float16, None),
 }
@@ -73,9 +74,18 @@ def layout_of(case: str, seed: int = 0) -> Float8Layout:
     gen = torch.Generator().manual_seed(seed)
     values = VALUES[kind](n, k, gen)
     groups = 1 if group is None else -(-k // group)
+    if scale_dtype == "e4m3/global":  # as NVFP4 producers store them: e4m3 codes / a global
+        return nvfp4_layout(values, torch.rand(groups, n, generator=gen) * 448, group)
     scales = (torch.rand(groups, n, generator=gen) * 0.01 + 1e-4).to(scale_dtype)
     g_idx = None if group is None else torch.arange(k) // group
     return Float8Layout.build(values, scales, None, g_idx, round_to=round_to)
+
+
+def nvfp4_layout(values: torch.Tensor, group_scales: torch.Tensor, group: int) -> Float8Layout:
+    """NVFP4 scales: e4m3 codes divided by one float32 global scale (448 * 6 / amax)."""
+    effective = group_scales.to(torch.float8_e4m3fn).float() / (448 * 6 / 3.7)
+    g_idx = torch.arange(values.shape[1]) // group
+    return Float8Layout.build(values, effective, None, g_idx, round_to=BF16)
 
 
 def unrounded(x: torch.Tensor, layout: Float8Layout) -> torch.Tensor:
@@ -189,16 +199,57 @@ def test_tensor_parallel_shards_of_a_1000_vocab(kernel):
     assert rel_err(torch.cat(parts, dim=1), reference.float8_matmul(x, layout)) < 1e-2
 
 
-@pytest.mark.parametrize(
-    ("case", "fp4", "bytes_per_weight"),
-    [("nvfp4-g16-round-to-bf16", True, 0.5), ("fp8-every-code", False, 1.0)],
-    ids=["e2m1-values-take-4-bits", "float8-values-take-a-byte"],
-)
-def test_the_layout_packs_e2m1_values_in_4_bits(case, fp4, bytes_per_weight):
+# id -> (case, fp4 codes, code bytes a weight, scale dtype in the layout)
+LAYOUTS = {
+    "e2m1-values-take-4-bits": ("nvfp4-g16-round-to-bf16", True, 0.5, torch.float32),
+    "nvfp4-scales-take-a-byte": ("nvfp4-e4m3-scales-over-a-global", True, 0.5, torch.uint8),
+    "float8-values-take-a-byte": ("fp8-every-code", False, 1.0, torch.float32),
+    "e2m1-with-k-not-a-multiple-of-4": ("e2m1-channel-odd-k-45", False, 1.0, torch.float32),
+    "e2m1-with-groups-of-5": ("e2m1-groups-of-5", False, 1.0, torch.float32),
+}
+
+
+@pytest.mark.parametrize(("case", "fp4", "bytes_per_weight", "scale_dtype"), LAYOUTS.values(), ids=LAYOUTS.keys())  # fmt: skip
+def test_the_layout_packs_e2m1_values_in_4_bits(case, fp4, bytes_per_weight, scale_dtype):
     layout = layout_of(case)
     fast = CPUFloat8Layout.build(layout)
     assert fast.fp4 is fp4
     assert fast.codes.numel() == -(-layout.n // 16) * 16 * layout.k * bytes_per_weight
+    assert fast.scales.dtype == scale_dtype
+    assert fast.scales.shape == (-(-layout.n // 16), len(layout.bounds) - 1, 16)
+
+
+@pytest.mark.parametrize("top", [448.0, 320.0, 30.0, 0.5], ids=lambda t: f"largest-code-{t:g}")
+def test_scale_codes_give_back_every_scale(top):
+    """A tensor-parallel shard's largest scale need not be 448: any e4m3 value will do."""
+    from quantreg.kernels.cpu_float8 import SCALE_TOLERANCE, scale_codes
+
+    gen = torch.Generator().manual_seed(3)
+    codes = (torch.rand(64, 100, generator=gen) * top).to(torch.float8_e4m3fn)
+    codes[0, 0] = top
+    scales = codes.float() / 726.4865
+    found = scale_codes(scales)
+    assert found is not None
+    back = found[0].view(torch.float8_e4m3fn).double() * found[1]
+    assert ((back - scales.double()).abs() <= scales.double().abs() * SCALE_TOLERANCE).all()
+
+
+def test_scales_that_are_no_e4m3_codes_stay_float32():
+    from quantreg.kernels.cpu_float8 import scale_codes
+
+    scales = torch.rand(8, 100, generator=torch.Generator().manual_seed(4)) + 0.01
+    assert scale_codes(scales) is None
+    assert scale_codes(torch.zeros(2, 3)) is None
+
+
+def test_a_tensor_parallel_nvfp4_shard_keeps_its_scale_codes(kernel):
+    layout = layout_of("nvfp4-e4m3-scales-over-a-global")
+    scales = layout.scales[:, :16] * 0.25  # a shard whose largest scale code is ~112
+    shard = Float8Layout.build(layout.values[:16], scales, None, torch.arange(96) // 16, round_to=BF16)  # fmt: skip
+    fast = CPUFloat8Layout.build(shard)
+    assert fast.scales.dtype == torch.uint8
+    x = torch.randn(3, 96)
+    assert rel_err(float8_cpu_matmul(x, fast), unrounded(x, shard)) < 1e-5
 
 
 def test_one_value_off_the_e2m1_grid_keeps_a_byte_per_weight():

@@ -10,11 +10,15 @@ Layout (:class:`CPUFloat8Layout`), built once after loading, 16 outputs per bloc
 * fp8: one byte a weight, the e4m3 code itself (byte ``16k + o`` of a block: output ``o``,
   row ``k``), decoded through fp16 by bit shifts (see the C++ source);
 * fp4: when every value is one of +-{0, 0.5, 1, 1.5, 2, 3, 4, 6} -- the e2m1 grid, as
-  compressed-tensors' and ModelOpt's NVFP4 heads hold them -- four bits a weight (byte
-  ``8k + j``: positions ``2j`` and ``2j + 1``, outputs in ``FP4_ORDER``), found by a check
-  at build time, lossless;
+  compressed-tensors' and ModelOpt's NVFP4 heads hold them -- and K and the group size are
+  multiples of 4: four bits a weight, 32 bytes a step of four rows (byte ``b`` of a step: the
+  codes at :data:`FP4_STEP_INDEX` ``[b]`` of its first two rows in the low nibble, of its last
+  two in the high one), found by a check at build time, lossless;
 * scales: float32 ``[N/16, G, 16]`` (the checkpoint's scales, exact in float32; fp8 ones
-  times 2^8, the factor the fp16 decoding leaves out).
+  times 2^8, the factor the fp16 decoding leaves out). NVFP4 scales are e4m3 codes divided by
+  one global scale; when every scale is such a code times one float32 (to 2^-20, checked at
+  build), fp4 heads keep the codes, a byte each, and the multiplier: a quarter of the bytes
+  float32 scales take, whose reading would otherwise cost a third of an NVFP4 call.
 
 Precision: weights are the float8 values times the float32 scale, summed in float32. The
 reference rounds every dequantized weight to the scale dtype (compressed-tensors' NVFP4: to
@@ -25,6 +29,7 @@ which is why it serves bf16 / fp16 activations only: float32 heads keep the exac
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 from dataclasses import dataclass
@@ -46,9 +51,16 @@ FLAGS = cpu_build.FLOAT8_FLAGS  # avx2, fma, f16c
 ROW_CHUNK = 256  # vocab rows converted per step at build time
 X_TILE_BYTES = 8 * 2**20  # float32 activations converted per call: rows of x per kernel call
 FP8_SHIFT = 256.0  # the fp16 decoding yields value * 2^-8
-# fp4 position p of a row holds output FP4_ORDER[p]: the decoding's in-lane unpacks put positions
-# 0-3 and 8-11 in the first register, 4-7 and 12-15 in the second.
-FP4_ORDER = (0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15)
+FP4_STEP = 4  # rows of a block in one 32-byte fp4 step
+# Byte b of an fp4 step holds, in each nibble, code FP4_STEP_INDEX[b] of two rows x 16 outputs
+# (row-major): the decoding's byte and word unpacks work within 128-bit lanes, so register q of
+# a nibble half takes bytes 4q .. 4q + 3 and 16 + 4q .. 16 + 4q + 3 (q = 2 * row + output // 8).
+FP4_STEP_INDEX = tuple(
+    (b % 16) // 8 * 16 + (b % 8) // 4 * 8 + b % 4 + 4 * (b // 16) for b in range(32)
+)
+SCALE_TOLERANCE = 2.0**-20  # relative: e4m3 scale codes times the multiplier vs the scales
+# e4m3 mantissas for the largest scale (1.75: the 448 NVFP4 producers scale to), tried in turn
+SCALE_MANTISSAS = (1.75, 1.0, 1.125, 1.25, 1.375, 1.5, 1.625, 1.875)
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {}
@@ -104,8 +116,40 @@ def _block_codes(values: torch.Tensor, fp4: bool) -> torch.Tensor | None:
     codes = e2m1_codes(values.view(torch.uint8))
     if codes is None:
         return None
-    c = codes.reshape(r // NB, NB, k).transpose(1, 2)[..., list(FP4_ORDER)]  # [blocks, K, 16]
-    return (c[..., 0::2] | (c[..., 1::2] << 4)).reshape(r // NB, k * NB // 2)
+    c = codes.reshape(r // NB, NB, k).transpose(1, 2).reshape(r // NB, k // FP4_STEP, 2, 32)
+    c = c[..., list(FP4_STEP_INDEX)]
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(r // NB, k * NB // 2)
+
+
+def scale_codes(scales: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+    """``scales`` as e4m3 codes (uint8, same shape) and one multiplier such that code value x
+    multiplier is every scale within :data:`SCALE_TOLERANCE`, or None when there is none.
+
+    NVFP4 producers store e4m3 group scales and one global scale, and divide; loaders hand
+    the kernels the quotient. Its largest scale is an e4m3 value times the multiplier: this
+    tries the eight e4m3 mantissas for it (first 1.75, the 448 the producers scale to), each
+    on a sample before the whole tensor.
+    """
+    import torch
+
+    peak = float(scales.abs().max()) if scales.numel() else 0.0
+    if peak == 0.0 or not math.isfinite(peak):
+        return None
+    wide = scales.to(torch.float64).flatten()
+    for mantissa in SCALE_MANTISSAS:
+        top = mantissa * (256 if mantissa <= 1.75 else 128)  # <= 448, e4m3's largest
+        mult = float(torch.tensor(peak / top, dtype=torch.float32))
+        if all(_codes_fit(part, mult) for part in (wide[:4096], wide)):
+            codes = (wide / mult).to(torch.float8_e4m3fn).view(torch.uint8)
+            return codes.reshape(scales.shape), mult
+    return None
+
+
+def _codes_fit(scales: torch.Tensor, mult: float) -> bool:
+    import torch
+
+    back = (scales / mult).to(torch.float8_e4m3fn).to(torch.float64) * mult
+    return bool(((back - scales).abs() <= scales.abs() * SCALE_TOLERANCE).all())
 
 
 @dataclass(frozen=True, eq=False)
@@ -114,10 +158,12 @@ class CPUFloat8Layout(LayoutTensors):
 
     Attributes:
         codes: uint8 ``[ceil(N/16), K * 16]`` (fp8) or ``[ceil(N/16), K * 8]`` (fp4).
-        scales: float32 ``[ceil(N/16), G, 16]`` (fp8: times 2^8).
+        scales: float32 ``[ceil(N/16), G, 16]`` (fp8: times 2^8), or (fp4) e4m3 codes as
+            uint8, same shape.
         perm: int64 ``[K]`` column order applied to ``x``, or None (as in ``Float8Layout``).
         n, k: the weight's shape; group_size: columns per group (one group: K).
         fp4: the codes are e2m1 nibbles.
+        scale_mult: what multiplies every sum (scale codes: their multiplier times 2^8; else 1).
     """
 
     codes: torch.Tensor
@@ -127,6 +173,7 @@ class CPUFloat8Layout(LayoutTensors):
     k: int
     group_size: int
     fp4: bool
+    scale_mult: float = 1.0
 
     @classmethod
     def fits(cls, weights: Float8Layout) -> str | None:
@@ -140,13 +187,16 @@ class CPUFloat8Layout(LayoutTensors):
     @classmethod
     def build(cls, weights: Float8Layout) -> CPUFloat8Layout:
         """From the float8 values, ``ROW_CHUNK`` vocab rows at a time: four bits a weight when
-        every value is on the e2m1 grid, else one byte."""
+        every value is on the e2m1 grid (and K and the group size are multiples of 4), else
+        one byte; fp4 scales as e4m3 codes and a multiplier when they are such."""
         import torch
 
+        group = weights.group_size
+        assert group is not None  # checked by fits()
         values = weights.values
         chunks = [_pad_rows(values[r : r + ROW_CHUNK]) for r in range(0, weights.n, ROW_CHUNK)]
         blocks: list[torch.Tensor] = []
-        for chunk in chunks:
+        for chunk in chunks if weights.k % FP4_STEP == group % FP4_STEP == 0 else ():
             block = _block_codes(chunk, fp4=True)
             if block is None:
                 break
@@ -154,11 +204,9 @@ class CPUFloat8Layout(LayoutTensors):
         fp4 = len(blocks) == len(chunks)
         if not fp4:
             blocks = [_block_codes(c, fp4=False) for c in chunks]  # type: ignore[misc]
-        scales = weights.scales.to(torch.float32) * (1.0 if fp4 else FP8_SHIFT)
+        scales, mult = _kernel_scales(weights.scales, fp4)
         g, n = scales.shape
         scales = torch.nn.functional.pad(scales, (0, -n % NB))
-        group = weights.group_size
-        assert group is not None  # checked by fits()
         return cls(
             codes=torch.cat(blocks),
             scales=scales.reshape(g, -1, NB).permute(1, 0, 2).contiguous(),
@@ -167,7 +215,22 @@ class CPUFloat8Layout(LayoutTensors):
             k=weights.k,
             group_size=group,
             fp4=fp4,
+            scale_mult=mult,
         )
+
+
+def _kernel_scales(scales: torch.Tensor, fp4: bool) -> tuple[torch.Tensor, float]:
+    """The ``[G, N]`` scales as the kernel reads them, and the multiplier of every sum."""
+    import torch
+
+    wide = scales.to(torch.float32)
+    if not fp4:
+        return wide * FP8_SHIFT, 1.0
+    coded = scale_codes(wide)
+    if coded is None:
+        logger.debug("fp4 scales are not e4m3 codes times one float32: kept as float32")
+        return wide, 1.0
+    return coded[0], coded[1] * FP8_SHIFT
 
 
 def float8_cpu_matmul(x: torch.Tensor, layout: CPUFloat8Layout) -> torch.Tensor:
@@ -188,5 +251,5 @@ def float8_cpu_matmul(x: torch.Tensor, layout: CPUFloat8Layout) -> torch.Tensor:
     for r0 in range(0, m, rows):
         xf = x[r0 : r0 + rows].to(torch.float32).contiguous()
         module.float8_gemm(xf, out[r0 : r0 + rows], layout.codes, layout.scales,
-                           layout.group_size, layout.fp4)  # fmt: skip
+                           layout.group_size, layout.fp4, layout.scale_mult)  # fmt: skip
     return out

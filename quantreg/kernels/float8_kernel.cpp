@@ -3,10 +3,10 @@
 // built with AVX-512 flags), so that nothing here can carry an AVX-512 instruction.
 //
 // Layout: 16 outputs per block, K-major. fp8: byte 16k + o of a block is output o's e4m3 code
-// at row k. fp4: byte 8k + j holds positions 2j (low nibble) and 2j + 1 (high nibble) as e2m1
-// codes (bit 3 the sign); position p is output FP4_ORDER[p] = 0-3, 8-11, 4-7, 12-15 (the order
-// the decoding's in-lane unpacks leave them in). Scales: float32 [N/16][G][16], fp8 ones
-// pre-multiplied by 2^8.
+// at row k. fp4 (K and the group size multiples of 4): 32 bytes a step of four rows, e2m1 codes
+// (bit 3 the sign) as nibbles, placed where the decoding's in-lane unpacks want them (see
+// decode4_fp4; cpu_float8.FP4_STEP_INDEX builds it). Scales [N/16][G][16]: float32 (fp8 ones
+// pre-multiplied by 2^8), or for fp4 e4m3 codes, a byte each, with one float32 multiplier.
 //
 // Decoding needs no table in memory: an e4m3 code b, sign-extended to 16 bits and shifted left
 // by 7 with bit 14 cleared, is the fp16 of value * 2^-8 (normals and subnormals alike: fp16 has
@@ -37,10 +37,14 @@ constexpr int DIRECT_M = 4;  // up to this many rows: no buffer (direct_rows)
 struct Geo {
   int64_t M, N, K, gs, G;
   bool fp4;
-  const uint8_t* codes;  // [N/16][K * 16] (fp8) or [N/16][K * 8] (fp4)
-  const float* scales;   // [N/16][G][16]
-  const float* x;        // [M][K]
+  const uint8_t* codes;        // [N/16][K * 16] (fp8) or [N/16][K * 8] (fp4)
+  const float* scales;         // float32 [N/16][G][16], or
+  const uint8_t* scale_codes;  // (fp4 only) e4m3 codes [N/16][G][16], and
+  float scale_mult;            // what multiplies every sum (fp4)
+  const float* x;              // [M][K]
 };
+
+void decode_chunk_fp4(const Geo& g, int64_t b, int64_t k0, int64_t kc, float* buf);
 
 inline void decode_fp8(const uint8_t* p, __m256& lo, __m256& hi) {
   const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)p));
@@ -49,30 +53,10 @@ inline void decode_fp8(const uint8_t* p, __m256& lo, __m256& hi) {
   hi = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
 }
 
-inline void decode_fp4(const uint8_t* p, __m256& lo, __m256& hi) {
-  // bfloat16 of 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives: high and low bytes
-  const __m128i th = _mm_setr_epi8(0x00, 0x3F, 0x3F, 0x3F, 0x40, 0x40, 0x40, 0x40, (char)0x80,
-                                   (char)0xBF, (char)0xBF, (char)0xBF, (char)0xC0, (char)0xC0,
-                                   (char)0xC0, (char)0xC0);
-  const __m128i tl = _mm_setr_epi8(0x00, 0x00, (char)0x80, (char)0xC0, 0x00, 0x40, (char)0x80,
-                                   (char)0xC0, 0x00, 0x00, (char)0x80, (char)0xC0, 0x00, 0x40,
-                                   (char)0x80, (char)0xC0);
-  const __m128i v = _mm_loadl_epi64((const __m128i*)p);
-  const __m128i nib = _mm_set1_epi8(0x0F);
-  const __m128i codes = _mm_unpacklo_epi8(_mm_and_si128(v, nib),
-                                          _mm_and_si128(_mm_srli_epi16(v, 4), nib));
-  const __m128i h = _mm_shuffle_epi8(th, codes), l = _mm_shuffle_epi8(tl, codes);
-  // bf16 words of positions 0-7 | 8-15; as float32 (bf16 << 16): [0-3 | 8-11], [4-7 | 12-15]
-  const __m256i w = _mm256_set_m128i(_mm_unpackhi_epi8(l, h), _mm_unpacklo_epi8(l, h));
-  const __m256i zero = _mm256_setzero_si256();
-  lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w));
-  hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w));
-}
-
 // rows k0 .. k0 + kc of block b, scaled, as float32 [kc][16] in buf
 void decode_chunk(const Geo& g, int64_t b, int64_t k0, int64_t kc, float* buf) {
-  const int64_t row_bytes = g.fp4 ? 8 : 16;
-  const uint8_t* src = g.codes + b * g.K * row_bytes + k0 * row_bytes;
+  if (g.fp4) return decode_chunk_fp4(g, b, k0, kc, buf);
+  const uint8_t* src = g.codes + b * g.K * 16 + k0 * 16;
   int64_t k = 0;
   while (k < kc) {
     const int64_t grp = (k0 + k) / g.gs, end = std::min(kc, (grp + 1) * g.gs - k0);
@@ -80,7 +64,7 @@ void decode_chunk(const Geo& g, int64_t b, int64_t k0, int64_t kc, float* buf) {
     const __m256 s0 = _mm256_loadu_ps(s), s1 = _mm256_loadu_ps(s + 8);
     for (; k < end; ++k) {
       __m256 lo, hi;
-      if (g.fp4) decode_fp4(src + k * 8, lo, hi); else decode_fp8(src + k * 16, lo, hi);
+      decode_fp8(src + k * 16, lo, hi);
       _mm256_store_ps(buf + k * NB, _mm256_mul_ps(lo, s0));
       _mm256_store_ps(buf + k * NB + 8, _mm256_mul_ps(hi, s1));
     }
@@ -132,16 +116,11 @@ void all_rows(const Geo& g, const float* buf, int64_t k0, int64_t kc, float* acc
 // Few rows (M <= DIRECT_M): decode in registers and multiply at once, no buffer. Scales
 // multiply the weights when there are groups, the sums once at the end when there is one.
 // U independent accumulator sets (rows k, k + 1, ...) hide the FMA latency when R is small.
-template <bool FP4>
-inline void decode(const uint8_t* src, int64_t k, __m256& lo, __m256& hi) {
-  if (FP4) decode_fp4(src + k * 8, lo, hi); else decode_fp8(src + k * 16, lo, hi);
-}
-
-template <int R, bool FP4, bool GROUPED>
+template <int R, bool GROUPED>
 inline void direct_step(const float* __restrict x, int64_t K, const uint8_t* src, int64_t k,
                         __m256 s0, __m256 s1, __m256 (*a)[2]) {
   __m256 lo, hi;
-  decode<FP4>(src, k, lo, hi);
+  decode_fp8(src + k * 16, lo, hi);
   if (GROUPED) {
     lo = _mm256_mul_ps(lo, s0);
     hi = _mm256_mul_ps(hi, s1);
@@ -154,11 +133,11 @@ inline void direct_step(const float* __restrict x, int64_t K, const uint8_t* src
   }
 }
 
-template <int R, int U, bool FP4, bool GROUPED>
+template <int R, int U, bool GROUPED>
 void direct_rows(const Geo& g, int64_t b, float* __restrict acc) {
   const int64_t K = g.K, G = g.G, gs = g.gs;
   const float* __restrict x = g.x;
-  const uint8_t* src = g.codes + b * K * (FP4 ? 8 : 16);
+  const uint8_t* src = g.codes + b * K * 16;
   const float* sb = g.scales + b * G * NB;
   __m256 a[U][R][2];
 #pragma GCC unroll 8
@@ -171,9 +150,9 @@ void direct_rows(const Geo& g, int64_t b, float* __restrict acc) {
     int64_t k = grp * gs;
     for (; k + U <= end; k += U) {
 #pragma GCC unroll 4
-      for (int u = 0; u < U; ++u) direct_step<R, FP4, GROUPED>(x, K, src, k + u, s0, s1, a[u]);
+      for (int u = 0; u < U; ++u) direct_step<R, GROUPED>(x, K, src, k + u, s0, s1, a[u]);
     }
-    for (; k < end; ++k) direct_step<R, FP4, GROUPED>(x, K, src, k, s0, s1, a[0]);
+    for (; k < end; ++k) direct_step<R, GROUPED>(x, K, src, k, s0, s1, a[0]);
   }
   const __m256 s0 = GROUPED ? _mm256_set1_ps(1.0f) : _mm256_loadu_ps(sb);
   const __m256 s1 = GROUPED ? _mm256_set1_ps(1.0f) : _mm256_loadu_ps(sb + 8);
@@ -191,11 +170,10 @@ void direct_rows(const Geo& g, int64_t b, float* __restrict acc) {
 }
 
 // One row: the group sums (two sets, rows k and k + 1) are scaled once per group.
-template <bool FP4>
 void direct_one(const Geo& g, int64_t b, float* __restrict acc) {
   const int64_t K = g.K, G = g.G, gs = g.gs;
   const float* __restrict x = g.x;
-  const uint8_t* src = g.codes + b * K * (FP4 ? 8 : 16);
+  const uint8_t* src = g.codes + b * K * 16;
   const float* sb = g.scales + b * G * NB;
   __m256 t0 = _mm256_setzero_ps(), t1 = _mm256_setzero_ps();
   for (int64_t grp = 0; grp < G; ++grp) {
@@ -205,8 +183,8 @@ void direct_one(const Geo& g, int64_t b, float* __restrict acc) {
     int64_t k = grp * gs;
     for (; k + 2 <= end; k += 2) {
       __m256 lo, hi, lo2, hi2;
-      decode<FP4>(src, k, lo, hi);
-      decode<FP4>(src, k + 1, lo2, hi2);
+      decode_fp8(src + k * 16, lo, hi);
+      decode_fp8(src + (k + 1) * 16, lo2, hi2);
       const __m256 xv = _mm256_broadcast_ss(x + k), xv2 = _mm256_broadcast_ss(x + k + 1);
       a0 = _mm256_fmadd_ps(xv, lo, a0);
       a1 = _mm256_fmadd_ps(xv, hi, a1);
@@ -215,7 +193,7 @@ void direct_one(const Geo& g, int64_t b, float* __restrict acc) {
     }
     if (k < end) {
       __m256 lo, hi;
-      decode<FP4>(src, k, lo, hi);
+      decode_fp8(src + k * 16, lo, hi);
       const __m256 xv = _mm256_broadcast_ss(x + k);
       a0 = _mm256_fmadd_ps(xv, lo, a0);
       a1 = _mm256_fmadd_ps(xv, hi, a1);
@@ -227,79 +205,164 @@ void direct_one(const Geo& g, int64_t b, float* __restrict acc) {
   _mm256_storeu_ps(acc + 8, t1);
 }
 
-// One row of fp4: the even and the odd positions of a row apart, each decoded by one vpshufb to
-// the high bytes of their fp16s (an e2m1 value's fp16 has a zero low byte) and widened by F16C:
-// half the shuffles of the bf16 decoding. Two rows of W a step (a 16-byte load: row k | row
-// k + 1), four accumulators; the group scales are gathered into the same even / odd order once
-// per group, and the sums put back into output order at the end.
+// ---- fp4: four rows of a block a step, 32 bytes, byte scales ----
+//
+// One step (32 bytes) holds rows 4t .. 4t + 3 of a block: the low nibbles rows 4t and 4t + 1,
+// the high nibbles rows 4t + 2 and 4t + 3. Two vpshufb look up the high and low bytes of each
+// code's bfloat16, two byte unpacks make the bfloat16 words and two word unpacks with zero
+// make them float32 -- every instruction 256 bits wide and one uop, no conversion. Which byte
+// holds which (row, output) is what those in-lane unpacks need (FP4_BYTE_* in cpu_float8.py):
+// the eight registers of a step come out as rows 4t .. 4t + 3, outputs 0-7 | 8-15, in order.
+// Group scales are e4m3 codes (a byte an output and group, decoded like fp8 weights: value *
+// 2^-8); one float32 per call (scale_mult) multiplies the sums last.
+
+inline void decode4_fp4(const uint8_t* p, __m256 (&w)[4][2]) {
+  const __m256i th = _mm256_broadcastsi128_si256(_mm_setr_epi8(
+      0x00, 0x3F, 0x3F, 0x3F, 0x40, 0x40, 0x40, 0x40, (char)0x80, (char)0xBF, (char)0xBF,
+      (char)0xBF, (char)0xC0, (char)0xC0, (char)0xC0, (char)0xC0));
+  const __m256i tl = _mm256_broadcastsi128_si256(_mm_setr_epi8(
+      0x00, 0x00, (char)0x80, (char)0xC0, 0x00, 0x40, (char)0x80, (char)0xC0, 0x00, 0x00,
+      (char)0x80, (char)0xC0, 0x00, 0x40, (char)0x80, (char)0xC0));
+  const __m256i nib = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
+  const __m256i v = _mm256_loadu_si256((const __m256i*)p);
+  const __m256i c[2] = {_mm256_and_si256(v, nib), _mm256_and_si256(_mm256_srli_epi16(v, 4), nib)};
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h) {
+    const __m256i hi = _mm256_shuffle_epi8(th, c[h]), lo = _mm256_shuffle_epi8(tl, c[h]);
+    const __m256i w0 = _mm256_unpacklo_epi8(lo, hi), w1 = _mm256_unpackhi_epi8(lo, hi);
+    w[2 * h][0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w0));
+    w[2 * h][1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w0));
+    w[2 * h + 1][0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w1));
+    w[2 * h + 1][1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w1));
+  }
+}
+
+// the 16 group scales of block b, group grp, as float32 (codes: value * 2^-8)
+inline void fp4_scales(const Geo& g, int64_t b, int64_t grp, __m256& s0, __m256& s1) {
+  if (g.scale_codes != nullptr) {
+    decode_fp8(g.scale_codes + (b * g.G + grp) * NB, s0, s1);
+  } else {
+    s0 = _mm256_loadu_ps(g.scales + (b * g.G + grp) * NB);
+    s1 = _mm256_loadu_ps(g.scales + (b * g.G + grp) * NB + 8);
+  }
+}
+
+// rows k0 .. k0 + kc of block b (k0, kc multiples of 4), scaled, as float32 [kc][16] in buf
+void decode_chunk_fp4(const Geo& g, int64_t b, int64_t k0, int64_t kc, float* buf) {
+  const uint8_t* src = g.codes + b * g.K * 8;
+  const __m256 mult = _mm256_set1_ps(g.scale_mult);
+  for (int64_t k = 0; k < kc;) {
+    const int64_t grp = (k0 + k) / g.gs, end = std::min(kc, (grp + 1) * g.gs - k0);
+    __m256 s0, s1;
+    fp4_scales(g, b, grp, s0, s1);
+    s0 = _mm256_mul_ps(s0, mult);
+    s1 = _mm256_mul_ps(s1, mult);
+    for (; k < end; k += 4) {
+      __m256 w[4][2];
+      decode4_fp4(src + (k0 + k) * 8, w);
+#pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r) {
+        _mm256_store_ps(buf + (k + r) * NB, _mm256_mul_ps(w[r][0], s0));
+        _mm256_store_ps(buf + (k + r) * NB + 8, _mm256_mul_ps(w[r][1], s1));
+      }
+    }
+  }
+}
+
+// One row: eight accumulators (four rows of W by two halves), summed and scaled once a group.
 void direct_one_fp4(const Geo& g, int64_t b, float* __restrict acc) {
-  // fp16 high bytes of 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives
-  const __m128i t16 = _mm_setr_epi8(0x00, 0x38, 0x3C, 0x3E, 0x40, 0x42, 0x44, 0x46, (char)0x80,
-                                    (char)0xB8, (char)0xBC, (char)0xBE, (char)0xC0, (char)0xC2,
-                                    (char)0xC4, (char)0xC6);
   const int64_t K = g.K, G = g.G, gs = g.gs;
   const float* __restrict x = g.x;
   const uint8_t* src = g.codes + b * K * 8;
-  const float* sb = g.scales + b * G * NB;
-  const __m128i nib = _mm_set1_epi8(0x0F), zero = _mm_setzero_si128();
-  __m256 te = _mm256_setzero_ps(), to = _mm256_setzero_ps();
+  __m256 t0 = _mm256_setzero_ps(), t1 = _mm256_setzero_ps();
   for (int64_t grp = 0; grp < G; ++grp) {
-    __m256 e0 = _mm256_setzero_ps(), e1 = _mm256_setzero_ps();
-    __m256 o0 = _mm256_setzero_ps(), o1 = _mm256_setzero_ps();
+    __m256 a[4][2];
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) a[r][0] = a[r][1] = _mm256_setzero_ps();
     const int64_t end = std::min(K, (grp + 1) * gs);
-    int64_t k = grp * gs;
-    for (; k + 2 <= end; k += 2) {
-      const __m128i v = _mm_loadu_si128((const __m128i*)(src + k * 8));
-      const __m128i he = _mm_shuffle_epi8(t16, _mm_and_si128(v, nib));
-      const __m128i ho = _mm_shuffle_epi8(t16, _mm_and_si128(_mm_srli_epi16(v, 4), nib));
-      const __m256 x0 = _mm256_broadcast_ss(x + k), x1 = _mm256_broadcast_ss(x + k + 1);
-      e0 = _mm256_fmadd_ps(x0, _mm256_cvtph_ps(_mm_unpacklo_epi8(zero, he)), e0);
-      o0 = _mm256_fmadd_ps(x0, _mm256_cvtph_ps(_mm_unpacklo_epi8(zero, ho)), o0);
-      e1 = _mm256_fmadd_ps(x1, _mm256_cvtph_ps(_mm_unpackhi_epi8(zero, he)), e1);
-      o1 = _mm256_fmadd_ps(x1, _mm256_cvtph_ps(_mm_unpackhi_epi8(zero, ho)), o1);
+    for (int64_t k = grp * gs; k < end; k += 4) {
+      __m256 w[4][2];
+      decode4_fp4(src + k * 8, w);
+#pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r) {
+        const __m256 xv = _mm256_broadcast_ss(x + k + r);
+        a[r][0] = _mm256_fmadd_ps(xv, w[r][0], a[r][0]);
+        a[r][1] = _mm256_fmadd_ps(xv, w[r][1], a[r][1]);
+      }
     }
-    if (k < end) {  // a last odd row
-      const __m128i v = _mm_loadl_epi64((const __m128i*)(src + k * 8));
-      const __m128i he = _mm_shuffle_epi8(t16, _mm_and_si128(v, nib));
-      const __m128i ho = _mm_shuffle_epi8(t16, _mm_and_si128(_mm_srli_epi16(v, 4), nib));
-      const __m256 x0 = _mm256_broadcast_ss(x + k);
-      e0 = _mm256_fmadd_ps(x0, _mm256_cvtph_ps(_mm_unpacklo_epi8(zero, he)), e0);
-      o0 = _mm256_fmadd_ps(x0, _mm256_cvtph_ps(_mm_unpacklo_epi8(zero, ho)), o0);
-    }
-    // positions 2j (even) hold outputs FP4_ORDER[2j] = 0, 2, 8, 10, 4, 6, 12, 14; odd ones
-    // 1, 3, 9, 11, 5, 7, 13, 15: in-lane picks of the scales' two halves
-    const __m256 s0 = _mm256_loadu_ps(sb + grp * NB), s1 = _mm256_loadu_ps(sb + grp * NB + 8);
-    te = _mm256_fmadd_ps(_mm256_shuffle_ps(s0, s1, _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm256_add_ps(e0, e1), te);
-    to = _mm256_fmadd_ps(_mm256_shuffle_ps(s0, s1, _MM_SHUFFLE(3, 1, 3, 1)),
-                         _mm256_add_ps(o0, o1), to);
+    __m256 s0, s1;
+    fp4_scales(g, b, grp, s0, s1);
+    t0 = _mm256_fmadd_ps(s0, _mm256_add_ps(_mm256_add_ps(a[0][0], a[1][0]),
+                                           _mm256_add_ps(a[2][0], a[3][0])), t0);
+    t1 = _mm256_fmadd_ps(s1, _mm256_add_ps(_mm256_add_ps(a[0][1], a[1][1]),
+                                           _mm256_add_ps(a[2][1], a[3][1])), t1);
   }
-  constexpr int EVEN[8] = {0, 2, 8, 10, 4, 6, 12, 14}, ODD[8] = {1, 3, 9, 11, 5, 7, 13, 15};
-  alignas(32) float e[8], o[8];
-  _mm256_store_ps(e, te);
-  _mm256_store_ps(o, to);
-  for (int i = 0; i < 8; ++i) {
-    acc[EVEN[i]] = e[i];
-    acc[ODD[i]] = o[i];
+  const __m256 mult = _mm256_set1_ps(g.scale_mult);
+  _mm256_storeu_ps(acc, _mm256_mul_ps(t0, mult));
+  _mm256_storeu_ps(acc + 8, _mm256_mul_ps(t1, mult));
+}
+
+// R rows (2 .. DIRECT_M): the decoded weights are scaled, then multiplied into every row.
+template <int R>
+void direct_rows_fp4(const Geo& g, int64_t b, float* __restrict acc) {
+  const int64_t K = g.K, G = g.G, gs = g.gs;
+  const float* __restrict x = g.x;
+  const uint8_t* src = g.codes + b * K * 8;
+  const __m256 mult = _mm256_set1_ps(g.scale_mult);
+  __m256 a[R][2];
+#pragma GCC unroll 8
+  for (int m = 0; m < R; ++m) a[m][0] = a[m][1] = _mm256_setzero_ps();
+  for (int64_t grp = 0; grp < G; ++grp) {
+    __m256 s0, s1;
+    fp4_scales(g, b, grp, s0, s1);
+    s0 = _mm256_mul_ps(s0, mult);
+    s1 = _mm256_mul_ps(s1, mult);
+    const int64_t end = std::min(K, (grp + 1) * gs);
+    for (int64_t k = grp * gs; k < end; k += 4) {
+      __m256 w[4][2];
+      decode4_fp4(src + k * 8, w);
+#pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r) {
+        const __m256 w0 = _mm256_mul_ps(w[r][0], s0), w1 = _mm256_mul_ps(w[r][1], s1);
+#pragma GCC unroll 8
+        for (int m = 0; m < R; ++m) {
+          const __m256 xv = _mm256_broadcast_ss(x + m * K + k + r);
+          a[m][0] = _mm256_fmadd_ps(xv, w0, a[m][0]);
+          a[m][1] = _mm256_fmadd_ps(xv, w1, a[m][1]);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < R; ++m) {
+    _mm256_storeu_ps(acc + m * NB, a[m][0]);
+    _mm256_storeu_ps(acc + m * NB + 8, a[m][1]);
   }
 }
 
-template <bool FP4, bool GROUPED>
-void direct_block(const Geo& g, int64_t b, float* acc) {
+void direct_block_fp4(const Geo& g, int64_t b, float* acc) {
   switch (g.M) {
-    case 1: FP4 ? direct_one_fp4(g, b, acc) : direct_one<FP4>(g, b, acc); break;
-    case 2: direct_rows<2, 2, FP4, GROUPED>(g, b, acc); break;
-    case 3: direct_rows<3, 1, FP4, GROUPED>(g, b, acc); break;
-    default: direct_rows<4, 1, FP4, GROUPED>(g, b, acc); break;
+    case 1: direct_one_fp4(g, b, acc); break;
+    case 2: direct_rows_fp4<2>(g, b, acc); break;
+    case 3: direct_rows_fp4<3>(g, b, acc); break;
+    default: direct_rows_fp4<4>(g, b, acc); break;
+  }
+}
+
+template <bool GROUPED>
+void direct_block_fp8(const Geo& g, int64_t b, float* acc) {
+  switch (g.M) {
+    case 1: direct_one(g, b, acc); break;
+    case 2: direct_rows<2, 2, GROUPED>(g, b, acc); break;
+    case 3: direct_rows<3, 1, GROUPED>(g, b, acc); break;
+    default: direct_rows<4, 1, GROUPED>(g, b, acc); break;
   }
 }
 
 void direct_block(const Geo& g, int64_t b, float* acc) {
-  if (g.fp4) {
-    g.G > 1 ? direct_block<true, true>(g, b, acc) : direct_block<true, false>(g, b, acc);
-  } else {
-    g.G > 1 ? direct_block<false, true>(g, b, acc) : direct_block<false, false>(g, b, acc);
-  }
+  if (g.fp4) direct_block_fp4(g, b, acc);
+  else if (g.G > 1) direct_block_fp8<true>(g, b, acc);
+  else direct_block_fp8<false>(g, b, acc);
 }
 
 template <typename T>
@@ -337,7 +400,7 @@ void run(const Geo& g, T* out) {
 
 // out [M, N] (float32, bfloat16 or float16) = x [M, K] (float32) @ W.T
 void float8_gemm(torch::Tensor x, torch::Tensor out, torch::Tensor codes, torch::Tensor scales,
-                 int64_t group_size, bool fp4) {
+                 int64_t group_size, bool fp4, double scale_mult) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.dtype() == torch::kFloat32,
               "x must be a contiguous float32 [M, K] matrix");
   TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(0) == x.size(0) &&
@@ -346,21 +409,27 @@ void float8_gemm(torch::Tensor x, torch::Tensor out, torch::Tensor codes, torch:
               "out must be a contiguous float32 / bfloat16 / float16 [M, N] matrix");
   TORCH_CHECK(codes.dtype() == torch::kUInt8 && codes.is_contiguous() && codes.dim() == 2,
               "codes: uint8 [N/16, bytes]");
-  TORCH_CHECK(scales.dtype() == torch::kFloat32 && scales.is_contiguous() && scales.dim() == 3 &&
-              scales.size(2) == NB, "scales: float32 [N/16, G, 16]");
+  const bool codes8 = scales.dtype() == torch::kUInt8;
+  TORCH_CHECK((scales.dtype() == torch::kFloat32 || (fp4 && codes8)) && scales.is_contiguous() &&
+              scales.dim() == 3 && scales.size(2) == NB,
+              "scales: float32, or (fp4) e4m3 codes as uint8, [N/16, G, 16]");
+  TORCH_CHECK(fp4 || scale_mult == 1.0, "fp8 scales take no multiplier");
   const int64_t M = x.size(0), K = x.size(1), N = out.size(1), G = scales.size(1);
   const int64_t blocks = (N + NB - 1) / NB;
   TORCH_CHECK(scales.size(0) == blocks && codes.size(0) == blocks, "N does not match the layout");
   TORCH_CHECK(codes.size(1) == K * (fp4 ? 8 : 16), "codes do not match K");
   TORCH_CHECK(group_size > 0 && (K + group_size - 1) / group_size == G,
               "scales must hold ceil(K / group_size) groups");
+  TORCH_CHECK(!fp4 || (K % 4 == 0 && group_size % 4 == 0),
+              "fp4 codes need K and the group size to be multiples of 4");
   if (M == 0 || N == 0) return;
   if (K == 0) {
     out.zero_();
     return;
   }
-  Geo g{M, N, K, group_size, G, fp4, codes.data_ptr<uint8_t>(), scales.data_ptr<float>(),
-        x.data_ptr<float>()};
+  Geo g{M, N, K, group_size, G, fp4, codes.data_ptr<uint8_t>(),
+        codes8 ? nullptr : scales.data_ptr<float>(), codes8 ? scales.data_ptr<uint8_t>() : nullptr,
+        static_cast<float>(scale_mult), x.data_ptr<float>()};
   if (out.dtype() == torch::kFloat32) run(g, out.data_ptr<float>());
   else if (out.dtype() == torch::kBFloat16) run(g, (c10::BFloat16*)out.data_ptr());
   else run(g, (c10::Half*)out.data_ptr());
