@@ -53,10 +53,12 @@ X_TILE_BYTES = 8 * 2**20  # float32 activations converted per call: rows of x pe
 FP8_SHIFT = 256.0  # the fp16 decoding yields value * 2^-8
 FP4_STEP = 4  # rows of a block in one 32-byte fp4 step
 # Byte b of an fp4 step holds, in each nibble, code FP4_STEP_INDEX[b] of two rows x 16 outputs
-# (row-major): the decoding's byte and word unpacks work within 128-bit lanes, so register q of
-# a nibble half takes bytes 4q .. 4q + 3 and 16 + 4q .. 16 + 4q + 3 (q = 2 * row + output // 8).
+# (row-major). The decoding's byte unpacks work within 128-bit lanes and leave two bfloat16
+# words in each 32-bit lane, even then odd: byte b lands in lane b // 16, word b % 8 of the
+# unpack of bytes 0-7 (b % 16 < 8, the first row) or 8-15 (the second row), and even words
+# make outputs 0-7, odd ones 8-15, four from each lane.
 FP4_STEP_INDEX = tuple(
-    (b % 16) // 8 * 16 + (b % 8) // 4 * 8 + b % 4 + 4 * (b // 16) for b in range(32)
+    (b % 16) // 8 * 16 + (b % 2) * 8 + 4 * (b // 16) + (b % 8) // 2 for b in range(32)
 )
 SCALE_TOLERANCE = 2.0**-20  # relative: e4m3 scale codes times the multiplier vs the scales
 # e4m3 mantissas for the largest scale (1.75: the 448 NVFP4 producers scale to), tried in turn

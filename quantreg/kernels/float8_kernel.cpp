@@ -209,10 +209,11 @@ void direct_one(const Geo& g, int64_t b, float* __restrict acc) {
 //
 // One step (32 bytes) holds rows 4t .. 4t + 3 of a block: the low nibbles rows 4t and 4t + 1,
 // the high nibbles rows 4t + 2 and 4t + 3. Two vpshufb look up the high and low bytes of each
-// code's bfloat16, two byte unpacks make the bfloat16 words and two word unpacks with zero
-// make them float32 -- every instruction 256 bits wide and one uop, no conversion. Which byte
-// holds which (row, output) is what those in-lane unpacks need (FP4_BYTE_* in cpu_float8.py):
-// the eight registers of a step come out as rows 4t .. 4t + 3, outputs 0-7 | 8-15, in order.
+// code's bfloat16 and two byte unpacks make the bfloat16 words; a 32-bit lane then holds two,
+// and the even one shifted left by 16 or the odd one with the low half cleared is a float32
+// -- every instruction 256 bits wide and one uop, no conversion. Which byte holds which (row,
+// output) is what the in-lane unpacks need (cpu_float8.FP4_STEP_INDEX): the eight registers
+// of a step come out as rows 4t .. 4t + 3, outputs 0-7 | 8-15, in order.
 // Group scales are e4m3 codes (a byte an output and group, decoded like fp8 weights: value *
 // 2^-8); one float32 per call (scale_mult) multiplies the sums last.
 
@@ -223,17 +224,18 @@ inline void decode4_fp4(const uint8_t* p, __m256 (&w)[4][2]) {
   const __m256i tl = _mm256_broadcastsi128_si256(_mm_setr_epi8(
       0x00, 0x00, (char)0x80, (char)0xC0, 0x00, 0x40, (char)0x80, (char)0xC0, 0x00, 0x00,
       (char)0x80, (char)0xC0, 0x00, 0x40, (char)0x80, (char)0xC0));
-  const __m256i nib = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
+  const __m256i nib = _mm256_set1_epi8(0x0F);
   const __m256i v = _mm256_loadu_si256((const __m256i*)p);
   const __m256i c[2] = {_mm256_and_si256(v, nib), _mm256_and_si256(_mm256_srli_epi16(v, 4), nib)};
+  const __m256i himask = _mm256_set1_epi32((int)0xFFFF0000);
 #pragma GCC unroll 2
   for (int h = 0; h < 2; ++h) {
     const __m256i hi = _mm256_shuffle_epi8(th, c[h]), lo = _mm256_shuffle_epi8(tl, c[h]);
     const __m256i w0 = _mm256_unpacklo_epi8(lo, hi), w1 = _mm256_unpackhi_epi8(lo, hi);
-    w[2 * h][0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w0));
-    w[2 * h][1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w0));
-    w[2 * h + 1][0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w1));
-    w[2 * h + 1][1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w1));
+    w[2 * h][0] = _mm256_castsi256_ps(_mm256_slli_epi32(w0, 16));
+    w[2 * h][1] = _mm256_castsi256_ps(_mm256_and_si256(w0, himask));
+    w[2 * h + 1][0] = _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16));
+    w[2 * h + 1][1] = _mm256_castsi256_ps(_mm256_and_si256(w1, himask));
   }
 }
 
@@ -269,16 +271,16 @@ void decode_chunk_fp4(const Geo& g, int64_t b, int64_t k0, int64_t kc, float* bu
   }
 }
 
-// One row: eight accumulators (four rows of W by two halves), summed and scaled once a group.
+// One row: four accumulators (even and odd rows of W by two halves: eight would spill), summed
+// and scaled once a group.
 void direct_one_fp4(const Geo& g, int64_t b, float* __restrict acc) {
   const int64_t K = g.K, G = g.G, gs = g.gs;
   const float* __restrict x = g.x;
   const uint8_t* src = g.codes + b * K * 8;
   __m256 t0 = _mm256_setzero_ps(), t1 = _mm256_setzero_ps();
   for (int64_t grp = 0; grp < G; ++grp) {
-    __m256 a[4][2];
-#pragma GCC unroll 4
-    for (int r = 0; r < 4; ++r) a[r][0] = a[r][1] = _mm256_setzero_ps();
+    __m256 a[2][2];
+    a[0][0] = a[0][1] = a[1][0] = a[1][1] = _mm256_setzero_ps();
     const int64_t end = std::min(K, (grp + 1) * gs);
     for (int64_t k = grp * gs; k < end; k += 4) {
       __m256 w[4][2];
@@ -286,16 +288,14 @@ void direct_one_fp4(const Geo& g, int64_t b, float* __restrict acc) {
 #pragma GCC unroll 4
       for (int r = 0; r < 4; ++r) {
         const __m256 xv = _mm256_broadcast_ss(x + k + r);
-        a[r][0] = _mm256_fmadd_ps(xv, w[r][0], a[r][0]);
-        a[r][1] = _mm256_fmadd_ps(xv, w[r][1], a[r][1]);
+        a[r & 1][0] = _mm256_fmadd_ps(xv, w[r][0], a[r & 1][0]);
+        a[r & 1][1] = _mm256_fmadd_ps(xv, w[r][1], a[r & 1][1]);
       }
     }
     __m256 s0, s1;
     fp4_scales(g, b, grp, s0, s1);
-    t0 = _mm256_fmadd_ps(s0, _mm256_add_ps(_mm256_add_ps(a[0][0], a[1][0]),
-                                           _mm256_add_ps(a[2][0], a[3][0])), t0);
-    t1 = _mm256_fmadd_ps(s1, _mm256_add_ps(_mm256_add_ps(a[0][1], a[1][1]),
-                                           _mm256_add_ps(a[2][1], a[3][1])), t1);
+    t0 = _mm256_fmadd_ps(s0, _mm256_add_ps(a[0][0], a[1][0]), t0);
+    t1 = _mm256_fmadd_ps(s1, _mm256_add_ps(a[0][1], a[1][1]), t1);
   }
   const __m256 mult = _mm256_set1_ps(g.scale_mult);
   _mm256_storeu_ps(acc, _mm256_mul_ps(t0, mult));
