@@ -137,21 +137,27 @@ def scale_codes(scales: torch.Tensor) -> tuple[torch.Tensor, float] | None:
     peak = float(scales.abs().max()) if scales.numel() else 0.0
     if peak == 0.0 or not math.isfinite(peak):
         return None
-    wide = scales.to(torch.float64).flatten()
+    flat = scales.to(torch.float32).flatten()
     for mantissa in SCALE_MANTISSAS:
         top = mantissa * (256 if mantissa <= 1.75 else 128)  # <= 448, e4m3's largest
         mult = float(torch.tensor(peak / top, dtype=torch.float32))
-        if all(_codes_fit(part, mult) for part in (wide[:4096], wide)):
-            codes = (wide / mult).to(torch.float8_e4m3fn).view(torch.uint8)
-            return codes.reshape(scales.shape), mult
+        if _fitting_codes(flat[:4096], mult) is None:
+            continue
+        codes = _fitting_codes(flat, mult)
+        if codes is not None:
+            return codes.view(torch.uint8).reshape(scales.shape), mult
     return None
 
 
-def _codes_fit(scales: torch.Tensor, mult: float) -> bool:
+def _fitting_codes(scales: torch.Tensor, mult: float) -> torch.Tensor | None:
+    """``scales / mult`` as e4m3 when that gives back every scale (float32 arithmetic: its
+    rounding, 2^-24, is far inside the tolerance)."""
     import torch
 
-    back = (scales / mult).to(torch.float8_e4m3fn).to(torch.float64) * mult
-    return bool(((back - scales).abs() <= scales.abs() * SCALE_TOLERANCE).all())
+    codes = (scales / mult).to(torch.float8_e4m3fn)
+    back = codes.to(torch.float32) * mult
+    fits = bool(((back - scales).abs() <= scales.abs() * SCALE_TOLERANCE).all())
+    return codes if fits else None
 
 
 @dataclass(frozen=True, eq=False)
