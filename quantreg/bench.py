@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
-import json
 import logging
 import math
 import os
@@ -37,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from quantreg import ParallelLMHead, get_quant_config_cls, load_lm_head
+from quantreg import ParallelLMHead, bench_peers, bench_ratios, load_lm_head
+from quantreg.bench_cases import FORMATS, Case, Format, dense_cases, torch_peer_cases, write_format
 from quantreg.bench_report import machine
 
 logger = logging.getLogger(__name__)
@@ -48,41 +47,10 @@ FULL_SHAPES = ((32000, 4096), (128256, 4096))
 QUICK_SHAPES = ((1024, 512),)
 MS = (1, 4, 16, 64)
 CACHE_BYTES = 256 * 2**20  # rotate copies until the weights exceed this
-ROW_CHUNK = 8192  # vocab rows quantized per step when building a head
 # Seconds per weight element, timed case and M beyond the timing budget (writing, loading,
 # warm-up, profiling and the exact reference of every case): the pace of a 2-core CPU, where a
 # full run took about 45 minutes.
 PACE_S = 6e-8
-
-
-@dataclass(frozen=True)
-class Format:
-    """One quantized layout to benchmark: the writer's method and options, and the methods
-    that run it (the first one is the exact reference)."""
-
-    label: str
-    writer: str
-    bits: int
-    params: dict[str, Any]
-    methods: tuple[str, ...]
-
-
-FORMATS = (
-    Format("awq int4 g128", "awq", 4, {"group_size": 128}, ("awq", "awq_marlin", "cpu_wna16")),
-    Format("gptq int4 g128", "gptq", 4, {"group_size": 128}, ("gptq", "gptq_marlin", "cpu_wna16")),
-    Format("gptq int8 g128", "gptq", 8, {"bits": 8, "group_size": 128}, ("gptq", "cpu_wna16")),
-    Format("gptq int8 channel", "gptq", 8, {"bits": 8, "group_size": -1}, ("gptq", "cpu_wna16")),
-    Format("ct int4 g128", "compressed-tensors", 4,
-           {"format": "pack-quantized", "bits": 4, "group_size": 128}, ("compressed-tensors",)),
-    Format("ct int8 channel", "compressed-tensors", 8,
-           {"format": "pack-quantized", "bits": 8, "strategy": "channel"}, ("compressed-tensors",)),
-    Format("ct fp8 channel", "compressed-tensors", 8,
-           {"format": "float-quantized", "strategy": "channel"}, ("compressed-tensors",)),
-    Format("fp8 block 128x128", "fp8", 8, {"block_size": (128, 128)}, ("fp8",)),
-    # the global scale of the whole head, which write_format quantizes in pieces
-    Format("ct nvfp4 g16", "compressed-tensors", 4,
-           {"format": "nvfp4-pack-quantized", "tensor_amax": 0.125}, ("compressed-tensors",)),
-)  # fmt: skip
 
 
 @dataclass
@@ -106,37 +74,12 @@ class Row:
     max_rel_err: float
     computes: str
     kernel: str
-
-
-def write_format(folder: Path, fmt: Format, n: int, k: int, seed: int) -> Path:
-    """Write a checkpoint whose lm_head is ``fmt`` tensors of a random fp16 ``[n, k]``
-    weight, quantized by the method's own writer ``ROW_CHUNK`` vocab rows at a time (the
-    writers work in float64; one chunk at a time keeps that small)."""
-    from safetensors.torch import save_file
-
-    quantize = get_quant_config_cls(fmt.writer).quantize_weight
-    vocab_dim = 1 if fmt.writer in ("awq", "gptq") else 0
-    parts, qcfg = [], {}
-    for start in range(0, n, ROW_CHUNK):
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + start)
-        weight = (torch.randn(min(ROW_CHUNK, n - start), k, generator=gen) * 0.02).half()
-        part, qcfg = quantize(weight, scale_dtype=torch.float16, **fmt.params)
-        parts.append(part)
-    tensors = {}
-    for name, first in parts[0].items():
-        if name == "weight_shape":
-            tensors[name] = torch.tensor([n, k], dtype=torch.int64)
-        elif name == "g_idx" or first.numel() == 1:  # replicated: same for every chunk
-            tensors[name] = first
-        else:
-            tensors[name] = torch.cat([p[name] for p in parts], dim=vocab_dim)
-    folder.mkdir(parents=True, exist_ok=True)
-    config = {"hidden_size": k, "vocab_size": n, "torch_dtype": "float16",
-              "quantization_config": qcfg}  # fmt: skip
-    (folder / "config.json").write_text(json.dumps(config))
-    save_file({f"lm_head.{name}": t.contiguous() for name, t in tensors.items()},
-              str(folder / "model.safetensors"))  # fmt: skip
-    return folder
+    dense: bool = False  # a dense path: a candidate for the fastest dense path of the run
+    unavailable: str = ""  # why a peer's row has no numbers (it cannot run here)
+    # filled in by bench_ratios.annotate once every group is timed
+    ratio_vs_fastest_dense: float = math.nan
+    fastest_dense: str = ""
+    read_fraction: float = math.nan
 
 
 def load_head(folder: Path, method: str, dtype: torch.dtype) -> ParallelLMHead:
@@ -174,21 +117,6 @@ def peak_transient_bytes(call: Callable[[], Any]) -> int:
     return peak
 
 
-@dataclass
-class Case:
-    """Something to time: a name, what it computes, and one callable per rotated copy."""
-
-    method: str
-    format: str
-    bits: int
-    dtype: torch.dtype
-    fns: list[Callable[[torch.Tensor], torch.Tensor]]
-    resident_bytes: int
-    computes: str
-    reference: Callable[[torch.Tensor], torch.Tensor]  # exact float32 result for max_rel_err
-    kernel: str
-
-
 def run_bench(
     *,
     quick: bool = False,
@@ -198,37 +126,70 @@ def run_bench(
     progress: Callable[[str], None] | None = None,
     methods: tuple[str, ...] | None = None,
     formats: tuple[str, ...] | None = None,
+    peers: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Run every case; returns ``{"machine": ..., "rows": [...]}`` (see the module doc).
+    """Run every case; returns ``{"machine", "rows", "bandwidth"}`` (see the module doc).
 
     ``methods`` keeps only those methods (``"torch"`` for torch's ops), ``formats`` only the
-    formats of those labels (and no torch ops); the dense baselines always run.
+    formats of those labels (and no torch ops); the dense baselines and the read-bandwidth
+    measurement always run. ``peers=("vllm",)`` adds vLLM's CPU kernels
+    (:mod:`quantreg.bench_peers`).
 
-    Cases are timed one group at a time (the dense baselines, each format with all the
-    methods that run it, torch's ops), interleaved with dense bf16 ``F.linear`` inside every
-    group, so that only one group's heads are in memory and every ratio has a baseline
-    measured alongside it.
+    Cases are timed one group at a time (the dense baselines with the read, each format with
+    all the methods that run it, torch's ops, vLLM's kernels), interleaved with dense bf16
+    ``F.linear`` inside every group, so that only one group's heads are in memory and every
+    ratio has a baseline measured alongside it.
+
+    Raises:
+        PluginError: ``peers`` names vllm and vllm does not import.
     """
     say = progress or (lambda message: logger.info("%s", message))
     shapes = shapes or (QUICK_SHAPES if quick else FULL_SHAPES)
-    say(estimate(shapes, ms, budget_s, methods, formats))
+    if "vllm" in peers:
+        bench_peers.require_vllm()
+    say(estimate(shapes, ms, budget_s, methods, formats, peers))
     rows: list[Row] = []
+    reads: list[dict[str, Any]] = []
     for n, k in shapes:
         copies = max(1, min(8, math.ceil(CACHE_BYTES / (n * k * 2))))
-        dense = _dense_cases(n, k)
-        groups: list[Callable[[], list[Case]]] = [list]
-        for fmt in _kept(methods, formats):
-            groups.append(functools.partial(_method_cases, fmt, n, k, copies, say))
-        if (methods is None or "torch" in methods) and formats is None:
-            groups.append(functools.partial(_torch_peers, n, k, copies))
-        for index, make in enumerate(groups):
+        dense = dense_cases(n, k, copies)
+        for index, make in enumerate(_groups(n, k, copies, say, methods, formats, peers)):
             cases = dense if index == 0 else [dense[1], *make()]
+            read = bench_ratios.read_calls(n, k, copies) if index == 0 else []
             for m in ms:
                 say(f"timing N={n} K={k} M={m}: {', '.join(c.method for c in cases)}")
-                rows += _time_group(cases, n, k, m, budget_s, skip=0 if index == 0 else 1)
-            del cases
+                timed, read_timing = _time_group(
+                    cases, n, k, m, budget_s, skip=0 if index == 0 else 1, read=read
+                )
+                rows += timed
+                if read_timing is not None:
+                    reads.append(bench_ratios.read_record(n, k, m, copies, read_timing))
+            del cases, read
             gc.collect()
-    return {"machine": machine(), "rows": [asdict(r) for r in rows]}
+    result = [asdict(r) for r in rows]
+    bench_ratios.annotate(result, reads)
+    return {"machine": machine(), "rows": result, "bandwidth": reads}
+
+
+def _groups(
+    n: int,
+    k: int,
+    copies: int,
+    say: Callable[[str], None],
+    methods: tuple[str, ...] | None,
+    formats: tuple[str, ...] | None,
+    peers: tuple[str, ...],
+) -> list[Callable[[], list[Case]]]:
+    """What to time, one group after the other: the dense baselines first (``list``: no
+    cases of its own), then each format, torch's ops and vLLM's kernels."""
+    groups: list[Callable[[], list[Case]]] = [list]
+    for fmt in _kept(methods, formats):
+        groups.append(functools.partial(_method_cases, fmt, n, k, copies, say))
+    if (methods is None or "torch" in methods) and formats is None:
+        groups.append(functools.partial(torch_peer_cases, n, k, copies))
+    if "vllm" in peers:
+        groups.append(functools.partial(bench_peers.vllm_cases, n, k, copies, say))
+    return groups
 
 
 def _kept(methods: tuple[str, ...] | None, formats: tuple[str, ...] | None) -> list[Format]:
@@ -247,13 +208,15 @@ def estimate(
     budget_s: float,
     methods: tuple[str, ...] | None = None,
     formats: tuple[str, ...] | None = None,
+    peers: tuple[str, ...] = (),
 ) -> str:
     """What a run will cost, said before it starts: the timing budget it spends for sure,
     plus the work that grows with the weights (at ``PACE_S``, a 2-core CPU's pace)."""
     kept = [f.methods for f in _kept(methods, formats)]
-    peers = 2 if (methods is None or "torch" in methods) and formats is None else 0
-    groups = 1 + sum(1 for m in kept if m) + (1 if peers else 0)
-    cases = 2 + sum(len(m) for m in kept) + peers
+    ops = 2 if (methods is None or "torch" in methods) and formats is None else 0
+    engines = len(bench_peers.PEERS) if "vllm" in peers else 0
+    groups = 1 + sum(1 for m in kept if m) + (1 if ops else 0) + (1 if engines else 0)
+    cases = 2 + sum(len(m) for m in kept) + ops + engines
     timing = len(shapes) * groups * len(ms) * budget_s
     work = sum(n * k for n, k in shapes) * cases * len(ms) * PACE_S
     total = timing + work
@@ -265,16 +228,32 @@ def estimate(
     )
 
 
-def _time_group(cases: list[Case], n: int, k: int, m: int, budget_s: float, skip: int) -> list[Row]:
-    """Time ``cases`` interleaved (``cases[0]`` or ``[1]`` is dense bf16: the baseline) and
-    return a row for each case after the first ``skip``."""
+def _time_group(
+    cases: list[Case],
+    n: int,
+    k: int,
+    m: int,
+    budget_s: float,
+    skip: int,
+    read: list[Callable[[torch.Tensor], torch.Tensor]],
+) -> tuple[list[Row], tuple[float, float, float] | None]:
+    """Time ``cases`` and the ``read`` (if any) interleaved (``cases[0]`` or ``[1]`` is dense
+    bf16: the baseline); return a row for each case after the first ``skip`` (an unavailable
+    one untimed, saying why) and the read's timing."""
     x32 = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
-    inputs = [x32.to(case.dtype) for case in cases]
-    times = _timings([_cycle(c.fns, x) for c, x in zip(cases, inputs, strict=True)], budget_s)
-    bf16 = next(t[0] for c, t in zip(cases, times, strict=True) if c.method == "dense bf16")
+    timed = [(case, x32.to(case.dtype)) for case in cases if not case.unavailable]
+    calls = [_cycle(c.fns, x) for c, x in timed] + ([_cycle(read, x32)] if read else [])
+    copies = max(len(fns) for fns in [read, *(c.fns for c, _ in timed)])
+    times = _timings(calls, budget_s, warmup=copies)
+    found = {id(c): (x, t) for (c, x), t in zip(timed, times, strict=False)}  # times: + the read
+    bf16 = next(found[id(c)][1][0] for c in cases if c.method == "dense bf16")
     references: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # one exact result per format
     rows = []
-    for case, x, (median, low, high) in list(zip(cases, inputs, times, strict=True))[skip:]:
+    for case in cases[skip:]:
+        if case.unavailable:
+            rows.append(_unavailable_row(case, n, k, m))
+            continue
+        x, (median, low, high) = found[id(case)]
         key = (id(getattr(case.reference, "__self__", case.reference)), case.dtype)
         if key not in references:
             references[key] = case.reference(x.float())
@@ -288,23 +267,21 @@ def _time_group(cases: list[Case], n: int, k: int, m: int, budget_s: float, skip
                 resident_bytes=case.resident_bytes,
                 peak_transient_bytes=peak_transient_bytes(lambda c=case, x=x: c.fns[0](x)),
                 max_rel_err=float((out - ref).abs().max() / ref.abs().max().clamp(min=1e-30)),
-                computes=case.computes, kernel=case.kernel,
+                computes=case.computes, kernel=case.kernel, dense=case.dense,
             )
         )  # fmt: skip
-    return rows
+    return rows, (times[-1] if read else None)
 
 
-def _dense_cases(n: int, k: int) -> list[Case]:
-    """The baselines: dense ``F.linear`` in fp32 (row 0) and bf16 (row 1, the ratio's base)."""
-    w32 = torch.randn(n, k, generator=torch.Generator().manual_seed(1)) * 0.02
-    w16 = w32.to(torch.bfloat16)
-    w16_exact = w16.float()
-    return [
-        Case("dense fp32", "float32", 32, torch.float32, [lambda x: F.linear(x, w32)], n * k * 4,
-             "x @ W.T, fp32", lambda x: F.linear(x, w32), "dense"),
-        Case("dense bf16", "bfloat16", 16, torch.bfloat16, [lambda x: F.linear(x, w16)], n * k * 2,
-             "x @ W.T, bf16", lambda x: F.linear(x, w16_exact), "dense"),
-    ]  # fmt: skip
+def _unavailable_row(case: Case, n: int, k: int, m: int) -> Row:
+    """The row of a case that cannot run here: no numbers, and ``unavailable`` says why."""
+    nan = math.nan
+    return Row(
+        method=case.method, format=case.format, bits=case.bits, N=n, K=k, M=m,
+        dtype=str(case.dtype).removeprefix("torch."), median_ms=nan, min_ms=nan, max_ms=nan,
+        ratio_vs_bf16=nan, gbps=nan, resident_bytes=0, peak_transient_bytes=0, max_rel_err=nan,
+        computes=case.computes, kernel=case.kernel, dense=case.dense, unavailable=case.unavailable,
+    )  # fmt: skip
 
 
 def _method_cases(
@@ -343,11 +320,16 @@ def _cycle(fns: list[Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor) -
     return call
 
 
-def _timings(calls: list[Callable[[], Any]], budget_s: float) -> list[tuple[float, float, float]]:
-    """(median, min, max) ms per call: warm-up, then rounds of one call each (interleaved)
-    until the budget is spent (at least 3 rounds, at most 50)."""
-    for call in calls:
-        call()
+def _timings(
+    calls: list[Callable[[], Any]], budget_s: float, warmup: int = 1
+) -> list[tuple[float, float, float]]:
+    """(median, min, max) ms per call: ``warmup`` untimed rounds (one per rotated copy, so
+    every copy is touched: memory left alone for a second or two reads several times slower
+    on its next passes), then rounds of one call each (interleaved) until the budget is spent
+    (at least 3 rounds, at most 50)."""
+    for _ in range(warmup):
+        for call in calls:
+            call()
     times: list[list[float]] = [[] for _ in calls]
     start = time.perf_counter()
     for round_ in range(50):
@@ -358,47 +340,3 @@ def _timings(calls: list[Callable[[], Any]], budget_s: float) -> list[tuple[floa
         if round_ >= 2 and time.perf_counter() - start > budget_s:
             break
     return [(statistics.median(t), min(t), max(t)) for t in times]
-
-
-def _torch_peers(n: int, k: int, copies: int) -> list[Case]:
-    """torch's own weight-only CPU ops on random codes (what each computes is in its label)."""
-    peers = []
-    gen = torch.Generator().manual_seed(7)
-    if hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and n % 16 == 0 and k % 128 == 0:
-        codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
-        convert = torch.ops.aten._convert_weight_to_int4pack_for_cpu
-        packed = torch.cat(
-            [convert(codes[r : r + 1024].to(torch.int32), 1) for r in range(0, n, 1024)]
-        )
-        scales = (torch.rand(k // 128, n, generator=gen) * 0.002 + 0.001).to(torch.bfloat16)
-        sz = torch.stack([scales, torch.zeros_like(scales)], -1).contiguous()
-        col_scales = scales.float().T.repeat_interleave(128, 1)  # [n, k]: the weights' scale
-
-        def rows4(r0: int, r1: int) -> torch.Tensor:
-            return (codes[r0:r1].float() - 8) * col_scales[r0:r1]
-
-        peers.append(
-            Case("torch int4pack", "int4 g128", 4, torch.bfloat16,
-                 [lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 128, sz)],
-                 packed.numel() + sz.numel() * 2,
-                 "torch._weight_int4pack_mm_for_cpu (zeros added as floats)",
-                 lambda x: _by_rows(x, rows4, n), "torch-int4pack")
-        )  # fmt: skip
-    if hasattr(torch.ops.aten, "_weight_int8pack_mm"):
-        w8 = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
-        s8 = (torch.rand(n, generator=gen) * 0.002 + 0.001).to(torch.bfloat16)
-
-        def rows8(r0: int, r1: int) -> torch.Tensor:
-            return w8[r0:r1].float() * s8[r0:r1].float()[:, None]
-
-        peers.append(
-            Case("torch int8pack", "int8 channel", 8, torch.bfloat16,
-                 [lambda x: torch.ops.aten._weight_int8pack_mm(x, w8, s8)], w8.numel() + n * 2,
-                 "torch._weight_int8pack_mm", lambda x: _by_rows(x, rows8, n), "torch-int8pack")
-        )  # fmt: skip
-    return peers
-
-
-def _by_rows(x: torch.Tensor, rows: Callable[[int, int], torch.Tensor], n: int) -> torch.Tensor:
-    """``x @ W.T`` with ``W`` built 4096 rows at a time (never the whole float weight)."""
-    return torch.cat([x @ rows(r, min(r + 4096, n)).T for r in range(0, n, 4096)], dim=-1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import math
 import os
 import platform
 from pathlib import Path
@@ -52,23 +53,62 @@ BASELINE = (
 )
 
 
+FASTEST = (
+    "× fastest dense = the row's × dense bf16 / the highest × dense bf16 of a dense path (dense "
+    "fp32 and bf16 `F.linear`, a peer's dense path) with the same N, K and M: the ratio against "
+    "the fastest dense path of the run. GB/s = weight bytes read per call / median time; "
+    "% of read = GB/s / the machine's read bandwidth measured in the same run (below)."
+)
+
+
+def _cells(r: dict[str, Any]) -> str:
+    """A row's cells after its labels: times, ratios, bandwidth, memory, error."""
+    if r.get("unavailable"):
+        return f"unavailable: {r['unavailable']} |" + " – |" * 9
+    spread = f" ({r['min_ms']:.3f}–{r['max_ms']:.3f})" if "min_ms" in r else ""
+    cells = (
+        f"{r['median_ms']:.3f}{spread} | {r['ratio_vs_bf16']:.2f} | {r['gbps']:.1f} | "
+        f"{r['resident_bytes'] / 2**20:.1f} | {r['peak_transient_bytes'] / 2**20:.1f} | "
+        f"{r['max_rel_err']:.1e} |"
+    )
+    if "ratio_vs_fastest_dense" in r:
+        fraction = r.get("read_fraction", math.nan)
+        cells += f" {r['ratio_vs_fastest_dense']:.2f} | {100 * fraction:.0f} |"
+    return cells
+
+
 def format_table(result: dict[str, Any]) -> str:
-    """The rows as a Markdown table, with the baseline of the ratios under it."""
+    """The rows as a Markdown table, with the baseline of the ratios, the fastest dense path
+    and the measured read bandwidth under it."""
     lines = [
         "| method | kernel | format | N | K | M | dtype | median ms (min–max) | × dense bf16 "
-        "| GB/s | resident MiB | peak transient MiB | max rel err |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| GB/s | resident MiB | peak transient MiB | max rel err | × fastest dense | % of read |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        spread = f" ({r['min_ms']:.3f}–{r['max_ms']:.3f})" if "min_ms" in r else ""
         lines.append(
             f"| {r['method']} | {r.get('kernel', '')} | {r['format']} | {r['N']} | {r['K']} | "
-            f"{r['M']} | {r['dtype']} | "
-            f"{r['median_ms']:.3f}{spread} | {r['ratio_vs_bf16']:.2f} | {r['gbps']:.1f} | "
-            f"{r['resident_bytes'] / 2**20:.1f} | {r['peak_transient_bytes'] / 2**20:.1f} | "
-            f"{r['max_rel_err']:.1e} |"
+            f"{r['M']} | {r['dtype']} | {_cells(r)}"
         )
-    return "\n".join([*lines, "", BASELINE])
+    notes = ["", BASELINE, "", FASTEST]
+    fastest: dict[tuple[int, int], list[str]] = {}
+    for r in result["rows"]:
+        if r.get("fastest_dense") and r["method"] == r["fastest_dense"]:
+            fastest.setdefault((r["N"], r["K"]), []).append(f"M={r['M']}: {r['method']}")
+    for (n, k), picks in sorted(fastest.items()):
+        notes.append(f"- fastest dense path, N={n} K={k}: {', '.join(picks)}")
+    best: dict[tuple[int, int], dict[str, Any]] = {}
+    for read in result.get("bandwidth", []):
+        key = (read["N"], read["K"])
+        if key not in best or read["gbps"] > best[key]["gbps"]:
+            best[key] = read
+    for (n, k), read in sorted(best.items()):
+        notes.append(
+            f"- read bandwidth, N={n} K={k}: {read['gbps']:.1f} GB/s (best of "
+            f"{sum(1 for r in result['bandwidth'] if (r['N'], r['K']) == (n, k))} slices; "
+            f"{read['computes']}, {read['threads']} threads)"
+        )
+    return "\n".join([*lines, *notes])
 
 
 def append_results(result: dict[str, Any], path: Path, note: str = "") -> None:

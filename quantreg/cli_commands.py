@@ -221,7 +221,7 @@ def _names(sizes: dict[str, int], prefix: str) -> str:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Time every method against dense F.linear in one process; print the table."""
-    from quantreg import bench, bench_report
+    from quantreg import bench, bench_peers, bench_report
 
     outputs = {"--json": args.json, "--plot": args.plot, "--append-results": args.append_results}
     for what, path in outputs.items():
@@ -246,11 +246,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 f"--formats: unknown {', '.join(map(repr, unknown))}; expected some of "
                 f"{', '.join(map(repr, labels))}"
             )
+    if args.peers:
+        args.doing = "--peers vllm"
+        bench_peers.require_vllm()
     args.doing = "timing the methods"
     result = bench.run_bench(
         quick=args.quick, shapes=tuple(args.shape) if args.shape else None,
         ms=args.m or bench.MS, budget_s=budget, methods=methods, formats=formats,
-        progress=lambda message: print(message, file=sys.stderr),
+        peers=tuple(args.peers or ()), progress=lambda message: print(message, file=sys.stderr),
     )  # fmt: skip
     print(bench_report.format_table(result))
     writers = (

