@@ -3,14 +3,19 @@
 One process, one table: dense fp32 and bf16 ``F.linear`` and each method's head -- written as a
 checkpoint in the format's own layout and loaded by ``load_lm_head``, so every row runs the
 kernel the loader selected and names it (``kernel``) -- plus torch's own weight-only ops as
-peers, for (N, K) in {(32000, 4096), (128256, 4096)} and M in {1, 4, 16,
-64}. Heads are rotated across copies until their weights exceed the caches, every case is
-warmed up, runs are interleaved across methods, and the median is reported with the spread of
-the timed rounds (``min_ms``, ``max_ms``).
+peers (and vLLM's CPU kernels with ``peers=("vllm",)``, :mod:`quantreg.bench_peers`), for
+(N, K) in {(32000, 4096), (128256, 4096)} and M in {1, 4, 16, 64}. Heads are rotated across
+copies until their weights exceed the caches, every timed slice starts with a warm-up call on
+every copy, runs are interleaved across methods, and the median is reported with the spread of
+the timed rounds (``min_ms``, ``max_ms``). The machine's read bandwidth is measured in the same
+run (``bandwidth``; :mod:`quantreg.bench_ratios`).
 
 * ``ratio_vs_bf16`` = median time of dense bf16 ``F.linear`` of the same N, K and M, timed in
   the same group (interleaved with the case) / median time of the case (higher is faster);
-* ``gbps`` = resident weight bytes / median time;
+* ``ratio_vs_fastest_dense``: the same against the fastest dense path of the run with the same
+  N, K and M (``fastest_dense`` names it), via each group's bf16 baseline;
+* ``gbps`` = resident weight bytes / median time (the bytes read per call); ``read_fraction``
+  = ``gbps`` / the best read bandwidth measured for the shape;
 * ``peak_transient_bytes``: the peak of (bytes allocated - bytes freed) by torch's CPU
   allocator during one call, from ``torch.profiler`` memory events (each op's own
   allocations, the output included);

@@ -168,3 +168,24 @@ def test_results_md_opens_with_the_current_numbers_then_the_history_newest_first
     dates = re.findall(r"(?m)^### (\d{4}-\d\d-\d\d \d\d:\d\d UTC) — ", history)
     (now,) = re.findall(r"(?m)^### (\d{4}-\d\d-\d\d \d\d:\d\d UTC) — ", current)
     assert dates == sorted(dates, reverse=True) and now > dates[0]
+
+
+def test_the_run_measures_the_read_bandwidth_and_sets_every_row_against_the_fastest_dense_path(
+    quick,
+):
+    _, stdout, result, _ = quick
+    reads = result["bandwidth"]
+    assert [r["M"] for r in reads] == [1, 4] and all(r["gbps"] > 0 for r in reads)
+    assert all(r["bytes"] == r["N"] * r["K"] * 4 for r in reads)  # the fp32 weight's size
+    rows = result["rows"]
+    assert all(0 <= r["ratio_vs_fastest_dense"] <= r["ratio_vs_bf16"] for r in rows), [
+        (r["method"], r["ratio_vs_fastest_dense"], r["ratio_vs_bf16"]) for r in rows
+    ]
+    assert all(r["read_fraction"] >= 0 for r in rows)
+    for m in (1, 4):
+        (fastest,) = {r["fastest_dense"] for r in rows if r["M"] == m}
+        assert fastest in ("dense fp32", "dense bf16")
+        assert [r["ratio_vs_fastest_dense"] for r in rows if (r["M"], r["method"]) == (m, fastest)] == [1.0]  # fmt: skip
+    assert (
+        "| × fastest dense | % of read |" in stdout and "- read bandwidth, N=1024 K=512: " in stdout
+    )
