@@ -162,7 +162,8 @@ def run_bench(
             cases = dense if index == 0 else [dense[1], *make()]
             read = bench_ratios.read_calls(n, k, copies) if index == 0 else []
             for m in ms:
-                say(f"timing N={n} K={k} M={m}: {', '.join(c.method for c in cases)}")
+                names = [c.method + (" (unavailable)" if c.unavailable else "") for c in cases]
+                say(f"timing N={n} K={k} M={m}: {', '.join(names)}")
                 timed, read_timing = _time_group(
                     cases, n, k, m, budget_s, skip=0 if index == 0 else 1, read=read
                 )
