@@ -252,6 +252,36 @@ def test_a_tensor_parallel_nvfp4_shard_keeps_its_scale_codes(kernel):
     assert rel_err(float8_cpu_matmul(x, fast), unrounded(x, shard)) < 1e-5
 
 
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_the_extension_packs_the_same_bytes_as_torch(kernel, case):
+    """The one-pass C++ packing (load time) is pinned to the torch formulation."""
+    values = layout_of(case).values
+    try_fp4 = values.shape[1] % cpu_float8.FP4_STEP == 0
+    codes, fp4 = cpu_float8._pack(values, try_fp4)
+    want, want_fp4 = cpu_float8._pack_torch(values, try_fp4)
+    assert fp4 is want_fp4
+    assert torch.equal(codes, want)
+
+
+@pytest.mark.parametrize(("n", "k"), [(20, 36), (16, 4)], ids=["k-36-tail-n-20", "k-4-one-step"])
+def test_the_extension_packs_e2m1_row_tails_as_torch(kernel, n, k):
+    values = e2m1_values(n, k, torch.Generator().manual_seed(3))
+    codes, fp4 = cpu_float8._pack(values, True)
+    want, want_fp4 = cpu_float8._pack_torch(values, True)
+    assert fp4 and want_fp4
+    assert torch.equal(codes, want)
+
+
+@pytest.mark.parametrize("row", [0, 999], ids=["first-block", "last-partial-block"])
+def test_the_extension_falls_back_to_bytes_on_one_off_grid_value(kernel, row):
+    values = layout_of("nvfp4-g16-round-to-bf16").values.clone()
+    values[row, 47] = 0.75
+    codes, fp4 = cpu_float8._pack(values, True)
+    want, want_fp4 = cpu_float8._pack_torch(values, True)
+    assert (fp4, want_fp4) == (False, False)
+    assert torch.equal(codes, want)
+
+
 def test_one_value_off_the_e2m1_grid_keeps_a_byte_per_weight():
     layout = layout_of("nvfp4-g16-round-to-bf16")
     values = layout.values.clone()

@@ -106,6 +106,42 @@ def _pad_rows(t: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(t, (0, 0, 0, -t.shape[0] % NB))
 
 
+def _pack(values: torch.Tensor, try_fp4: bool) -> tuple[torch.Tensor, bool]:
+    """The codes of float8 ``values [N, K]`` in the kernel's layout, and whether they are fp4:
+    in one pass by the extension (fp4 first when ``try_fp4``, fp8 when a value is off the e2m1
+    grid), else ``ROW_CHUNK`` rows at a time in torch."""
+    import torch
+
+    module = extension()
+    if module is None:
+        return _pack_torch(values, try_fp4)
+    raw = values.view(torch.uint8).contiguous()
+    blocks = -(-values.shape[0] // NB)
+    for fp4, width in ((True, NB // 2), (False, NB))[0 if try_fp4 else 1 :]:
+        codes = torch.empty((blocks, values.shape[1] * width), dtype=torch.uint8)
+        if module.float8_pack(raw, codes, fp4):
+            return codes, fp4
+    raise AssertionError("float8_pack refused fp8 codes")  # unreachable: fp8 always packs
+
+
+def _pack_torch(values: torch.Tensor, try_fp4: bool) -> tuple[torch.Tensor, bool]:
+    """:func:`_pack` without the extension (the same bytes)."""
+    import torch
+
+    n = values.shape[0]
+    chunks = [_pad_rows(values[r : r + ROW_CHUNK]) for r in range(0, n, ROW_CHUNK)]
+    blocks: list[torch.Tensor] = []
+    for chunk in chunks if try_fp4 else ():
+        block = _block_codes(chunk, fp4=True)
+        if block is None:
+            break
+        blocks.append(block)
+    fp4 = len(blocks) == len(chunks)
+    if not fp4:
+        blocks = [_block_codes(c, fp4=False) for c in chunks]  # type: ignore[misc]
+    return torch.cat(blocks), fp4
+
+
 def _block_codes(values: torch.Tensor, fp4: bool) -> torch.Tensor | None:
     """Rows ``[r, K]`` of float8 values (r a multiple of 16) as blocks ``[r/16, bytes]``;
     None when ``fp4`` and a value is off the e2m1 grid."""
@@ -201,22 +237,12 @@ class CPUFloat8Layout(LayoutTensors):
 
         group = weights.group_size
         assert group is not None  # checked by fits()
-        values = weights.values
-        chunks = [_pad_rows(values[r : r + ROW_CHUNK]) for r in range(0, weights.n, ROW_CHUNK)]
-        blocks: list[torch.Tensor] = []
-        for chunk in chunks if weights.k % FP4_STEP == group % FP4_STEP == 0 else ():
-            block = _block_codes(chunk, fp4=True)
-            if block is None:
-                break
-            blocks.append(block)
-        fp4 = len(blocks) == len(chunks)
-        if not fp4:
-            blocks = [_block_codes(c, fp4=False) for c in chunks]  # type: ignore[misc]
+        codes, fp4 = _pack(weights.values, weights.k % FP4_STEP == group % FP4_STEP == 0)
         scales, mult = _kernel_scales(weights.scales, fp4)
         g, n = scales.shape
         scales = torch.nn.functional.pad(scales, (0, -n % NB))
         return cls(
-            codes=torch.cat(blocks),
+            codes=codes,
             scales=scales.reshape(g, -1, NB).permute(1, 0, 2).contiguous(),
             perm=weights.perm,
             n=n,

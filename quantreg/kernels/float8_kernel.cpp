@@ -24,6 +24,7 @@
 #include <c10/util/Half.h>
 #include <immintrin.h>
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
@@ -433,4 +434,118 @@ void float8_gemm(torch::Tensor x, torch::Tensor out, torch::Tensor codes, torch:
   if (out.dtype() == torch::kFloat32) run(g, out.data_ptr<float>());
   else if (out.dtype() == torch::kBFloat16) run(g, (c10::BFloat16*)out.data_ptr());
   else run(g, (c10::Half*)out.data_ptr());
+}
+
+namespace {
+
+// dst[16 * i + o] = row[o][k + i] for i, o < 16: a 16 x 16 byte transpose in registers
+inline void transpose16(const uint8_t* const* row, int64_t k, uint8_t* dst) {
+  __m128i r[NB], t[NB];
+  for (int o = 0; o < NB; ++o) r[o] = _mm_loadu_si128((const __m128i*)(row[o] + k));
+  for (int i = 0; i < NB / 2; ++i) {  // bytes of rows 2i, 2i + 1 interleaved
+    t[i] = _mm_unpacklo_epi8(r[2 * i], r[2 * i + 1]);
+    t[i + 8] = _mm_unpackhi_epi8(r[2 * i], r[2 * i + 1]);
+  }
+  for (int h = 0; h < 2; ++h)
+    for (int i = 0; i < 4; ++i) {  // 16-bit pairs of rows 4i .. 4i + 3
+      r[h * 8 + i] = _mm_unpacklo_epi16(t[h * 8 + 2 * i], t[h * 8 + 2 * i + 1]);
+      r[h * 8 + i + 4] = _mm_unpackhi_epi16(t[h * 8 + 2 * i], t[h * 8 + 2 * i + 1]);
+    }
+  for (int q = 0; q < 4; ++q)
+    for (int i = 0; i < 2; ++i) {  // 32-bit quads of rows 8i .. 8i + 7
+      t[q * 4 + i] = _mm_unpacklo_epi32(r[q * 4 + 2 * i], r[q * 4 + 2 * i + 1]);
+      t[q * 4 + i + 2] = _mm_unpackhi_epi32(r[q * 4 + 2 * i], r[q * 4 + 2 * i + 1]);
+    }
+  for (int q = 0; q < 8; ++q) {  // all 16 rows of two k
+    r[q * 2] = _mm_unpacklo_epi64(t[q * 2], t[q * 2 + 1]);
+    r[q * 2 + 1] = _mm_unpackhi_epi64(t[q * 2], t[q * 2 + 1]);
+  }
+  for (int j = 0; j < NB; ++j) _mm_storeu_si128((__m128i*)(dst + NB * j), r[j]);  // row k + j
+}
+
+// the 16 e4m3 bytes of one row (outputs 0-15) as e2m1 codes (bit 3 the sign), same order;
+// bit 7 of a byte of bad is set where a byte is off the e2m1 grid
+inline __m128i fp4_codes(__m128i v, __m128i& bad) {
+  // magnitude 0x00, 0x30, 0x38, 0x3C, 0x40, 0x44, 0x48, 0x4C -> code 0-7, by its high nibble
+  // (0, 3 or 4) and a table over its low nibble; 0xFF elsewhere
+  const __m128i t0 = _mm_setr_epi8(0, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m128i t3 = _mm_setr_epi8(1, -1, -1, -1, -1, -1, -1, -1, 2, -1, -1, -1, 3, -1, -1, -1);
+  const __m128i t4 = _mm_setr_epi8(4, -1, -1, -1, 5, -1, -1, -1, 6, -1, -1, -1, 7, -1, -1, -1);
+  const __m128i lo = _mm_and_si128(v, _mm_set1_epi8(0x0F));
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(0x07));
+  __m128i code = _mm_set1_epi8(-1);
+  code = _mm_blendv_epi8(code, _mm_shuffle_epi8(t0, lo), _mm_cmpeq_epi8(hi, _mm_setzero_si128()));
+  code = _mm_blendv_epi8(code, _mm_shuffle_epi8(t3, lo), _mm_cmpeq_epi8(hi, _mm_set1_epi8(3)));
+  code = _mm_blendv_epi8(code, _mm_shuffle_epi8(t4, lo), _mm_cmpeq_epi8(hi, _mm_set1_epi8(4)));
+  bad = _mm_or_si128(bad, code);
+  const __m128i sign = _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(0x08));
+  return _mm_or_si128(_mm_and_si128(code, _mm_set1_epi8(0x07)), sign);
+}
+
+// one 32-byte fp4 step from the codes of its four rows: byte b holds code FP4_STEP_INDEX[b] of
+// rows 0-1 (row-major) in the low nibble and of rows 2-3 in the high one. That index takes
+// codes 0, 8, 1, 9, ..., 7, 15 of a row: bytes 0-7 and 16-23 from the first row of a pair,
+// 8-15 and 24-31 from the second.
+inline void fp4_step(const __m128i* c, uint8_t* dst) {
+  const __m128i s = _mm_setr_epi8(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+  __m128i p[4];
+  for (int r = 0; r < 4; ++r) p[r] = _mm_shuffle_epi8(c[r], s);
+  const __m128i lo0 = _mm_unpacklo_epi64(p[0], p[1]), lo1 = _mm_unpackhi_epi64(p[0], p[1]);
+  const __m128i hi0 = _mm_unpacklo_epi64(p[2], p[3]), hi1 = _mm_unpackhi_epi64(p[2], p[3]);
+  _mm_storeu_si128((__m128i*)dst, _mm_or_si128(lo0, _mm_slli_epi16(hi0, 4)));
+  _mm_storeu_si128((__m128i*)(dst + 16), _mm_or_si128(lo1, _mm_slli_epi16(hi1, 4)));
+}
+
+// block b of the layout from rows 16b .. 16b + 15 of v [N][K] (rows past N: zeros); false
+// when fp4 and a value is off the e2m1 grid
+bool pack_block(const uint8_t* v, int64_t N, int64_t K, int64_t b, bool fp4, uint8_t* dst) {
+  std::vector<uint8_t> zeros(b * NB + NB > N ? K : 0, 0);  // the last block's missing rows
+  const uint8_t* row[NB];
+  for (int o = 0; o < NB; ++o) row[o] = b * NB + o < N ? v + (b * NB + o) * K : zeros.data();
+  if (!fp4) {
+    int64_t k = 0;
+    for (; k + NB <= K; k += NB) transpose16(row, k, dst + k * NB);
+    for (; k < K; ++k)
+      for (int o = 0; o < NB; ++o) dst[k * NB + o] = row[o][k];
+    return true;
+  }
+  alignas(16) uint8_t tile[NB * NB];
+  __m128i bad = _mm_setzero_si128(), c[NB];
+  for (int64_t k = 0; k < K; k += NB) {  // K % 4 == 0
+    const int64_t rows = std::min<int64_t>(NB, K - k);
+    if (rows == NB) {
+      transpose16(row, k, tile);
+    } else {  // the last rows: gathered, the rest of the tile zeros
+      std::fill(tile, tile + NB * NB, 0);
+      for (int64_t i = 0; i < rows; ++i)
+        for (int o = 0; o < NB; ++o) tile[NB * i + o] = row[o][k + i];
+    }
+    for (int64_t i = 0; i < rows; ++i)
+      c[i] = fp4_codes(_mm_load_si128((const __m128i*)(tile + NB * i)), bad);
+    for (int64_t i = 0; i < rows; i += 4) fp4_step(c + i, dst + (k + i) * (NB / 2));
+  }
+  return _mm_movemask_epi8(bad) == 0;
+}
+
+}  // namespace
+
+// codes [ceil(N/16), K * 16] (fp8) or [ceil(N/16), K * 8] (fp4) = the layout of the float8
+// bytes values [N, K], in one pass; false (codes unfinished) when fp4 and a value is not an
+// e2m1 number
+bool float8_pack(torch::Tensor values, torch::Tensor codes, bool fp4) {
+  TORCH_CHECK(values.dtype() == torch::kUInt8 && values.is_contiguous() && values.dim() == 2,
+              "values: contiguous uint8 [N, K]");
+  const int64_t N = values.size(0), K = values.size(1), blocks = (N + NB - 1) / NB;
+  TORCH_CHECK(codes.dtype() == torch::kUInt8 && codes.is_contiguous() && codes.dim() == 2 &&
+              codes.size(0) == blocks && codes.size(1) == K * (fp4 ? 8 : 16),
+              "codes: contiguous uint8 [ceil(N/16), K * (fp4 ? 8 : 16)]");
+  TORCH_CHECK(!fp4 || K % 4 == 0, "fp4 steps take K a multiple of 4");
+  const uint8_t* v = values.data_ptr<uint8_t>();
+  uint8_t* out = codes.data_ptr<uint8_t>();
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1 && ok.load(std::memory_order_relaxed); ++b)
+      if (!pack_block(v, N, K, b, fp4, out + b * K * (fp4 ? 8 : 16))) ok = false;
+  });
+  return ok.load();
 }

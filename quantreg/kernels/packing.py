@@ -93,16 +93,18 @@ def unpack_codes(
 
     pf = pack_factor(bits)
     slots = _order(order, pf)
-    mask = (1 << bits) - 1
-    # codes go next to their word along the packed dim: [..., words, pf, ...] -> [..., codes, ...]
+    # codes go next to their word along the packed dim: [..., words, pf, ...] -> [..., codes, ...];
+    # one broadcast shift by each slot's offset, then the mask (an arithmetic shift fills with
+    # the sign bit; the mask keeps only the code)
     axis = dim % words.dim()
     w = words.to(torch.int32).unsqueeze(axis + 1)
-    shape = list(w.shape)
-    shape[axis + 1] = pf
-    out = torch.empty(shape, dtype=torch.int32, device=w.device)
+    offsets = [0] * pf
     for k, target in enumerate(slots):
-        # an arithmetic shift fills with the sign bit; the mask keeps only the code
-        out.narrow(axis + 1, target, 1).copy_((w >> (bits * k)) & mask)
+        offsets[target] = bits * k
+    shape = [1] * w.dim()
+    shape[axis + 1] = pf
+    shifts = torch.tensor(offsets, dtype=torch.int32, device=w.device).view(shape)
+    out = torch.bitwise_right_shift(w, shifts).bitwise_and_((1 << bits) - 1)
     out = out.flatten(axis, axis + 1)
     if count is not None:
         out = out.narrow(axis, 0, count)
