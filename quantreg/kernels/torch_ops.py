@@ -8,6 +8,9 @@ weight to the scale dtype as the producers do, so these ops serve bf16 / fp16 he
 
 from __future__ import annotations
 
+import functools
+import logging
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -17,10 +20,13 @@ from quantreg.kernels.weights import IntWeights
 if TYPE_CHECKING:
     import torch
 
+logger = logging.getLogger(__name__)
+
 INT4_GROUPS = (32, 64, 128, 256)
 INT4_CHUNK = 1024  # output rows converted per step (torch's blocks are 64 rows)
 INT4_OP = "_weight_int4pack_mm_for_cpu"
 INT8_OP = "_weight_int8pack_mm"
+FLIP_BYTES = -0x7F7F7F80  # 0x80808080 as an int32: flips every byte's top bit (q ^ 0x80 = q - 128)
 
 
 def has_op(name: str) -> bool:
@@ -61,20 +67,17 @@ class TorchInt4Layout(LayoutTensors):
 
     @classmethod
     def build(cls, weights: IntWeights, dtype: torch.dtype) -> TorchInt4Layout:
+        """torch's packed codes, built directly in the op's layout when this torch's layout is
+        one :func:`int4_block` recognizes (else by the op, a column chunk at a time), and the
+        scales and float zero points."""
         import torch
 
-        chunks = []
-        for n0 in range(0, weights.n, INT4_CHUNK):
-            codes = weights.sorted_codes(n0, min(n0 + INT4_CHUNK, weights.n))
-            chunks.append(
-                torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.T.contiguous(), 1)
-            )
         scales = weights.scales.to(torch.float32)
         zeros = (8 - weights.zeros.to(torch.float32)) * scales  # w = (q - 8) * s + (8 - z) * s
         group = weights.group_size
         assert group is not None  # checked by fits()
         return cls(
-            weight=torch.cat(chunks),
+            weight=_int4_weight(weights),
             scales_zeros=torch.stack([scales, zeros], dim=-1).to(dtype).contiguous(),
             group_size=group,
             perm=weights.perm,
@@ -109,13 +112,83 @@ class TorchInt8Layout(LayoutTensors):
 
     @classmethod
     def build(cls, weights: IntWeights, dtype: torch.dtype) -> TorchInt8Layout:
+        """The checkpoint's k-packed words as they are (four codes a word, little-endian, are
+        the codes' bytes: one transposing copy, then ``q - 128`` as ``q ^ 0x80`` in place);
+        else the codes a column chunk at a time."""
         import torch
 
-        codes = weights.sorted_codes(0, weights.n)  # [K, N]
         return cls(
-            weight=(codes - 128).to(torch.int8).T.contiguous(),
+            weight=_int8_weight(weights),
             scales=weights.scales[0].to(dtype).contiguous(),
         )
+
+
+@functools.cache
+def int4_block() -> int | None:
+    """The outputs per block of ``_convert_weight_to_int4pack_for_cpu``'s layout in this
+    process (it depends on the CPU capability torch dispatches to): 32 or 64 when the layout is
+    ``byte[block][k][j] = code(j, k) | code(j + B/2, k) << 4`` for ``j < B/2``, as checked on a
+    random probe; None for any other layout (then the op builds it)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (128, 64), generator=gen, dtype=torch.int32)  # [N, K]
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    for block in (32, 64):
+        if torch.equal(_int4_blocks(codes.T, block).flatten(), packed.flatten()):
+            return block
+    logger.info("torch's int4 CPU layout is not a known one here; its op builds it")
+    return None
+
+
+def _int4_blocks(codes: torch.Tensor, block: int) -> torch.Tensor:
+    """uint8 ``[c / block, K, block / 2]``: codes ``[K, c]`` (int32) in the op's layout."""
+    import torch
+
+    k, c = codes.shape
+    x = codes.reshape(k, c // block, 2, block // 2)
+    pairs = (x[:, :, 0] | (x[:, :, 1] << 4)).to(torch.uint8)  # [K, c / block, block / 2]
+    return pairs.transpose(0, 1)
+
+
+def _int4_weight(weights: IntWeights) -> torch.Tensor:
+    """The op's packed codes, ``INT4_CHUNK`` outputs at a time."""
+    import torch
+
+    n, k = weights.n, weights.k
+    block = int4_block()
+    if block is None:
+        chunks = []
+        for n0 in range(0, n, INT4_CHUNK):
+            codes = weights.sorted_codes(n0, min(n0 + INT4_CHUNK, n))
+            chunks.append(
+                torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.T.contiguous(), 1)
+            )
+        return torch.cat(chunks)
+    out = torch.empty((n // block, k, block // 2), dtype=torch.uint8)
+    for n0 in range(0, n, INT4_CHUNK):
+        n1 = min(n0 + INT4_CHUNK, n)
+        out[n0 // block : n1 // block] = _int4_blocks(weights.sorted_codes(n0, n1), block)
+    return out.view(n, k // 2)
+
+
+def _int8_weight(weights: IntWeights) -> torch.Tensor:
+    """int8 ``[N, K]``: ``q - 128`` of every code, outputs on dim 0."""
+    import torch
+
+    k, n = weights.k, weights.n
+    words = weights.k_packed
+    if words is not None and weights.perm is None and sys.byteorder == "little":
+        out = torch.empty((n, words.shape[0]), dtype=torch.int32, device=words.device)
+        out.copy_(words.T)
+        out.bitwise_xor_(FLIP_BYTES)
+        weight = out.view(torch.int8)
+        return weight if weight.shape[1] == k else weight[:, :k].contiguous()
+    weight = torch.empty((n, k), dtype=torch.int8, device=weights.scales.device)
+    for c0 in range(0, n, INT4_CHUNK):
+        c1 = min(c0 + INT4_CHUNK, n)
+        weight[c0:c1] = (weights.sorted_codes(c0, c1) - 128).to(torch.int8).T
+    return weight
 
 
 def int4_matmul(x: torch.Tensor, layout: TorchInt4Layout) -> torch.Tensor:

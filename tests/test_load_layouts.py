@@ -1,0 +1,141 @@
+"""The load path's vectorized conversions give the same bytes as the formulations they replaced.
+
+Loading converts a checkpoint's words straight into the chosen kernel's layout (issue 23: load
+at I/O speed). Each fast conversion is pinned here to the plain one it replaced: the per-slot
+``unpack_codes``, torch's own ``_convert_weight_to_int4pack_for_cpu`` on int32 codes,
+``(codes - 128).to(int8).T`` for torch's int8 op, and NVFP4's float32 decoding.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quantreg import IntWeights
+from quantreg.kernels import torch_ops
+from quantreg.kernels.packing import pack_codes, unpack_codes
+from quantreg.methods import _e2m1
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def unpack_per_slot(words: torch.Tensor, bits: int, dim: int, order=None) -> torch.Tensor:
+    """The per-slot unpacking ``unpack_codes`` replaced: one strided copy per code slot."""
+    pf = 32 // bits
+    slots = list(order) if order is not None else list(range(pf))
+    axis = dim % words.dim()
+    w = words.to(torch.int32).unsqueeze(axis + 1)
+    shape = list(w.shape)
+    shape[axis + 1] = pf
+    out = torch.empty(shape, dtype=torch.int32)
+    for k, target in enumerate(slots):
+        out.narrow(axis + 1, target, 1).copy_((w >> (bits * k)) & ((1 << bits) - 1))
+    return out.flatten(axis, axis + 1)
+
+
+def words(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """Random int32 words over the whole range (the sign bit included)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(-(2**31), 2**31 - 1, shape, generator=gen, dtype=torch.int32)
+
+
+# id -> (bits, dim, interleave order)
+UNPACK = {
+    "int4-along-k-gptq": (4, 0, None),
+    "int4-along-n-awq-interleaved": (4, -1, AWQ_ORDER),
+    "int8-along-k": (8, 0, None),
+    "int8-along-n": (8, 1, None),
+    "int2-along-k": (2, 0, None),
+}
+
+
+@pytest.mark.parametrize(("bits", "dim", "order"), list(UNPACK.values()), ids=list(UNPACK))
+def test_unpacking_gives_the_per_slot_codes(bits, dim, order):
+    w = words((12, 40))
+    assert torch.equal(unpack_codes(w, bits, dim=dim, order=order), unpack_per_slot(w, bits, dim, order))  # fmt: skip
+
+
+def test_unpacking_a_strided_column_slice_trims_to_count():
+    w = words((7, 64))[:, 8:24]
+    assert torch.equal(unpack_codes(w, 4, dim=0, count=50), unpack_per_slot(w, 4, 0)[:50])
+
+
+def int_weights(bits: int, n: int, k: int, *, act_order: bool = False, k_packed: str | None = None,
+                seed: int = 0) -> IntWeights:  # fmt: skip
+    """Random codes; ``k_packed``: None, "contiguous" (GPTQ's qweight) or "transposed" (the view
+    of compressed-tensors' weight_packed)."""
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, (k, n), generator=gen, dtype=torch.int32)
+    groups = max(1, k // 128)
+    scales = (torch.rand(groups, n, generator=gen) * 0.01 + 0.001).half()
+    zeros = torch.full((groups, n), 1 << (bits - 1), dtype=torch.int32)
+    g_idx = torch.arange(k) // -(-k // groups)
+    if act_order:
+        g_idx = g_idx[torch.randperm(k, generator=gen)]
+    packed = None
+    if k_packed == "contiguous":
+        packed = pack_codes(codes, bits, dim=0)
+    elif k_packed == "transposed":
+        packed = pack_codes(codes.T.contiguous(), bits, dim=1).T
+    return IntWeights.create(bits=bits, k=k, codes=lambda c0, c1: codes[:, c0:c1],
+                             scales=scales, zeros=zeros, g_idx=g_idx, k_packed=packed)  # fmt: skip
+
+
+def op_int4(w: IntWeights) -> torch.Tensor:
+    """torch's own conversion of the codes, rows in group order."""
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(w.sorted_codes(0, w.n).T.contiguous(), 1)  # fmt: skip
+
+
+INT4 = {
+    "two-chunks-of-outputs": dict(n=1088, k=256),
+    "act-order": dict(n=128, k=512, act_order=True),
+    "gptq-words": dict(n=192, k=256, k_packed="contiguous"),
+}
+
+
+@pytest.mark.skipif(not torch_ops.has_op(torch_ops.INT4_OP), reason="no int4 CPU op in this torch")
+@pytest.mark.parametrize("layout", ["direct", "op"], ids=["built-directly", "built-by-the-op"])
+@pytest.mark.parametrize("case", list(INT4), ids=list(INT4))
+def test_torch_int4_layout_is_the_ops_own(monkeypatch, case, layout):
+    if layout == "op":
+        monkeypatch.setattr(torch_ops, "int4_block", lambda: None)
+    w = int_weights(4, **INT4[case])
+    built = torch_ops.TorchInt4Layout.build(w, torch.bfloat16)
+    assert torch.equal(built.weight, op_int4(w))
+
+
+@pytest.mark.skipif(not torch_ops.has_op(torch_ops.INT4_OP), reason="no int4 CPU op in this torch")
+def test_this_torchs_int4_layout_is_recognized():
+    """On x86 torch's int4 CPU layout is one of the two block layouts (AVX2: 32, AVX-512: 64)."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the block layouts are torch's x86 ones")
+    assert torch_ops.int4_block() in (32, 64)
+
+
+# id -> (k, k_packed)
+INT8 = {
+    "ct-weight-packed-view": (256, "transposed"),
+    "gptq-qweight": (256, "contiguous"),
+    "k-not-a-multiple-of-4": (250, "transposed"),
+    "codes-only": (256, None),
+}
+
+
+@pytest.mark.parametrize(("k", "k_packed"), list(INT8.values()), ids=list(INT8))
+def test_torch_int8_layout_is_the_codes_minus_128(k, k_packed):
+    w = int_weights(8, 1100, k, k_packed=k_packed)
+    built = torch_ops.TorchInt8Layout.build(w, torch.bfloat16)
+    assert built.weight.is_contiguous()
+    assert torch.equal(built.weight, (w.sorted_codes(0, w.n) - 128).to(torch.int8).T)
+
+
+@pytest.mark.parametrize("half", [64, 6], ids=["words-of-8-codes", "odd-width-falls-back"])
+def test_nvfp4_decodes_to_the_same_float8_values(half):
+    """Every byte (two e2m1 codes) decodes to the float8 of its float32 values, signed zero
+    included, over more rows than one decoding step."""
+    rows = _e2m1.ROW_CHUNK + 3
+    packed = (torch.arange(rows * half) % 256).to(torch.uint8).view(rows, half)
+    want = _e2m1.unpack(packed).to(torch.float8_e4m3fn)
+    assert torch.equal(_e2m1.unpack_float8(packed).view(torch.uint8), want.view(torch.uint8))
