@@ -8,13 +8,14 @@ in a fresh process per format:
   (the file is in the page cache by then: this is the cost of getting its bytes, not the disk);
 * ``load``: ``load_lm_head(path, dtype=--dtype)``, median of 3 (the first one also loads the
   kernel's extension; ``first`` shows it);
-* ``peak``: the first load's high-water RSS (``VmHWM``) minus the RSS before it (after the imports), against
-  the budget ``1.3 x resident bytes + file bytes``;
+* ``peak``: the first load's high-water RSS (``VmHWM``) minus the RSS before it (after the
+  imports), against the budget ``1.3 x resident bytes + file bytes``;
 * ``goal``: ``2 x read + 0.3 s``.
 
-Usage: ``python bench/load_time.py [--dir DIR] [--formats "gptq int4 g128,..."]``; to compare
-two source trees run it once per tree (``PYTHONPATH=<tree>``) on the same ``--dir``. ``--profile
-LABEL`` prints a cProfile of one load of that format instead.
+Usage: ``python bench/load_time.py [--dir DIR] [--formats "gptq int4 g128,..."]
+[--trees A,B]``: with ``--trees`` each format is measured in every source tree in turn (the
+child process runs in that tree, whose editable install it imports), so two trees are compared
+interleaved on the same files. ``--profile LABEL`` prints a cProfile of one load instead.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 FORMAT_EXTRA = "modelopt nvfp4"
 GOAL_FACTOR, GOAL_CONSTANT_S, RSS_FACTOR = 2.0, 0.3, 1.3
@@ -66,7 +68,7 @@ def measure(path: Path, dtype: str) -> dict[str, object]:
     import torch
 
     import quantreg
-    import quantreg.methods  # noqa: F401
+    import quantreg.methods
 
     torch.zeros(1)
     base = status_mb("VmRSS")
@@ -94,7 +96,7 @@ def profile(path: Path, dtype: str) -> None:
     import pstats
 
     import quantreg
-    import quantreg.methods  # noqa: F401
+    import quantreg.methods
 
     quantreg.load_lm_head(path, dtype=dtype)  # the extension and caches, not profiled
     prof = cProfile.Profile()
@@ -111,6 +113,7 @@ def main() -> None:
     parser.add_argument("--shape", default="32000x4096")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--profile", default=None, help="print a cProfile of this format's load")
+    parser.add_argument("--trees", default=None, help="comma-separated source trees to compare")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child: one folder
     args = parser.parse_args()
     if args.one:
@@ -130,17 +133,29 @@ def main() -> None:
     if args.profile:
         profile(folders[args.profile], args.dtype)
         return
-    print(f"{'format':20} {'kernel':16} {'read s':>7} {'load s':>7} {'first':>6} {'goal s':>7} "
-          f"{'x read':>7} {'peak MB':>8} {'budget':>7}")  # fmt: skip
+    trees = args.trees.split(",") if args.trees else [os.getcwd()]
+    print(f"{'format':20} {'tree':10} {'kernel':16} {'read s':>7} {'load s':>7} {'first':>6} "
+          f"{'goal s':>7} {'x read':>7} {'peak MB':>8} {'budget':>7}")  # fmt: skip
     for label, folder in folders.items():
-        out = subprocess.run([sys.executable, __file__, "--one", str(folder), "--dtype",
-                              args.dtype], capture_output=True, text=True, check=True)  # fmt: skip
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        goal = GOAL_FACTOR * r["read"] + GOAL_CONSTANT_S
-        budget = RSS_FACTOR * r["resident_mb"] + r["file_mb"]
-        print(f"{label:20} {r['kernel']:16} {r['read']:7.3f} {r['load']:7.3f} {r['first']:6.2f} "
-              f"{goal:7.3f} {r['load'] / r['read']:7.1f} {r['peak_mb']:8.0f} {budget:7.0f}"
-              f"{'' if r['load'] <= goal else '  SLOW'}{'' if r['peak_mb'] <= budget else '  RSS'}")  # fmt: skip
+        for tree in trees:
+            report(label, tree, child(folder, tree, args.dtype))
+
+
+def child(folder: Path, tree: str, dtype: str) -> dict[str, Any]:
+    """:func:`measure` in a fresh process that imports ``tree``'s quantreg."""
+    command = [sys.executable, os.path.abspath(__file__), "--one", str(folder), "--dtype", dtype]
+    out = subprocess.run(command, capture_output=True, text=True, check=True, cwd=tree)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def report(label: str, tree: str, r: dict[str, Any]) -> None:
+    goal = GOAL_FACTOR * r["read"] + GOAL_CONSTANT_S
+    budget = RSS_FACTOR * r["resident_mb"] + r["file_mb"]
+    flags = ("" if r["load"] <= goal else "  SLOW") + ("" if r["peak_mb"] <= budget else "  RSS")
+    print(f"{label:20} {os.path.basename(tree.rstrip('/')):10} {r['kernel']:16} "
+          f"{r['read']:7.3f} {r['load']:7.3f} {r['first']:6.2f} {goal:7.3f} "
+          f"{r['load'] / r['read']:7.1f} {r['peak_mb']:8.0f} {budget:7.0f}{flags}",
+          flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -115,8 +115,6 @@ class TorchInt8Layout(LayoutTensors):
         """The checkpoint's k-packed words as they are (four codes a word, little-endian, are
         the codes' bytes: one transposing copy, then ``q - 128`` as ``q ^ 0x80`` in place);
         else the codes a column chunk at a time."""
-        import torch
-
         return cls(
             weight=_int8_weight(weights),
             scales=weights.scales[0].to(dtype).contiguous(),
