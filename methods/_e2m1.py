@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from quantreg.kernels import Float8Layout
+from quantreg.kernels import CPUFloat8Layout, Float8Layout
 
 GROUP = 16  # columns per float8 group scale in both producers' NVFP4
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -36,10 +36,14 @@ BYTES = 0x0101010101010101  # one in every byte of an int64
 
 def unpack_float8(packed: torch.Tensor) -> torch.Tensor:
     """``uint8 [N, K / 2]`` -> the values of :func:`unpack` as ``float8_e4m3fn [N, K]`` (every
-    e2m1 value is exact in e4m3), eight codes per int64 word at a time: no float32 copy.
+    e2m1 value is exact in e4m3): by the float8 CPU kernel's extension where it is built, else
+    eight codes per int64 word at a time; never a float32 copy.
 
     A magnitude code ``c >= 2`` (exponent ``c >> 1``, mantissa ``c & 1``) is the e4m3 byte
     ``(c << 2) + 0x30`` (the exponent rebiased by 6); ``c = 1`` (0.5) is ``0x30``; 0 is 0."""
+    fast = CPUFloat8Layout.e2m1_values(packed)  # the float8 kernel's one-pass decoding
+    if fast is not None:
+        return fast
     n, half = packed.shape
     if half % 4:
         return unpack(packed).to(torch.float8_e4m3fn)

@@ -39,7 +39,7 @@ FUNCTIONS = ("wna16_gemm", "amx_ready")
 FLOAT8_SOURCE = Path(__file__).with_name("float8_kernel.cpp")
 FLOAT8_FLAGS = ("avx2", "fma", "f16c")
 FLOAT8_CFLAGS = ("-O3", "-fopenmp", *(f"-m{f}" for f in FLOAT8_FLAGS))
-FLOAT8_FUNCTIONS = ("float8_gemm", "float8_pack")
+FLOAT8_FUNCTIONS = ("float8_gemm", "float8_pack", "e2m1_to_float8")
 TICK_S = 10.0  # seconds between "still building" lines
 
 

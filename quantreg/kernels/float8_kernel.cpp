@@ -549,3 +549,26 @@ bool float8_pack(torch::Tensor values, torch::Tensor codes, bool fp4) {
   });
   return ok.load();
 }
+
+// out [N, K] (uint8, e4m3 bytes) = the e2m1 codes packed [N, K / 2] (two a byte, the low
+// nibble first, bit 3 the sign): each byte through a 256-entry table of two e4m3 bytes
+void e2m1_to_float8(torch::Tensor packed, torch::Tensor out) {
+  TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.is_contiguous() && packed.dim() == 2,
+              "packed: contiguous uint8 [N, K / 2]");
+  TORCH_CHECK(out.dtype() == torch::kUInt8 && out.is_contiguous() && out.dim() == 2 &&
+              out.size(0) == packed.size(0) && out.size(1) == 2 * packed.size(1),
+              "out: contiguous uint8 [N, K]");
+  static const struct Pairs {
+    uint16_t value[256];
+    Pairs() {
+      const uint8_t magnitude[8] = {0x00, 0x30, 0x38, 0x3C, 0x40, 0x44, 0x48, 0x4C};
+      auto byte = [&](int c) { return (uint16_t)(magnitude[c & 7] | ((c & 8) << 4)); };
+      for (int b = 0; b < 256; ++b) value[b] = (uint16_t)(byte(b & 15) | (byte(b >> 4) << 8));
+    }
+  } pairs;
+  const uint8_t* src = packed.data_ptr<uint8_t>();
+  uint16_t* dst = (uint16_t*)out.data_ptr<uint8_t>();
+  at::parallel_for(0, packed.numel(), 1 << 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) dst[i] = pairs.value[src[i]];
+  });
+}
