@@ -199,8 +199,8 @@ def _fitting_codes(scales: torch.Tensor, mult: float) -> torch.Tensor | None:
     import torch
 
     codes = (scales / mult).to(torch.float8_e4m3fn)
-    back = codes.to(torch.float32) * mult
-    fits = bool(((back - scales).abs() <= scales.abs() * SCALE_TOLERANCE).all())
+    error = codes.to(torch.float32).mul_(mult).sub_(scales).abs_()  # in place: no more copies
+    fits = bool((error <= scales.abs().mul_(SCALE_TOLERANCE)).all())
     return codes if fits else None
 
 

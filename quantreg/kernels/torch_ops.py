@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 INT4_GROUPS = (32, 64, 128, 256)
-INT4_CHUNK = 1024  # output rows converted per step (torch's blocks are 64 rows)
+INT4_CHUNK = 1024  # output rows converted per step (a multiple of 64, torch's largest block)
 INT4_OP = "_weight_int4pack_mm_for_cpu"
 INT8_OP = "_weight_int8pack_mm"
 FLIP_BYTES = -0x7F7F7F80  # 0x80808080 as an int32: flips every byte's top bit (q ^ 0x80 = q - 128)
