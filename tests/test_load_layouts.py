@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantreg import IntWeights
+from quantreg import InputError, IntWeights
 from quantreg.kernels import cpu_float8, torch_ops
 from quantreg.kernels.cpu_float8 import CPUFloat8Layout
 from quantreg.kernels.packing import pack_codes, unpack_codes
@@ -151,3 +151,43 @@ def test_nvfp4_decodes_to_the_same_float8_values(monkeypatch, half, decoder):
     got = _e2m1.unpack_float8(packed)
     assert got.dtype == torch.float8_e4m3fn
     assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+
+
+def pack_per_slot(codes: torch.Tensor, bits: int, dim: int, order=None) -> torch.Tensor:
+    """The packing ``pack_codes`` replaced: the packed dim moved last, then one OR per slot."""
+    pf = 32 // bits
+    slots = list(order) if order is not None else list(range(pf))
+    x = codes.movedim(dim, -1)
+    x = torch.nn.functional.pad(x, (0, -x.shape[-1] % pf))
+    x = x.reshape(*x.shape[:-1], -1, pf)
+    words = x[..., slots[0]].to(torch.int32, copy=True)
+    for k in range(1, pf):
+        words |= x[..., slots[k]].to(torch.int32) << (bits * k)
+    return words.movedim(-1, dim).contiguous()
+
+
+# id -> (bits, shape, dim, interleave order)
+PACK = {
+    "int4-along-k-gptq": (4, (256, 40), 0, None),
+    "int4-along-n-awq-interleaved": (4, (24, 64), -1, AWQ_ORDER),
+    "int4-padded-along-k": (4, (250, 8), 0, None),
+    "int8-padded-along-n": (8, (6, 37), 1, None),
+    "int2-3d-middle-dim": (2, (3, 50, 5), 1, None),
+}
+
+
+@pytest.mark.parametrize(("bits", "shape", "dim", "order"), list(PACK.values()), ids=list(PACK))
+def test_packing_gives_the_per_slot_words(bits, shape, dim, order):
+    gen = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 1 << bits, shape, generator=gen, dtype=torch.int32)
+    got = pack_codes(codes, bits, dim=dim, order=order)
+    assert got.is_contiguous()
+    assert torch.equal(got, pack_per_slot(codes, bits, dim, order))
+
+
+@pytest.mark.parametrize("bad", [-1, 16], ids=["negative", "too-large"])
+def test_packing_an_out_of_range_code_keeps_its_message(bad):
+    codes = torch.zeros(16, 8, dtype=torch.int32)
+    codes[9, 3] = bad
+    with pytest.raises(InputError, match=r"^codes must lie in \[0, 16\) to pack as 4-bit$"):
+        pack_codes(codes, 4, dim=0)

@@ -59,21 +59,25 @@ def pack_codes(
 
     pf = pack_factor(bits)
     slots = _order(order, pf)
-    x = codes.movedim(dim, -1)
-    if x.numel():
-        low, high = torch.aminmax(x)
+    axis = dim % codes.dim()
+    if codes.numel():
+        low, high = torch.aminmax(codes)
         if int(low) < 0 or int(high) >= 1 << bits:
             raise InputError(
                 f"codes must lie in [0, {1 << bits}) to pack as {bits}-bit", field="codes"
             )
-    pad = -x.shape[-1] % pf
+    pad = -codes.shape[axis] % pf
     if pad:
-        x = torch.nn.functional.pad(x, (0, pad))
-    x = x.reshape(*x.shape[:-1], -1, pf)
-    words = x[..., slots[0]].to(torch.int32, copy=True)  # never OR into the caller's codes
+        shape = list(codes.shape)
+        shape[axis] = pad
+        codes = torch.cat([codes, codes.new_zeros(shape)], dim=axis)
+    # [..., words * pf, ...] -> [..., words, pf, ...] in place: slot k of every word is one
+    # slice, read along the other dims' own strides (no transposing copy)
+    x = codes.unflatten(axis, (-1, pf))
+    words = x.select(axis + 1, slots[0]).to(torch.int32, copy=True)  # never OR into the codes
     for k in range(1, pf):
-        words |= x[..., slots[k]].to(torch.int32) << (bits * k)
-    return words.movedim(-1, dim).contiguous()
+        words |= x.select(axis + 1, slots[k]).to(torch.int32) << (bits * k)
+    return words.contiguous()
 
 
 def unpack_codes(
