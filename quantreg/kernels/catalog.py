@@ -102,6 +102,41 @@ def _decline_fma(t: Target) -> str | None:
     return _quantreg_cpu(t, ())
 
 
+def _decline_avx2_int(t: Target) -> str | None:
+    from quantreg.kernels import cpu_avx2
+
+    why = _on_cpu(t)
+    if why is not None:
+        return why
+    if not t.half:
+        return (
+            "takes bf16 / fp16 activations (it does not round the weights to the scale dtype); "
+            "float32 heads get the producers' exact weights"
+        )
+    assert isinstance(t.weights, IntWeights)
+    why = cpu_avx2.AVX2IntLayout.fits(t.weights)
+    if why is not None:
+        return why
+    flags = t.platform.cpu_isa if t.platform.cpu_isa is not None else probe_cpu_isa()
+    why = cpu_avx2.not_here(flags)
+    if why is not None:
+        return why
+    return cpu_avx2.unavailable_reason()  # builds the extension once, if it is not built yet
+
+
+def _build_avx2_int(weights: Weights, dtype: torch.dtype) -> Any:
+    from quantreg.kernels.cpu_avx2 import AVX2IntLayout
+
+    assert isinstance(weights, IntWeights)
+    return AVX2IntLayout.build(weights)
+
+
+def _run_avx2_int(x: torch.Tensor, layout: Any) -> torch.Tensor:
+    from quantreg.kernels.cpu_avx2 import avx2_int_matmul
+
+    return avx2_int_matmul(x, layout)
+
+
 def _torch_op(t: Target, op: str, fits: Callable[[IntWeights], str | None]) -> str | None:
     from quantreg.kernels import torch_ops
 
@@ -300,6 +335,13 @@ KERNELS: dict[str, KernelDef] = {
             "quantreg's CPU kernel: AVX512-BF16 vdpbf16ps; bf16 activations, float32 "
             "accumulation",
             _decline_bf16, _build_cpu, _run_cpu("cpu-avx512-bf16"),
+        ),
+        KernelDef(
+            "cpu-avx2-wna16",
+            "quantreg's int4 / int8 CPU kernel for AVX2 + FMA: codes decoded in registers, "
+            "zero points and scales once per group; bf16 / fp16 activations, float32 "
+            "accumulation",
+            _decline_avx2_int, _build_avx2_int, _run_avx2_int,
         ),
         KernelDef(
             "torch-int4pack", "torch's _weight_int4pack_mm_for_cpu (zero points as floats)",

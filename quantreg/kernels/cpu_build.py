@@ -1,7 +1,8 @@
 """Building quantreg's CPU kernels: where a build is cached, and saying so while it runs.
 
-Two C++ sources, each its own extension (:class:`KernelSource`): ``wna16_kernel.cpp`` (int4 /
-int8, AVX-512) and ``float8_kernel.cpp`` (float8 / fp4, AVX2 + FMA + F16C). They are built apart
+Three C++ sources, each its own extension (:class:`KernelSource`): ``wna16_kernel.cpp`` (int4 /
+int8, AVX-512), ``wna16_avx2_kernel.cpp`` (int4 / int8, AVX2 + FMA + F16C) and
+``float8_kernel.cpp`` (float8 / fp4, AVX2 + FMA + F16C). They are built apart
 because a unit's flags apply to all of it: with ``-mavx512f`` the compiler may emit AVX-512 in
 any function, which an AVX2-only CPU cannot run. The first use of one compiles it with
 ``torch.utils.cpp_extension.load_inline`` (30-60 s), once per :class:`BuildKey`: one folder per
@@ -40,6 +41,8 @@ FLOAT8_SOURCE = Path(__file__).with_name("float8_kernel.cpp")
 FLOAT8_FLAGS = ("avx2", "fma", "f16c")
 FLOAT8_CFLAGS = ("-O3", "-fopenmp", *(f"-m{f}" for f in FLOAT8_FLAGS))
 FLOAT8_FUNCTIONS = ("float8_gemm", "float8_pack", "e2m1_to_float8")
+AVX2_SOURCE = Path(__file__).with_name("wna16_avx2_kernel.cpp")
+AVX2_FUNCTIONS = ("wna16_avx2_gemm",)
 TICK_S = 10.0  # seconds between "still building" lines
 
 
@@ -48,7 +51,7 @@ class KernelSource:
     """One C++ kernel to build: its name, source file, flags and the functions it binds.
 
     Attributes:
-        name: ``wna16`` or ``float8`` (the extension module is ``quantreg_<name>_<digest>``).
+        name: ``wna16``, ``wna16_avx2`` or ``float8`` (the extension module is ``quantreg_<name>_<digest>``).
         path: the C++ source.
         cflags, ldflags: compiler and linker flags.
         functions: the functions bound to Python.
@@ -69,6 +72,9 @@ def kernel_source(name: str = "wna16") -> KernelSource:
     if name == "float8":
         return KernelSource("float8", FLOAT8_SOURCE, FLOAT8_CFLAGS, LDFLAGS, FLOAT8_FUNCTIONS,
                             "quantreg's AVX2 float8 kernel")  # fmt: skip
+    if name == "wna16_avx2":  # the float8 kernel's flags: AVX2, FMA, F16C
+        return KernelSource("wna16_avx2", AVX2_SOURCE, FLOAT8_CFLAGS, LDFLAGS, AVX2_FUNCTIONS,
+                            "quantreg's AVX2 int4 / int8 kernel")  # fmt: skip
     return KernelSource("wna16", SOURCE, CFLAGS, LDFLAGS, FUNCTIONS, "quantreg's CPU kernel")
 
 
@@ -77,7 +83,7 @@ class BuildKey:
     """Everything that makes one build of a kernel differ from another.
 
     Attributes:
-        kernel: which :class:`KernelSource` (``wna16``, ``float8``).
+        kernel: which :class:`KernelSource` (``wna16``, ``wna16_avx2``, ``float8``).
         source: sha256 of the C++ source.
         flags: compiler and linker flags, and the functions bound.
         torch: ``torch.__version__`` (its headers and ABI).

@@ -12,6 +12,8 @@ kernel                    what it computes
 ``cpu-amx``               quantreg's CPU kernel, bf16 / fp16 activations: AMX ``tdpbf16ps``
                           for 2 or more rows, AVX512-BF16 ``vdpbf16ps`` for one
 ``cpu-avx512-bf16``       quantreg's CPU kernel, bf16 / fp16 activations: ``vdpbf16ps``
+``cpu-avx2-wna16``        quantreg's int4 / int8 CPU kernel for AVX2 + FMA, bf16 / fp16
+                          activations: codes decoded in registers, groups applied once
 ``torch-int4pack``        torch's ``_weight_int4pack_mm_for_cpu`` (bf16 / fp16 heads)
 ``torch-int8pack``        torch's ``_weight_int8pack_mm`` (bf16 / fp16 heads)
 ``cpu-avx512``            quantreg's CPU kernel, float32 FMA on the producers' exact weights
@@ -24,7 +26,7 @@ kernel                    what it computes
 
 float32 activations always get an exact kernel (``cpu-avx512`` or ``reference``); the cpu
 kernels run float32 activations on their FMA path whatever their name, and ``cpu-avx2-float8``
-declines them.
+and ``cpu-avx2-wna16`` decline them.
 """
 
 from __future__ import annotations

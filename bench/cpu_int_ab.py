@@ -1,0 +1,99 @@
+"""A/B in one process, interleaved: quantreg's AVX2 int kernel (``cpu-avx2-wna16``) against
+torch's weight-only ops, dense ``F.linear`` (bf16, float32) and a STREAM-like read.
+
+Usage: ``python bench/cpu_int_ab.py [--n 32000] [--k 4096] [--rounds 3]``. Prints, per M, the
+median time of each path (each timed slice starts with untimed warm-up calls: memory left
+untouched for a while is slower on its next passes), its ratio against dense bf16 ``F.linear``
+and, at M=1, its effective bandwidth against the read (``torch.sum`` over an int32 view of a
+buffer as large as the int4 weights, the faster of that and a float32 sum).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from quantreg.kernels import IntWeights, cpu_avx2, torch_ops
+
+
+READS = ("read int32 sum", "read float32 sum")
+
+
+def int_weights(n: int, k: int, bits: int, group: int | None, seed: int = 0) -> IntWeights:
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, (k, n), generator=gen, dtype=torch.int32)
+    groups = 1 if group is None else k // group
+    scales = (torch.rand(groups, n, generator=gen) * 0.01 + 1e-3).to(torch.bfloat16)
+    zeros = torch.full((groups, n), 1 << (bits - 1), dtype=torch.int32)
+    return IntWeights.create(bits=bits, k=k, codes=lambda c0, c1: codes[:, c0:c1],
+                             scales=scales, zeros=zeros)  # fmt: skip
+
+
+def paths(n: int, k: int) -> dict[str, tuple[Callable[[torch.Tensor], object], int]]:
+    """name -> (call on x, bytes it reads)."""
+    bf = torch.bfloat16
+    w4, w8 = int_weights(n, k, 4, 128), int_weights(n, k, 8, None)
+    a4, a8 = cpu_avx2.AVX2IntLayout.build(w4), cpu_avx2.AVX2IntLayout.build(w8)
+    t4, t8 = torch_ops.TorchInt4Layout.build(w4, bf), torch_ops.TorchInt8Layout.build(w8, bf)
+    dense = torch.randn(n, k) * 0.02
+    dense_bf = dense.to(bf)
+    buf = torch.full((n * k // 8,), 0x3F800000, dtype=torch.int32)  # 1.0 as a float32
+    return {
+        "read int32 sum": (lambda x: buf.sum(), buf.nbytes),
+        "read float32 sum": (lambda x: buf.view(torch.float32).sum(), buf.nbytes),
+        "avx2 int4 g128": (lambda x: cpu_avx2.avx2_int_matmul(x, a4), a4.codes.nbytes),
+        "torch int4pack": (lambda x: torch_ops.int4_matmul(x, t4), t4.weight.nbytes),
+        "avx2 int8 channel": (lambda x: cpu_avx2.avx2_int_matmul(x, a8), a8.codes.nbytes),
+        "torch int8pack": (lambda x: torch_ops.int8_matmul(x, t8), t8.weight.nbytes),
+        "dense bf16": (lambda x: torch.nn.functional.linear(x, dense_bf), dense_bf.nbytes),
+        "dense fp32": (lambda x: torch.nn.functional.linear(x.float(), dense), dense.nbytes),
+    }
+
+
+def slice_ms(call: Callable[[torch.Tensor], object], x: torch.Tensor, reps: int) -> float:
+    for _ in range(2):
+        call(x)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        call(x)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=32000)
+    ap.add_argument("--k", type=int, default=4096)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--m", type=int, nargs="+", default=[1, 4, 16, 64])
+    args = ap.parse_args()
+    ps = paths(args.n, args.k)
+    print(f"N={args.n} K={args.k}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    for m in args.m:
+        x = torch.randn(m, args.k).to(torch.bfloat16)
+        got: dict[str, list[float]] = {name: [] for name in ps}
+        for _ in range(args.rounds):
+            for name, (call, _) in ps.items():
+                if m > 1 and name.startswith("read"):
+                    continue
+                got[name].append(slice_ms(call, x, 5 if m <= 16 else 2))
+        base = statistics.median(got["dense bf16"])
+        reads = [ps[r][1] / statistics.median(got[r]) / 1e6 for r in READS if got[r]]
+        for name, ms in got.items():
+            if not ms:
+                continue
+            med = statistics.median(ms)
+            line = f"M={m:<3} {name:<18} {med:8.2f} ms  {base / med:5.2f}x dense bf16"
+            if reads:
+                gbs = ps[name][1] / med / 1e6
+                line += f"  {gbs:5.1f} GB/s = {gbs / max(reads):4.0%} of the read"
+            print(line + f"  [{' '.join(f'{t:.2f}' for t in ms)}]", flush=True)
+
+
+if __name__ == "__main__":
+    main()

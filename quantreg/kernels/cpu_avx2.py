@@ -1,0 +1,198 @@
+"""quantreg's int4 / int8 weight-only CPU kernel for CPUs without AVX-512
+(``wna16_avx2_kernel.cpp``: AVX2 + FMA + F16C), kernel ``cpu-avx2-wna16``.
+
+Built and cached like the other CPU kernels (:mod:`quantreg.kernels.cpu_build`, kernel
+``wna16_avx2``), declined with a reason where it cannot run (no AVX2/FMA/F16C,
+``QUANTREG_NO_CPU_KERNELS``, no compiler).
+
+Layout (:class:`AVX2IntLayout`), built once after loading straight from the checkpoint's codes:
+16 outputs per block; each output's codes packed along K into int32 words of ``P = 32 / bits``
+codes (code ``j`` at bits ``j * bits``: GPTQ's ``qweight`` order, which is taken as it is when
+the checkpoint has it), K zero-padded to a multiple of ``P``, the words of a block interleaved
+so that one 32-byte load holds 8 outputs' words. Scales: float32 ``[N/16, G, 2, 16]``, the
+group's scale ``s`` and ``s * z``.
+
+Precision: ``s * (sum x q) - s z * (sum x)`` per group in float32 -- the weights are not rounded
+to the scale dtype as the producers round them, so the kernel serves bf16 / fp16 activations
+(within 1e-2 of the exact kernel, like torch's ops); float32 heads keep the exact kernels.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from quantreg.kernels import cpu_build
+from quantreg.kernels.layouts import LayoutTensors
+from quantreg.kernels.weights import IntWeights
+from quantreg.platform import probe_cpu_isa
+
+if TYPE_CHECKING:
+    import torch
+
+    from quantreg.kernels.cpu import Warmup
+
+logger = logging.getLogger(__name__)
+
+NB = 16  # outputs per block: two AVX2 registers of float32
+FLAGS = ("avx2", "fma", "f16c")
+CODE_CHUNK = 1024  # output columns converted per step (a multiple of 16)
+X_TILE_BYTES = 8 * 2**20  # float32 activations converted per kernel call
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {}
+
+
+def not_here(flags: frozenset[str] | None = None) -> str | None:
+    """Why this process must not build or run the kernel (None: it may)."""
+    missing = [f for f in FLAGS if f not in (probe_cpu_isa() if flags is None else flags)]
+    if missing:
+        return f"this CPU lacks {'/'.join(missing)}"
+    if os.environ.get("QUANTREG_NO_CPU_KERNELS"):
+        return "QUANTREG_NO_CPU_KERNELS is set"
+    return None
+
+
+def extension() -> Any | None:
+    """The compiled extension (built once per process, cached on disk), or None."""
+    return cpu_build.build_once(
+        _state, _lock, "wna16_avx2", not_here, "AVX2 int4 / int8 kernel",
+        "quantreg's AVX2 int4 / int8 CPU kernel unavailable (%s); kernel selection declines "
+        "it", logger,
+    )  # fmt: skip
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`extension` is None (None when the kernel is built)."""
+    extension()
+    return _state["reason"]
+
+
+def warmup() -> Warmup:
+    """Build (or load) the kernel now, so that no int4 / int8 head load waits for the
+    compiler."""
+    from quantreg.kernels.cpu import warm
+
+    return warm(not_here, "wna16_avx2", extension, unavailable_reason)
+
+
+def codes_per_word(bits: int) -> int:
+    """``P``: codes of one output per int32 word (8 for int4, 4 for int8)."""
+    return 32 // bits
+
+
+def pack_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes ``[K, n]`` -> int32 words ``[ceil(K / P), n]``, code ``j`` of a word at
+    bits ``j * bits`` (K zero-padded). Computed in int32: a code shifted into bit 31 wraps."""
+    import torch
+
+    p = codes_per_word(bits)
+    k, n = codes.shape
+    c = torch.nn.functional.pad(codes.to(torch.int32), (0, 0, 0, -k % p)).reshape(-1, p, n)
+    words = c[:, 0].clone()
+    for j in range(1, p):
+        words.bitwise_or_(c[:, j] << (j * bits))
+    return words
+
+
+def interleave(words: torch.Tensor) -> torch.Tensor:
+    """Words ``[units, n]`` (n a multiple of 16 after zero-padding) -> ``[n/16, units, 16]``."""
+    import torch
+
+    units, n = words.shape
+    w = torch.nn.functional.pad(words, (0, -n % NB))
+    return w.reshape(units, -1, NB).permute(1, 0, 2)
+
+
+@dataclass(frozen=True, eq=False)
+class AVX2IntLayout(LayoutTensors):
+    """The AVX2 int kernel's layout (see the module doc).
+
+    Attributes:
+        codes: int32 ``[ceil(N/16), ceil(K/P), 16]``.
+        scales: float32 ``[ceil(N/16), G, 2, 16]``: ``s`` and ``s * z`` per group and output.
+        perm: int64 ``[K]`` row order applied to ``x`` (act-order), or None.
+        n, k: the weight's shape; bits: 4 or 8.
+        group_size: rows per group (one group: K padded to a multiple of P).
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    perm: torch.Tensor | None
+    n: int
+    k: int
+    bits: int
+    group_size: int
+
+    @classmethod
+    def fits(cls, weights: IntWeights) -> str | None:
+        """Why ``weights`` cannot take this layout (None: it can)."""
+        group = weights.group_size
+        p = codes_per_word(weights.bits)
+        if group is None:
+            return "needs groups of equal size; these act-order groups differ"
+        if weights.groups > 1 and group % p:
+            return (
+                f"needs a group size that is a multiple of {p} for {weights.bits}-bit codes "
+                f"(or one group); it is {group}"
+            )
+        return None
+
+    @classmethod
+    def build(cls, weights: IntWeights) -> AVX2IntLayout:
+        """Straight from the checkpoint: its K-packed words as they are when it has them,
+        else its codes packed ``CODE_CHUNK`` columns at a time; every step vectorized."""
+        import torch
+
+        n, k, bits = weights.n, weights.k, weights.bits
+        p = codes_per_word(bits)
+        units = -(-k // p)
+        blocks = -(-n // NB)
+        codes = torch.empty((blocks, units, NB), dtype=torch.int32)
+        packed = weights.k_packed
+        if packed is not None and weights.perm is None and tuple(packed.shape) == (units, n):
+            codes.copy_(interleave(packed.to(torch.int32)))
+        else:
+            for c0 in range(0, n, CODE_CHUNK):
+                c1 = min(c0 + CODE_CHUNK, n)
+                words = pack_words(weights.sorted_codes(c0, c1), bits)
+                codes[c0 // NB : -(-c1 // NB)] = interleave(words)
+        scales = weights.scales.to(torch.float32)
+        sz = torch.stack([scales, scales * weights.zeros.to(torch.float32)], dim=1)  # [G, 2, N]
+        sz = torch.nn.functional.pad(sz, (0, -n % NB)).reshape(weights.groups, 2, blocks, NB)
+        group = weights.group_size if weights.groups > 1 else units * p
+        assert group is not None  # checked by fits()
+        return cls(
+            codes=codes,
+            scales=sz.permute(2, 0, 1, 3).contiguous(),
+            perm=weights.perm,
+            n=n,
+            k=k,
+            bits=bits,
+            group_size=group,
+        )
+
+
+def avx2_int_matmul(x: torch.Tensor, layout: AVX2IntLayout) -> torch.Tensor:
+    """``x [M, K]`` (features in the layout's row order) ``@ W.T`` in ``x``'s dtype (bf16,
+    fp16 or float32), converting at most ``X_TILE_BYTES`` of ``x`` to float32 at a time.
+
+    Raises:
+        RuntimeError: the kernel is unavailable (selection declines it first).
+    """
+    import torch
+
+    module = extension()
+    if module is None:
+        raise RuntimeError(f"quantreg's AVX2 int kernel is unavailable: {unavailable_reason()}")
+    m = x.shape[0]
+    out = torch.empty((m, layout.n), dtype=x.dtype)
+    rows = max(1, X_TILE_BYTES // (4 * max(layout.k, 1)))
+    for r0 in range(0, m, rows):
+        xf = x[r0 : r0 + rows].to(torch.float32).contiguous()
+        module.wna16_avx2_gemm(xf, out[r0 : r0 + rows], layout.codes, layout.scales,
+                               layout.bits, layout.group_size)  # fmt: skip
+    return out

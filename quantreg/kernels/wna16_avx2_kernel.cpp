@@ -1,0 +1,191 @@
+// quantreg's int4 / int8 weight-only CPU matmul for AVX2 + FMA (+ F16C); built and called by
+// quantreg/kernels/cpu_avx2.py. Compiled apart from wna16_kernel.cpp (whose whole unit is
+// built with AVX-512 flags), so that nothing here can carry an AVX-512 instruction.
+//
+// Layout: 16 outputs per block; a block is `units` words of 16 int32 lanes, one lane per
+// output. Lane o of unit t holds P = 32 / bits codes of output o, rows P*t .. P*t + P - 1,
+// code j at bits j * bits (GPTQ's qweight order, per output). Scales: float32 [N/16][G][2][16],
+// the group's scale s and s * z (z the zero point).
+//
+// Decoding: code j of every lane is (v & (mask << j * bits)), converted to float32: the code
+// times 2^(j * bits), exact. The activations are pre-scaled by 2^-(j * bits) (exact: a power
+// of two), so one AND, one convert and one FMA per 8 weights; the last code of a lane is a
+// shift by 32 - bits instead (the AND would leave the sign bit). The zero point and the scale
+// are applied once per group on the partial sums: s * (sum x q) - s z * (sum x), with the
+// group sums of x computed once per call for every output.
+//
+// Rows of x are taken R <= 4 at a time, every weight decoded once per pass and multiplied by R
+// rows; U accumulator sets (code j into set j % U) hide the FMA latency when R is small.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int NB = 16;  // outputs per block: two registers of float32
+constexpr int RB = 4;   // rows of x per pass
+
+struct Geo {
+  int64_t M, N, K;   // K: rows, padded to a multiple of P
+  int64_t units, G, gsu;  // words per output; groups; units per group
+  const int32_t* codes;   // [N/16][units][16]
+  const float* sz;        // [N/16][G][2][16]
+  const float* xs;        // [M][K], pre-scaled
+  const float* sx;        // [M][G], group sums of x
+};
+
+template <int BITS, int J>
+__attribute__((always_inline)) inline __m256 code(__m256i v) {
+  constexpr int P = 32 / BITS;
+  if (J == P - 1) return _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 32 - BITS));
+  constexpr int32_t mask = ((1 << BITS) - 1) << (J * BITS);
+  return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(mask)));
+}
+
+// Code J of one unit (two registers of 8 lanes) times R rows of x into set J % U.
+template <int BITS, int R, int U, int J>
+__attribute__((always_inline)) inline void step(__m256i v0, __m256i v1, const float* __restrict x, int64_t K, __m256 (*a)[R][2]) {
+  const __m256 q0 = code<BITS, J>(v0), q1 = code<BITS, J>(v1);
+#pragma GCC unroll 4
+  for (int m = 0; m < R; ++m) {
+    const __m256 xb = _mm256_broadcast_ss(x + m * K + J);
+    a[J % U][m][0] = _mm256_fmadd_ps(xb, q0, a[J % U][m][0]);
+    a[J % U][m][1] = _mm256_fmadd_ps(xb, q1, a[J % U][m][1]);
+  }
+}
+
+template <int BITS, int R, int U, int... J>
+__attribute__((always_inline)) inline void unit(const int32_t* w, const float* x, int64_t K, __m256 (*a)[R][2],
+                 std::integer_sequence<int, J...>) {
+  const __m256i v0 = _mm256_loadu_si256((const __m256i*)w);
+  const __m256i v1 = _mm256_loadu_si256((const __m256i*)(w + 8));
+  (step<BITS, R, U, J>(v0, v1, x, K, a), ...);
+}
+
+// acc[m][16] (rows m0 .. m0 + R) = the block's outputs for those rows
+template <int BITS, int R, int U>
+void rows(const Geo& g, int64_t b, int64_t m0, float* __restrict acc) {
+  constexpr int P = 32 / BITS;
+  const int64_t K = g.K, G = g.G;
+  const int32_t* wb = g.codes + b * g.units * NB;
+  const float* szb = g.sz + b * G * 2 * NB;
+  const float* x = g.xs + m0 * K;
+  __m256 t[R][2];
+#pragma GCC unroll 4
+  for (int m = 0; m < R; ++m) t[m][0] = t[m][1] = _mm256_setzero_ps();
+  for (int64_t grp = 0; grp < G; ++grp) {
+    __m256 a[U][R][2];
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u)
+#pragma GCC unroll 4
+      for (int m = 0; m < R; ++m) a[u][m][0] = a[u][m][1] = _mm256_setzero_ps();
+    const int64_t u1 = std::min(g.units, (grp + 1) * g.gsu);
+    for (int64_t u = grp * g.gsu; u < u1; ++u)
+      unit<BITS, R, U>(wb + u * NB, x + u * P, K, a, std::make_integer_sequence<int, P>());
+    const float* s = szb + grp * 2 * NB;
+    const __m256 s0 = _mm256_loadu_ps(s), s1 = _mm256_loadu_ps(s + 8);
+    const __m256 z0 = _mm256_loadu_ps(s + NB), z1 = _mm256_loadu_ps(s + NB + 8);
+#pragma GCC unroll 4
+    for (int m = 0; m < R; ++m) {
+      __m256 p0 = a[0][m][0], p1 = a[0][m][1];
+#pragma GCC unroll 4
+      for (int u = 1; u < U; ++u) {
+        p0 = _mm256_add_ps(p0, a[u][m][0]);
+        p1 = _mm256_add_ps(p1, a[u][m][1]);
+      }
+      const __m256 sxb = _mm256_broadcast_ss(g.sx + (m0 + m) * G + grp);
+      t[m][0] = _mm256_fnmadd_ps(z0, sxb, _mm256_fmadd_ps(s0, p0, t[m][0]));
+      t[m][1] = _mm256_fnmadd_ps(z1, sxb, _mm256_fmadd_ps(s1, p1, t[m][1]));
+    }
+  }
+#pragma GCC unroll 4
+  for (int m = 0; m < R; ++m) {
+    _mm256_storeu_ps(acc + (m0 + m) * NB, t[m][0]);
+    _mm256_storeu_ps(acc + (m0 + m) * NB + 8, t[m][1]);
+  }
+}
+
+template <int BITS>
+void block(const Geo& g, int64_t b, float* acc) {
+  int64_t m0 = 0;
+  for (; m0 + RB <= g.M; m0 += RB) rows<BITS, RB, 1>(g, b, m0, acc);
+  switch (g.M - m0) {
+    case 1: rows<BITS, 1, 4>(g, b, m0, acc); break;
+    case 2: rows<BITS, 2, 2>(g, b, m0, acc); break;
+    case 3: rows<BITS, 3, 1>(g, b, m0, acc); break;
+    default: break;
+  }
+}
+
+template <typename T>
+void write_out(const Geo& g, const float* acc, int64_t b, T* out) {
+  const int64_t n0 = b * NB, cols = std::min<int64_t>(NB, g.N - n0);
+  for (int64_t m = 0; m < g.M; ++m)
+    for (int64_t o = 0; o < cols; ++o) out[m * g.N + n0 + o] = static_cast<T>(acc[m * NB + o]);
+}
+
+template <int BITS, typename T>
+void run(const Geo& g, T* out) {
+  const int64_t blocks = (g.N + NB - 1) / NB;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(g.M * NB);
+    for (int64_t b = begin; b < end; ++b) {
+      block<BITS>(g, b, acc.data());
+      write_out(g, acc.data(), b, out);
+    }
+  });
+}
+
+template <typename T>
+void run(const Geo& g, int bits, T* out) {
+  if (bits == 4) run<4>(g, out); else run<8>(g, out);
+}
+
+}  // namespace
+
+// out [M, N] (float32, bfloat16 or float16) = x [M, Kx] (float32, Kx <= K padded) @ W.T
+void wna16_avx2_gemm(torch::Tensor x, torch::Tensor out, torch::Tensor codes, torch::Tensor sz,
+                     int64_t bits, int64_t group_size) {
+  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.dtype() == torch::kFloat32,
+              "x must be a contiguous float32 [M, K] matrix");
+  TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(0) == x.size(0) &&
+              (out.dtype() == torch::kFloat32 || out.dtype() == torch::kBFloat16 ||
+               out.dtype() == torch::kFloat16),
+              "out must be a contiguous float32 / bfloat16 / float16 [M, N] matrix");
+  TORCH_CHECK(codes.dtype() == torch::kInt32 && codes.is_contiguous() && codes.dim() == 3 &&
+              codes.size(2) == NB, "codes: int32 [N/16, units, 16]");
+  TORCH_CHECK(sz.dtype() == torch::kFloat32 && sz.is_contiguous() && sz.dim() == 4 &&
+              sz.size(2) == 2 && sz.size(3) == NB, "scales: float32 [N/16, G, 2, 16]");
+  const int64_t P = 32 / bits, M = x.size(0), Kx = x.size(1), N = out.size(1);
+  const int64_t units = codes.size(1), K = units * P, G = sz.size(1);
+  const int64_t blocks = (N + NB - 1) / NB;
+  TORCH_CHECK(codes.size(0) == blocks && sz.size(0) == blocks, "N does not match the layout");
+  TORCH_CHECK(Kx <= K && K - Kx < P, "x's features do not match the layout's rows");
+  TORCH_CHECK(group_size > 0 && group_size % P == 0 && (K + group_size - 1) / group_size == G,
+              "the group size must be a multiple of 32 / bits and give the scales' groups");
+  if (M == 0 || N == 0) return;
+  // x pre-scaled by 2^-(j * bits) for code j of a lane (the last one: by 1), zero-padded to K,
+  // and the group sums of x
+  std::vector<float> xs(M * K, 0.0f), sx(M * G, 0.0f);
+  const float* xp = x.data_ptr<float>();
+  float pw[8];
+  for (int j = 0; j < P; ++j) pw[j] = j == P - 1 ? 1.0f : std::ldexp(1.0f, -(int)(j * bits));
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t k = 0; k < Kx; ++k) {
+      const float v = xp[m * Kx + k];
+      xs[m * K + k] = v * pw[k % P];
+      sx[m * G + k / group_size] += v;
+    }
+  }
+  Geo g{M, N, K, units, G, group_size / P, codes.data_ptr<int32_t>(), sz.data_ptr<float>(),
+        xs.data(), sx.data()};
+  if (out.dtype() == torch::kFloat32) run(g, (int)bits, out.data_ptr<float>());
+  else if (out.dtype() == torch::kBFloat16) run(g, (int)bits, (c10::BFloat16*)out.data_ptr());
+  else run(g, (int)bits, (c10::Half*)out.data_ptr());
+}
