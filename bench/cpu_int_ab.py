@@ -19,7 +19,6 @@ import torch
 
 from quantreg.kernels import IntWeights, cpu_avx2, torch_ops
 
-
 READS = ("read int32 sum", "read float32 sum")
 
 

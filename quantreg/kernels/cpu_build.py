@@ -51,7 +51,8 @@ class KernelSource:
     """One C++ kernel to build: its name, source file, flags and the functions it binds.
 
     Attributes:
-        name: ``wna16``, ``wna16_avx2`` or ``float8`` (the extension module is ``quantreg_<name>_<digest>``).
+        name: ``wna16``, ``wna16_avx2`` or ``float8`` (the extension module is
+            ``quantreg_<name>_<digest>``).
         path: the C++ source.
         cflags, ldflags: compiler and linker flags.
         functions: the functions bound to Python.
