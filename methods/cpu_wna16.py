@@ -2,8 +2,9 @@
 
 Loads the checkpoint exactly as ``awq`` / ``gptq`` do, then runs the fastest CPU kernel that
 fits (see ``quantreg.kernels``): quantreg's CPU kernel when it builds (float32 activations on
-its exact FMA path; bf16 / fp16 on AVX512-BF16 or AMX), else for bf16 / fp16 heads torch's
-weight-only ops where they fit, else the exact reference kernel.
+its exact FMA path; bf16 / fp16 on AVX512-BF16 or AMX), else for bf16 / fp16 heads quantreg's
+AVX2 kernel (``cpu-avx2-wna16``) or torch's weight-only ops where they fit, else the exact
+reference kernel.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from quantreg.methods.gptq import GPTQConfig
 
 _READERS: dict[str, type[QuantConfig]] = {"awq": AWQConfig, "gptq": GPTQConfig}
 CPU_KERNELS = (
-    "cpu-amx", "cpu-avx512-bf16", "torch-int4pack", "torch-int8pack", "cpu-avx512", "reference",
+    "cpu-amx", "cpu-avx512-bf16", "cpu-avx2-wna16", "torch-int4pack", "torch-int8pack",
+    "cpu-avx512", "reference",
 )  # fmt: skip
 
 

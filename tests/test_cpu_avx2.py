@@ -1,0 +1,236 @@
+"""quantreg's int4 / int8 CPU kernel for AVX2 + FMA (``cpu-avx2-wna16``): when it is chosen and
+why it declines, its layout, and its results against the exact reference kernel.
+
+Precision, as specified here: with float32 activations the kernel is within 1e-5 (relative to
+the largest logit) of ``x @ ((q - z) * s).T`` in float64 -- every weight unrounded. The
+reference rounds every weight to the scale dtype as the producers do and the kernel does not,
+so against the reference, in bf16 / fp16, it is within 1e-2 (the precision contract's bound).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import quantreg
+from quantreg import IntWeights, Platform
+from quantreg.kernels import Float8Layout, KPackedLayout, choose, cpu_avx2
+from quantreg.kernels.catalog import KERNELS, Target
+from quantreg.kernels.cpu_avx2 import AVX2IntLayout, avx2_int_matmul, pack_words
+from quantreg.kernels.reference import reference_matmul
+
+BF16 = torch.bfloat16
+AVX2 = Platform("cpu", cpu_isa=frozenset({"avx2", "fma", "f16c"}))
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    """The compiled extension, or a skip that says why this machine has none."""
+    if cpu_avx2.extension() is None:
+        pytest.skip(f"cpu-avx2-wna16 unavailable: {cpu_avx2.unavailable_reason()}")
+
+
+def int_weights(
+    bits: int, n: int, k: int, group: int | None, *, sym: bool = False, act_order: bool = False,
+    uneven: bool = False, scale_dtype: torch.dtype = torch.float16, seed: int = 0,
+) -> IntWeights:  # fmt: skip
+    """Random codes, scales and zero points; ``group`` None: one group (channel-wise)."""
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, (k, n), generator=gen, dtype=torch.int32)
+    size = k if group is None else group
+    groups = -(-k // size)
+    scales = (torch.rand(groups, n, generator=gen) * 0.01 + 0.001).to(scale_dtype)
+    if sym:
+        zeros = torch.full((groups, n), 1 << (bits - 1), dtype=torch.int32)
+    else:
+        zeros = torch.randint(0, 1 << bits, (groups, n), generator=gen, dtype=torch.int32)
+    g_idx = torch.arange(k) // size
+    if uneven:  # the last group takes one row more
+        g_idx = torch.cat([g_idx[1:], g_idx[-1:]])
+    if act_order:  # every row's group scattered
+        g_idx = g_idx[torch.randperm(k, generator=gen)]
+    return IntWeights.create(bits=bits, k=k, codes=lambda c0, c1: codes[:, c0:c1],
+                             scales=scales, zeros=zeros, g_idx=g_idx)  # fmt: skip
+
+
+def unrounded_t(w: IntWeights) -> torch.Tensor:
+    """``W.T`` ``[K, N]`` in float64, rows in checkpoint order, no weight rounded."""
+    g = torch.bucketize(torch.arange(w.k), torch.tensor(w.bounds[1:]), right=True)
+    deq = (w.sorted_codes(0, w.n) - w.zeros[g].to(torch.int32)).double() * w.scales[g].double()
+    out = torch.empty_like(deq)
+    out[w.perm if w.perm is not None else torch.arange(w.k)] = deq
+    return out
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want.double()).abs().max() / want.double().abs().max())
+
+
+def run(x: torch.Tensor, w: IntWeights, layout: AVX2IntLayout) -> torch.Tensor:
+    """The kernel on ``x`` in checkpoint feature order (the layout's rows are in group order)."""
+    return avx2_int_matmul(x if w.perm is None else x[:, w.perm], layout)
+
+
+# id -> (bits, N, K, group (None: channel), zero points, act-order, scale dtype)
+CASES = {
+    "int4-g128": (4, 128, 256, 128, True, False, torch.float16),
+    "int4-g32-symmetric-bf16-scales": (4, 64, 256, 32, False, False, BF16),
+    "int4-g64-odd-n-50": (4, 50, 192, 64, True, False, torch.float16),
+    "int4-channel-odd-k-45": (4, 40, 45, None, True, False, torch.float32),
+    "int4-g32-k-100-last-group-short": (4, 33, 100, 32, True, False, BF16),
+    "int4-g32-act-order": (4, 64, 256, 32, True, True, torch.float16),
+    "int8-channel-symmetric": (8, 48, 256, None, False, False, BF16),
+    "int8-channel-zero-points-odd-k-3": (8, 17, 3, None, True, False, torch.float16),
+    "int8-g64-k-130": (8, 33, 130, 64, True, False, torch.float16),
+    "int8-g128-act-order": (8, 1000, 256, 128, True, True, BF16),
+}
+# every code path: 1, 2, 3 rows alone; passes of 4 rows, and 4 + 1, 2 or 3; many rows
+ROWS = (1, 2, 3, 4, 5, 6, 7, 8, 70)
+
+
+def case_weights(case: str) -> IntWeights:
+    bits, n, k, group, zero_points, act_order, scale_dtype = CASES[case]
+    return int_weights(bits, n, k, group, sym=not zero_points, act_order=act_order,
+                       scale_dtype=scale_dtype)  # fmt: skip
+
+
+# -- choice ------------------------------------------------------------------------------------
+
+DECLINES = {
+    "float32-activations": (lambda: case_weights("int4-g128"), torch.float32, "cpu", AVX2, "takes bf16 / fp16 activations (it does not round the weights to the scale dtype); float32 heads get the producers' exact weights"),
+    "no-avx2": (lambda: case_weights("int4-g128"), BF16, "cpu", Platform("cpu", cpu_isa=frozenset({"f16c"})), "this CPU lacks avx2/fma"),
+    "no-f16c": (lambda: case_weights("int4-g128"), BF16, "cpu", Platform("cpu", cpu_isa=frozenset({"avx2", "fma"})), "this CPU lacks f16c"),
+    "on-cuda": (lambda: case_weights("int4-g128"), BF16, "cuda", Platform("cuda", (7, 5)), "runs on the CPU; the layer is on cuda"),
+    "group-of-4-int4": (lambda: int_weights(4, 64, 64, 4), BF16, "cpu", AVX2, "needs a group size that is a multiple of 8 for 4-bit codes (or one group); it is 4"),
+    "group-of-2-int8": (lambda: int_weights(8, 64, 64, 2), BF16, "cpu", AVX2, "needs a group size that is a multiple of 4 for 8-bit codes (or one group); it is 2"),
+    "unequal-act-order-groups": (lambda: int_weights(4, 64, 256, 32, act_order=True, uneven=True), BF16, "cpu", AVX2, "needs groups of equal size; these act-order groups differ"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("make", "dtype", "device", "platform", "reason"), DECLINES.values(), ids=DECLINES.keys())  # fmt: skip
+def test_the_kernel_declines_with_its_reason(make, dtype, device, platform, reason):
+    choice = choose(make(), dtype=dtype, device=device, platform=platform)
+    assert choice.name != "cpu-avx2-wna16"
+    assert dict(choice.declined)["cpu-avx2-wna16"] == reason
+
+
+def test_float8_weights_are_not_its_business():
+    values = torch.zeros(64, 32).to(torch.float8_e4m3fn)
+    target = Target(Float8Layout.build(values, torch.ones(1, 64)), BF16, torch.device("cpu"), AVX2, None)  # fmt: skip
+    assert KERNELS["cpu-avx2-wna16"].decline(target) == "runs integer (int4 / int8) weights only"
+
+
+def test_the_environment_variable_turns_it_off(monkeypatch):
+    monkeypatch.setenv("QUANTREG_NO_CPU_KERNELS", "1")
+    choice = choose(case_weights("int4-g128"), dtype=BF16, device="cpu", platform=AVX2)
+    assert dict(choice.declined)["cpu-avx2-wna16"] == "QUANTREG_NO_CPU_KERNELS is set"
+
+
+def test_a_failed_build_is_the_reason(monkeypatch):
+    from quantreg.kernels import cpu_build
+
+    def no_compiler(kernel: str) -> None:
+        raise OSError("no c++ here")
+
+    monkeypatch.setattr(cpu_avx2, "_state", {})
+    monkeypatch.setattr(cpu_build, "build", no_compiler)
+    choice = choose(case_weights("int4-g128"), dtype=BF16, device="cpu", platform=AVX2)
+    assert dict(choice.declined)["cpu-avx2-wna16"] == (
+        "building the C++ AVX2 int4 / int8 kernel failed: OSError: no c++ here"
+    )
+
+
+@pytest.mark.parametrize("case", ["int4-g128", "int8-channel-symmetric"])
+def test_half_heads_choose_it_before_torchs_ops(kernel, case):
+    choice = choose(case_weights(case), dtype=BF16, device="cpu")
+    assert choice.name == "cpu-avx2-wna16"
+    declined = dict(choice.declined)
+    for later in ("torch-int4pack", "torch-int8pack", "reference"):
+        assert declined[later] == "cpu-avx2-wna16 fits and comes first"
+
+
+# -- layout ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_checkpoints_k_packed_words_are_taken_as_they_are(bits):
+    """GPTQ's qweight order is the layout's: the words packed from the codes equal the
+    k-packed layout's, and a head that brings them builds the same layout from them."""
+    w = int_weights(bits, 40, 64, 32)
+    packed = KPackedLayout.build(w).codes
+    assert torch.equal(pack_words(w.codes(0, w.n), bits), packed)
+    with_words = IntWeights.create(bits=bits, k=w.k, codes=w.codes, scales=w.scales,
+                                   zeros=w.zeros, k_packed=packed)  # fmt: skip
+    assert torch.equal(AVX2IntLayout.build(with_words).codes, AVX2IntLayout.build(w).codes)
+
+
+@pytest.mark.parametrize(("bits", "k", "units"), [(4, 45, 6), (4, 256, 32), (8, 3, 1), (8, 130, 33)])  # fmt: skip
+def test_the_layout_holds_the_codes_and_nothing_more(bits, k, units):
+    w = int_weights(bits, 50, k, None)
+    layout = AVX2IntLayout.build(w)
+    assert layout.codes.shape == (4, units, 16)  # 50 outputs in 4 blocks of 16
+    assert layout.scales.shape == (4, 1, 2, 16)
+    assert layout.group_size == units * 32 // bits
+
+
+# -- results -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_float32_activations_give_the_unrounded_product(kernel, case):
+    w = case_weights(case)
+    layout, want_t = AVX2IntLayout.build(w), unrounded_t(w)
+    for m in ROWS:
+        x = torch.randn(m, w.k)
+        got = run(x, w, layout)
+        assert got.shape == (m, w.n)
+        assert rel_err(got, x.double() @ want_t) < 1e-5, m
+
+
+@pytest.mark.parametrize("dtype", [BF16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_half_activations_match_the_exact_reference(kernel, case, dtype):
+    w = case_weights(case)
+    layout, exact = AVX2IntLayout.build(w), KPackedLayout.build(w)
+    for m in (1, 6, 65):
+        x = torch.randn(m, w.k).to(dtype)
+        xs = x if w.perm is None else x[:, w.perm]
+        got = run(x, w, layout)
+        assert got.dtype == dtype
+        assert rel_err(got, reference_matmul(xs.float(), exact)) < 1e-2, m
+
+
+def test_tensor_parallel_shards_of_a_1000_vocab(kernel):
+    """Vocab 1000 padded to 1024 on two ranks: rows 0..511 and 512..999 (+ 24 zero rows)."""
+    w = case_weights("int8-g128-act-order")
+    codes = w.codes(0, w.n)
+    x = torch.randn(5, w.k).to(BF16)
+    g_idx = torch.empty(w.k, dtype=torch.int64)
+    g_idx[w.perm] = torch.bucketize(torch.arange(w.k), torch.tensor(w.bounds[1:]), right=True)
+    parts = []
+    for rows in (slice(0, 512), slice(512, 1000)):
+        pad = 512 - (rows.stop - rows.start)
+        c = torch.nn.functional.pad(codes[:, rows], (0, pad))
+        shard = IntWeights.create(
+            bits=8, k=w.k, codes=lambda c0, c1, c=c: c[:, c0:c1], g_idx=g_idx,
+            scales=torch.nn.functional.pad(w.scales[:, rows], (0, pad)),
+            zeros=torch.nn.functional.pad(w.zeros[:, rows], (0, pad)),
+        )  # fmt: skip
+        parts.append(run(x, shard, AVX2IntLayout.build(shard))[:, : 512 - pad])
+    want = x.double() @ unrounded_t(w)
+    assert rel_err(torch.cat(parts, dim=1), want) < 1e-2
+
+
+@pytest.mark.parametrize(("bits", "group"), [(4, 128), (8, -1)], ids=["int4-g128", "int8-channel"])
+def test_a_loaded_gptq_head_runs_it_in_bf16(kernel, tmp_path, bits, group):
+    weight = (torch.randn(1000, 256, generator=torch.Generator().manual_seed(1)) * 0.05).half()
+    quantreg.write_checkpoint(tmp_path, weight, "gptq", bits=bits, group_size=group, sym=True)
+    head = quantreg.load_lm_head(tmp_path, dtype=BF16)
+    exact = quantreg.load_lm_head(tmp_path, dtype=torch.float32)
+    assert head.kernel.name == "cpu-avx2-wna16"
+    assert "cpu-avx2-wna16" in head.kernel.explain()
+    assert exact.kernel.name != "cpu-avx2-wna16"
+    x = torch.randn(3, 256)
+    got = head.compute_logits(x.to(BF16))
+    assert got.dtype == BF16
+    assert rel_err(got, exact.compute_logits(x)) < 1e-2
