@@ -98,13 +98,16 @@ def pack_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return words
 
 
-def interleave(words: torch.Tensor) -> torch.Tensor:
-    """Words ``[units, n]`` (n a multiple of 16 after zero-padding) -> ``[n/16, units, 16]``."""
+def interleave(words: torch.Tensor, out: torch.Tensor) -> None:
+    """Words ``[units, n]`` (n zero-padded to a multiple of 16) into ``out [n/16, units, 16]``,
+    copied as int64 pairs (one pass; half the elements of an int32 copy)."""
     import torch
 
     units, n = words.shape
-    w = torch.nn.functional.pad(words, (0, -n % NB))
-    return w.reshape(units, -1, NB).permute(1, 0, 2)
+    if n % NB:
+        words = torch.nn.functional.pad(words, (0, -n % NB))
+    src = words.contiguous().view(torch.int64).reshape(units, -1, NB // 2).permute(1, 0, 2)
+    out.view(torch.int64).copy_(src)
 
 
 @dataclass(frozen=True, eq=False)
@@ -154,12 +157,12 @@ class AVX2IntLayout(LayoutTensors):
         codes = torch.empty((blocks, units, NB), dtype=torch.int32)
         packed = weights.k_packed
         if packed is not None and weights.perm is None and tuple(packed.shape) == (units, n):
-            codes.copy_(interleave(packed.to(torch.int32)))
+            interleave(packed.to(torch.int32), codes)
         else:
             for c0 in range(0, n, CODE_CHUNK):
                 c1 = min(c0 + CODE_CHUNK, n)
                 words = pack_words(weights.sorted_codes(c0, c1), bits)
-                codes[c0 // NB : -(-c1 // NB)] = interleave(words)
+                interleave(words, codes[c0 // NB : -(-c1 // NB)])
         scales = weights.scales.to(torch.float32)
         sz = torch.stack([scales, scales * weights.zeros.to(torch.float32)], dim=1)  # [G, 2, N]
         sz = torch.nn.functional.pad(sz, (0, -n % NB)).reshape(weights.groups, 2, blocks, NB)
