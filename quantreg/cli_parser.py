@@ -359,14 +359,15 @@ def _add_warmup(sub: Any, verbose: argparse.ArgumentParser) -> None:
     p = _command(
         sub, verbose, "warmup",
         "build quantreg's CPU kernels ahead of their first use (or say why there are none)",
-        "Two kernels, each built in 30-60 s once per environment and cached: the int4 / int8 "
-        "one (a machine without AVX-512 has nothing to build) and the float8 / NVFP4 one "
-        "(AVX2 + FMA + F16C). One line each. Exit 1 only when a build fails.",
+        "Three kernels, each built in 30-60 s once per environment and cached: the int4 / int8 "
+        "one (a machine without AVX-512 has nothing to build), the float8 / NVFP4 one and the "
+        "int4 / int8 one for AVX2 (both AVX2 + FMA + F16C). One line each. Exit 1 only when a "
+        "build fails.",
         "quantreg warmup\nquantreg warmup --json",
     )  # fmt: skip
     p.add_argument(
         "--json",
         action="store_true",
-        help="print {ready, needed, reason, cache, ..., float8: {...}}",
+        help="print {ready, needed, reason, cache, ..., float8: {...}, avx2: {...}}",
     )
     p.set_defaults(func=cmd_warmup)
