@@ -11,7 +11,7 @@ import torch
 
 import quantreg
 from quantreg import CheckpointError, InputError, IntWeights, Platform
-from quantreg.kernels import cpu, kernel_names
+from quantreg.kernels import cpu, cpu_avx2, kernel_names
 from quantreg.kernels.cpu import from_blocked, to_blocked
 from quantreg.kernels.layouts import Float8Layout, KPackedLayout
 from quantreg.kernels.reference import reference_matmul
@@ -20,6 +20,7 @@ from quantreg.kernels.selection import choose, select
 BASE = frozenset(cpu.BASE_FLAGS)
 BF16 = BASE | set(cpu.BF16_FLAGS)
 AMX = BF16 | set(cpu.AMX_FLAGS)
+AVX2 = frozenset(cpu_avx2.FLAGS)
 
 
 def weights(
@@ -56,8 +57,9 @@ def dense_weight_t(w: IntWeights) -> torch.Tensor:
 
 @pytest.fixture
 def cpu_kernel_builds(monkeypatch):
-    """Pretend quantreg's CPU kernel built and the OS grants AMX (the decision only)."""
+    """Pretend quantreg's CPU kernels built and the OS grants AMX (the decision only)."""
     monkeypatch.setattr(cpu, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(cpu_avx2, "unavailable_reason", lambda: None)
     monkeypatch.setattr(cpu, "amx_ready", lambda: True)
 
 
@@ -73,6 +75,10 @@ DECISIONS = {
     "bf16-without-bf16-int8-channel": (weights(8, group=256, sym=True), BF, "cpu", Platform("cpu", cpu_isa=BASE), "torch-int8pack", ("torch-int4pack", "takes 4-bit codes; these are 8-bit")),
     "bf16-without-bf16-odd-n": (weights(n=48, group=32), BF, "cpu", Platform("cpu", cpu_isa=BASE), "cpu-avx512", ("torch-int4pack", "needs the output size to be a multiple of 64; it is 48")),
     "bf16-int8-asym-without-bf16": (weights(8, group=256), BF, "cpu", Platform("cpu", cpu_isa=BASE), "cpu-avx512", ("torch-int8pack", "takes symmetric codes (zero point 128)")),
+    "bf16-avx2-int4": (weights(), BF, "cpu", Platform("cpu", cpu_isa=AVX2), "cpu-avx2-wna16", ("torch-int4pack", "cpu-avx2-wna16 fits and comes first")),
+    "bf16-avx2-int8-zero-points": (weights(8, group=256), BF, "cpu", Platform("cpu", cpu_isa=AVX2), "cpu-avx2-wna16", ("cpu-avx512-bf16", "this CPU lacks avx512f")),
+    "bf16-avx2-group-16": (weights(group=16), BF, "cpu", Platform("cpu", cpu_isa=AVX2), "cpu-avx2-wna16", ("cpu-amx", "a multiple of 32 (or one group); it is 16")),
+    "fp32-avx2-takes-the-reference": (weights(), F32, "cpu", Platform("cpu", cpu_isa=AVX2), "reference", ("cpu-avx2-wna16", "float32 heads get the producers' exact weights")),
     "bf16-act-order-unequal-groups": (weights(act_order=True, uneven=True), BF, "cpu", Platform("cpu", cpu_isa=AMX), "reference", ("cpu-amx", "needs groups of equal size")),
     "group-16-off-the-32-grid": (weights(group=16), BF, "cpu", Platform("cpu", cpu_isa=AMX), "reference", ("cpu-amx", "a multiple of 32 (or one group); it is 16")),
     "cuda-9.0": (weights(), BF, "cuda", Platform("cuda", (9, 0), triton=True), "triton", ("cpu-amx", "runs on the CPU; the layer is on cuda")),
