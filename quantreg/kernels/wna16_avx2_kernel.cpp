@@ -14,8 +14,8 @@
 // are applied once per group on the partial sums: s * (sum x q) - s z * (sum x), with the
 // group sums of x computed once per call for every output.
 //
-// Rows of x are taken R <= 4 at a time, every weight decoded once per pass and multiplied by R
-// rows; U accumulator sets (code j into set j % U) hide the FMA latency when R is small.
+// Rows of x are taken R <= 4 at a time (interleaved once per call, so that one pointer reaches
+// them), every weight decoded once per pass and multiplied by R rows; U accumulator sets (code j into set j % U) hide the FMA latency when R is small.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -47,37 +47,38 @@ __attribute__((always_inline)) inline __m256 code(__m256i v) {
   return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(mask)));
 }
 
-// Code J of one unit (two registers of 8 lanes) times R rows of x into set J % U.
+// Code J of one unit (two registers of 8 lanes) times R rows of x into set J % U; x holds
+// the R rows interleaved: x[j * R + m].
 template <int BITS, int R, int U, int J>
-__attribute__((always_inline)) inline void step(__m256i v0, __m256i v1, const float* __restrict x, int64_t K, __m256 (*a)[R][2]) {
+__attribute__((always_inline)) inline void step(__m256i v0, __m256i v1, const float* __restrict x,
+                                                __m256 (*a)[R][2]) {
   const __m256 q0 = code<BITS, J>(v0), q1 = code<BITS, J>(v1);
 #pragma GCC unroll 4
   for (int m = 0; m < R; ++m) {
-    const __m256 xb = _mm256_broadcast_ss(x + m * K + J);
+    const __m256 xb = _mm256_broadcast_ss(x + J * R + m);
     a[J % U][m][0] = _mm256_fmadd_ps(xb, q0, a[J % U][m][0]);
     a[J % U][m][1] = _mm256_fmadd_ps(xb, q1, a[J % U][m][1]);
   }
 }
 
 template <int BITS, int R, int U, int... J>
-__attribute__((always_inline)) inline void unit(const int32_t* w, const float* x, int64_t K, __m256 (*a)[R][2],
-                 std::integer_sequence<int, J...>) {
+__attribute__((always_inline)) inline void unit(const int32_t* w, const float* x,
+                                                __m256 (*a)[R][2],
+                                                std::integer_sequence<int, J...>) {
   const __m256i v0 = _mm256_loadu_si256((const __m256i*)w);
   const __m256i v1 = _mm256_loadu_si256((const __m256i*)(w + 8));
-  (step<BITS, R, U, J>(v0, v1, x, K, a), ...);
+  (step<BITS, R, U, J>(v0, v1, x, a), ...);
 }
 
-// acc[m][16] (rows m0 .. m0 + R) = the block's outputs for those rows
+// acc[m][16] (rows m0 .. m0 + R, zeroed by the caller) += the block's outputs for those rows;
+// the group totals go through acc (L1), so that only the group's sums take registers
 template <int BITS, int R, int U>
 void rows(const Geo& g, int64_t b, int64_t m0, float* __restrict acc) {
   constexpr int P = 32 / BITS;
-  const int64_t K = g.K, G = g.G;
+  const int64_t G = g.G;
   const int32_t* wb = g.codes + b * g.units * NB;
   const float* szb = g.sz + b * G * 2 * NB;
-  const float* x = g.xs + m0 * K;
-  __m256 t[R][2];
-#pragma GCC unroll 4
-  for (int m = 0; m < R; ++m) t[m][0] = t[m][1] = _mm256_setzero_ps();
+  const float* x = g.xs + m0 * g.K;  // the R rows interleaved: [K][R]
   for (int64_t grp = 0; grp < G; ++grp) {
     __m256 a[U][R][2];
 #pragma GCC unroll 4
@@ -86,7 +87,7 @@ void rows(const Geo& g, int64_t b, int64_t m0, float* __restrict acc) {
       for (int m = 0; m < R; ++m) a[u][m][0] = a[u][m][1] = _mm256_setzero_ps();
     const int64_t u1 = std::min(g.units, (grp + 1) * g.gsu);
     for (int64_t u = grp * g.gsu; u < u1; ++u)
-      unit<BITS, R, U>(wb + u * NB, x + u * P, K, a, std::make_integer_sequence<int, P>());
+      unit<BITS, R, U>(wb + u * NB, x + u * P * R, a, std::make_integer_sequence<int, P>());
     const float* s = szb + grp * 2 * NB;
     const __m256 s0 = _mm256_loadu_ps(s), s1 = _mm256_loadu_ps(s + 8);
     const __m256 z0 = _mm256_loadu_ps(s + NB), z1 = _mm256_loadu_ps(s + NB + 8);
@@ -99,19 +100,17 @@ void rows(const Geo& g, int64_t b, int64_t m0, float* __restrict acc) {
         p1 = _mm256_add_ps(p1, a[u][m][1]);
       }
       const __m256 sxb = _mm256_broadcast_ss(g.sx + (m0 + m) * G + grp);
-      t[m][0] = _mm256_fnmadd_ps(z0, sxb, _mm256_fmadd_ps(s0, p0, t[m][0]));
-      t[m][1] = _mm256_fnmadd_ps(z1, sxb, _mm256_fmadd_ps(s1, p1, t[m][1]));
+      float* t = acc + (m0 + m) * NB;
+      _mm256_storeu_ps(t, _mm256_fnmadd_ps(z0, sxb, _mm256_fmadd_ps(s0, p0, _mm256_loadu_ps(t))));
+      _mm256_storeu_ps(t + 8,
+                       _mm256_fnmadd_ps(z1, sxb, _mm256_fmadd_ps(s1, p1, _mm256_loadu_ps(t + 8))));
     }
-  }
-#pragma GCC unroll 4
-  for (int m = 0; m < R; ++m) {
-    _mm256_storeu_ps(acc + (m0 + m) * NB, t[m][0]);
-    _mm256_storeu_ps(acc + (m0 + m) * NB + 8, t[m][1]);
   }
 }
 
 template <int BITS>
 void block(const Geo& g, int64_t b, float* acc) {
+  std::fill(acc, acc + g.M * NB, 0.0f);
   int64_t m0 = 0;
   for (; m0 + RB <= g.M; m0 += RB) rows<BITS, RB, 1>(g, b, m0, acc);
   switch (g.M - m0) {
@@ -171,7 +170,7 @@ void wna16_avx2_gemm(torch::Tensor x, torch::Tensor out, torch::Tensor codes, to
               "the group size must be a multiple of 32 / bits and give the scales' groups");
   if (M == 0 || N == 0) return;
   // x pre-scaled by 2^-(j * bits) for code j of a lane (the last one: by 1), zero-padded to K,
-  // and the group sums of x
+  // its rows interleaved by passes (rows m0 .. m0 + R as [K][R]), and the group sums of x
   std::vector<float> xs(M * K, 0.0f), sx(M * G, 0.0f);
   const float* xp = x.data_ptr<float>();
   float pw[8];
@@ -179,7 +178,8 @@ void wna16_avx2_gemm(torch::Tensor x, torch::Tensor out, torch::Tensor codes, to
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t k = 0; k < Kx; ++k) {
       const float v = xp[m * Kx + k];
-      xs[m * K + k] = v * pw[k % P];
+      const int64_t m0 = m / RB * RB, r = std::min<int64_t>(RB, M - m0);
+      xs[m0 * K + k * r + (m - m0)] = v * pw[k % P];
       sx[m * G + k / group_size] += v;
     }
   }
