@@ -15,7 +15,8 @@
 // group sums of x computed once per call for every output.
 //
 // Rows of x are taken R <= 4 at a time (interleaved once per call, so that one pointer reaches
-// them), every weight decoded once per pass and multiplied by R rows; U accumulator sets (code j into set j % U) hide the FMA latency when R is small.
+// them), every weight decoded once per pass and multiplied by R rows; U accumulator sets
+// (code j into set j % U) hide the FMA latency when R is small.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -35,7 +36,7 @@ struct Geo {
   int64_t units, G, gsu;  // words per output; groups; units per group
   const int32_t* codes;   // [N/16][units][16]
   const float* sz;        // [N/16][G][2][16]
-  const float* xs;        // [M][K], pre-scaled
+  const float* xs;        // [M][K], pre-scaled, each pass's rows interleaved ([K][R])
   const float* sx;        // [M][G], group sums of x
 };
 
