@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 import sys
@@ -205,12 +204,18 @@ def test_cpu_wna16_runs_the_kernel(tmp_path, dtype, family, params, m):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_without_bf16_paths_half_heads_use_torch_ops(tmp_path, monkeypatch, caplog, bits):
+def test_without_bf16_paths_half_heads_use_the_avx2_kernel_then_torch_ops(tmp_path, monkeypatch, bits):  # fmt: skip
+    """Without AVX512-BF16 a bf16 head runs quantreg's AVX2 kernel (every AVX-512 CPU has
+    AVX2); with quantreg's CPU kernels switched off, torch's ops."""
     import quantreg
+    from quantreg.kernels import cpu_avx2
 
     monkeypatch.setenv("QUANTREG_NO_BF16", "1")
     params = {"bits": bits, "group_size": 128 if bits == 4 else -1, "sym": True}
     quantreg.write_checkpoint(tmp_path, (torch.randn(256, 256) * 0.05).half(), "gptq", **params)
-    with caplog.at_level(logging.DEBUG):
-        head = quantreg.load_lm_head(tmp_path, dtype=torch.bfloat16)
+    head = quantreg.load_lm_head(tmp_path, dtype=torch.bfloat16)
+    if cpu_avx2.unavailable_reason() is None:
+        assert head.kernel.name == "cpu-avx2-wna16"
+    monkeypatch.setenv("QUANTREG_NO_CPU_KERNELS", "1")
+    head = quantreg.load_lm_head(tmp_path, dtype=torch.bfloat16)
     assert head.kernel.name == ("torch-int4pack" if bits == 4 else "torch-int8pack")
