@@ -226,7 +226,8 @@ def test_warmup_on_this_machine(monkeypatch):
     else:
         assert wna16 == (
             "nothing to build for quantreg's CPU kernel: this CPU lacks AVX-512 (avx512f/"
-            "avx512bw/avx512vl/avx512vbmi/f16c); heads run torch's ops or the reference kernel"
+            "avx512bw/avx512vl/avx512vbmi/f16c); heads run cpu-avx2-wna16, torch's ops or the "
+            "reference kernel"
         )
     if cpu_float8.not_here() is None:
         assert float8.startswith("quantreg's float8 CPU kernel is ready (")

@@ -123,8 +123,8 @@ class Warmup:
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "cache": None if self.cache is None else str(self.cache)}
 
-    def summary(self, what: str = "quantreg's CPU kernel", instead: str = "torch's ops or the "
-                "reference kernel") -> str:  # fmt: skip
+    def summary(self, what: str = "quantreg's CPU kernel", instead: str = "cpu-avx2-wna16, "
+                "torch's ops or the reference kernel") -> str:  # fmt: skip
         """One line for ``quantreg warmup`` about kernel ``what`` (``instead``: what heads run
         where it cannot)."""
         if self.ready:
