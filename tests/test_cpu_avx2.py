@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from int_weights import random_int_weights as int_weights
 
 import quantreg
 from quantreg import IntWeights, Platform
@@ -28,29 +29,6 @@ def kernel():
     """The compiled extension, or a skip that says why this machine has none."""
     if cpu_avx2.extension() is None:
         pytest.skip(f"cpu-avx2-wna16 unavailable: {cpu_avx2.unavailable_reason()}")
-
-
-def int_weights(
-    bits: int, n: int, k: int, group: int | None, *, sym: bool = False, act_order: bool = False,
-    uneven: bool = False, scale_dtype: torch.dtype = torch.float16, seed: int = 0,
-) -> IntWeights:  # fmt: skip
-    """Random codes, scales and zero points; ``group`` None: one group (channel-wise)."""
-    gen = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 1 << bits, (k, n), generator=gen, dtype=torch.int32)
-    size = k if group is None else group
-    groups = -(-k // size)
-    scales = (torch.rand(groups, n, generator=gen) * 0.01 + 0.001).to(scale_dtype)
-    if sym:
-        zeros = torch.full((groups, n), 1 << (bits - 1), dtype=torch.int32)
-    else:
-        zeros = torch.randint(0, 1 << bits, (groups, n), generator=gen, dtype=torch.int32)
-    g_idx = torch.arange(k) // size
-    if uneven:  # the last group takes one row more
-        g_idx = torch.cat([g_idx[1:], g_idx[-1:]])
-    if act_order:  # every row's group scattered
-        g_idx = g_idx[torch.randperm(k, generator=gen)]
-    return IntWeights.create(bits=bits, k=k, codes=lambda c0, c1: codes[:, c0:c1],
-                             scales=scales, zeros=zeros, g_idx=g_idx)  # fmt: skip
 
 
 def unrounded_t(w: IntWeights) -> torch.Tensor:

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from int_weights import random_int_weights
 
 import quantreg
 from quantreg import CheckpointError, InputError, IntWeights, Platform
@@ -27,21 +28,8 @@ def weights(
     bits: int = 4, n: int = 128, k: int = 256, group: int = 128, act_order: bool = False,
     uneven: bool = False, sym: bool = False, seed: int = 0,
 ) -> IntWeights:  # fmt: skip
-    gen = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 1 << bits, (k, n), generator=gen, dtype=torch.int32)
-    groups = -(-k // group)
-    scales = (torch.rand(groups, n, generator=gen) * 0.01 + 0.001).half()
-    if sym:
-        zeros = torch.full((groups, n), 1 << (bits - 1), dtype=torch.int32)
-    else:
-        zeros = torch.randint(0, 1 << bits, (groups, n), generator=gen, dtype=torch.int32)
-    g_idx = torch.arange(k) // group
-    if uneven:  # the last group takes one row more
-        g_idx = torch.cat([g_idx[1:], g_idx[-1:]])
-    if act_order:  # every row's group scattered
-        g_idx = g_idx[torch.randperm(k, generator=gen)]
-    return IntWeights.create(bits=bits, k=k, codes=lambda c0, c1: codes[:, c0:c1],
-                             scales=scales, zeros=zeros, g_idx=g_idx)  # fmt: skip
+    return random_int_weights(bits, n, k, group, sym=sym, act_order=act_order, uneven=uneven,
+                              seed=seed)  # fmt: skip
 
 
 def dense_weight_t(w: IntWeights) -> torch.Tensor:

@@ -1,0 +1,33 @@
+"""Random integer weights (``quantreg.IntWeights``) for the kernel tests: codes, scales, zero
+points and groups as a checkpoint would give them, from one seeded generator."""
+
+from __future__ import annotations
+
+import torch
+
+from quantreg import IntWeights
+
+
+def random_int_weights(
+    bits: int, n: int, k: int, group: int | None, *, sym: bool = False, act_order: bool = False,
+    uneven: bool = False, scale_dtype: torch.dtype = torch.float16, seed: int = 0,
+) -> IntWeights:  # fmt: skip
+    """Random codes, scales and zero points; ``group`` None: one group (channel-wise);
+    ``sym``: the zero point is the middle code; ``uneven``: the last group takes one row more;
+    ``act_order``: every row's group scattered."""
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, (k, n), generator=gen, dtype=torch.int32)
+    size = k if group is None else group
+    groups = -(-k // size)
+    scales = (torch.rand(groups, n, generator=gen) * 0.01 + 0.001).to(scale_dtype)
+    if sym:
+        zeros = torch.full((groups, n), 1 << (bits - 1), dtype=torch.int32)
+    else:
+        zeros = torch.randint(0, 1 << bits, (groups, n), generator=gen, dtype=torch.int32)
+    g_idx = torch.arange(k) // size
+    if uneven:
+        g_idx = torch.cat([g_idx[1:], g_idx[-1:]])
+    if act_order:
+        g_idx = g_idx[torch.randperm(k, generator=gen)]
+    return IntWeights.create(bits=bits, k=k, codes=lambda c0, c1: codes[:, c0:c1],
+                             scales=scales, zeros=zeros, g_idx=g_idx)  # fmt: skip
