@@ -114,14 +114,19 @@ def _decline_avx2_int(t: Target) -> str | None:
             "float32 heads get the producers' exact weights"
         )
     assert isinstance(t.weights, IntWeights)
-    why = cpu_avx2.AVX2IntLayout.fits(t.weights)
-    if why is not None:
-        return why
+    return _avx2_unit(t, cpu_avx2, cpu_avx2.AVX2IntLayout.fits(t.weights))
+
+
+def _avx2_unit(t: Target, module: Any, unfit: str | None) -> str | None:
+    """Why an AVX2 kernel of its own unit (``cpu_avx2``, ``cpu_float8``) cannot run the
+    weights its layout takes (``unfit``: why the layout cannot take them, or None)."""
+    if unfit is not None:
+        return unfit
     flags = t.platform.cpu_isa if t.platform.cpu_isa is not None else probe_cpu_isa()
-    why = cpu_avx2.not_here(flags)
+    why = module.not_here(flags)
     if why is not None:
         return why
-    return cpu_avx2.unavailable_reason()  # builds the extension once, if it is not built yet
+    return module.unavailable_reason()  # builds the extension once, if it is not built yet
 
 
 def _build_avx2_int(weights: Weights, dtype: torch.dtype) -> Any:
@@ -216,14 +221,7 @@ def _decline_float8(t: Target) -> str | None:
         return "runs float8 (fp8 / nvfp4) weights only"
     if not t.half:
         return "takes bf16 / fp16 activations; float32 heads take the exact reference kernel"
-    why = cpu_float8.CPUFloat8Layout.fits(t.weights)
-    if why is not None:
-        return why
-    flags = t.platform.cpu_isa if t.platform.cpu_isa is not None else probe_cpu_isa()
-    why = cpu_float8.not_here(flags)
-    if why is not None:
-        return why
-    return cpu_float8.unavailable_reason()  # builds the extension once, if it is not built yet
+    return _avx2_unit(t, cpu_float8, cpu_float8.CPUFloat8Layout.fits(t.weights))
 
 
 def _build_float8(weights: Weights, dtype: torch.dtype) -> Any:

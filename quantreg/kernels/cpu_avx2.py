@@ -40,7 +40,6 @@ logger = logging.getLogger(__name__)
 NB = 16  # outputs per block: two AVX2 registers of float32
 FLAGS = ("avx2", "fma", "f16c")
 CODE_CHUNK = 1024  # output columns converted per step (a multiple of 16)
-X_TILE_BYTES = 8 * 2**20  # float32 activations converted per kernel call
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {}
@@ -181,21 +180,19 @@ class AVX2IntLayout(LayoutTensors):
 
 def avx2_int_matmul(x: torch.Tensor, layout: AVX2IntLayout) -> torch.Tensor:
     """``x [M, K]`` (features in the layout's row order) ``@ W.T`` in ``x``'s dtype (bf16,
-    fp16 or float32), converting at most ``X_TILE_BYTES`` of ``x`` to float32 at a time.
+    fp16 or float32), converting at most ``cpu_build.X_TILE_BYTES`` of ``x`` to float32 at a
+    time.
 
     Raises:
         RuntimeError: the kernel is unavailable (selection declines it first).
     """
-    import torch
-
     module = extension()
     if module is None:
         raise RuntimeError(f"quantreg's AVX2 int kernel is unavailable: {unavailable_reason()}")
-    m = x.shape[0]
-    out = torch.empty((m, layout.n), dtype=x.dtype)
-    rows = max(1, X_TILE_BYTES // (4 * max(layout.k, 1)))
-    for r0 in range(0, m, rows):
-        xf = x[r0 : r0 + rows].to(torch.float32).contiguous()
-        module.wna16_avx2_gemm(xf, out[r0 : r0 + rows], layout.codes, layout.scales,
-                               layout.bits, layout.group_size)  # fmt: skip
-    return out
+    return cpu_build.in_row_tiles(
+        x,
+        layout.n,
+        lambda xf, out: module.wna16_avx2_gemm(
+            xf, out, layout.codes, layout.scales, layout.bits, layout.group_size
+        ),
+    )

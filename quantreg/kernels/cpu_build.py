@@ -26,9 +26,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from quantreg.progress import announce_wait
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +47,7 @@ FLOAT8_FUNCTIONS = ("float8_gemm", "float8_pack", "e2m1_to_float8")
 AVX2_SOURCE = Path(__file__).with_name("wna16_avx2_kernel.cpp")
 AVX2_FUNCTIONS = ("wna16_avx2_gemm",)
 TICK_S = 10.0  # seconds between "still building" lines
+X_TILE_BYTES = 8 * 2**20  # float32 activations converted per call of an AVX2 kernel
 
 
 @dataclass(frozen=True)
@@ -229,3 +233,19 @@ def build_once(
             log.warning(unavailable, reason)
         state["module"], state["reason"] = module, reason
         return module
+
+
+def in_row_tiles(
+    x: torch.Tensor, n: int, call: Callable[[torch.Tensor, torch.Tensor], None]
+) -> torch.Tensor:
+    """``out [M, n]`` in ``x``'s dtype, filled by ``call(x_tile, out_tile)`` over tiles of
+    rows of ``x`` converted to contiguous float32, at most ``X_TILE_BYTES`` at a time (what
+    the AVX2 kernels take: float32 in, the output's dtype out)."""
+    import torch
+
+    m, k = x.shape
+    out = torch.empty((m, n), dtype=x.dtype)
+    rows = max(1, X_TILE_BYTES // (4 * max(k, 1)))
+    for r0 in range(0, m, rows):
+        call(x[r0 : r0 + rows].to(torch.float32).contiguous(), out[r0 : r0 + rows])
+    return out

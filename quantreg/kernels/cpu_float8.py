@@ -49,7 +49,6 @@ logger = logging.getLogger(__name__)
 NB = 16  # outputs per block: two AVX2 registers of float32
 FLAGS = cpu_build.FLOAT8_FLAGS  # avx2, fma, f16c
 ROW_CHUNK = 256  # vocab rows converted per step at build time
-X_TILE_BYTES = 8 * 2**20  # float32 activations converted per call: rows of x per kernel call
 FP8_SHIFT = 256.0  # the fp16 decoding yields value * 2^-8
 FP4_STEP = 4  # rows of a block in one 32-byte fp4 step
 # Byte b of an fp4 step holds, in each nibble, code FP4_STEP_INDEX[b] of two rows x 16 outputs
@@ -294,21 +293,19 @@ def _kernel_scales(scales: torch.Tensor, fp4: bool) -> tuple[torch.Tensor, float
 
 def float8_cpu_matmul(x: torch.Tensor, layout: CPUFloat8Layout) -> torch.Tensor:
     """``x [M, K]`` (features in the layout's column order) ``@ W.T`` in ``x``'s dtype (bf16,
-    fp16 or float32), converting at most ``X_TILE_BYTES`` of ``x`` to float32 at a time.
+    fp16 or float32), converting at most ``cpu_build.X_TILE_BYTES`` of ``x`` to float32 at a
+    time.
 
     Raises:
         RuntimeError: the kernel is unavailable (selection declines it first).
     """
-    import torch
-
     module = extension()
     if module is None:
         raise RuntimeError(f"quantreg's float8 CPU kernel is unavailable: {unavailable_reason()}")
-    m = x.shape[0]
-    out = torch.empty((m, layout.n), dtype=x.dtype)
-    rows = max(1, X_TILE_BYTES // (4 * max(layout.k, 1)))
-    for r0 in range(0, m, rows):
-        xf = x[r0 : r0 + rows].to(torch.float32).contiguous()
-        module.float8_gemm(xf, out[r0 : r0 + rows], layout.codes, layout.scales,
-                           layout.group_size, layout.fp4, layout.scale_mult)  # fmt: skip
-    return out
+    return cpu_build.in_row_tiles(
+        x,
+        layout.n,
+        lambda xf, out: module.float8_gemm(
+            xf, out, layout.codes, layout.scales, layout.group_size, layout.fp4, layout.scale_mult
+        ),
+    )
