@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +23,29 @@ settings.load_profile("quantreg")
 # Without a GPU the Triton kernels run on the interpreter; it must be set before they import.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+_BUILDS: list[threading.Thread] = []
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Start building quantreg's C++ kernels side by side while the first tests run: on a fresh
+    machine each takes 30-60 s of one core, and built one after another, as the tests first
+    need them, they kept the suite waiting for minutes. A test that needs a kernel waits for
+    its build (each kernel's lock); where one cannot be built its reason is kept as always."""
+    from quantreg.kernels import cpu, cpu_avx2, cpu_float8
+
+    for kernel in (cpu, cpu_avx2, cpu_float8):
+        thread = threading.Thread(target=kernel.extension, name=f"build {kernel.__name__}")
+        thread.start()
+        _BUILDS.append(thread)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Wait for the builds: a compiler stopped halfway would leave torch's lock file in the
+    build folder, and the next process would wait on it forever."""
+    for thread in _BUILDS:
+        thread.join()
 
 
 @pytest.fixture(autouse=True)
