@@ -28,13 +28,18 @@ if not torch.cuda.is_available():
 _BUILDS: list[threading.Thread] = []
 
 
-def pytest_sessionstart(session: pytest.Session) -> None:
+def pytest_collection_finish(session: pytest.Session) -> None:
     """Start building quantreg's C++ kernels side by side while the first tests run: on a fresh
     machine each takes 30-60 s of one core, and built one after another, as the tests first
     need them, they kept the suite waiting for minutes. A test that needs a kernel waits for
-    its build (each kernel's lock); where one cannot be built its reason is kept as always."""
-    from quantreg.kernels import cpu, cpu_avx2, cpu_float8
+    its build (each kernel's lock); where one cannot be built its reason is kept as always.
+    Started once every test module is imported, with what the builds import imported here
+    first: a module half-imported by another thread raises ImportError (vllm did)."""
+    import torch.utils.cpp_extension  # noqa: F401
 
+    from quantreg.kernels import cpu, cpu_avx2, cpu_build, cpu_float8
+
+    cpu_build.compiler_identity()  # imports what a build key needs
     for kernel in (cpu, cpu_avx2, cpu_float8):
         thread = threading.Thread(target=kernel.extension, name=f"build {kernel.__name__}")
         thread.start()
