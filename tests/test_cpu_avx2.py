@@ -17,7 +17,8 @@ import quantreg
 from quantreg import IntWeights, Platform
 from quantreg.kernels import Float8Layout, KPackedLayout, choose, cpu_avx2
 from quantreg.kernels.catalog import KERNELS, Target
-from quantreg.kernels.cpu_avx2 import AVX2IntLayout, avx2_int_matmul, pack_words
+from quantreg.kernels.cpu_avx2 import AVX2IntLayout, avx2_int_matmul
+from quantreg.kernels.packing import pack_codes
 from quantreg.kernels.reference import reference_matmul
 
 BF16 = torch.bfloat16
@@ -136,7 +137,7 @@ def test_a_checkpoints_k_packed_words_are_taken_as_they_are(bits):
     k-packed layout's, and a head that brings them builds the same layout from them."""
     w = int_weights(bits, 40, 64, 32)
     packed = KPackedLayout.build(w).codes
-    assert torch.equal(pack_words(w.codes(0, w.n), bits), packed)
+    assert torch.equal(pack_codes(w.codes(0, w.n), bits, dim=0), packed)
     with_words = IntWeights.create(bits=bits, k=w.k, codes=w.codes, scales=w.scales,
                                    zeros=w.zeros, k_packed=packed)  # fmt: skip
     assert torch.equal(AVX2IntLayout.build(with_words).codes, AVX2IntLayout.build(w).codes)

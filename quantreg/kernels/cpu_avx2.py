@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from quantreg.kernels import cpu_build
 from quantreg.kernels.layouts import LayoutTensors
+from quantreg.kernels.packing import pack_codes, pack_factor
 from quantreg.kernels.weights import IntWeights
 from quantreg.platform import probe_cpu_isa
 
@@ -78,25 +79,6 @@ def warmup() -> Warmup:
     return warm(not_here, "wna16_avx2", extension, unavailable_reason)
 
 
-def codes_per_word(bits: int) -> int:
-    """``P``: codes of one output per int32 word (8 for int4, 4 for int8)."""
-    return 32 // bits
-
-
-def pack_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unsigned codes ``[K, n]`` -> int32 words ``[ceil(K / P), n]``, code ``j`` of a word at
-    bits ``j * bits`` (K zero-padded). Computed in int32: a code shifted into bit 31 wraps."""
-    import torch
-
-    p = codes_per_word(bits)
-    k, n = codes.shape
-    c = torch.nn.functional.pad(codes.to(torch.int32), (0, 0, 0, -k % p)).reshape(-1, p, n)
-    words = c[:, 0].clone()
-    for j in range(1, p):
-        words.bitwise_or_(c[:, j] << (j * bits))
-    return words
-
-
 def interleave(words: torch.Tensor, out: torch.Tensor) -> None:
     """Words ``[units, n]`` (n zero-padded to a multiple of 16) into ``out [n/16, units, 16]``,
     copied as int64 pairs (one pass; half the elements of an int32 copy)."""
@@ -133,7 +115,7 @@ class AVX2IntLayout(LayoutTensors):
     def fits(cls, weights: IntWeights) -> str | None:
         """Why ``weights`` cannot take this layout (None: it can)."""
         group = weights.group_size
-        p = codes_per_word(weights.bits)
+        p = pack_factor(weights.bits)
         if group is None:
             return "needs groups of equal size; these act-order groups differ"
         if weights.groups > 1 and group % p:
@@ -150,7 +132,7 @@ class AVX2IntLayout(LayoutTensors):
         import torch
 
         n, k, bits = weights.n, weights.k, weights.bits
-        p = codes_per_word(bits)
+        p = pack_factor(bits)
         units = -(-k // p)
         blocks = -(-n // NB)
         codes = torch.empty((blocks, units, NB), dtype=torch.int32)
@@ -160,7 +142,7 @@ class AVX2IntLayout(LayoutTensors):
         else:
             for c0 in range(0, n, CODE_CHUNK):
                 c1 = min(c0 + CODE_CHUNK, n)
-                words = pack_words(weights.sorted_codes(c0, c1), bits)
+                words = pack_codes(weights.sorted_codes(c0, c1), bits, dim=0)
                 interleave(words, codes[c0 // NB : -(-c1 // NB)])
         scales = weights.scales.to(torch.float32)
         sz = torch.stack([scales, scales * weights.zeros.to(torch.float32)], dim=1)  # [G, 2, N]
