@@ -37,9 +37,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     first: a module half-imported by another thread raises ImportError (vllm did)."""
     import torch.utils.cpp_extension  # noqa: F401
 
-    from quantreg.kernels import cpu, cpu_avx2, cpu_build, cpu_float8
+    from quantreg.kernels import cpu, cpu_avx2, cpu_float8
 
-    cpu_build.compiler_identity()  # imports what a build key needs
     for kernel in (cpu, cpu_avx2, cpu_float8):
         thread = threading.Thread(target=kernel.extension, name=f"build {kernel.__name__}")
         thread.start()
