@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 NB = 16  # outputs per block: two AVX2 registers of float32
-FLAGS = ("avx2", "fma", "f16c")
+FLAGS = cpu_build.FLOAT8_FLAGS  # avx2, fma, f16c: what its build is compiled for
 CODE_CHUNK = 1024  # output columns converted per step (a multiple of 16)
 
 _lock = threading.Lock()
