@@ -377,17 +377,19 @@ def select_kernel(
     dtype: torch.dtype | None = None,
     allowed: Sequence[str] | None = None,
     requested: str | None = None,
+    activation_dtype: str | None = None,
 ) -> Kernel:
     """Choose and build the kernel that runs ``weights``, on the device they are on, among
     ``allowed`` (default: every kernel), and log the choice at INFO.
 
     With a ``layer`` the activation dtype is the layer's compute dtype (its geometry), a
-    kernel the loader was asked to force (``layer.requested_kernel``) is honoured, and the
-    result is recorded as ``layer.kernel``. Without one, pass ``dtype``.
+    kernel the loader was asked to force (``layer.requested_kernel``) and quantized
+    activations it was asked for (``layer.activation_dtype``, e.g. ``"int8"``) are honoured,
+    and the result is recorded as ``layer.kernel``. Without one, pass ``dtype``.
 
     Raises:
-        InputError: no ``dtype`` without a layer, or a forced kernel that is not allowed or
-            cannot run these weights here.
+        InputError: no ``dtype`` without a layer, a forced kernel that is not allowed or
+            cannot run these weights here, or an ``activation_dtype`` no kernel runs them with.
     """
     from quantreg.kernels.selection import select
 
@@ -396,11 +398,12 @@ def select_kernel(
         geometry = layer_geometry(layer)
         dtype, what = geometry.params_dtype, geometry.prefix
         requested = requested or getattr(layer, "requested_kernel", None)
+        activation_dtype = activation_dtype or getattr(layer, "activation_dtype", None)
     if dtype is None:
         raise InputError("select_kernel() needs a layer or a dtype", field="dtype")
     kernel = select(
         weights, dtype=dtype, device=weights.scales.device, allowed=allowed,
-        requested=requested, what=what,
+        requested=requested, what=what, activation_dtype=activation_dtype,
     )  # fmt: skip
     if layer is not None:
         layer.kernel = kernel

@@ -114,6 +114,7 @@ class ParallelLMHead(torch.nn.Module):
         self.resolution: Resolution | None = None
         self.kernel: Kernel | None = None
         self.requested_kernel: str | None = None  # a kernel the loader was asked to force
+        self.activation_dtype: str | None = None  # quantized activations asked for ("int8")
         self.target_vocab_size = num_embeddings
         self.register_buffer("draft_to_target", None)
         self.quant_method: LinearMethod = self._linear_method(quant_config, prefix)

@@ -25,7 +25,8 @@ from quantreg.drafter import draft_to_target_ids
 from quantreg.errors import CheckpointError, ConfigError, DistributedError, InputError
 from quantreg.head_check import check_tensors
 from quantreg.head_config import default_dtype, head_geometry, parse_dtype
-from quantreg.kernels.selection import Kernel
+from quantreg.kernels.catalog import KERNELS
+from quantreg.kernels.selection import Kernel, check_activation_dtype
 from quantreg.lm_head import MAX_VOCAB, ParallelLMHead
 from quantreg.platform import Platform
 from quantreg.reading import read_into
@@ -51,26 +52,27 @@ def load_lm_head(
     prefix: str = "lm_head",
     registry: Registry | None = None,
     kernel: str | None = None,
+    activation_dtype: str | None = None,
 ) -> ParallelLMHead:
     """Resolve, build and load the lm_head of a checkpoint folder; returns it with
     ``.resolution`` (the method, and why) and ``.kernel`` (the kernel it runs, and why).
 
     ``dtype`` is the activation and compute dtype (default: the config's ``dtype`` /
     ``torch_dtype``, else the head's float tensor dtype, else float32). ``platform`` steers
-    resolution and defaults to ``Platform.detect(device)``; it must describe the kind of
-    device the head is loaded on. The kernel is chosen for that device, once; ``kernel``
-    forces one of ``quantreg.kernels.kernel_names()`` (the method must run it). With
-    ``strict=False`` head tensors that no parameter consumes only log a WARNING. An Eagle3
-    drafter's ``d2t`` is loaded and checked (see ``ParallelLMHead.to_target_vocab``); a tied
-    head loads from its embedding.
-
-    Under tensor parallelism every rank reports whether its own load succeeded before any
-    returns, so a failure on one rank raises on every rank instead of leaving them waiting.
+    resolution and defaults to ``Platform.detect(device)``; it must describe the kind of device
+    the head is loaded on. The kernel is chosen for that device, once; ``kernel`` forces one of
+    ``quantreg.kernels.kernel_names()`` (the method must run it); ``activation_dtype="int8"``
+    opts in to int8 activations (per row, dynamic, symmetric, as vLLM's W8A8 / W4A8; README:
+    their error), refusing a head no such kernel runs. With ``strict=False`` unconsumed head
+    tensors only log a WARNING. An Eagle3 drafter's ``d2t`` is loaded and checked (see
+    ``ParallelLMHead.to_target_vocab``); a tied head loads from its embedding. Under tensor
+    parallelism every rank reports whether its load succeeded before any returns: a failure on
+    one rank raises on every rank instead of leaving them waiting.
 
     Raises:
         ConfigError: bad config or requested method (see :func:`quantreg.resolve`).
-        InputError: a bad ``dtype``, ``tp``, ``device``, ``kernel``, or a ``platform`` of
-            another device kind than ``device``.
+        InputError: a bad ``dtype``, ``tp``, ``device``, ``kernel``, ``activation_dtype``, or
+            a ``platform`` of another device kind than ``device``.
         CheckpointError: missing, misshapen, mistyped or unconsumed tensors; unreadable
             files; a bad ``d2t``. The message names the tensors and files.
         DistributedError: this rank loaded fine but another rank failed.
@@ -81,11 +83,11 @@ def load_lm_head(
         resolution = resolve(
             Path(path), platform=plat, requested=requested, prefix=prefix, registry=registry
         )
-        head = _load(resolution, device, dtype, group, strict, kernel)
+        head = _load(resolution, device, dtype, group, strict, (kernel, activation_dtype))
     except Exception:
-        # Tell the other ranks, then re-raise from this block: an exception kept in a local
-        # would form a cycle (exception -> traceback -> frame) keeping the ProcessGroup alive
-        # past destroy_process_group; gloo's threads then met interpreter exit: SIGABRT.
+        # Tell the other ranks, then re-raise here: an exception kept in a local forms a cycle
+        # (exception -> traceback -> frame) keeping the ProcessGroup alive past
+        # destroy_process_group; gloo's threads then met interpreter exit: SIGABRT.
         if group.size > 1:
             group.failed_ranks(True)
         raise
@@ -131,8 +133,9 @@ def _load(
     dtype: torch.dtype | str | None,
     group: TPGroup,
     strict: bool,
-    kernel: str | None,
+    asked: tuple[str | None, str | None],
 ) -> ParallelLMHead:
+    check_activation_dtype(asked[1])
     # Every header is checked on a meta-device head first: a config that claims a huge head
     # over small tensors is refused before a byte of it is allocated.
     checked, tensors = _build(resolution, "meta", dtype, group)
@@ -140,7 +143,8 @@ def _load(
     head, _ = _build(resolution, device, dtype, group)
     view = resolution.view
     assert view is not None  # _build checked it
-    head.requested_kernel = kernel
+    kernel, activation_dtype = asked
+    head.requested_kernel, head.activation_dtype = kernel, activation_dtype
     _attach_vocab_map(head, view, device)
     read_into(head, [(getattr(head, name), info) for name, info in names], torch.device(device))
     _process(head, tensors)
@@ -151,6 +155,14 @@ def _load(
             f"kernel {kernel!r} was requested, but '{resolution.prefix}' resolved as "
             f"{resolution.method or 'unquantized'} runs {head.kernel.name} ({head.kernel.reason})",
             field="kernel",
+        )
+    ran = KERNELS[head.kernel.name].activation_dtype if head.kernel.name in KERNELS else None
+    if activation_dtype is not None and ran != activation_dtype:
+        raise InputError(
+            f"activation_dtype={activation_dtype!r} was asked for, but '{resolution.prefix}' "
+            f"resolved as {resolution.method or 'unquantized'} runs {head.kernel.name} "
+            f"({head.kernel.reason}), which keeps its activations in float",
+            field="activation_dtype",
         )
     logger.info(
         "loaded %s of %s: method %s, kernel %s, vocab %d x hidden %d, rank %d/%d, %s",

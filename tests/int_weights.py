@@ -31,3 +31,16 @@ def random_int_weights(
         g_idx = g_idx[torch.randperm(k, generator=gen)]
     return IntWeights.create(bits=bits, k=k, codes=lambda c0, c1: codes[:, c0:c1],
                              scales=scales, zeros=zeros, g_idx=g_idx)  # fmt: skip
+
+
+def unrounded_t(w: IntWeights) -> torch.Tensor:
+    """``W.T`` ``[K, N]`` in float64, rows in checkpoint order, no weight rounded."""
+    g = torch.bucketize(torch.arange(w.k), torch.tensor(w.bounds[1:]), right=True)
+    deq = (w.sorted_codes(0, w.n) - w.zeros[g].to(torch.int32)).double() * w.scales[g].double()
+    out = torch.empty_like(deq)
+    out[w.perm if w.perm is not None else torch.arange(w.k)] = deq
+    return out
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want.double()).abs().max() / want.double().abs().max())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from int_weights import random_int_weights as int_weights
+from int_weights import rel_err, unrounded_t
 
 import quantreg
 from quantreg import IntWeights, Platform
@@ -30,19 +31,6 @@ def kernel():
     """The compiled extension, or a skip that says why this machine has none."""
     if cpu_avx2.extension() is None:
         pytest.skip(f"cpu-avx2-wna16 unavailable: {cpu_avx2.unavailable_reason()}")
-
-
-def unrounded_t(w: IntWeights) -> torch.Tensor:
-    """``W.T`` ``[K, N]`` in float64, rows in checkpoint order, no weight rounded."""
-    g = torch.bucketize(torch.arange(w.k), torch.tensor(w.bounds[1:]), right=True)
-    deq = (w.sorted_codes(0, w.n) - w.zeros[g].to(torch.int32)).double() * w.scales[g].double()
-    out = torch.empty_like(deq)
-    out[w.perm if w.perm is not None else torch.arange(w.k)] = deq
-    return out
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.double() - want.double()).abs().max() / want.double().abs().max())
 
 
 def run(x: torch.Tensor, w: IntWeights, layout: AVX2IntLayout) -> torch.Tensor:

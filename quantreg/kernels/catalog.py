@@ -10,43 +10,52 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any
 
+from quantreg.kernels import catalog_triton as triton
 from quantreg.kernels.layouts import Float8Layout, KPackedLayout
+from quantreg.kernels.target import HALF, Target, Weights
 from quantreg.kernels.weights import IntWeights
-from quantreg.platform import Platform, probe_cpu_isa
+from quantreg.platform import probe_cpu_isa
 
 if TYPE_CHECKING:
     import torch
 
-Weights: TypeAlias = IntWeights | Float8Layout
-HALF = ("float16", "bfloat16")
-
-
-@dataclass(frozen=True)
-class Target:
-    """What a kernel is chosen for: the weights, the activation dtype and the device."""
-
-    weights: Weights
-    dtype: torch.dtype
-    device: torch.device
-    platform: Platform
-    requested: str | None
-
-    @property
-    def half(self) -> bool:
-        return str(self.dtype).removeprefix("torch.") in HALF
+__all__ = ["HALF", "KERNELS", "KernelDef", "Target", "Weights", "cpu_path"]
 
 
 @dataclass(frozen=True)
 class KernelDef:
-    """One kernel: its name, what it computes, why it may decline, how to build and run it."""
+    """One kernel: its name, what it computes, why it may decline, how to build and run it,
+    and the activations it multiplies (None: float, as they come -- weight-only; ``int8``:
+    quantized per row first, only when asked for)."""
 
     name: str
     summary: str
     decline: Callable[[Target], str | None]
     build: Callable[[Weights, torch.dtype], Any]
     run: Callable[[torch.Tensor, Any], torch.Tensor]
+    activation_dtype: str | None = None
+
+    def declines(self, target: Target) -> str | None:
+        """Why this kernel cannot run ``target`` (None: it can): the activations asked for
+        first, then its own conditions."""
+        return self.other_activations(target) or self.decline(target)
+
+    def other_activations(self, target: Target) -> str | None:
+        """Why this kernel does not multiply the activations ``target`` asks for (None: it
+        does)."""
+        if self.activation_dtype == target.activation_dtype:
+            return None
+        if target.activation_dtype is None:
+            return (
+                f"multiplies {self.activation_dtype} activations (quantized per row); "
+                f"opt in with activation_dtype='{self.activation_dtype}'"
+            )
+        return (
+            f"keeps the activations in float (weight-only); "
+            f"activation_dtype='{target.activation_dtype}' was asked for"
+        )
 
 
 def _on_cpu(t: Target) -> str | None:
@@ -142,6 +151,22 @@ def _run_avx2_int(x: torch.Tensor, layout: Any) -> torch.Tensor:
     return avx2_int_matmul(x, layout)
 
 
+def _decline_avx2_a8(t: Target) -> str | None:
+    from quantreg.kernels import cpu_avx2
+
+    why = _on_cpu(t)
+    if why is not None:
+        return why
+    assert isinstance(t.weights, IntWeights)
+    return _avx2_unit(t, cpu_avx2, cpu_avx2.AVX2IntLayout.fits(t.weights))
+
+
+def _run_avx2_a8(x: torch.Tensor, layout: Any) -> torch.Tensor:
+    from quantreg.kernels.cpu_avx2 import avx2_a8_matmul
+
+    return avx2_a8_matmul(x, layout)
+
+
 def _torch_op(t: Target, op: str, fits: Callable[[IntWeights], str | None]) -> str | None:
     from quantreg.kernels import torch_ops
 
@@ -169,47 +194,6 @@ def _decline_int8(t: Target) -> str | None:
     from quantreg.kernels import torch_ops
 
     return _torch_op(t, torch_ops.INT8_OP, torch_ops.TorchInt8Layout.fits)
-
-
-def _decline_triton(t: Target) -> str | None:
-    if not isinstance(t.weights, IntWeights):
-        return "runs integer (int4 / int8) weights only"
-    return _triton_device(t, "triton")
-
-
-def _triton_device(t: Target, name: str) -> str | None:
-    """Why Triton kernel ``name`` cannot run on ``t``'s device: CUDA >= 8.0 with triton, or
-    a CPU through the interpreter when the kernel is requested by name (tests, bench smoke)."""
-    import importlib.util
-
-    if t.device.type == "cpu":
-        if t.requested != name:
-            return "runs on CUDA (on a CPU only through TRITON_INTERPRET=1, when requested)"
-        if importlib.util.find_spec("triton") is None:
-            return "triton is not installed (pip install 'quantreg[gpu]')"
-        from quantreg.kernels.triton_wna16 import interpreting
-
-        return None if interpreting() else "on a CPU it needs TRITON_INTERPRET=1"
-    if t.device.type != "cuda":
-        return f"runs on CUDA; the layer is on {t.device}"
-    if not t.platform.has_cuda((8, 0)):
-        return f"needs CUDA compute capability >= 8.0; the device is {t.platform}"
-    if not t.platform.triton:
-        return "triton is not installed (pip install 'quantreg[gpu]')"
-    return None
-
-
-def _decline_triton_float8(t: Target) -> str | None:
-    import torch
-
-    if not isinstance(t.weights, Float8Layout):
-        return "runs float8 / fp4 (Float8Layout) weights only"
-    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"takes float16, bfloat16 or float32 activations, not {t.dtype}"
-    for what, dtype in (("scales", t.weights.scales.dtype), ("round_to", t.weights.round_to)):
-        if dtype not in (None, torch.float16, torch.bfloat16, torch.float32):
-            return f"rounds to float16, bfloat16 or float32; the {what} are {dtype}"
-    return _triton_device(t, "triton-float8")
 
 
 def _decline_float8(t: Target) -> str | None:
@@ -280,25 +264,6 @@ def _run_reference(x: torch.Tensor, layout: Any) -> torch.Tensor:
     return reference_matmul(x, layout)
 
 
-def _run_triton(x: torch.Tensor, layout: Any) -> torch.Tensor:
-    from quantreg.kernels.triton_wna16 import triton_matmul
-
-    return triton_matmul(x, layout)
-
-
-def _build_triton_float8(weights: Weights, dtype: torch.dtype) -> Any:
-    from quantreg.kernels.triton_float8 import TritonFloat8Layout
-
-    assert isinstance(weights, Float8Layout)
-    return TritonFloat8Layout.build(weights)
-
-
-def _run_triton_float8(x: torch.Tensor, layout: Any) -> torch.Tensor:
-    from quantreg.kernels.triton_float8 import triton_float8_matmul
-
-    return triton_float8_matmul(x, layout)
-
-
 def _build_torch(kind: str) -> Callable[[Weights, torch.dtype], Any]:
     def make(weights: Weights, dtype: torch.dtype) -> Any:
         from quantreg.kernels import torch_ops
@@ -342,6 +307,13 @@ KERNELS: dict[str, KernelDef] = {
             _decline_avx2_int, _build_avx2_int, _run_avx2_int,
         ),
         KernelDef(
+            "cpu-avx2-a8",
+            "quantreg's int4 / int8 CPU kernel for AVX2 with int8 activations (opt-in: "
+            "quantized per row, dynamic and symmetric, then integer multiply-adds); "
+            "bf16 / fp16 / float32 activations in and out",
+            _decline_avx2_a8, _build_avx2_int, _run_avx2_a8, "int8",
+        ),
+        KernelDef(
             "torch-int4pack", "torch's _weight_int4pack_mm_for_cpu (zero points as floats)",
             _decline_int4, _build_torch("int4"), _run_torch("int4"),
         ),
@@ -364,13 +336,13 @@ KERNELS: dict[str, KernelDef] = {
         ),
         KernelDef(
             "triton", "quantreg's Triton kernel over the k-packed layout, float32 accumulation",
-            _decline_triton, _build_kpacked, _run_triton,
+            triton.decline_triton, _build_kpacked, triton.run_triton,
         ),
         KernelDef(
             "triton-float8",
             "quantreg's Triton kernel over float8 / packed e2m1 bytes (fp8 tensor, channel and "
             "block scales, NVFP4 groups), float32 accumulation",
-            _decline_triton_float8, _build_triton_float8, _run_triton_float8,
+            triton.decline_triton_float8, triton.build_triton_float8, triton.run_triton_float8,
         ),
         KernelDef(
             "reference",

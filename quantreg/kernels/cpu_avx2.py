@@ -178,3 +178,41 @@ def avx2_int_matmul(x: torch.Tensor, layout: AVX2IntLayout) -> torch.Tensor:
             xf, out, layout.codes, layout.scales, layout.bits, layout.group_size
         ),
     )
+
+
+def avx2_a8_matmul(x: torch.Tensor, layout: AVX2IntLayout) -> torch.Tensor:
+    """``x [M, K] @ W.T`` with ``x`` quantized to int8 per row first (dynamic, symmetric:
+    ``round(x * 127 / max|x|)``, see :func:`quantize_rows`), multiplied in integers by the
+    layout's codes (kernel ``cpu-avx2-a8``); the result in ``x``'s dtype. A row holding a
+    non-finite value gives a row of NaN.
+
+    Raises:
+        RuntimeError: the kernel is unavailable (selection declines it first).
+    """
+    module = extension()
+    if module is None:
+        raise RuntimeError(f"quantreg's AVX2 int kernel is unavailable: {unavailable_reason()}")
+    return cpu_build.in_row_tiles(
+        x,
+        layout.n,
+        lambda xf, out: module.wxa8_avx2_gemm(
+            xf, out, layout.codes, layout.scales, layout.bits, layout.group_size
+        ),
+    )
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``cpu-avx2-a8`` does to activations, in torch: ``(q int8 [M, K], scale float32
+    [M, 1])`` with ``q = round(x * (127 / max|x|))`` (half to even, in float32) and
+    ``scale = max|x| / 127``, so that ``q * scale`` approximates ``x``. A zero row gives
+    zeros; a row with a non-finite value gives zeros and a NaN scale."""
+    import torch
+
+    xf = x.to(torch.float32)
+    amax = xf.abs().amax(dim=-1, keepdim=True)
+    finite = torch.isfinite(xf).all(dim=-1, keepdim=True)
+    usable = finite & (amax > 0)
+    inv = torch.where(usable, 127.0 / torch.where(usable, amax, 1.0), 0.0)
+    q = torch.round(torch.where(finite, xf, 0.0) * inv).clamp(-127, 127).to(torch.int8)
+    scale = torch.where(finite, amax / 127.0, torch.nan)
+    return q, scale

@@ -14,6 +14,8 @@ kernel                    what it computes
 ``cpu-avx512-bf16``       quantreg's CPU kernel, bf16 / fp16 activations: ``vdpbf16ps``
 ``cpu-avx2-wna16``        quantreg's int4 / int8 CPU kernel for AVX2 + FMA, bf16 / fp16
                           activations: codes decoded in registers, groups applied once
+``cpu-avx2-a8``           the same layout with int8 activations, only when asked for
+                          (``activation_dtype="int8"``): integer multiply-adds
 ``torch-int4pack``        torch's ``_weight_int4pack_mm_for_cpu`` (bf16 / fp16 heads)
 ``torch-int8pack``        torch's ``_weight_int8pack_mm`` (bf16 / fp16 heads)
 ``cpu-avx512``            quantreg's CPU kernel, float32 FMA on the producers' exact weights
@@ -24,9 +26,11 @@ kernel                    what it computes
 ``reference``             exact block-wise dequantization in float32, any device
 ========================  ==================================================================
 
-float32 activations always get an exact kernel (``cpu-avx512`` or ``reference``); the cpu
-kernels run float32 activations on their FMA path whatever their name, and ``cpu-avx2-float8``
-and ``cpu-avx2-wna16`` decline them.
+Activations stay float unless a caller asks for ``activation_dtype="int8"``: then only
+``cpu-avx2-a8`` may run the layer (every other kernel declines, saying so), and a layer it
+cannot run is refused rather than run weight-only. Otherwise float32 activations always get an
+exact kernel (``cpu-avx512`` or ``reference``); the cpu kernels run float32 activations on their
+FMA path whatever their name, and ``cpu-avx2-float8`` and ``cpu-avx2-wna16`` decline them.
 """
 
 from __future__ import annotations
@@ -129,6 +133,26 @@ def rows_matmul(
     return out.reshape(*lead, out.shape[-1])
 
 
+ACTIVATION_DTYPES = ("int8",)
+"""What ``activation_dtype`` may ask for besides None (float activations, weight-only):
+``int8``, dynamic per-row symmetric quantization (``round(x * 127 / max|x|)``, as vLLM's
+W8A8 / W4A8 kernels do), run by ``cpu-avx2-a8``."""
+
+
+def check_activation_dtype(value: object) -> None:
+    """Raise unless ``value`` is None or one of :data:`ACTIVATION_DTYPES`.
+
+    Raises:
+        InputError: anything else, naming the value and what is accepted.
+    """
+    if value is not None and value not in ACTIVATION_DTYPES:
+        raise InputError(
+            f"activation_dtype {value!r} is not supported; use None (float activations, "
+            f"weight-only kernels) or one of {', '.join(map(repr, ACTIVATION_DTYPES))}",
+            field="activation_dtype",
+        )
+
+
 def kernel_names() -> tuple[str, ...]:
     """Every kernel quantreg can select, in the order they are tried."""
     return tuple(KERNELS)
@@ -142,15 +166,20 @@ def choose(
     platform: Platform | None = None,
     allowed: Sequence[str] | None = None,
     requested: str | None = None,
+    activation_dtype: str | None = None,
 ) -> KernelChoice:
     """The first kernel of ``allowed`` (default: all, in ``KERNELS`` order) that fits; or
     ``requested``, which must fit. ``platform`` defaults to the device's, probed.
+    ``activation_dtype="int8"`` asks for a kernel that quantizes the activations (see
+    :data:`ACTIVATION_DTYPES`); None (the default) keeps them float: weight-only kernels.
 
     Raises:
-        InputError: an unknown kernel name, or a requested kernel that cannot run here.
+        InputError: an unknown kernel name or ``activation_dtype``, a requested kernel that
+            cannot run here, or no kernel with the activations asked for that can.
     """
     import torch
 
+    check_activation_dtype(activation_dtype)
     dev = torch.device(device)
     for name in [*(allowed or ()), *([requested] if requested else [])]:
         if name not in KERNELS:
@@ -158,35 +187,66 @@ def choose(
                 f"unknown kernel {name!r}; quantreg's kernels: {', '.join(KERNELS)}",
                 field="kernel",
             )
-    target = Target(weights, dtype, dev, platform or Platform.detect(dev), requested)
+    target = Target(
+        weights, dtype, dev, platform or Platform.detect(dev), requested, activation_dtype
+    )
     pool = list(allowed) if allowed else list(KERNELS)
-    declined: list[tuple[str, str]] = []
     if requested is not None:
-        if requested not in pool:
-            raise InputError(
-                f"kernel {requested!r} was requested, but this method runs only {', '.join(pool)}",
-                field="kernel",
-            )
-        why = KERNELS[requested].decline(target)
-        if why is not None:
-            raise InputError(f"kernel {requested!r} cannot run this layer: {why}", field="kernel")
-        declined = [(n, "not requested") for n in KERNELS if n != requested]
-        return KernelChoice(
-            requested, f"requested; {KERNELS[requested].summary}", tuple(declined), True
-        )
+        return _requested(target, requested, pool)
+    declined: list[tuple[str, str]] = []
     chosen: str | None = None
     for name in KERNELS:
         if name not in pool:
             declined.append((name, f"not among this method's kernels ({', '.join(pool)})"))
             continue
-        why = KERNELS[name].decline(target) if chosen is None else f"{chosen} fits and comes first"
+        kernel = KERNELS[name]
+        if chosen is None:
+            why = kernel.declines(target)
+        else:
+            why = kernel.other_activations(target) or f"{chosen} fits and comes first"
         if why is None:
             chosen = name
         else:
             declined.append((name, why))
-    if chosen is None:  # pragma: no cover - "reference" fits everything it is offered
-        raise InputError(f"no kernel of {', '.join(pool)} fits: {dict(declined)}", field="kernel")
+    if chosen is None:  # "reference" fits every layer it is offered, with float activations
+        raise _none_fits(target, declined)
     return KernelChoice(chosen, KERNELS[chosen].summary, tuple(declined))
+
+
+def _requested(target: Target, requested: str, pool: list[str]) -> KernelChoice:
+    """The kernel asked for by name, if the method runs it and it fits.
+
+    Raises:
+        InputError: the method does not run it, or it cannot run this layer (and why).
+    """
+    if requested not in pool:
+        raise InputError(
+            f"kernel {requested!r} was requested, but this method runs only {', '.join(pool)}",
+            field="kernel",
+        )
+    why = KERNELS[requested].declines(target)
+    if why is not None:
+        raise InputError(f"kernel {requested!r} cannot run this layer: {why}", field="kernel")
+    declined = [(n, "not requested") for n in KERNELS if n != requested]
+    return KernelChoice(
+        requested, f"requested; {KERNELS[requested].summary}", tuple(declined), True
+    )
+
+
+def _none_fits(target: Target, declined: list[tuple[str, str]]) -> InputError:
+    """The error when no kernel fits: with quantized activations asked for, why each kernel
+    that runs them declined (every other one keeps the activations float)."""
+    asked = target.activation_dtype
+    whys = [(n, why) for n, why in declined if KERNELS[n].activation_dtype == asked]
+    where = f"{describe(target.weights)} on {target.device}, {target.dtype}"
+    text = "; ".join(f"{n}: {why}" for n, why in whys) or "none"
+    if asked is None:  # pragma: no cover - "reference" fits every layer it is offered
+        return InputError(f"no kernel fits {where}: {text}", field="kernel")
+    return InputError(
+        f"activation_dtype={asked!r}: no kernel with {asked} activations can run this layer "
+        f"({where}); every other kernel keeps the activations float. Declined: {text}",
+        field="activation_dtype",
+    )
 
 
 def build(choice: KernelChoice, weights: Weights, dtype: torch.dtype) -> Kernel:
@@ -204,6 +264,7 @@ def select(
     allowed: Sequence[str] | None = None,
     requested: str | None = None,
     what: str = "layer",
+    activation_dtype: str | None = None,
 ) -> Kernel:
     """Choose a kernel (see :func:`choose`), build its layout, log the choice at INFO.
 
@@ -212,7 +273,7 @@ def select(
     """
     choice = choose(
         weights, dtype=dtype, device=device, platform=platform, allowed=allowed,
-        requested=requested,
+        requested=requested, activation_dtype=activation_dtype,
     )  # fmt: skip
     kernel = build(choice, weights, dtype)
     logger.info(

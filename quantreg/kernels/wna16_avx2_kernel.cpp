@@ -23,7 +23,10 @@
 #include <c10/util/Half.h>
 #include <immintrin.h>
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -189,4 +192,209 @@ void wna16_avx2_gemm(torch::Tensor x, torch::Tensor out, torch::Tensor codes, to
   if (out.dtype() == torch::kFloat32) run(g, (int)bits, out.data_ptr<float>());
   else if (out.dtype() == torch::kBFloat16) run(g, (int)bits, (c10::BFloat16*)out.data_ptr());
   else run(g, (int)bits, (c10::Half*)out.data_ptr());
+}
+
+// ---------------------------------------------------------------------------------------------
+// int8 activations (kernel cpu-avx2-a8, opt-in): the same layout, x quantized per row
+// (dynamic, symmetric: q = round(x * 127 / max|x|), scale max|x| / 127) and multiplied in
+// integers. A lane of a unit is one output's four bytes of codes, so a byte multiply-add
+// (vpmaddubsw: unsigned x signed bytes, pairs summed to int16) and vpmaddwd by ones give
+// that output's four-product sum in its own int32 lane: no horizontal sums.
+//   int4: a byte of a lane holds two codes (rows 2i and 2i + 1 of the unit), each 0..15, the
+//         unsigned operand as they are (15 * 127 * 4 fits int16); x's bytes are arranged once
+//         per call to match: even rows, then odd rows, per unit.
+//   int8: codes 0..255 would overflow int16, so w = code - 128 (signed) multiplies as
+//         |w| * (x * sign w) (|w| <= 128 unsigned, |x| <= 127: 2 * 128 * 127 fits int16),
+//         and 128 * (sum q) is added back per group.
+// Per group and output: s * (sum q c) - s z * (sum q), in float32; times the row's scale.
+namespace a8 {
+
+constexpr int NB = 16;
+constexpr int RB = 4;
+
+struct Geo {
+  int64_t M, N, units, G, gsu;
+  const int32_t* codes;  // [N/16][units][16]
+  const float* sz;       // [N/16][G][2][16]
+  const int32_t* xq;     // each pass's rows: [units][D][R] dwords of 4 activation bytes
+  const float* sq;       // [M][G][2]: sum of q per group, and 128 times it (for int8 codes)
+  const float* sx;       // [M]: the row's scale (NaN for a row with a non-finite value)
+};
+
+template <int BITS, int R>
+__attribute__((always_inline)) inline void unit(const int32_t* w, const int32_t* x,
+                                                __m256i (*a)[2]) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i v0 = _mm256_loadu_si256((const __m256i*)w);
+  const __m256i v1 = _mm256_loadu_si256((const __m256i*)(w + 8));
+  if constexpr (BITS == 4) {
+    const __m256i lo = _mm256_set1_epi8(0x0F);
+    const __m256i l0 = _mm256_and_si256(v0, lo), h0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), lo);
+    const __m256i l1 = _mm256_and_si256(v1, lo), h1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), lo);
+#pragma GCC unroll 4
+    for (int m = 0; m < R; ++m) {
+      const __m256i xl = _mm256_set1_epi32(x[m]), xh = _mm256_set1_epi32(x[R + m]);
+      const __m256i p0 = _mm256_add_epi16(_mm256_maddubs_epi16(l0, xl), _mm256_maddubs_epi16(h0, xh));
+      const __m256i p1 = _mm256_add_epi16(_mm256_maddubs_epi16(l1, xl), _mm256_maddubs_epi16(h1, xh));
+      a[m][0] = _mm256_add_epi32(a[m][0], _mm256_madd_epi16(p0, ones));
+      a[m][1] = _mm256_add_epi32(a[m][1], _mm256_madd_epi16(p1, ones));
+    }
+  } else {
+    const __m256i bias = _mm256_set1_epi8((char)0x80);
+    const __m256i w0 = _mm256_xor_si256(v0, bias), w1 = _mm256_xor_si256(v1, bias);
+    const __m256i u0 = _mm256_abs_epi8(w0), u1 = _mm256_abs_epi8(w1);
+#pragma GCC unroll 4
+    for (int m = 0; m < R; ++m) {
+      const __m256i xb = _mm256_set1_epi32(x[m]);
+      const __m256i p0 = _mm256_maddubs_epi16(u0, _mm256_sign_epi8(xb, w0));
+      const __m256i p1 = _mm256_maddubs_epi16(u1, _mm256_sign_epi8(xb, w1));
+      a[m][0] = _mm256_add_epi32(a[m][0], _mm256_madd_epi16(p0, ones));
+      a[m][1] = _mm256_add_epi32(a[m][1], _mm256_madd_epi16(p1, ones));
+    }
+  }
+}
+
+// acc[m][16] (rows m0 .. m0 + R, zeroed by the caller) += the block's group terms
+template <int BITS, int R>
+void rows(const Geo& g, int64_t b, int64_t m0, float* __restrict acc) {
+  constexpr int D = BITS == 4 ? 2 : 1;  // activation dwords per unit and row
+  const int64_t G = g.G;
+  const int32_t* wb = g.codes + b * g.units * NB;
+  const float* szb = g.sz + b * G * 2 * NB;
+  const int32_t* x = g.xq + m0 * g.units * D;
+  for (int64_t grp = 0; grp < G; ++grp) {
+    __m256i a[R][2];
+#pragma GCC unroll 4
+    for (int m = 0; m < R; ++m) a[m][0] = a[m][1] = _mm256_setzero_si256();
+    const int64_t u1 = std::min(g.units, (grp + 1) * g.gsu);
+    for (int64_t u = grp * g.gsu; u < u1; ++u) {
+      _mm_prefetch((const char*)(wb + (u + 32) * NB), _MM_HINT_T0);
+      unit<BITS, R>(wb + u * NB, x + u * D * R, a);
+    }
+    const float* s = szb + grp * 2 * NB;
+    const __m256 s0 = _mm256_loadu_ps(s), s1 = _mm256_loadu_ps(s + 8);
+    const __m256 z0 = _mm256_loadu_ps(s + NB), z1 = _mm256_loadu_ps(s + NB + 8);
+#pragma GCC unroll 4
+    for (int m = 0; m < R; ++m) {
+      const float* q = g.sq + ((m0 + m) * G + grp) * 2;
+      __m256 p0 = _mm256_cvtepi32_ps(a[m][0]), p1 = _mm256_cvtepi32_ps(a[m][1]);
+      if constexpr (BITS == 8) {  // codes - 128 were multiplied: add 128 * sum q back
+        const __m256 back = _mm256_broadcast_ss(q + 1);
+        p0 = _mm256_add_ps(p0, back);
+        p1 = _mm256_add_ps(p1, back);
+      }
+      const __m256 sqb = _mm256_broadcast_ss(q);
+      float* t = acc + (m0 + m) * NB;
+      _mm256_storeu_ps(t, _mm256_fnmadd_ps(z0, sqb, _mm256_fmadd_ps(s0, p0, _mm256_loadu_ps(t))));
+      _mm256_storeu_ps(t + 8,
+                       _mm256_fnmadd_ps(z1, sqb, _mm256_fmadd_ps(s1, p1, _mm256_loadu_ps(t + 8))));
+    }
+  }
+}
+
+template <int BITS>
+void block(const Geo& g, int64_t b, float* acc) {
+  std::fill(acc, acc + g.M * NB, 0.0f);
+  int64_t m0 = 0;
+  for (; m0 + RB <= g.M; m0 += RB) rows<BITS, RB>(g, b, m0, acc);
+  switch (g.M - m0) {
+    case 1: rows<BITS, 1>(g, b, m0, acc); break;
+    case 2: rows<BITS, 2>(g, b, m0, acc); break;
+    case 3: rows<BITS, 3>(g, b, m0, acc); break;
+    default: break;
+  }
+}
+
+template <int BITS, typename T>
+void run(const Geo& g, T* out) {
+  const int64_t blocks = (g.N + NB - 1) / NB;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(g.M * NB);
+    for (int64_t b = begin; b < end; ++b) {
+      block<BITS>(g, b, acc.data());
+      const int64_t n0 = b * NB, cols = std::min<int64_t>(NB, g.N - n0);
+      for (int64_t m = 0; m < g.M; ++m)
+        for (int64_t o = 0; o < cols; ++o)
+          out[m * g.N + n0 + o] = static_cast<T>(g.sx[m] * acc[m * NB + o]);
+    }
+  });
+}
+
+// q of x's rows (K padded with zeros), arranged per pass of rows as the kernel reads them;
+// sq: per group sum q and 128 times it; sx: each row's scale
+void quantize(const float* xp, int64_t M, int64_t Kx, int64_t units, int bits, int64_t group,
+              int64_t G, std::vector<int32_t>& xq, std::vector<float>& sq,
+              std::vector<float>& sx) {
+  const int P = 32 / bits, D = bits == 4 ? 2 : 1;
+  std::vector<int8_t> q(units * P);
+  std::vector<int64_t> sums(G);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = xp + m * Kx;
+    float amax = 0.0f;
+    bool finite = true;
+    for (int64_t k = 0; k < Kx; ++k) {
+      finite = finite && std::isfinite(row[k]);
+      amax = std::max(amax, std::fabs(row[k]));
+    }
+    const float inv = finite && amax > 0.0f ? 127.0f / amax : 0.0f;
+    sx[m] = finite ? amax / 127.0f : std::numeric_limits<float>::quiet_NaN();
+    std::fill(q.begin(), q.end(), 0);
+    std::fill(sums.begin(), sums.end(), 0);
+    for (int64_t k = 0; k < Kx; ++k) {
+      const float v = std::nearbyint(row[k] * inv);
+      q[k] = (int8_t)std::max(-127.0f, std::min(127.0f, v));
+      sums[k / group] += q[k];
+    }
+    for (int64_t grp = 0; grp < G; ++grp) {
+      sq[(m * G + grp) * 2] = (float)sums[grp];
+      sq[(m * G + grp) * 2 + 1] = 128.0f * (float)sums[grp];
+    }
+    const int64_t m0 = m / RB * RB, r = std::min<int64_t>(RB, M - m0);
+    int32_t* dst = xq.data() + m0 * units * D;
+    for (int64_t u = 0; u < units; ++u) {
+      for (int d = 0; d < D; ++d) {
+        uint8_t bytes[4];
+        for (int i = 0; i < 4; ++i) bytes[i] = (uint8_t)(bits == 4 ? q[u * 8 + 2 * i + d] : q[u * 4 + i]);
+        int32_t word;
+        std::memcpy(&word, bytes, 4);
+        dst[(u * D + d) * r + (m - m0)] = word;
+      }
+    }
+  }
+}
+
+}  // namespace a8
+
+// out [M, N] (float32, bfloat16 or float16) = int8(x) [M, Kx] @ W.T, x float32, quantized
+// per row (see the a8 section above)
+void wxa8_avx2_gemm(torch::Tensor x, torch::Tensor out, torch::Tensor codes, torch::Tensor sz,
+                    int64_t bits, int64_t group_size) {
+  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.dtype() == torch::kFloat32,
+              "x must be a contiguous float32 [M, K] matrix");
+  TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(0) == x.size(0) &&
+              (out.dtype() == torch::kFloat32 || out.dtype() == torch::kBFloat16 ||
+               out.dtype() == torch::kFloat16),
+              "out must be a contiguous float32 / bfloat16 / float16 [M, N] matrix");
+  TORCH_CHECK(codes.dtype() == torch::kInt32 && codes.is_contiguous() && codes.dim() == 3 &&
+              codes.size(2) == a8::NB, "codes: int32 [N/16, units, 16]");
+  TORCH_CHECK(sz.dtype() == torch::kFloat32 && sz.is_contiguous() && sz.dim() == 4 &&
+              sz.size(2) == 2 && sz.size(3) == a8::NB, "scales: float32 [N/16, G, 2, 16]");
+  const int64_t P = 32 / bits, M = x.size(0), Kx = x.size(1), N = out.size(1);
+  const int64_t units = codes.size(1), K = units * P, G = sz.size(1), D = bits == 4 ? 2 : 1;
+  TORCH_CHECK(codes.size(0) == (N + a8::NB - 1) / a8::NB && sz.size(0) == codes.size(0),
+              "N does not match the layout");
+  TORCH_CHECK(Kx <= K && K - Kx < P, "x's features do not match the layout's rows");
+  TORCH_CHECK(group_size > 0 && group_size % P == 0 && (K + group_size - 1) / group_size == G,
+              "the group size must be a multiple of 32 / bits and give the scales' groups");
+  if (M == 0 || N == 0) return;
+  std::vector<int32_t> xq(M * units * D);
+  std::vector<float> sq(M * G * 2), sx(M);
+  a8::quantize(x.data_ptr<float>(), M, Kx, units, (int)bits, group_size, G, xq, sq, sx);
+  a8::Geo g{M, N, units, G, group_size / P, codes.data_ptr<int32_t>(), sz.data_ptr<float>(),
+            xq.data(), sq.data(), sx.data()};
+  auto go = [&](auto* o) { if (bits == 4) a8::run<4>(g, o); else a8::run<8>(g, o); };
+  if (out.dtype() == torch::kFloat32) go(out.data_ptr<float>());
+  else if (out.dtype() == torch::kBFloat16) go((c10::BFloat16*)out.data_ptr());
+  else go((c10::Half*)out.data_ptr());
 }
