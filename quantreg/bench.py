@@ -45,6 +45,7 @@ import torch
 from quantreg import ParallelLMHead, bench_peers, bench_ratios, load_lm_head
 from quantreg.bench_cases import FORMATS, Case, Format, dense_cases, torch_peer_cases, write_format
 from quantreg.bench_report import machine
+from quantreg.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -87,9 +88,13 @@ class Row:
     read_fraction: float = math.nan
 
 
-def load_head(folder: Path, method: str, dtype: torch.dtype) -> ParallelLMHead:
+def load_head(
+    folder: Path, method: str, dtype: torch.dtype, activation_dtype: str | None = None
+) -> ParallelLMHead:
     """A head of ``method`` loaded by ``load_lm_head`` (resolution, checks, kernel choice)."""
-    return load_lm_head(folder, dtype=dtype, requested=method, tp=1)
+    return load_lm_head(
+        folder, dtype=dtype, requested=method, tp=1, activation_dtype=activation_dtype
+    )
 
 
 @contextlib.contextmanager
@@ -132,13 +137,16 @@ def run_bench(
     methods: tuple[str, ...] | None = None,
     formats: tuple[str, ...] | None = None,
     peers: tuple[str, ...] = (),
+    activation_dtypes: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Run every case; returns ``{"machine", "rows", "bandwidth"}`` (see the module doc).
 
     ``methods`` keeps only those methods (``"torch"`` for torch's ops), ``formats`` only the
     formats of those labels (and no torch ops); the dense baselines and the read-bandwidth
     measurement always run. ``peers=("vllm",)`` adds vLLM's CPU kernels
-    (:mod:`quantreg.bench_peers`).
+    (:mod:`quantreg.bench_peers`). ``activation_dtypes=("int8",)`` adds, beside each
+    method's weight-only row, the same head loaded with that ``activation_dtype`` (method
+    ``"<method> a8"``) wherever a kernel runs it.
 
     Cases are timed one group at a time (the dense baselines with the read, each format with
     all the methods that run it, torch's ops, vLLM's kernels), interleaved with dense bf16
@@ -152,13 +160,14 @@ def run_bench(
     shapes = shapes or (QUICK_SHAPES if quick else FULL_SHAPES)
     if "vllm" in peers:
         bench_peers.require_vllm()
-    say(estimate(shapes, ms, budget_s, methods, formats, peers))
+    say(estimate(shapes, ms, budget_s, methods, formats, peers, activation_dtypes))
     rows: list[Row] = []
     reads: list[dict[str, Any]] = []
     for n, k in shapes:
         copies = max(1, min(8, math.ceil(CACHE_BYTES / (n * k * 2))))
         dense = dense_cases(n, k, copies)
-        for index, make in enumerate(_groups(n, k, copies, say, methods, formats, peers)):
+        groups = _groups(n, k, copies, say, (methods, formats, peers, activation_dtypes))
+        for index, make in enumerate(groups):
             cases = dense if index == 0 else [dense[1], *make()]
             read = bench_ratios.read_calls(n, k, copies) if index == 0 else []
             for m in ms:
@@ -182,15 +191,16 @@ def _groups(
     k: int,
     copies: int,
     say: Callable[[str], None],
-    methods: tuple[str, ...] | None,
-    formats: tuple[str, ...] | None,
-    peers: tuple[str, ...],
+    kept: tuple[tuple[str, ...] | None, tuple[str, ...] | None, tuple[str, ...], tuple[str, ...]],
 ) -> list[Callable[[], list[Case]]]:
     """What to time, one group after the other: the dense baselines first (``list``: no
-    cases of its own), then each format, torch's ops and vLLM's kernels."""
+    cases of its own), then each format, torch's ops and vLLM's kernels; ``kept``: the
+    methods, formats, peers and activation dtypes asked for."""
+    methods, formats, peers, activation_dtypes = kept
     groups: list[Callable[[], list[Case]]] = [list]
     for fmt in _kept(methods, formats):
-        groups.append(functools.partial(_method_cases, fmt, n, k, copies, say))
+        make = functools.partial(_method_cases, fmt, n, k, copies, say, activation_dtypes)
+        groups.append(make)
     if (methods is None or "torch" in methods) and formats is None:
         groups.append(functools.partial(torch_peer_cases, n, k, copies))
     if "vllm" in peers:
@@ -215,6 +225,7 @@ def estimate(
     methods: tuple[str, ...] | None = None,
     formats: tuple[str, ...] | None = None,
     peers: tuple[str, ...] = (),
+    activation_dtypes: tuple[str, ...] = (),
 ) -> str:
     """What a run will cost, said before it starts: the timing budget it spends for sure,
     plus the work that grows with the weights (at ``PACE_S``, a 2-core CPU's pace)."""
@@ -222,7 +233,7 @@ def estimate(
     ops = 2 if (methods is None or "torch" in methods) and formats is None else 0
     engines = len(bench_peers.PEERS) if "vllm" in peers else 0
     groups = 1 + sum(1 for m in kept if m) + (1 if ops else 0) + (1 if engines else 0)
-    cases = 2 + sum(len(m) for m in kept) + ops + engines
+    cases = 2 + sum(len(m) for m in kept) * (1 + len(activation_dtypes)) + ops + engines
     timing = len(shapes) * groups * len(ms) * budget_s
     work = sum(n * k for n, k in shapes) * cases * len(ms) * PACE_S
     total = timing + work
@@ -291,9 +302,15 @@ def _unavailable_row(case: Case, n: int, k: int, m: int) -> Row:
 
 
 def _method_cases(
-    fmt: Format, n: int, k: int, copies: int, say: Callable[[str], None]
+    fmt: Format,
+    n: int,
+    k: int,
+    copies: int,
+    say: Callable[[str], None],
+    activation_dtypes: tuple[str, ...] = (),
 ) -> list[Case]:
-    """Every method of one format, in bf16, with ``copies`` heads to rotate through."""
+    """Every method of one format, in bf16, with ``copies`` heads to rotate through; then
+    each method again with each of ``activation_dtypes`` where a kernel runs it."""
     say(f"writing and loading {fmt.label} heads for N={n} K={k}")
     with tempfile.TemporaryDirectory(prefix="quantreg-bench-") as tmp:
         folder = write_format(Path(tmp), fmt, n, k, seed=0)
@@ -302,15 +319,23 @@ def _method_cases(
         exact = "cpu_wna16" if "cpu_wna16" in fmt.methods else fmt.methods[0]
         reference = load_head(folder, exact, torch.float32)
         cases = []
-        for method in fmt.methods:
-            heads = [load_head(folder, method, torch.bfloat16) for _ in range(copies)]
+        for method, act in [(m, a) for a in (None, *activation_dtypes) for m in fmt.methods]:
+            try:
+                heads = [load_head(folder, method, torch.bfloat16, act) for _ in range(copies)]
+            except InputError as exc:
+                if act is None:
+                    raise
+                say(f"{fmt.label}: {method} runs no {act} activations ({exc})")
+                continue
             kernel = heads[0].kernel
             assert kernel is not None  # recorded by the loader
+            label = method if act is None else f"{method} a{act.removeprefix('int')}"
             cases.append(
-                Case(method, fmt.label, fmt.bits, torch.bfloat16,
+                Case(label, fmt.label, fmt.bits, torch.bfloat16,
                      [h.compute_logits for h in heads], heads[0].resident_bytes(),
-                     f"{method}: {kernel.reason}, weight-only", reference.compute_logits,
-                     kernel.name)
+                     f"{method}: {kernel.reason}, "
+                     + (f"{act} activations" if act else "weight-only"),
+                     reference.compute_logits, kernel.name)
             )  # fmt: skip
     return cases
 

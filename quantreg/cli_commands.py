@@ -254,6 +254,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         quick=args.quick, shapes=tuple(args.shape) if args.shape else None,
         ms=args.m or bench.MS, budget_s=budget, methods=methods, formats=formats,
         peers=tuple(args.peers or ()), progress=lambda message: print(message, file=sys.stderr),
+        activation_dtypes=tuple(dict.fromkeys(args.activation_dtype or ())),
     )  # fmt: skip
     print(bench_report.format_table(result))
     writers = (

@@ -92,6 +92,7 @@ def _load_and_compute(args: argparse.Namespace) -> tuple[Any, Any, Any, dict[str
     head = load_lm_head(
         args.path, device=args.device, dtype=args.dtype, requested=args.quantization,
         platform=args.platform, prefix=args.prefix, kernel=args.kernel,
+        activation_dtype=args.activation_dtype,
     )  # fmt: skip
     load_s = time.perf_counter() - start
     x = _hidden_states(args, head.embedding_dim).to(device=args.device, dtype=head.params_dtype)
@@ -143,6 +144,7 @@ def _head_facts(head: Any) -> dict[str, Any]:
         "method": head.resolution.method if head.resolution else None,
         "kernel": head.kernel.name,
         "kernel_reason": head.kernel.reason,
+        "activation_dtype": head.activation_dtype,
         "resident_bytes": head.resident_bytes(),
         "tp_size": head.tp_size,
         "resident_bytes_per_rank": head.tp_size > 1,
@@ -152,6 +154,8 @@ def _head_facts(head: Any) -> dict[str, Any]:
 def _print_head(head: Any, result: dict[str, Any], *, tokens: int) -> None:
     print(f"method: {result['method'] or 'unquantized'}  ({head.quant_reason})")
     print(f"kernel: {result['kernel']}  ({result['kernel_reason']})")
+    if result["activation_dtype"] is not None:
+        print(f"activations: {result['activation_dtype']}, quantized per row (opted in)")
     if head.tp_size > 1:
         where = f"on rank {head.tp_rank} (its vocab slice: bytes are per rank)"
         print(f"tensor parallel: {head.tp_size} ranks; every rank computed the full logits")

@@ -302,9 +302,10 @@ def test_cli_run_hidden_out(tmp_path):
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert set(data) == {
-        "method", "kernel", "kernel_reason", "load_s", "forward_s", "resident_bytes", "top5",
-        "tp_size", "resident_bytes_per_rank",
+        "method", "kernel", "kernel_reason", "activation_dtype", "load_s", "forward_s",
+        "resident_bytes", "top5", "tp_size", "resident_bytes_per_rank",
     }  # fmt: skip
+    assert data["activation_dtype"] is None
     assert data["method"] is None and data["resident_bytes"] == (1024 * 64 + 1024) * 4
     assert data["kernel"] == "dense" and "F.linear" in data["kernel_reason"]
     logits = load_file(str(tmp_path / "o.safetensors"))["logits"]
