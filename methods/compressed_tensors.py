@@ -317,8 +317,10 @@ class CompressedTensorsConfig(QuantConfig):
             return []
         acts = scheme.input_activations
         static = ", static: its input_scale is checked (finite, positive) but not applied"
+        dynamic_int8 = (acts.type, acts.num_bits, acts.dynamic) == ("int", 8, True)
+        opt_in = " (load with activation_dtype='int8' for dynamic int8 activations)"
         return [
             f"the checkpoint also quantizes input activations ({acts.type}{acts.num_bits}"
             f"{static if acts.dynamic is False else ''}); quantreg runs the layer weight-only: "
-            "activations stay float"
+            f"activations stay float{opt_in if dynamic_int8 else ''}"
         ]

@@ -257,7 +257,7 @@ def test_w8a8_heads_run_weight_only_and_say_so():
     qcfg["config_groups"]["group_0"]["input_activations"] = {"num_bits": 8, "type": "int", "strategy": "token", "dynamic": True}  # fmt: skip
     res = resolve(qcfg, platform="cpu")
     assert res.method == "compressed-tensors"
-    assert "runs the layer weight-only: activations stay float" in res.notes[0]
+    assert "runs the layer weight-only: activations stay float (load with activation_dtype='int8' for dynamic int8 activations)" in res.notes[0]  # fmt: skip
 
 
 @pytest.mark.parametrize(
