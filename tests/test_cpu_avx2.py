@@ -5,6 +5,10 @@ Precision, as specified here: with float32 activations the kernel is within 1e-5
 the largest logit) of ``x @ ((q - z) * s).T`` in float64 -- every weight unrounded. The
 reference rounds every weight to the scale dtype as the producers do and the kernel does not,
 so against the reference, in bf16 / fp16, it is within 1e-2 (the precision contract's bound).
+bf16 / fp16 rows are multiplied in int16 fixed point (per row, ``max|x| / 32767`` steps) when
+that rounding is no more than the dtype's own at the row's RMS (``max|x| <= 256 x RMS`` in bf16,
+``32 x RMS`` in fp16), else on the float path: the int16 path is within 1e-5 of its float64
+model and 1e-4 of the unrounded product.
 """
 
 from __future__ import annotations
@@ -201,3 +205,64 @@ def test_a_loaded_gptq_head_runs_it_in_bf16(kernel, tmp_path, bits, group):
     got = head.compute_logits(x.to(BF16))
     assert got.dtype == BF16
     assert rel_err(got, exact.compute_logits(x)) < 1e-2
+
+
+# -- bf16 / fp16 rows in int16 fixed point -----------------------------------------------------
+
+
+def int16_model(x: torch.Tensor, w: IntWeights) -> torch.Tensor:
+    """The int16 path, in float64: each row rounded to ``max|x| / 32767`` steps."""
+    q, scale = cpu_avx2.quantize_rows(x, bits=16)
+    return scale.double() * (q.double() @ unrounded_t(w))
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_the_int16_path_is_its_model_to_1e_5(kernel, case):
+    w = case_weights(case)
+    layout = AVX2IntLayout.build(w)
+    module = cpu_avx2.extension()
+    for m in ROWS:
+        x = torch.randn(m, w.k, generator=torch.Generator().manual_seed(m))
+        xs = x if w.perm is None else x[:, w.perm]
+        out = torch.empty(m, w.n)
+        module.wxa_avx2_gemm(xs.contiguous(), out, layout.codes, layout.scales, w.bits, layout.group_size, 16, 256.0)  # fmt: skip
+        assert rel_err(out, int16_model(x, w)) < 1e-5, (case, m)
+        # the int16 rounding is far below a bf16 activation's: 1e-4 of the unrounded product
+        assert rel_err(out, x.double() @ unrounded_t(w)) < 1e-4, (case, m)
+
+
+def spike(times: float):
+    """The row with its first feature set to ``times`` x the RMS of the others."""
+    return lambda r: torch.cat([r[:1] * 0 + times * r[1:].square().mean().sqrt(), r[1:]])
+
+
+# A row's largest magnitude is at most sqrt(K) x its RMS (all its energy in one feature), so in
+# bf16 (limit 256) only rows of more than 65536 features can leave the int16 path; in fp16
+# (limit 32) an outlier does at K = 4096.
+# row kind -> (K, the row, its path in bf16, its path in fp16)
+ROW_KINDS = {
+    "gaussian": (4096, lambda r: r, "int16", "int16"),
+    "outlier-20x": (4096, spike(20), "int16", "int16"),
+    "outlier-1000x": (4096, spike(1000), "int16", "float"),
+    "all-zero": (4096, lambda r: r * 0, "int16", "int16"),
+    "one-inf": (4096, spike(float("inf")), "float", "float"),
+    "outlier-1000x-in-131072": (131072, spike(1000), "float", "float"),
+}
+
+
+@pytest.mark.parametrize("dtype", [BF16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("kind", list(ROW_KINDS), ids=list(ROW_KINDS))
+def test_a_half_row_takes_int16_only_within_the_limit_else_the_float_path(kernel, kind, dtype):
+    k, make, in_bf16, in_fp16 = ROW_KINDS[kind]
+    w = int_weights(4, 32, k, 128)
+    layout = AVX2IntLayout.build(w)
+    module = cpu_avx2.extension()
+    base = torch.randn(2, k, generator=torch.Generator().manual_seed(3))
+    x = torch.stack([base[0], make(base[1])]).to(dtype)  # a Gaussian row, then the row
+    got = avx2_int_matmul(x, layout)
+    int16, float_path = torch.empty_like(got), torch.empty_like(got)
+    module.wxa_avx2_gemm(x.float(), int16, layout.codes, layout.scales, 4, 128, 16, 0.0)
+    module.wna16_avx2_gemm(x.float(), float_path, layout.codes, layout.scales, 4, 128)
+    want = int16 if (in_bf16 if dtype == BF16 else in_fp16) == "int16" else float_path
+    assert torch.equal(got[0], int16[0])
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0, equal_nan=True)

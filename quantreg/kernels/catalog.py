@@ -301,9 +301,10 @@ KERNELS: dict[str, KernelDef] = {
         ),
         KernelDef(
             "cpu-avx2-wna16",
-            "quantreg's int4 / int8 CPU kernel for AVX2 + FMA: codes decoded in registers, "
-            "zero points and scales once per group; bf16 / fp16 activations, float32 "
-            "accumulation",
+            "quantreg's int4 / int8 CPU kernel for AVX2 + FMA: bf16 / fp16 rows in int16 "
+            "fixed point (integer multiply-adds; a row whose int16 rounding would exceed "
+            "its own at its RMS takes the float32 FMA path), zero points and scales once per "
+            "group",
             _decline_avx2_int, _build_avx2_int, _run_avx2_int,
         ),
         KernelDef(

@@ -160,10 +160,25 @@ class AVX2IntLayout(LayoutTensors):
         )
 
 
+def int16_row_limit(dtype: torch.dtype) -> float:
+    """How far a row's largest magnitude may exceed its RMS for the int16 path (0: never).
+
+    A row in int16 fixed point (step ``max|x| / 32767``) is rounded by at most
+    ``max|x| / 65534``; that is no more than the activation dtype's own rounding of an element
+    of the row's RMS (half an ulp: ``rms * 2^-8`` in bf16, ``rms * 2^-11`` in fp16) exactly when
+    ``max|x| <= 256 * rms`` (bf16) or ``32 * rms`` (fp16). float32 rows keep the float path.
+    """
+    import torch
+
+    return {torch.bfloat16: 256.0, torch.float16: 32.0}.get(dtype, 0.0)
+
+
 def avx2_int_matmul(x: torch.Tensor, layout: AVX2IntLayout) -> torch.Tensor:
     """``x [M, K]`` (features in the layout's row order) ``@ W.T`` in ``x``'s dtype (bf16,
     fp16 or float32), converting at most ``cpu_build.X_TILE_BYTES`` of ``x`` to float32 at a
-    time.
+    time. bf16 / fp16 rows within :func:`int16_row_limit` are multiplied in int16 fixed point
+    (per row: ``round(x * 32767 / max|x|)``, integer multiply-adds, exact sums); other rows
+    (outliers, non-finite values, float32) take the float32 FMA path.
 
     Raises:
         RuntimeError: the kernel is unavailable (selection declines it first).
@@ -171,11 +186,20 @@ def avx2_int_matmul(x: torch.Tensor, layout: AVX2IntLayout) -> torch.Tensor:
     module = extension()
     if module is None:
         raise RuntimeError(f"quantreg's AVX2 int kernel is unavailable: {unavailable_reason()}")
+    limit = int16_row_limit(x.dtype)
+    if limit == 0.0:
+        return cpu_build.in_row_tiles(
+            x,
+            layout.n,
+            lambda xf, out: module.wna16_avx2_gemm(
+                xf, out, layout.codes, layout.scales, layout.bits, layout.group_size
+            ),
+        )
     return cpu_build.in_row_tiles(
         x,
         layout.n,
-        lambda xf, out: module.wna16_avx2_gemm(
-            xf, out, layout.codes, layout.scales, layout.bits, layout.group_size
+        lambda xf, out: module.wxa_avx2_gemm(
+            xf, out, layout.codes, layout.scales, layout.bits, layout.group_size, 16, limit
         ),
     )
 
@@ -195,24 +219,26 @@ def avx2_a8_matmul(x: torch.Tensor, layout: AVX2IntLayout) -> torch.Tensor:
     return cpu_build.in_row_tiles(
         x,
         layout.n,
-        lambda xf, out: module.wxa8_avx2_gemm(
-            xf, out, layout.codes, layout.scales, layout.bits, layout.group_size
+        lambda xf, out: module.wxa_avx2_gemm(
+            xf, out, layout.codes, layout.scales, layout.bits, layout.group_size, 8, 0.0
         ),
     )
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """What ``cpu-avx2-a8`` does to activations, in torch: ``(q int8 [M, K], scale float32
-    [M, 1])`` with ``q = round(x * (127 / max|x|))`` (half to even, in float32) and
-    ``scale = max|x| / 127``, so that ``q * scale`` approximates ``x``. A zero row gives
-    zeros; a row with a non-finite value gives zeros and a NaN scale."""
+def quantize_rows(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the integer-activation paths do to activations, in torch: ``(q [M, K], scale
+    float32 [M, 1])`` with ``Q = 2^(bits-1) - 1`` (127: ``cpu-avx2-a8``; 32767: the int16
+    path of ``cpu-avx2-wna16``), ``q = round(x * (Q / max|x|))`` (half to even, in float32;
+    int8 or int16) and ``scale = max|x| / Q``, so that ``q * scale`` approximates ``x``. A zero
+    row gives zeros; a row with a non-finite value gives zeros and a NaN scale."""
     import torch
 
+    qmax = float(2 ** (bits - 1) - 1)
     xf = x.to(torch.float32)
     amax = xf.abs().amax(dim=-1, keepdim=True)
     finite = torch.isfinite(xf).all(dim=-1, keepdim=True)
     usable = finite & (amax > 0)
-    inv = torch.where(usable, 127.0 / torch.where(usable, amax, 1.0), 0.0)
-    q = torch.round(torch.where(finite, xf, 0.0) * inv).clamp(-127, 127).to(torch.int8)
-    scale = torch.where(finite, amax / 127.0, torch.nan)
-    return q, scale
+    inv = torch.where(usable, qmax / torch.where(usable, amax, 1.0), 0.0)
+    q = torch.round(torch.where(finite, xf, 0.0) * inv).clamp(-qmax, qmax)
+    scale = torch.where(finite, amax / qmax, torch.nan)
+    return q.to(torch.int8 if bits == 8 else torch.int16), scale

@@ -45,7 +45,7 @@ FLOAT8_FLAGS = ("avx2", "fma", "f16c")
 FLOAT8_CFLAGS = ("-O3", "-fopenmp", *(f"-m{f}" for f in FLOAT8_FLAGS))
 FLOAT8_FUNCTIONS = ("float8_gemm", "float8_pack", "e2m1_to_float8")
 AVX2_SOURCE = Path(__file__).with_name("wna16_avx2_kernel.cpp")
-AVX2_FUNCTIONS = ("wna16_avx2_gemm", "wxa8_avx2_gemm")
+AVX2_FUNCTIONS = ("wna16_avx2_gemm", "wxa_avx2_gemm")
 TICK_S = 10.0  # seconds between "still building" lines
 X_TILE_BYTES = 8 * 2**20  # float32 activations converted per call of an AVX2 kernel
 

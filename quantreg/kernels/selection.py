@@ -13,7 +13,8 @@ kernel                    what it computes
                           for 2 or more rows, AVX512-BF16 ``vdpbf16ps`` for one
 ``cpu-avx512-bf16``       quantreg's CPU kernel, bf16 / fp16 activations: ``vdpbf16ps``
 ``cpu-avx2-wna16``        quantreg's int4 / int8 CPU kernel for AVX2 + FMA, bf16 / fp16
-                          activations: codes decoded in registers, groups applied once
+                          activations: rows in int16 fixed point (float32 FMA for rows
+                          with outliers), groups applied once
 ``cpu-avx2-a8``           the same layout with int8 activations, only when asked for
                           (``activation_dtype="int8"``): integer multiply-adds
 ``torch-int4pack``        torch's ``_weight_int4pack_mm_for_cpu`` (bf16 / fp16 heads)

@@ -195,40 +195,61 @@ void wna16_avx2_gemm(torch::Tensor x, torch::Tensor out, torch::Tensor codes, to
 }
 
 // ---------------------------------------------------------------------------------------------
-// int8 activations (kernel cpu-avx2-a8, opt-in): the same layout, x quantized per row
-// (dynamic, symmetric: q = round(x * 127 / max|x|), scale max|x| / 127) and multiplied in
-// integers. A lane of a unit is one output's four bytes of codes, so a byte multiply-add
-// (vpmaddubsw: unsigned x signed bytes, pairs summed to int16) and vpmaddwd by ones give
-// that output's four-product sum in its own int32 lane: no horizontal sums.
-//   int4: a byte of a lane holds two codes (rows 2i and 2i + 1 of the unit), each 0..15, the
-//         unsigned operand as they are (15 * 127 * 4 fits int16); x's bytes are arranged once
-//         per call to match: even rows, then odd rows, per unit.
-//   int8: codes 0..255 would overflow int16, so w = code - 128 (signed) multiplies as
-//         |w| * (x * sign w) (|w| <= 128 unsigned, |x| <= 127: 2 * 128 * 127 fits int16),
-//         and 128 * (sum q) is added back per group.
-// Per group and output: s * (sum q c) - s z * (sum q), in float32; times the row's scale.
-namespace a8 {
+// Integer activations, the same layout: x quantized per row (dynamic, symmetric: q = round(x *
+// QMAX / max|x|), scale max|x| / QMAX) and multiplied in integers. A lane of a unit is one
+// output's codes, so multiply-adds of 16-bit pairs (vpmaddwd) or byte pairs (vpmaddubsw, then
+// vpmaddwd by ones) give that output's sums in its own int32 lane: no horizontal sums.
+//   A = 8 (kernel cpu-avx2-a8, opt-in; QMAX 127):
+//     int4: a byte of a lane holds two codes (rows 2i and 2i + 1 of the unit), each 0..15, the
+//           unsigned operand as they are (15 * 127 * 4 fits int16); x's bytes are arranged once
+//           per call to match: even rows, then odd rows, per unit.
+//     int8: codes 0..255 would overflow int16, so w = code - 128 (signed) multiplies as
+//           |w| * (x * sign w) (|w| <= 128 unsigned, |x| <= 127: 2 * 128 * 127 fits int16),
+//           and 128 * (sum q) is added back per chunk.
+//   A = 16 (cpu-avx2-wna16's path for bf16 / fp16 rows; QMAX 32767): (v >> s) & 0x000F000F
+//     (int4; 0x00FF00FF for int8) puts codes j and j + P/2 of a lane in its two 16-bit halves;
+//     x's 16-bit values are paired to match. Sums are flushed to float32 every chunk of rows
+//     small enough that int32 cannot overflow (2048 rows for int4, 128 for int8).
+// Per chunk (a group, or a part of one) and output: s * (sum q c) - s z * (sum q), in float32;
+// times the row's scale at the end.
+namespace ia {
 
 constexpr int NB = 16;
 constexpr int RB = 4;
 
 struct Geo {
-  int64_t M, N, units, G, gsu;
+  int64_t M, N, units, G, gsu, csu, C;  // C chunks of csu units; csu divides gsu
   const int32_t* codes;  // [N/16][units][16]
   const float* sz;       // [N/16][G][2][16]
-  const int32_t* xq;     // each pass's rows: [units][D][R] dwords of 4 activation bytes
-  const float* sq;       // [M][G][2]: sum of q per group, and 128 times it (for int8 codes)
+  const int32_t* xq;     // each pass's rows: [units][D][R] dwords of activation bytes / halves
+  const float* sq;       // [M][C][2]: sum of q per chunk, and 128 times it (for A = 8, int8)
   const float* sx;       // [M]: the row's scale (NaN for a row with a non-finite value)
 };
 
-template <int BITS, int R>
+template <int BITS, int A>
+constexpr int dwords() { return A == 8 ? (BITS == 4 ? 2 : 1) : (BITS == 4 ? 4 : 2); }
+
+template <int BITS, int A, int R>
 __attribute__((always_inline)) inline void unit(const int32_t* w, const int32_t* x,
                                                 __m256i (*a)[2]) {
-  const __m256i ones = _mm256_set1_epi16(1);
   const __m256i v0 = _mm256_loadu_si256((const __m256i*)w);
   const __m256i v1 = _mm256_loadu_si256((const __m256i*)(w + 8));
-  if constexpr (BITS == 4) {
-    const __m256i lo = _mm256_set1_epi8(0x0F);
+  if constexpr (A == 16) {
+    constexpr int J = BITS == 4 ? 4 : 2;
+    const __m256i mask = _mm256_set1_epi32(BITS == 4 ? 0x000F000F : 0x00FF00FF);
+#pragma GCC unroll 4
+    for (int j = 0; j < J; ++j) {
+      const __m256i c0 = _mm256_and_si256(_mm256_srli_epi32(v0, j * BITS), mask);
+      const __m256i c1 = _mm256_and_si256(_mm256_srli_epi32(v1, j * BITS), mask);
+#pragma GCC unroll 4
+      for (int m = 0; m < R; ++m) {
+        const __m256i xb = _mm256_set1_epi32(x[j * R + m]);
+        a[m][0] = _mm256_add_epi32(a[m][0], _mm256_madd_epi16(c0, xb));
+        a[m][1] = _mm256_add_epi32(a[m][1], _mm256_madd_epi16(c1, xb));
+      }
+    }
+  } else if constexpr (BITS == 4) {
+    const __m256i ones = _mm256_set1_epi16(1), lo = _mm256_set1_epi8(0x0F);
     const __m256i l0 = _mm256_and_si256(v0, lo), h0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), lo);
     const __m256i l1 = _mm256_and_si256(v1, lo), h1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), lo);
 #pragma GCC unroll 4
@@ -240,7 +261,7 @@ __attribute__((always_inline)) inline void unit(const int32_t* w, const int32_t*
       a[m][1] = _mm256_add_epi32(a[m][1], _mm256_madd_epi16(p1, ones));
     }
   } else {
-    const __m256i bias = _mm256_set1_epi8((char)0x80);
+    const __m256i ones = _mm256_set1_epi16(1), bias = _mm256_set1_epi8((char)0x80);
     const __m256i w0 = _mm256_xor_si256(v0, bias), w1 = _mm256_xor_si256(v1, bias);
     const __m256i u0 = _mm256_abs_epi8(w0), u1 = _mm256_abs_epi8(w1);
 #pragma GCC unroll 4
@@ -254,31 +275,30 @@ __attribute__((always_inline)) inline void unit(const int32_t* w, const int32_t*
   }
 }
 
-// acc[m][16] (rows m0 .. m0 + R, zeroed by the caller) += the block's group terms
-template <int BITS, int R>
+// acc[m][16] (rows m0 .. m0 + R, zeroed by the caller) += the block's chunk terms
+template <int BITS, int A, int R>
 void rows(const Geo& g, int64_t b, int64_t m0, float* __restrict acc) {
-  constexpr int D = BITS == 4 ? 2 : 1;  // activation dwords per unit and row
-  const int64_t G = g.G;
+  constexpr int D = dwords<BITS, A>();
   const int32_t* wb = g.codes + b * g.units * NB;
-  const float* szb = g.sz + b * G * 2 * NB;
+  const float* szb = g.sz + b * g.G * 2 * NB;
   const int32_t* x = g.xq + m0 * g.units * D;
-  for (int64_t grp = 0; grp < G; ++grp) {
+  for (int64_t c = 0; c < g.C; ++c) {
     __m256i a[R][2];
 #pragma GCC unroll 4
     for (int m = 0; m < R; ++m) a[m][0] = a[m][1] = _mm256_setzero_si256();
-    const int64_t u1 = std::min(g.units, (grp + 1) * g.gsu);
-    for (int64_t u = grp * g.gsu; u < u1; ++u) {
+    const int64_t u1 = std::min(g.units, (c + 1) * g.csu);
+    for (int64_t u = c * g.csu; u < u1; ++u) {
       _mm_prefetch((const char*)(wb + (u + 32) * NB), _MM_HINT_T0);
-      unit<BITS, R>(wb + u * NB, x + u * D * R, a);
+      unit<BITS, A, R>(wb + u * NB, x + u * D * R, a);
     }
-    const float* s = szb + grp * 2 * NB;
+    const float* s = szb + c * g.csu / g.gsu * 2 * NB;
     const __m256 s0 = _mm256_loadu_ps(s), s1 = _mm256_loadu_ps(s + 8);
     const __m256 z0 = _mm256_loadu_ps(s + NB), z1 = _mm256_loadu_ps(s + NB + 8);
 #pragma GCC unroll 4
     for (int m = 0; m < R; ++m) {
-      const float* q = g.sq + ((m0 + m) * G + grp) * 2;
+      const float* q = g.sq + ((m0 + m) * g.C + c) * 2;
       __m256 p0 = _mm256_cvtepi32_ps(a[m][0]), p1 = _mm256_cvtepi32_ps(a[m][1]);
-      if constexpr (BITS == 8) {  // codes - 128 were multiplied: add 128 * sum q back
+      if constexpr (A == 8 && BITS == 8) {  // codes - 128 were multiplied: add 128 * sum q
         const __m256 back = _mm256_broadcast_ss(q + 1);
         p0 = _mm256_add_ps(p0, back);
         p1 = _mm256_add_ps(p1, back);
@@ -292,26 +312,26 @@ void rows(const Geo& g, int64_t b, int64_t m0, float* __restrict acc) {
   }
 }
 
-template <int BITS>
+template <int BITS, int A>
 void block(const Geo& g, int64_t b, float* acc) {
   std::fill(acc, acc + g.M * NB, 0.0f);
   int64_t m0 = 0;
-  for (; m0 + RB <= g.M; m0 += RB) rows<BITS, RB>(g, b, m0, acc);
+  for (; m0 + RB <= g.M; m0 += RB) rows<BITS, A, RB>(g, b, m0, acc);
   switch (g.M - m0) {
-    case 1: rows<BITS, 1>(g, b, m0, acc); break;
-    case 2: rows<BITS, 2>(g, b, m0, acc); break;
-    case 3: rows<BITS, 3>(g, b, m0, acc); break;
+    case 1: rows<BITS, A, 1>(g, b, m0, acc); break;
+    case 2: rows<BITS, A, 2>(g, b, m0, acc); break;
+    case 3: rows<BITS, A, 3>(g, b, m0, acc); break;
     default: break;
   }
 }
 
-template <int BITS, typename T>
+template <int BITS, int A, typename T>
 void run(const Geo& g, T* out) {
   const int64_t blocks = (g.N + NB - 1) / NB;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(g.M * NB);
     for (int64_t b = begin; b < end; ++b) {
-      block<BITS>(g, b, acc.data());
+      block<BITS, A>(g, b, acc.data());
       const int64_t n0 = b * NB, cols = std::min<int64_t>(NB, g.N - n0);
       for (int64_t m = 0; m < g.M; ++m)
         for (int64_t o = 0; o < cols; ++o)
@@ -320,56 +340,84 @@ void run(const Geo& g, T* out) {
   });
 }
 
+// Units per chunk: the group's, or for A = 16 its largest divisor that keeps int32 sums safe
+int64_t chunk_units(int bits, int act, int64_t gsu) {
+  if (act == 8) return gsu;
+  const int64_t limit = bits == 4 ? 2048 / 8 : 128 / 4;
+  int64_t c = std::min(gsu, limit);
+  while (gsu % c) --c;
+  return c;
+}
+
 // q of x's rows (K padded with zeros), arranged per pass of rows as the kernel reads them;
-// sq: per group sum q and 128 times it; sx: each row's scale
-void quantize(const float* xp, int64_t M, int64_t Kx, int64_t units, int bits, int64_t group,
-              int64_t G, std::vector<int32_t>& xq, std::vector<float>& sq,
-              std::vector<float>& sx) {
-  const int P = 32 / bits, D = bits == 4 ? 2 : 1;
-  std::vector<int8_t> q(units * P);
-  std::vector<int64_t> sums(G);
-  for (int64_t m = 0; m < M; ++m) {
+// sq: per chunk sum q and 128 times it; sx: each row's scale
+void quantize(const float* xp, int64_t Kx, int bits, int act, double limit, Geo& g,
+              std::vector<int32_t>& xq, std::vector<float>& sq, std::vector<float>& sx,
+              std::vector<int64_t>& fallback) {
+  const int P = 32 / bits, D = act == 8 ? (bits == 4 ? 2 : 1) : (bits == 4 ? 4 : 2);
+  const float qmax = act == 8 ? 127.0f : 32767.0f;
+  std::vector<int32_t> q(g.units * P);
+  std::vector<int64_t> sums(g.C);
+  for (int64_t m = 0; m < g.M; ++m) {
     const float* row = xp + m * Kx;
     float amax = 0.0f;
+    double squares = 0.0;
     bool finite = true;
     for (int64_t k = 0; k < Kx; ++k) {
       finite = finite && std::isfinite(row[k]);
       amax = std::max(amax, std::fabs(row[k]));
+      squares += (double)row[k] * row[k];
     }
-    const float inv = finite && amax > 0.0f ? 127.0f / amax : 0.0f;
-    sx[m] = finite ? amax / 127.0f : std::numeric_limits<float>::quiet_NaN();
+    // limit > 0: a row whose largest magnitude exceeds limit x its RMS (or that is not
+    // finite) is left to the float path (zeros here; the caller computes it)
+    const bool away = limit > 0.0 && !(amax <= limit * std::sqrt(squares / (double)Kx));
+    if (away) fallback.push_back(m);
+    const float inv = finite && !away && amax > 0.0f ? qmax / amax : 0.0f;
+    sx[m] = away ? 0.0f : finite ? amax / qmax : std::numeric_limits<float>::quiet_NaN();
     std::fill(q.begin(), q.end(), 0);
     std::fill(sums.begin(), sums.end(), 0);
     for (int64_t k = 0; k < Kx; ++k) {
-      const float v = std::nearbyint(row[k] * inv);
-      q[k] = (int8_t)std::max(-127.0f, std::min(127.0f, v));
-      sums[k / group] += q[k];
+      q[k] = (int32_t)std::max(-qmax, std::min(qmax, std::nearbyint(row[k] * inv)));
+      sums[k / P / g.csu] += q[k];
     }
-    for (int64_t grp = 0; grp < G; ++grp) {
-      sq[(m * G + grp) * 2] = (float)sums[grp];
-      sq[(m * G + grp) * 2 + 1] = 128.0f * (float)sums[grp];
+    for (int64_t c = 0; c < g.C; ++c) {
+      sq[(m * g.C + c) * 2] = (float)sums[c];
+      sq[(m * g.C + c) * 2 + 1] = 128.0f * (float)sums[c];
     }
-    const int64_t m0 = m / RB * RB, r = std::min<int64_t>(RB, M - m0);
-    int32_t* dst = xq.data() + m0 * units * D;
-    for (int64_t u = 0; u < units; ++u) {
+    const int64_t m0 = m / RB * RB, r = std::min<int64_t>(RB, g.M - m0);
+    int32_t* dst = xq.data() + m0 * g.units * D;
+    for (int64_t u = 0; u < g.units; ++u) {
+      const int32_t* qu = q.data() + u * P;
       for (int d = 0; d < D; ++d) {
-        uint8_t bytes[4];
-        for (int i = 0; i < 4; ++i) bytes[i] = (uint8_t)(bits == 4 ? q[u * 8 + 2 * i + d] : q[u * 4 + i]);
-        int32_t word;
-        std::memcpy(&word, bytes, 4);
-        dst[(u * D + d) * r + (m - m0)] = word;
+        uint32_t word = 0;
+        if (act == 8) {
+          for (int i = 0; i < 4; ++i)
+            word |= (uint32_t)(uint8_t)(int8_t)(bits == 4 ? qu[2 * i + d] : qu[i]) << (8 * i);
+        } else {  // codes d and d + P/2 of a lane: the two 16-bit halves
+          word = (uint32_t)(uint16_t)(int16_t)qu[d] | (uint32_t)(uint16_t)(int16_t)qu[d + P / 2] << 16;
+        }
+        dst[(u * D + d) * r + (m - m0)] = (int32_t)word;
       }
     }
   }
 }
 
-}  // namespace a8
+template <typename T>
+void dispatch(const Geo& g, int bits, int act, T* out) {
+  if (act == 8) { if (bits == 4) run<4, 8>(g, out); else run<8, 8>(g, out); }
+  else { if (bits == 4) run<4, 16>(g, out); else run<8, 16>(g, out); }
+}
 
-// out [M, N] (float32, bfloat16 or float16) = int8(x) [M, Kx] @ W.T, x float32, quantized
-// per row (see the a8 section above)
-void wxa8_avx2_gemm(torch::Tensor x, torch::Tensor out, torch::Tensor codes, torch::Tensor sz,
-                    int64_t bits, int64_t group_size) {
+}  // namespace ia
+
+// out [M, N] (float32, bfloat16 or float16) = x [M, Kx] @ W.T with x quantized per row to
+// `act`-bit integers (8 or 16; see the integer-activation section above), x float32. With
+// limit > 0 a row whose largest magnitude exceeds limit x its RMS, or that holds a non-finite
+// value, is computed by the float path (wna16_avx2_gemm) instead.
+void wxa_avx2_gemm(torch::Tensor x, torch::Tensor out, torch::Tensor codes, torch::Tensor sz,
+                   int64_t bits, int64_t group_size, int64_t act, double limit) {
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  TORCH_CHECK(act == 8 || act == 16, "act must be 8 or 16");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.dtype() == torch::kFloat32,
               "x must be a contiguous float32 [M, K] matrix");
   TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(0) == x.size(0) &&
@@ -377,24 +425,32 @@ void wxa8_avx2_gemm(torch::Tensor x, torch::Tensor out, torch::Tensor codes, tor
                out.dtype() == torch::kFloat16),
               "out must be a contiguous float32 / bfloat16 / float16 [M, N] matrix");
   TORCH_CHECK(codes.dtype() == torch::kInt32 && codes.is_contiguous() && codes.dim() == 3 &&
-              codes.size(2) == a8::NB, "codes: int32 [N/16, units, 16]");
+              codes.size(2) == ia::NB, "codes: int32 [N/16, units, 16]");
   TORCH_CHECK(sz.dtype() == torch::kFloat32 && sz.is_contiguous() && sz.dim() == 4 &&
-              sz.size(2) == 2 && sz.size(3) == a8::NB, "scales: float32 [N/16, G, 2, 16]");
+              sz.size(2) == 2 && sz.size(3) == ia::NB, "scales: float32 [N/16, G, 2, 16]");
   const int64_t P = 32 / bits, M = x.size(0), Kx = x.size(1), N = out.size(1);
-  const int64_t units = codes.size(1), K = units * P, G = sz.size(1), D = bits == 4 ? 2 : 1;
-  TORCH_CHECK(codes.size(0) == (N + a8::NB - 1) / a8::NB && sz.size(0) == codes.size(0),
+  const int64_t units = codes.size(1), K = units * P, G = sz.size(1);
+  const int64_t D = act == 8 ? (bits == 4 ? 2 : 1) : (bits == 4 ? 4 : 2);
+  TORCH_CHECK(codes.size(0) == (N + ia::NB - 1) / ia::NB && sz.size(0) == codes.size(0),
               "N does not match the layout");
   TORCH_CHECK(Kx <= K && K - Kx < P, "x's features do not match the layout's rows");
   TORCH_CHECK(group_size > 0 && group_size % P == 0 && (K + group_size - 1) / group_size == G,
               "the group size must be a multiple of 32 / bits and give the scales' groups");
   if (M == 0 || N == 0) return;
+  const int64_t gsu = group_size / P, csu = ia::chunk_units((int)bits, (int)act, gsu);
+  ia::Geo g{M, N, units, G, gsu, csu, (units + csu - 1) / csu, codes.data_ptr<int32_t>(),
+            sz.data_ptr<float>(), nullptr, nullptr, nullptr};
   std::vector<int32_t> xq(M * units * D);
-  std::vector<float> sq(M * G * 2), sx(M);
-  a8::quantize(x.data_ptr<float>(), M, Kx, units, (int)bits, group_size, G, xq, sq, sx);
-  a8::Geo g{M, N, units, G, group_size / P, codes.data_ptr<int32_t>(), sz.data_ptr<float>(),
-            xq.data(), sq.data(), sx.data()};
-  auto go = [&](auto* o) { if (bits == 4) a8::run<4>(g, o); else a8::run<8>(g, o); };
-  if (out.dtype() == torch::kFloat32) go(out.data_ptr<float>());
-  else if (out.dtype() == torch::kBFloat16) go((c10::BFloat16*)out.data_ptr());
-  else go((c10::Half*)out.data_ptr());
+  std::vector<float> sq(M * g.C * 2), sx(M);
+  std::vector<int64_t> fallback;
+  ia::quantize(x.data_ptr<float>(), Kx, (int)bits, (int)act, limit, g, xq, sq, sx, fallback);
+  g.xq = xq.data();
+  g.sq = sq.data();
+  g.sx = sx.data();
+  if (out.dtype() == torch::kFloat32) ia::dispatch(g, (int)bits, (int)act, out.data_ptr<float>());
+  else if (out.dtype() == torch::kBFloat16)
+    ia::dispatch(g, (int)bits, (int)act, (c10::BFloat16*)out.data_ptr());
+  else ia::dispatch(g, (int)bits, (int)act, (c10::Half*)out.data_ptr());
+  for (const int64_t m : fallback)
+    wna16_avx2_gemm(x.narrow(0, m, 1), out.narrow(0, m, 1), codes, sz, bits, group_size);
 }
