@@ -25,7 +25,6 @@ from quantreg.drafter import draft_to_target_ids
 from quantreg.errors import CheckpointError, ConfigError, DistributedError, InputError
 from quantreg.head_check import check_tensors
 from quantreg.head_config import default_dtype, head_geometry, parse_dtype
-from quantreg.kernels.catalog import KERNELS
 from quantreg.kernels.selection import Kernel, check_activation_dtype
 from quantreg.lm_head import MAX_VOCAB, ParallelLMHead
 from quantreg.platform import Platform
@@ -156,8 +155,7 @@ def _load(
             f"{resolution.method or 'unquantized'} runs {head.kernel.name} ({head.kernel.reason})",
             field="kernel",
         )
-    ran = KERNELS[head.kernel.name].activation_dtype if head.kernel.name in KERNELS else None
-    if activation_dtype is not None and ran != activation_dtype:
+    if activation_dtype is not None and head.kernel.activation_dtype != activation_dtype:
         raise InputError(
             f"activation_dtype={activation_dtype!r} was asked for, but '{resolution.prefix}' "
             f"resolved as {resolution.method or 'unquantized'} runs {head.kernel.name} "

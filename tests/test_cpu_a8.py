@@ -200,6 +200,8 @@ def test_load_lm_head_opts_in_and_records_the_kernel(kernel, gptq_folder):
     head = quantreg.load_lm_head(gptq_folder, dtype=BF16, activation_dtype="int8")
     exact = quantreg.load_lm_head(gptq_folder, dtype=torch.float32)
     assert head.kernel.name == A8 and head.activation_dtype == "int8"
+    assert head.kernel.activation_dtype == "int8" and head.kernel.to_dict()["activation_dtype"] == "int8"  # fmt: skip
+    assert exact.kernel.activation_dtype is None
     assert "opt in" not in head.kernel.explain() and "weight-only" in head.kernel.explain()
     x = torch.randn(3, 256)
     got = head.compute_logits(x.to(BF16))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import os
 from typing import Any
 
 import torch
@@ -23,6 +24,25 @@ import quantreg
 
 # A child of vLLM's "vllm" logger: these lines appear in vLLM's log, where its users look.
 logger = logging.getLogger(f"vllm.{__name__}")
+
+
+ACTIVATION_ENV = "QUANTREG_ACTIVATION_DTYPE"
+"""Set to ``int8`` to run the heads quantreg loads in vLLM with int8 activations (see
+``quantreg.load_lm_head(activation_dtype=...)``); unset or empty: weight-only."""
+
+
+def env_activation_dtype() -> str | None:
+    """The activation dtype :data:`ACTIVATION_ENV` asks for (None: unset or empty).
+
+    Raises:
+        InputError: a value quantreg does not run, naming the variable.
+    """
+    value = os.environ.get(ACTIVATION_ENV) or None
+    try:
+        quantreg.kernels.check_activation_dtype(value)
+    except quantreg.InputError as exc:
+        raise quantreg.InputError(f"{ACTIVATION_ENV}: {exc}", field=ACTIVATION_ENV) from exc
+    return value
 
 
 @functools.cache
@@ -166,8 +186,18 @@ class QuantregHeadMethod(QuantizeMethodBase):
                 path=self.resolution.source,
                 tensor=missing[0],
             )
+        asked = env_activation_dtype()
+        layer.activation_dtype = asked
         self.method.process_weights_after_loading(layer)
         kernel = getattr(layer, "kernel", None)
+        if asked is not None and getattr(kernel, "activation_dtype", None) != asked:
+            raise quantreg.InputError(
+                f"{ACTIVATION_ENV}={asked} asks for {asked} activations, but the "
+                f"{self.resolution.prefix} of {self.resolution.source} ({self._why()}) runs "
+                f"{kernel.name if kernel is not None else 'a method-defined kernel'}, which "
+                "keeps its activations in float; unset it to run the head weight-only",
+                field=ACTIVATION_ENV,
+            )
         logger.info(
             "vLLM %s of %s: quantreg method %s, kernel %s",
             self.resolution.prefix, self.resolution.source, self.resolution.method,

@@ -25,12 +25,21 @@ if typing.TYPE_CHECKING:
     from quantreg.kernels.layouts import Float8Layout, KPackedLayout
     from quantreg.kernels.packing import pack_codes, unpack_codes
     from quantreg.kernels.reference import dequantize
-    from quantreg.kernels.selection import Kernel, KernelChoice, choose, kernel_names, select
+    from quantreg.kernels.selection import (
+        ACTIVATION_DTYPES,
+        Kernel,
+        KernelChoice,
+        check_activation_dtype,
+        choose,
+        kernel_names,
+        select,
+    )
     from quantreg.kernels.torch_ops import TorchInt4Layout, TorchInt8Layout
     from quantreg.kernels.triton_wna16 import wna16_matmul
     from quantreg.kernels.weights import IntWeights
 
 _NAMES = {
+    "ACTIVATION_DTYPES": "selection",
     "CPUBlockedLayout": "cpu",
     "CPUFloat8Layout": "cpu_float8",
     "CPUPath": "cpu",
@@ -41,6 +50,7 @@ _NAMES = {
     "KernelChoice": "selection",
     "TorchInt4Layout": "torch_ops",
     "TorchInt8Layout": "torch_ops",
+    "check_activation_dtype": "selection",
     "choose": "selection",
     "dequantize": "reference",
     "kernel_names": "selection",
@@ -64,6 +74,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "ACTIVATION_DTYPES",
     "CPUBlockedLayout",
     "CPUFloat8Layout",
     "CPUPath",
@@ -74,6 +85,7 @@ __all__ = [
     "KernelChoice",
     "TorchInt4Layout",
     "TorchInt8Layout",
+    "check_activation_dtype",
     "choose",
     "dequantize",
     "kernel_names",

@@ -76,6 +76,7 @@ class Kernel:
     declined: tuple[tuple[str, str], ...] = ()
     layout: Any = None
     requested: bool = False
+    activation_dtype: str | None = None  # what the kernel quantizes activations to (None: float)
 
     @classmethod
     def record(cls, name: str, reason: str) -> Kernel:
@@ -100,11 +101,13 @@ class Kernel:
         return {}
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe: ``{name, reason, requested, layout, declined: {name: reason}}``."""
+        """JSON-safe: ``{name, reason, requested, activation_dtype, layout, declined: {name:
+        reason}}``."""
         return {
             "name": self.name,
             "reason": self.reason,
             "requested": self.requested,
+            "activation_dtype": self.activation_dtype,
             "layout": type(self.layout).__name__ if self.layout is not None else None,
             "declined": dict(self.declined),
         }
@@ -252,8 +255,12 @@ def _none_fits(target: Target, declined: list[tuple[str, str]]) -> InputError:
 
 def build(choice: KernelChoice, weights: Weights, dtype: torch.dtype) -> Kernel:
     """Build the chosen kernel's layout from ``weights``."""
-    layout = KERNELS[choice.name].build(weights, dtype)
-    return Kernel(choice.name, choice.reason, choice.declined, layout, choice.requested)
+    kernel = KERNELS[choice.name]
+    layout = kernel.build(weights, dtype)
+    return Kernel(
+        choice.name, choice.reason, choice.declined, layout, choice.requested,
+        kernel.activation_dtype,
+    )  # fmt: skip
 
 
 def select(

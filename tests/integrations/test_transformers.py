@@ -218,6 +218,23 @@ def test_enable_forwards_its_options_to_load_lm_head(quantized):
     assert model.lm_head.kernel.name == "reference"
 
 
+def test_enable_opts_in_to_int8_activations(quantized):
+    from quantreg.kernels import cpu_avx2
+
+    if cpu_avx2.extension() is None:
+        pytest.skip(f"cpu-avx2-a8 unavailable: {cpu_avx2.unavailable_reason()}")
+    qr_hf.enable(activation_dtype="int8")
+    model = AutoModelForCausalLM.from_pretrained(quantized("gptq", group_size=64), dtype=torch.bfloat16)  # fmt: skip
+    assert model.lm_head.kernel.name == "cpu-avx2-a8"
+    assert model.lm_head.kernel.activation_dtype == "int8"
+
+
+def test_enable_refuses_an_activation_dtype_quantreg_does_not_run():
+    with pytest.raises(quantreg.InputError, match=r"activation_dtype 'fp8' is not supported"):
+        qr_hf.enable(activation_dtype="fp8")
+    assert not qr_hf.is_enabled()
+
+
 # -- enable / disable ---------------------------------------------------------------------
 
 

@@ -287,6 +287,41 @@ def test_producer_written_heads_match_the_producers_dequantization_in_the_engine
     assert relative_error(head["logits"], want) < 1e-2
 
 
+def test_int8_activations_are_opted_in_through_the_environment(ckpts, monkeypatch):
+    from quantreg.kernels import cpu_avx2
+
+    if cpu_avx2.extension() is None:
+        pytest.skip(f"cpu-avx2-a8 unavailable: {cpu_avx2.unavailable_reason()}")
+    monkeypatch.setenv("QUANTREG_ACTIVATION_DTYPE", "int8")
+    head = serve(ckpts["gptq"], quantization="quantreg").head
+    assert head["kernel"] == "cpu-avx2-a8"
+    want = quantreg.load_lm_head(ckpts["gptq"], dtype=torch.float32).compute_logits(
+        head["hidden"].float()
+    )
+    assert 0 < relative_error(head["logits"], want) < 3e-2
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        ("fp8", r"QUANTREG_ACTIVATION_DTYPE: activation_dtype 'fp8' is not supported"),
+        ("int8", r"activation_dtype='int8': no kernel with int8 activations can run this layer \(fp8 .*Declined: cpu-avx2-a8: runs integer \(int4 / int8\) weights only"),
+    ],
+    ids=["unknown-value", "fp8-head"],
+)  # fmt: skip
+def test_an_activation_dtype_the_head_cannot_run_stops_engine_start_up(ckpts, monkeypatch, value, match):  # fmt: skip
+    """Never a head run weight-only when int8 activations were asked for."""
+    monkeypatch.setenv("QUANTREG_ACTIVATION_DTYPE", value)
+    with pytest.raises(quantreg.InputError, match=match):
+        try:
+            serve(ckpts["ct-fp8"], quantization="quantreg")
+        finally:
+            from vllm.distributed import cleanup_dist_env_and_memory
+
+            gc.collect()
+            cleanup_dist_env_and_memory()
+
+
 def test_a_missing_head_tensor_stops_engine_start_up(ckpts):
     """Failure 4: vLLM tracks no weights of quantized models; the head is checked against the
     headers before vLLM reads a weight, and names the tensor and the resolution."""
