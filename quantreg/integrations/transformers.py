@@ -85,26 +85,23 @@ def enable(
     *, requested: str | None = None, kernel: str | None = None, activation_dtype: str | None = None
 ) -> None:
     """Load the lm_head of ``awq``, ``gptq``, ``compressed-tensors`` and ``fp8`` checkpoints via
-    quantreg in ``from_pretrained``, in this process until :func:`disable`. ``requested``
-    forces a quantreg method, ``kernel`` a kernel and ``activation_dtype="int8"`` int8
-    activations, as in :func:`quantreg.load_lm_head`. Calling it again with the same options
-    does nothing.
+    quantreg in ``from_pretrained`` until :func:`disable` (the options as in
+    :func:`quantreg.load_lm_head`); again with the same options, nothing happens.
 
     Raises:
         PluginError: an unsupported transformers version.
-        InputError: a non-string option, an ``activation_dtype`` quantreg does not run, or
-            already enabled with other options.
+        InputError: a bad option, or already enabled with other options.
     """
     global _enabled
     from transformers import __version__ as version
     from transformers.quantizers import auto
 
     _check_version(version)
+    quantreg.kernels.check_activation_dtype(activation_dtype)
     options = {"requested": requested, "kernel": kernel, "activation_dtype": activation_dtype}
     for field, value in options.items():
         if value is not None and not isinstance(value, str):
             raise InputError(f"{field} must be a string or None, got {value!r}", field=field)
-    quantreg.kernels.check_activation_dtype(activation_dtype)
 
     with _LOCK:
         if _enabled is not None:
