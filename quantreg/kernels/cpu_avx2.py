@@ -183,25 +183,8 @@ def avx2_int_matmul(x: torch.Tensor, layout: AVX2IntLayout) -> torch.Tensor:
     Raises:
         RuntimeError: the kernel is unavailable (selection declines it first).
     """
-    module = extension()
-    if module is None:
-        raise RuntimeError(f"quantreg's AVX2 int kernel is unavailable: {unavailable_reason()}")
     limit = int16_row_limit(x.dtype)
-    if limit == 0.0:
-        return cpu_build.in_row_tiles(
-            x,
-            layout.n,
-            lambda xf, out: module.wna16_avx2_gemm(
-                xf, out, layout.codes, layout.scales, layout.bits, layout.group_size
-            ),
-        )
-    return cpu_build.in_row_tiles(
-        x,
-        layout.n,
-        lambda xf, out: module.wxa_avx2_gemm(
-            xf, out, layout.codes, layout.scales, layout.bits, layout.group_size, 16, limit
-        ),
-    )
+    return _gemm(x, layout, 16 if limit else 0, limit)
 
 
 def avx2_a8_matmul(x: torch.Tensor, layout: AVX2IntLayout) -> torch.Tensor:
@@ -213,16 +196,24 @@ def avx2_a8_matmul(x: torch.Tensor, layout: AVX2IntLayout) -> torch.Tensor:
     Raises:
         RuntimeError: the kernel is unavailable (selection declines it first).
     """
+    return _gemm(x, layout, 8, 0.0)
+
+
+def _gemm(x: torch.Tensor, layout: AVX2IntLayout, act: int, limit: float) -> torch.Tensor:
+    """The extension over tiles of ``x``: float32 FMA (``act`` 0) or ``act``-bit integer
+    activations (rows beyond ``limit`` x their RMS on the float path; 0: none)."""
     module = extension()
     if module is None:
         raise RuntimeError(f"quantreg's AVX2 int kernel is unavailable: {unavailable_reason()}")
-    return cpu_build.in_row_tiles(
-        x,
-        layout.n,
-        lambda xf, out: module.wxa_avx2_gemm(
-            xf, out, layout.codes, layout.scales, layout.bits, layout.group_size, 8, 0.0
-        ),
-    )
+    args = (layout.codes, layout.scales, layout.bits, layout.group_size)
+
+    def call(xf: torch.Tensor, out: torch.Tensor) -> None:
+        if act:
+            module.wxa_avx2_gemm(xf, out, *args, act, limit)
+        else:
+            module.wna16_avx2_gemm(xf, out, *args)
+
+    return cpu_build.in_row_tiles(x, layout.n, call)
 
 
 def quantize_rows(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:

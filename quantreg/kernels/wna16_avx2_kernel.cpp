@@ -151,9 +151,9 @@ void run(const Geo& g, int bits, T* out) {
 
 }  // namespace
 
-// out [M, N] (float32, bfloat16 or float16) = x [M, Kx] (float32, Kx <= K padded) @ W.T
-void wna16_avx2_gemm(torch::Tensor x, torch::Tensor out, torch::Tensor codes, torch::Tensor sz,
-                     int64_t bits, int64_t group_size) {
+// The checks both entry points make on their arguments (the layout's shapes come after)
+static void check_args(const torch::Tensor& x, const torch::Tensor& out,
+                       const torch::Tensor& codes, const torch::Tensor& sz, int64_t bits) {
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.dtype() == torch::kFloat32,
               "x must be a contiguous float32 [M, K] matrix");
@@ -165,6 +165,12 @@ void wna16_avx2_gemm(torch::Tensor x, torch::Tensor out, torch::Tensor codes, to
               codes.size(2) == NB, "codes: int32 [N/16, units, 16]");
   TORCH_CHECK(sz.dtype() == torch::kFloat32 && sz.is_contiguous() && sz.dim() == 4 &&
               sz.size(2) == 2 && sz.size(3) == NB, "scales: float32 [N/16, G, 2, 16]");
+}
+
+// out [M, N] (float32, bfloat16 or float16) = x [M, Kx] (float32, Kx <= K padded) @ W.T
+void wna16_avx2_gemm(torch::Tensor x, torch::Tensor out, torch::Tensor codes, torch::Tensor sz,
+                     int64_t bits, int64_t group_size) {
+  check_args(x, out, codes, sz, bits);
   const int64_t P = 32 / bits, M = x.size(0), Kx = x.size(1), N = out.size(1);
   const int64_t units = codes.size(1), K = units * P, G = sz.size(1);
   const int64_t blocks = (N + NB - 1) / NB;
@@ -416,18 +422,8 @@ void dispatch(const Geo& g, int bits, int act, T* out) {
 // value, is computed by the float path (wna16_avx2_gemm) instead.
 void wxa_avx2_gemm(torch::Tensor x, torch::Tensor out, torch::Tensor codes, torch::Tensor sz,
                    int64_t bits, int64_t group_size, int64_t act, double limit) {
-  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  check_args(x, out, codes, sz, bits);
   TORCH_CHECK(act == 8 || act == 16, "act must be 8 or 16");
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.dtype() == torch::kFloat32,
-              "x must be a contiguous float32 [M, K] matrix");
-  TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(0) == x.size(0) &&
-              (out.dtype() == torch::kFloat32 || out.dtype() == torch::kBFloat16 ||
-               out.dtype() == torch::kFloat16),
-              "out must be a contiguous float32 / bfloat16 / float16 [M, N] matrix");
-  TORCH_CHECK(codes.dtype() == torch::kInt32 && codes.is_contiguous() && codes.dim() == 3 &&
-              codes.size(2) == ia::NB, "codes: int32 [N/16, units, 16]");
-  TORCH_CHECK(sz.dtype() == torch::kFloat32 && sz.is_contiguous() && sz.dim() == 4 &&
-              sz.size(2) == 2 && sz.size(3) == ia::NB, "scales: float32 [N/16, G, 2, 16]");
   const int64_t P = 32 / bits, M = x.size(0), Kx = x.size(1), N = out.size(1);
   const int64_t units = codes.size(1), K = units * P, G = sz.size(1);
   const int64_t D = act == 8 ? (bits == 4 ? 2 : 1) : (bits == 4 ? 4 : 2);
