@@ -256,13 +256,16 @@ __attribute__((always_inline)) inline void unit(const int32_t* w, const int32_t*
     }
   } else if constexpr (BITS == 4) {
     const __m256i ones = _mm256_set1_epi16(1), lo = _mm256_set1_epi8(0x0F);
-    const __m256i l0 = _mm256_and_si256(v0, lo), h0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), lo);
-    const __m256i l1 = _mm256_and_si256(v1, lo), h1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), lo);
+    const __m256i l0 = _mm256_and_si256(v0, lo), l1 = _mm256_and_si256(v1, lo);
+    const __m256i h0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), lo);
+    const __m256i h1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), lo);
 #pragma GCC unroll 4
     for (int m = 0; m < R; ++m) {
       const __m256i xl = _mm256_set1_epi32(x[m]), xh = _mm256_set1_epi32(x[R + m]);
-      const __m256i p0 = _mm256_add_epi16(_mm256_maddubs_epi16(l0, xl), _mm256_maddubs_epi16(h0, xh));
-      const __m256i p1 = _mm256_add_epi16(_mm256_maddubs_epi16(l1, xl), _mm256_maddubs_epi16(h1, xh));
+      const __m256i p0 =
+          _mm256_add_epi16(_mm256_maddubs_epi16(l0, xl), _mm256_maddubs_epi16(h0, xh));
+      const __m256i p1 =
+          _mm256_add_epi16(_mm256_maddubs_epi16(l1, xl), _mm256_maddubs_epi16(h1, xh));
       a[m][0] = _mm256_add_epi32(a[m][0], _mm256_madd_epi16(p0, ones));
       a[m][1] = _mm256_add_epi32(a[m][1], _mm256_madd_epi16(p1, ones));
     }
@@ -400,7 +403,8 @@ void quantize(const float* xp, int64_t Kx, int bits, int act, double limit, Geo&
           for (int i = 0; i < 4; ++i)
             word |= (uint32_t)(uint8_t)(int8_t)(bits == 4 ? qu[2 * i + d] : qu[i]) << (8 * i);
         } else {  // codes d and d + P/2 of a lane: the two 16-bit halves
-          word = (uint32_t)(uint16_t)(int16_t)qu[d] | (uint32_t)(uint16_t)(int16_t)qu[d + P / 2] << 16;
+          word = (uint32_t)(uint16_t)(int16_t)qu[d] |
+                 (uint32_t)(uint16_t)(int16_t)qu[d + P / 2] << 16;
         }
         dst[(u * D + d) * r + (m - m0)] = (int32_t)word;
       }
