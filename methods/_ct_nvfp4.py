@@ -71,8 +71,9 @@ def decode(layer: torch.nn.Module) -> Float8Layout:
             "float32 (compressed-tensors divides the group scales by it)",
             tensor=f"{prefix}.weight_global_scale",
         )
-    effective = layer.weight_scale.data.to(torch.float32) / global_scale
-    peak = 6 * float(effective.abs().max()) if effective.numel() else 0.0
+    effective = e2m1.group_scales(layer.weight_scale.data).div_(global_scale)  # [G, N]
+    low, high = torch.aminmax(effective) if effective.numel() else (torch.zeros(()),) * 2
+    peak = 6 * max(-float(low), float(high))  # NaN stays NaN
     if not peak <= torch.finfo(torch.bfloat16).max:  # NaN too
         raise CheckpointError(
             f"{prefix}.weight_scale / {prefix}.weight_global_scale ({global_scale:.6g}) makes "
@@ -81,8 +82,7 @@ def decode(layer: torch.nn.Module) -> Float8Layout:
             "finite in it",
             tensor=f"{prefix}.weight_global_scale",
         )
-    name = f"{prefix}.weight_scale"
-    return e2m1.layout(layer.weight_packed.data, effective, name, torch.bfloat16)
+    return e2m1.layout(layer.weight_packed.data, effective, torch.bfloat16)
 
 
 def quantize(

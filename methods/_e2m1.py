@@ -83,14 +83,16 @@ def group_amax(weight: torch.Tensor) -> torch.Tensor:
     return weight.to(torch.float32).abs().reshape(n, k // GROUP, GROUP).amax(-1)
 
 
+def group_scales(scales: torch.Tensor) -> torch.Tensor:
+    """The float8 ``[N, K / 16]`` group scales as float32 ``[K / 16, N]`` (the layouts' ``[G,
+    N]``), converted in one transposing copy; the caller makes them effective in place."""
+    return torch.empty(scales.shape[::-1], dtype=torch.float32).copy_(scales.T)
+
+
 def layout(
-    packed: torch.Tensor, effective: torch.Tensor, name: str, round_to: torch.dtype | None
+    packed: torch.Tensor, effective: torch.Tensor, round_to: torch.dtype | None
 ) -> Float8Layout:
-    """The codes as float8 values with float32 ``effective`` scales ``[N, K / 16]`` per
-    group; ``round_to``: the dtype the producer's dequantization ends in (None: float32)."""
-    values = unpack_float8(packed)
-    k = values.shape[1]
-    return Float8Layout.build(
-        values, effective.T.contiguous(), None,
-        torch.arange(k) // GROUP, (name, name), round_to=round_to,
-    )  # fmt: skip
+    """The packed codes as they are with float32 ``effective`` scales ``[K / 16, N]`` per
+    group; ``round_to``: the dtype the producer's dequantization ends in (None: float32).
+    Kernels that read float8 values decode the codes themselves (``Float8Layout.values``)."""
+    return Float8Layout.from_e2m1(packed, effective, round_to=round_to)

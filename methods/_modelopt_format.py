@@ -98,10 +98,9 @@ def decode(layer: torch.nn.Module, algo: str) -> Float8Layout:
     if algo in (NVFP4, W4A16_NVFP4):
         check_float8_codes(layer, "weight_scale")
         double = _positive(layer, "weight_scale_2")
-        effective = layer.weight_scale.data.to(torch.float32) * double
-        check_scales(layer, "weight_scale_2", effective.T, None, (-e2m1.E2M1_MAX, e2m1.E2M1_MAX))
-        name = f"{layer_geometry(layer).prefix}.weight_scale"
-        return e2m1.layout(layer.weight.data, effective, name, None)
+        effective = e2m1.group_scales(layer.weight_scale.data).mul_(double)  # [G, N]
+        check_scales(layer, "weight_scale_2", effective, None, (-e2m1.E2M1_MAX, e2m1.E2M1_MAX))
+        return e2m1.layout(layer.weight.data, effective, None)
     check_float8_codes(layer, "weight")
     if algo == FP8_PCPT:
         scales = layer.weight_scale.data.reshape(1, n)

@@ -3,7 +3,8 @@
 Loading converts a checkpoint's words straight into the chosen kernel's layout (issue 23: load
 at I/O speed). Each fast conversion is pinned here to the plain one it replaced: the per-slot
 ``unpack_codes``, torch's own ``_convert_weight_to_int4pack_for_cpu`` on int32 codes,
-``(codes - 128).to(int8).T`` for torch's int8 op, and NVFP4's float32 decoding.
+``(codes - 128).to(int8).T`` for torch's int8 op, NVFP4's float32 decoding, and NVFP4's float8
+values, which its packed codes now skip.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from quantreg import InputError, IntWeights
-from quantreg.kernels import cpu_float8, torch_ops
+from quantreg.kernels import Float8Layout, cpu_float8, torch_ops
 from quantreg.kernels.cpu_float8 import CPUFloat8Layout
 from quantreg.kernels.packing import pack_codes, unpack_codes
 from quantreg.methods import _e2m1
@@ -191,3 +192,47 @@ def test_packing_an_out_of_range_code_keeps_its_message(bad):
     codes[9, 3] = bad
     with pytest.raises(InputError, match=r"^codes must lie in \[0, 16\) to pack as 4-bit$"):
         pack_codes(codes, 4, dim=0)
+
+
+# id -> (vocab rows, bytes of codes a row): K = 2 x bytes
+NVFP4 = {
+    "a-block-and-a-partial-one": (25, 48),
+    "k-not-a-multiple-of-16": (37, 2050),
+    "rows-of-one-block": (16, 8),
+}
+
+
+def nvfp4_layouts(n: int, half: int) -> tuple[Float8Layout, Float8Layout]:
+    """The same random NVFP4 head as the float8 values it used to be decoded to, and as its
+    packed e2m1 codes, which the loaders now keep."""
+    gen = torch.Generator().manual_seed(n)
+    packed = torch.randint(0, 256, (n, half), generator=gen, dtype=torch.uint8)
+    scales = torch.rand(-(-2 * half // 16), n, generator=gen) + 0.1
+    values = _e2m1.unpack(packed).to(torch.float8_e4m3fn)
+    return Float8Layout.build(values, scales), Float8Layout.from_e2m1(packed, scales)
+
+
+@pytest.mark.parametrize(("n", "half"), list(NVFP4.values()), ids=list(NVFP4))
+def test_nvfp4_codes_pack_into_the_cpu_layout_their_float8_values_made(n, half):
+    """Straight from the checkpoint's codes (no float8 values between), the CPU float8 layout
+    is byte for byte the one its float8 values gave: codes, scale codes, multiplier."""
+    if cpu_float8.extension() is None:
+        pytest.skip(f"cpu-avx2-float8 unavailable: {cpu_float8.unavailable_reason()}")
+    from_values, from_codes = nvfp4_layouts(n, half)
+    assert from_codes.bounds == from_values.bounds and from_codes.perm is None
+    want, got = CPUFloat8Layout.build(from_values), CPUFloat8Layout.build(from_codes)
+    assert got.fp4 and (got.scale_mult, got.group_size) == (want.scale_mult, want.group_size)
+    for name, tensor in want.tensors().items():
+        assert torch.equal(getattr(got, name), tensor), name
+
+
+@pytest.mark.parametrize(("n", "half"), list(NVFP4.values()), ids=list(NVFP4))
+def test_nvfp4_codes_decode_to_their_float8_values_whole_and_in_blocks(n, half):
+    """What the reference kernel reads: every block (odd edges too) and the whole."""
+    from_values, from_codes = nvfp4_layouts(n, half)
+    assert from_codes.e2m1 is not None and from_values.e2m1 is None
+    assert torch.equal(from_codes.values.view(torch.uint8), from_values.values.view(torch.uint8))
+    k = 2 * half
+    for r0, r1, c0, c1 in [(0, n, 0, k), (3, n - 1, 1, k - 3), (1, 2, 16, 33)]:
+        got = from_codes.value_block(r0, r1, c0, c1).view(torch.uint8)
+        assert torch.equal(got, from_values.value_block(r0, r1, c0, c1).view(torch.uint8))

@@ -59,6 +59,7 @@ FP4_STEP = 4  # rows of a block in one 32-byte fp4 step
 FP4_STEP_INDEX = tuple(
     (b % 16) // 8 * 16 + (b % 2) * 8 + 4 * (b // 16) + (b % 8) // 2 for b in range(32)
 )
+SCALE_CHUNK = 1 << 18  # scales checked per step: bounds the float32 temporaries to 1 MiB
 SCALE_TOLERANCE = 2.0**-20  # relative: e4m3 scale codes times the multiplier vs the scales
 # e4m3 mantissas for the largest scale (1.75: the 448 NVFP4 producers scale to), tried in turn
 SCALE_MANTISSAS = (1.75, 1.0, 1.125, 1.25, 1.375, 1.5, 1.625, 1.875)
@@ -177,7 +178,8 @@ def scale_codes(scales: torch.Tensor) -> tuple[torch.Tensor, float] | None:
     """
     import torch
 
-    peak = float(scales.abs().max()) if scales.numel() else 0.0
+    low, high = torch.aminmax(scales) if scales.numel() else (scales.new_zeros(()),) * 2
+    peak = max(-float(low), float(high))
     if peak == 0.0 or not math.isfinite(peak):
         return None
     flat = scales.to(torch.float32).flatten()
@@ -186,9 +188,14 @@ def scale_codes(scales: torch.Tensor) -> tuple[torch.Tensor, float] | None:
         mult = float(torch.tensor(peak / top, dtype=torch.float32))
         if _fitting_codes(flat[:4096], mult) is None:
             continue
-        codes = _fitting_codes(flat, mult)
-        if codes is not None:
-            return codes.view(torch.uint8).reshape(scales.shape), mult
+        codes = torch.empty(flat.shape, dtype=torch.uint8)
+        for c0 in range(0, flat.numel(), SCALE_CHUNK):
+            chunk = _fitting_codes(flat[c0 : c0 + SCALE_CHUNK], mult)
+            if chunk is None:
+                break
+            codes[c0 : c0 + SCALE_CHUNK] = chunk.view(torch.uint8)
+        else:
+            return codes.reshape(scales.shape), mult
     return None
 
 
@@ -254,20 +261,23 @@ class CPUFloat8Layout(LayoutTensors):
 
     @classmethod
     def build(cls, weights: Float8Layout) -> CPUFloat8Layout:
-        """From the float8 values, ``ROW_CHUNK`` vocab rows at a time: four bits a weight when
-        every value is on the e2m1 grid (and K and the group size are multiples of 4), else
-        one byte; fp4 scales as e4m3 codes and a multiplier when they are such."""
-        import torch
-
+        """From NVFP4's packed e2m1 codes in one pass when the layout holds them, else from
+        the float8 values: four bits a weight when every value is on the e2m1 grid (and K and
+        the group size are multiples of 4), else one byte; fp4 scales as e4m3 codes and a
+        multiplier when they are such."""
         group = weights.group_size
         assert group is not None  # checked by fits()
-        codes, fp4 = _pack(weights.values, weights.k % FP4_STEP == group % FP4_STEP == 0)
+        try_fp4 = weights.k % FP4_STEP == group % FP4_STEP == 0
+        packed = weights.e2m1
+        if packed is not None and try_fp4 and extension() is not None:
+            codes, fp4 = _pack_e2m1(packed), True  # NVFP4: its codes, never float8 values
+        else:
+            codes, fp4 = _pack(weights.values, try_fp4)
         scales, mult = _kernel_scales(weights.scales, fp4)
-        g, n = scales.shape
-        scales = torch.nn.functional.pad(scales, (0, -n % NB))
+        n = scales.shape[1]
         return cls(
             codes=codes,
-            scales=scales.reshape(g, -1, NB).permute(1, 0, 2).contiguous(),
+            scales=_blocked(scales),
             perm=weights.perm,
             n=n,
             k=weights.k,
@@ -275,6 +285,29 @@ class CPUFloat8Layout(LayoutTensors):
             fp4=fp4,
             scale_mult=mult,
         )
+
+
+def _pack_e2m1(packed: torch.Tensor) -> torch.Tensor:
+    """The fp4 codes of NVFP4's packed e2m1 codes ``[N, K / 2]`` in the kernel's layout, in
+    one pass by the extension: the bytes :func:`_pack` gives for their float8 values."""
+    import torch
+
+    codes = torch.empty((-(-packed.shape[0] // NB), packed.shape[1] * NB), dtype=torch.uint8)
+    extension().e2m1_pack(packed.contiguous(), codes)
+    return codes
+
+
+def _blocked(scales: torch.Tensor) -> torch.Tensor:
+    """``[G, N]`` scales as ``[ceil(N/16), G, 16]`` (the last block zero-padded), in one copy."""
+    import torch
+
+    g, n = scales.shape
+    whole = n // NB * NB
+    out = torch.empty((-(-n // NB), g, NB), dtype=scales.dtype)
+    out[: whole // NB].copy_(scales[:, :whole].reshape(g, -1, NB).permute(1, 0, 2))
+    if whole < n:
+        out[-1].zero_()[:, : n - whole] = scales[:, whole:]
+    return out
 
 
 def _kernel_scales(scales: torch.Tensor, fp4: bool) -> tuple[torch.Tensor, float]:

@@ -587,3 +587,63 @@ void e2m1_to_float8(torch::Tensor packed, torch::Tensor out) {
     }
   });
 }
+
+namespace {
+
+// the 16 e2m1 codes (a byte each, bit 3 the sign) of the 8 packed bytes at p: element 2j in the
+// low nibble of byte j, 2j + 1 in the high one
+inline __m128i e2m1_row(const uint8_t* p) {
+  const __m128i v = _mm_loadl_epi64((const __m128i*)p), nib = _mm_set1_epi8(0x0F);
+  return _mm_unpacklo_epi8(_mm_and_si128(v, nib), _mm_and_si128(_mm_srli_epi16(v, 4), nib));
+}
+
+// fp4 block b of the layout from rows 16b .. 16b + 15 of the packed codes p [N][K / 2] (rows
+// past N: zeros): per 16 rows of K, each output's 8 bytes widened to 16 codes, the 16 x 16
+// tile transposed, then placed as pack_block places them; no code can be off the grid
+void e2m1_block(const uint8_t* p, int64_t N, int64_t K, int64_t b, uint8_t* dst) {
+  const int64_t half = K / 2;
+  alignas(16) uint8_t wide[NB * NB], tile[NB * NB];
+  const uint8_t* row[NB];
+  for (int o = 0; o < NB; ++o) row[o] = wide + NB * o;
+  __m128i c[NB];
+  for (int64_t k = 0; k < K; k += NB) {  // K % 4 == 0
+    const int64_t rows = std::min<int64_t>(NB, K - k);
+    for (int o = 0; o < NB; ++o) {
+      const int64_t r = b * NB + o;
+      if (r >= N) {
+        std::fill(wide + NB * o, wide + NB * o + NB, 0);
+      } else if (rows == NB) {
+        _mm_store_si128((__m128i*)(wide + NB * o), e2m1_row(p + r * half + k / 2));
+      } else {  // the last rows of K: the rest of the tile zeros
+        std::fill(wide + NB * o, wide + NB * o + NB, 0);
+        for (int64_t i = 0; i < rows; ++i) {
+          const uint8_t byte = p[r * half + (k + i) / 2];
+          wide[NB * o + i] = (k + i) % 2 ? byte >> 4 : byte & 0x0F;
+        }
+      }
+    }
+    transpose16(row, 0, tile);
+    for (int64_t i = 0; i < rows; ++i) c[i] = _mm_load_si128((const __m128i*)(tile + NB * i));
+    for (int64_t i = 0; i < rows; i += 4) fp4_step(c + i, dst + (k + i) * (NB / 2));
+  }
+}
+
+}  // namespace
+
+// codes [ceil(N/16), K * 8] = the fp4 layout of NVFP4's packed e2m1 codes [N, K / 2] (two a
+// byte, the low nibble first), in one pass: the bytes float8_pack(e2m1_to_float8(packed), codes,
+// true) gives, without the float8 values between
+void e2m1_pack(torch::Tensor packed, torch::Tensor codes) {
+  TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.is_contiguous() && packed.dim() == 2,
+              "packed: contiguous uint8 [N, K / 2]");
+  const int64_t N = packed.size(0), K = 2 * packed.size(1), blocks = (N + NB - 1) / NB;
+  TORCH_CHECK(codes.dtype() == torch::kUInt8 && codes.is_contiguous() && codes.dim() == 2 &&
+              codes.size(0) == blocks && codes.size(1) == K * 8,
+              "codes: contiguous uint8 [ceil(N/16), K * 8]");
+  TORCH_CHECK(K % 4 == 0, "fp4 steps take K a multiple of 4");
+  const uint8_t* p = packed.data_ptr<uint8_t>();
+  uint8_t* out = codes.data_ptr<uint8_t>();
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) e2m1_block(p, N, K, b, out + b * K * 8);
+  });
+}

@@ -114,10 +114,15 @@ class Float8Layout(LayoutTensors):
     """float8 (e4m3) weights with group, channel or tensor scales; columns in group order.
 
     ``W[o, i] = (value[o, i] - zeros[g(i), o]) * scales[g(i), o]``, rounded to the scale dtype.
+    NVFP4 heads keep their checkpoint's e2m1 codes, two a byte (every e2m1 number is exact in
+    e4m3): the CPU float8 and Triton kernels read those codes as they are, and only a kernel
+    that reads float8 values decodes them (:attr:`values`, :meth:`value_block`).
 
     Attributes:
-        values: float8_e4m3fn ``[N, K]`` (vocab on dim 0, as compressed-tensors stores it),
-            columns in group order.
+        stored: the weights as held: float8_e4m3fn ``[N, K]`` (vocab on dim 0, as
+            compressed-tensors stores it), or NVFP4's e2m1 codes packed two a byte, uint8
+            ``[N, K / 2]`` (column ``2j`` in the low nibble of byte ``j``; bit 3 the sign,
+            bits 0-2 index :data:`E2M1`); columns in group order.
         scales: ``[G, N]`` in the checkpoint's scale dtype.
         zeros: ``[G, N]`` zero points, or None (symmetric: fp8 checkpoints are).
         perm: int64 ``[K]`` or None, as in :class:`KPackedLayout`.
@@ -126,7 +131,7 @@ class Float8Layout(LayoutTensors):
             NVFP4 decompress ends in bfloat16 whatever its scale dtype), or None.
     """
 
-    values: torch.Tensor
+    stored: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor | None
     perm: torch.Tensor | None
@@ -139,11 +144,33 @@ class Float8Layout(LayoutTensors):
 
     @property
     def n(self) -> int:
-        return self.values.shape[0]
+        return self.stored.shape[0]
 
     @property
     def group_size(self) -> int | None:
         return regular_group_size(self.bounds)
+
+    @property
+    def e2m1(self) -> torch.Tensor | None:
+        """The packed e2m1 codes uint8 ``[N, K / 2]`` when the layout holds them, else None."""
+        import torch
+
+        return self.stored if self.stored.dtype == torch.uint8 else None
+
+    @property
+    def values(self) -> torch.Tensor:
+        """The float8_e4m3fn ``[N, K]`` values: ``stored``, or its e2m1 codes decoded (a new
+        tensor each time: kernels that read values in blocks use :meth:`value_block`)."""
+        return self.value_block(0, self.n, 0, self.k)
+
+    def value_block(self, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
+        """float8 values of rows ``r0:r1``, columns ``c0:c1`` (decoded when ``stored`` holds
+        e2m1 codes)."""
+        if self.e2m1 is None:
+            return self.stored[r0:r1, c0:c1]
+        first = c0 // 2
+        values = e2m1_float8(self.stored[r0:r1, first : -(-c1 // 2)])
+        return values[:, c0 - 2 * first : c1 - 2 * first]
 
     @classmethod
     def build(
@@ -170,13 +197,46 @@ class Float8Layout(LayoutTensors):
         monotone = bool((g_idx[1:] >= g_idx[:-1]).all()) if k > 1 else True
         perm = None if monotone else order
         return cls(
-            values=values if perm is None else values[:, perm].contiguous(),
+            stored=values if perm is None else values[:, perm].contiguous(),
             scales=scales.contiguous(),
             zeros=zeros,
             perm=perm,
             bounds=tuple(bounds),
             round_to=round_to,
         )
+
+    @classmethod
+    def from_e2m1(
+        cls, packed: torch.Tensor, scales: torch.Tensor, round_to: torch.dtype | None = None
+    ) -> Float8Layout:
+        """NVFP4's packed e2m1 codes uint8 ``[N, K / 2]`` (see ``stored``) as they are, with
+        ``[G, N]`` scales of ``K / G`` columns each (in order: no permutation, no zeros)."""
+        import torch
+
+        k, groups = 2 * packed.shape[1], scales.shape[0]
+        g_idx = torch.arange(k, device=packed.device) // -(-k // groups)
+        bounds = group_order(g_idx, groups, "g_idx", "scales")[1]  # in order: never permuted
+        return cls(packed, scales.contiguous(), None, None, tuple(bounds), round_to)
+
+
+# The e4m3 byte of every e2m1 code (bit 3 the sign; -0 keeps it): what NVFP4 values are.
+E2M1_BYTES = (0x00, 0x30, 0x38, 0x3C, 0x40, 0x44, 0x48, 0x4C,
+              0x80, 0xB0, 0xB8, 0xBC, 0xC0, 0xC4, 0xC8, 0xCC)  # fmt: skip
+E2M1_ROWS = 1024  # rows decoded per step: bounds the int64 indices to 16 x K bytes a row
+
+
+def e2m1_float8(packed: torch.Tensor) -> torch.Tensor:
+    """Packed e2m1 codes uint8 ``[R, C]`` (low nibble first) as float8_e4m3fn ``[R, 2C]``."""
+    import torch
+
+    table = torch.tensor(E2M1_BYTES, dtype=torch.uint8, device=packed.device)
+    out = torch.empty((packed.shape[0], 2 * packed.shape[1]), dtype=torch.uint8,
+                      device=packed.device)  # fmt: skip
+    for r in range(0, packed.shape[0], E2M1_ROWS):
+        p = packed[r : r + E2M1_ROWS].long()
+        pair = out[r : r + E2M1_ROWS].view(p.shape[0], -1, 2)
+        pair[..., 0], pair[..., 1] = table[p & 15], table[p >> 4]
+    return out.view(torch.float8_e4m3fn)
 
 
 @functools.cache

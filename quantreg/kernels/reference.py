@@ -119,7 +119,7 @@ def _float8_columns(x: torch.Tensor, layout: Float8Layout, c0: int, c1: int) -> 
     import torch
 
     def rows(start: int, stop: int, group: int) -> torch.Tensor:
-        values = layout.values[c0:c1, start:stop].to(torch.float32)
+        values = layout.value_block(c0, c1, start, stop).to(torch.float32)
         if layout.zeros is not None:
             values = values - layout.zeros[group, c0:c1].to(torch.float32)[:, None]
         weights = dequantize(values, 0, layout.scales[group, c0:c1][:, None]).T

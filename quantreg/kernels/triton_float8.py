@@ -104,11 +104,12 @@ class TritonFloat8Layout(LayoutTensors):
         group = WHOLE if groups == 1 else layout.group_size
         col_groups = None
         if not block_ks(group):
-            bounds = torch.tensor(layout.bounds, device=layout.values.device)
+            bounds = torch.tensor(layout.bounds, device=layout.stored.device)
             cols = torch.arange(k, device=bounds.device)
             col_groups = torch.bucketize(cols, bounds[1:], right=True).to(torch.int32)
-        raw = layout.values.contiguous().view(torch.uint8)
-        packed = pack_e2m1(raw)
+        raw = layout.stored.contiguous().view(torch.uint8)
+        # NVFP4 layouts hold their checkpoint's e2m1 codes, which are this layout's already
+        packed = raw if layout.e2m1 is not None else pack_e2m1(raw)
         return cls(
             values=raw if packed is None else packed,
             value_bits=8 if packed is None else 4,
