@@ -72,6 +72,7 @@ def decode(layer: torch.nn.Module, *, symmetric: bool = False) -> IntWeights:
         scales=layer.scales.data,
         zeros=zeros,
         names=(f"{prefix}.g_idx", f"{prefix}.scales"),
+        n_packed=(qweight.data, AWQ_ORDER),
     )
 
 

@@ -135,6 +135,38 @@ def test_a_checkpoints_k_packed_words_are_taken_as_they_are(bits):
     assert torch.equal(AVX2IntLayout.build(with_words).codes, AVX2IntLayout.build(w).codes)
 
 
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+# id -> (bits, n, k, the checkpoint's words): every source gives the layout its codes give
+WORDS = {
+    "gptq-qweight-odd-n": (8, 37, 64, "k_packed"),
+    "ct-weight-packed-transposed": (4, 50, 96, "k_packed_t"),
+    "ct-int8-transposed-odd-n": (8, 37, 64, "k_packed_t"),
+    "awq-qweight-half-block": (4, 40, 64, "n_packed"),
+    "awq-k-not-a-multiple-of-8": (4, 48, 100, "n_packed"),
+    "awq-two-steps-of-k": (4, 32, 8 * cpu_avx2.UNIT_CHUNK + 8, "n_packed"),
+}
+
+
+@pytest.mark.parametrize(("bits", "n", "k", "source"), list(WORDS.values()), ids=list(WORDS))
+def test_every_checkpoint_word_order_builds_the_layout_of_its_codes(bits, n, k, source):
+    """Loads convert the checkpoint's own words (GPTQ's and compressed-tensors' along K, AWQ's
+    along N, transposed in place) straight into the layout: byte for byte what packing the
+    unpacked codes gives, scales ``s`` and ``s * z`` included."""
+    w = int_weights(bits, n, k, None)
+    codes = w.codes(0, n)
+    words = {"k_packed": lambda: pack_codes(codes, bits, dim=0),
+             "k_packed_t": lambda: pack_codes(codes.T.contiguous(), bits, dim=1).T,
+             "n_packed": lambda: (pack_codes(codes, bits, dim=1, order=AWQ_ORDER), AWQ_ORDER)}  # fmt: skip
+    fast = IntWeights.create(bits=bits, k=k, codes=w.codes, scales=w.scales, zeros=w.zeros,
+                             **{source.removesuffix("_t"): words[source]()})  # fmt: skip
+    assert (fast.k_packed is None) == (source == "n_packed") != (fast.n_packed is None)
+    want, got = AVX2IntLayout.build(w), AVX2IntLayout.build(fast)
+    assert torch.equal(got.codes, want.codes)
+    s = w.scales.float()
+    sz = torch.nn.functional.pad(torch.stack([s, s * w.zeros.float()], 1), (0, -n % 16))
+    assert torch.equal(got.scales, sz.reshape(w.groups, 2, -1, 16).permute(2, 0, 1, 3))
+
+
 @pytest.mark.parametrize(("bits", "k", "units"), [(4, 45, 6), (4, 256, 32), (8, 3, 1), (8, 130, 33)])  # fmt: skip
 def test_the_layout_holds_the_codes_and_nothing_more(bits, k, units):
     w = int_weights(bits, 50, k, None)

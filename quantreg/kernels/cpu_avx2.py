@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from quantreg.kernels import cpu_build
 from quantreg.kernels.layouts import LayoutTensors
-from quantreg.kernels.packing import pack_codes, pack_factor
+from quantreg.kernels.packing import pack_codes, pack_factor, transpose_nibbles
 from quantreg.kernels.weights import IntWeights
 from quantreg.platform import probe_cpu_isa
 
@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 NB = 16  # outputs per block: two AVX2 registers of float32
 FLAGS = cpu_build.FLOAT8_FLAGS  # avx2, fma, f16c: what its build is compiled for
 CODE_CHUNK = 1024  # output columns converted per step (a multiple of 16)
+UNIT_CHUNK = 32  # words of K (8 rows each) transposed per step from N-packed int4 words
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {}
@@ -80,15 +81,23 @@ def warmup() -> Warmup:
 
 
 def interleave(words: torch.Tensor, out: torch.Tensor) -> None:
-    """Words ``[units, n]`` (n zero-padded to a multiple of 16) into ``out [n/16, units, 16]``,
-    copied as int64 pairs (one pass; half the elements of an int32 copy)."""
+    """Words ``[units, n]`` into ``out [ceil(n/16), units, 16]`` (the last block zero-padded),
+    in one pass: contiguous words (GPTQ's ``qweight``) are copied as int64 pairs (half the
+    elements of an int32 copy); transposed ones (compressed-tensors' ``weight_packed [n,
+    units]``, seen as ``[units, n]``) are read in place, never copied contiguous first."""
     import torch
 
     units, n = words.shape
-    if n % NB:
-        words = torch.nn.functional.pad(words, (0, -n % NB))
-    src = words.contiguous().view(torch.int64).reshape(units, -1, NB // 2).permute(1, 0, 2)
-    out.view(torch.int64).copy_(src)
+    whole = n // NB
+    if words.is_contiguous() and n % 2 == 0:
+        src = words[:, : whole * NB].view(torch.int64).reshape(units, whole, NB // 2)
+        out[:whole].view(torch.int64).copy_(src.permute(1, 0, 2))
+    elif words.is_contiguous():
+        out[:whole].copy_(words[:, : whole * NB].reshape(units, whole, NB).permute(1, 0, 2))
+    else:
+        out[:whole].copy_(words.T[: whole * NB].reshape(whole, NB, units).transpose(1, 2))
+    if whole * NB < n:
+        out[whole].zero_()[:, : n - whole * NB] = words[:, whole * NB :]
 
 
 @dataclass(frozen=True, eq=False)
@@ -127,8 +136,9 @@ class AVX2IntLayout(LayoutTensors):
 
     @classmethod
     def build(cls, weights: IntWeights) -> AVX2IntLayout:
-        """Straight from the checkpoint: its K-packed words as they are when it has them,
-        else its codes packed ``CODE_CHUNK`` columns at a time; every step vectorized."""
+        """Straight from the checkpoint: its K-packed words as they are when it has them, its
+        N-packed int4 words (AWQ) transposed in place, else its codes packed ``CODE_CHUNK``
+        columns at a time; every step vectorized."""
         import torch
 
         n, k, bits = weights.n, weights.k, weights.bits
@@ -139,19 +149,18 @@ class AVX2IntLayout(LayoutTensors):
         packed = weights.k_packed
         if packed is not None and weights.perm is None and tuple(packed.shape) == (units, n):
             interleave(packed.to(torch.int32), codes)
+        elif weights.n_packed is not None and weights.perm is None:
+            _from_n_packed(weights.n_packed, weights.n_order or tuple(range(8)), codes)
         else:
             for c0 in range(0, n, CODE_CHUNK):
                 c1 = min(c0 + CODE_CHUNK, n)
                 words = pack_codes(weights.sorted_codes(c0, c1), bits, dim=0)
                 interleave(words, codes[c0 // NB : -(-c1 // NB)])
-        scales = weights.scales.to(torch.float32)
-        sz = torch.stack([scales, scales * weights.zeros.to(torch.float32)], dim=1)  # [G, 2, N]
-        sz = torch.nn.functional.pad(sz, (0, -n % NB)).reshape(weights.groups, 2, blocks, NB)
         group = weights.group_size if weights.groups > 1 else units * p
         assert group is not None  # checked by fits()
         return cls(
             codes=codes,
-            scales=sz.permute(2, 0, 1, 3).contiguous(),
+            scales=_block_scales(weights.scales, weights.zeros),
             perm=weights.perm,
             n=n,
             k=k,
@@ -171,6 +180,51 @@ def int16_row_limit(dtype: torch.dtype) -> float:
     import torch
 
     return {torch.bfloat16: 256.0, torch.float16: 32.0}.get(dtype, 0.0)
+
+
+def _from_n_packed(words: torch.Tensor, order: tuple[int, ...], out: torch.Tensor) -> None:
+    """int4 codes packed along N (int32 ``[K, N / 8]``, see ``IntWeights.n_packed``) into
+    ``out [ceil(N/16), ceil(K/8), 16]``, ``UNIT_CHUNK`` words of K at a time: rows and words
+    zero-padded in a small buffer, its nibbles transposed in place, placed by one copy. The
+    buffers are reused: fresh ones each step would stay in this process's heap."""
+    import torch
+
+    blocks, units, _ = out.shape
+    inverse = torch.tensor([order.index(slot) for slot in range(8)])  # slot of each output
+    dst = out.view(blocks, units, 2, 8)
+    step = min(UNIT_CHUNK, units)
+    buffer = torch.zeros((step, 8, 2 * blocks), dtype=torch.int32)
+    slots, scratch = torch.empty_like(buffer), torch.empty((step, 4, 2 * blocks), dtype=torch.int32)
+    for u0 in range(0, units, step):
+        u1 = min(u0 + step, units)
+        rows = words[8 * u0 : 8 * u1]
+        chunk = buffer[: u1 - u0]
+        if rows.shape != chunk.view(-1, 2 * blocks).shape:  # padding: K or N / 8 is short
+            chunk.zero_()
+        chunk.view(-1, 2 * blocks)[: rows.shape[0], : rows.shape[1]] = rows
+        transpose_nibbles(chunk, scratch)
+        torch.index_select(chunk, 1, inverse, out=slots[: u1 - u0])  # [u, output, word]
+        view = slots[: u1 - u0].view(u1 - u0, 8, blocks, 2)
+        dst[:, u0:u1].copy_(view.permute(2, 0, 3, 1))
+
+
+def _block_scales(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """float32 ``[ceil(N/16), G, 2, 16]``: ``s`` and ``s * z`` of ``[G, N]`` scales and zero
+    points, written in place into the blocks (no ``[G, 2, N]`` stack, no padded copy)."""
+    import torch
+
+    g, n = scales.shape
+    whole = n // NB
+    out = torch.empty((-(-n // NB), g, 2, NB), dtype=torch.float32)
+    if whole < out.shape[0]:
+        out[whole].zero_()
+    for i, source in enumerate((scales, zeros)):
+        dst = out[:whole, :, i].permute(1, 0, 2)  # [G, whole, 16]
+        dst.copy_(source[:, : whole * NB].reshape(g, whole, NB))
+        if whole * NB < n:
+            out[whole, :, i, : n - whole * NB] = source[:, whole * NB :]
+    out[..., 1, :].mul_(out[..., 0, :])  # s * z in float32, as the stack computed it
+    return out
 
 
 def avx2_int_matmul(x: torch.Tensor, layout: AVX2IntLayout) -> torch.Tensor:

@@ -5,7 +5,8 @@ of a word at bits ``k*bits`` (little-endian inside the word), optionally interle
 ``order``, slot ``k`` of a word holds element ``order[k]`` of its group (AWQ's GEMM layout
 interleaves ``0 2 4 6 1 3 5 7``). GPTQ packs along the input dim, AWQ and compressed-tensors
 zero points along the output dim, compressed-tensors weights along the input dim, and the
-``KPackedLayout`` along the input dim -- all with these two functions.
+``KPackedLayout`` along the input dim -- all with these two functions. ``transpose_nibbles``
+turns 4-bit words packed along one dim into words along the other without unpacking them.
 """
 
 from __future__ import annotations
@@ -113,3 +114,31 @@ def unpack_codes(
     if count is not None:
         out = out.narrow(axis, 0, count)
     return out
+
+
+# (nibbles swapped, mask) of the three stages of an 8 x 8 transpose of 4-bit codes
+NIBBLE_STAGES = ((4, 0x0000FFFF), (2, 0x00FF00FF), (1, 0x0F0F0F0F))
+
+
+def transpose_nibbles(words: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """4-bit codes packed along N into words along K, in place and without unpacking: int32
+    ``[U, 8, J]`` (word ``j`` of row ``8u + r`` holds 8 outputs' codes, slot ``s`` at bits
+    ``4s``) becomes ``[u, s, j]``: the codes of rows ``8u .. 8u + 7`` (row ``8u + r`` at bits
+    ``4r``) of the output in slot ``s`` of word ``j``. Three stages of masked swaps, each an
+    XOR of whole slices: the 8 x 8 nibble matrix of every ``(u, j)`` transposed as a
+    bit-matrix transpose does, 16, then 8, then 4 bits at a time. ``scratch``: int32 of
+    ``[U, 4, J]`` elements or more, reused (None: allocated)."""
+    import torch
+
+    u, _, j = words.shape
+    if scratch is None:
+        scratch = torch.empty((u, 4, j), dtype=torch.int32)
+    for d, mask in NIBBLE_STAGES:
+        pairs = words.view(u, 4 // d, 2, d, j)
+        low, high = pairs[:, :, 0], pairs[:, :, 1]  # rows r and r + d of each pair of blocks
+        swap = scratch.view(-1)[: low.numel()].view(low.shape)
+        torch.bitwise_right_shift(low, 4 * d, out=swap)
+        swap.bitwise_xor_(high).bitwise_and_(mask)
+        high.bitwise_xor_(swap)
+        low.bitwise_xor_(swap.bitwise_left_shift_(4 * d))
+    return words

@@ -42,6 +42,10 @@ class IntWeights:
             (int32 ``[ceil(K / pf), N]``, code ``j`` of a word at bits ``j * bits``, rows in
             checkpoint order) -- GPTQ's ``qweight``, compressed-tensors' ``weight_packed``
             transposed -- or None; with rows already in group order it is used as it is.
+        n_packed: 4-bit codes packed along N as AWQ's GEMM ``qweight`` holds them (int32
+            ``[K, N / 8]``, slot ``s`` of word ``j`` the code of output ``8j + n_order[s]``),
+            or None: layouts that pack along K transpose them in place, never unpacking.
+        n_order: the output of every slot of ``n_packed`` words (AWQ: ``0 2 4 6 1 3 5 7``).
     """
 
     bits: int
@@ -53,6 +57,8 @@ class IntWeights:
     perm: torch.Tensor | None
     bounds: tuple[int, ...]
     k_packed: torch.Tensor | None = None
+    n_packed: torch.Tensor | None = None
+    n_order: tuple[int, ...] | None = None
 
     @classmethod
     def create(
@@ -66,10 +72,12 @@ class IntWeights:
         g_idx: torch.Tensor | None = None,
         names: tuple[str, str] = ("g_idx", "scales"),
         k_packed: torch.Tensor | None = None,
+        n_packed: tuple[torch.Tensor, tuple[int, ...]] | None = None,
     ) -> IntWeights:
         """Describe a weight; ``g_idx`` names the group of every row (None: rows in order,
         ``ceil(K / G)`` per group). ``names`` are the checkpoint names of ``g_idx`` and the
-        scales, used in errors. ``k_packed``: see the class doc.
+        scales, used in errors. ``k_packed``: see the class doc; ``n_packed``: the class's
+        ``n_packed`` and ``n_order``, taken when 4-bit and ``[K, N / 8]``.
 
         Raises:
             InputError: unsupported bits, or scales and zeros of different shapes.
@@ -106,6 +114,7 @@ class IntWeights:
             perm=None if monotone else order,
             bounds=tuple(bounds),
             k_packed=k_packed,
+            **_n_packed(n_packed, bits, k, scales.shape[1]),
         )
 
     @property
@@ -123,6 +132,19 @@ class IntWeights:
         """``codes(c0, c1)`` with the rows in group order: int32 ``[K, c1 - c0]``."""
         block = self.codes(c0, c1)
         return block if self.perm is None else block[self.perm]
+
+
+def _n_packed(
+    given: tuple[torch.Tensor, tuple[int, ...]] | None, bits: int, k: int, n: int
+) -> dict[str, object]:
+    """``n_packed`` and ``n_order`` when ``given`` fits a ``[K, N]`` 4-bit weight, else none
+    (layouts then pack from ``codes``)."""
+    if given is None or bits != 4 or n % 8 or tuple(given[0].shape) != (k, n // 8):
+        return {}
+    if sorted(given[1]) != list(range(8)):
+        raise InputError(f"n_packed order {list(given[1])} is not a permutation of 0..7",
+                         field="n_packed")  # fmt: skip
+    return {"n_packed": given[0], "n_order": tuple(given[1])}
 
 
 def regular_group_size(bounds: tuple[int, ...] | list[int]) -> int | None:
