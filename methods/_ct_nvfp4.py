@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from quantreg import CheckpointError, ConfigError, InputError, frozen_param, layer_geometry
-from quantreg.kernels import Float8Layout
+from quantreg.kernels import Float8Layout, ScaleFactor
 from quantreg.methods import _e2m1 as e2m1
 from quantreg.methods._checks import check_finite, check_float8_codes
 
@@ -71,9 +71,8 @@ def decode(layer: torch.nn.Module) -> Float8Layout:
             "float32 (compressed-tensors divides the group scales by it)",
             tensor=f"{prefix}.weight_global_scale",
         )
-    effective = e2m1.group_scales(layer.weight_scale.data).div_(global_scale)  # [G, N]
-    low, high = torch.aminmax(effective) if effective.numel() else (torch.zeros(()),) * 2
-    peak = 6 * max(-float(low), float(high))  # NaN stays NaN
+    factor = ScaleFactor(global_scale, divide=True)
+    peak = 6 * factor.peak(layer.weight_scale.data.T) if layer.weight_scale.numel() else 0.0
     if not peak <= torch.finfo(torch.bfloat16).max:  # NaN too
         raise CheckpointError(
             f"{prefix}.weight_scale / {prefix}.weight_global_scale ({global_scale:.6g}) makes "
@@ -82,7 +81,7 @@ def decode(layer: torch.nn.Module) -> Float8Layout:
             "finite in it",
             tensor=f"{prefix}.weight_global_scale",
         )
-    return e2m1.layout(layer.weight_packed.data, effective, torch.bfloat16)
+    return e2m1.layout(layer.weight_packed.data, layer.weight_scale.data, factor, torch.bfloat16)
 
 
 def quantize(

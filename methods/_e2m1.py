@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from quantreg.kernels import CPUFloat8Layout, Float8Layout
+from quantreg.kernels import CPUFloat8Layout, Float8Layout, ScaleFactor
 
 GROUP = 16  # columns per float8 group scale in both producers' NVFP4
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -83,16 +83,11 @@ def group_amax(weight: torch.Tensor) -> torch.Tensor:
     return weight.to(torch.float32).abs().reshape(n, k // GROUP, GROUP).amax(-1)
 
 
-def group_scales(scales: torch.Tensor) -> torch.Tensor:
-    """The float8 ``[N, K / 16]`` group scales as float32 ``[K / 16, N]`` (the layouts' ``[G,
-    N]``), converted in one transposing copy; the caller makes them effective in place."""
-    return torch.empty(scales.shape[::-1], dtype=torch.float32).copy_(scales.T)
-
-
 def layout(
-    packed: torch.Tensor, effective: torch.Tensor, round_to: torch.dtype | None
+    packed: torch.Tensor, scales: torch.Tensor, factor: ScaleFactor, round_to: torch.dtype | None
 ) -> Float8Layout:
-    """The packed codes as they are with float32 ``effective`` scales ``[K / 16, N]`` per
-    group; ``round_to``: the dtype the producer's dequantization ends in (None: float32).
-    Kernels that read float8 values decode the codes themselves (``Float8Layout.values``)."""
-    return Float8Layout.from_e2m1(packed, effective, round_to=round_to)
+    """The checkpoint's packed codes and float8 group scales ``[N, K / 16]``, both as they are,
+    with the global scale ``factor`` that makes the scales effective (float32, per group);
+    ``round_to``: the dtype the producer's dequantization ends in (None: float32). Kernels
+    that read float8 values or float32 scales make them themselves, from these."""
+    return Float8Layout.from_e2m1(packed, scales.T, round_to=round_to, factor=factor)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from quantreg import CheckpointError, ConfigError, InputError, frozen_param, layer_geometry
-from quantreg.kernels import Float8Layout
+from quantreg.kernels import Float8Layout, ScaleFactor
 from quantreg.methods import _e2m1 as e2m1
 from quantreg.methods._checks import check_finite, check_float8_codes, check_scales
 
@@ -98,9 +98,10 @@ def decode(layer: torch.nn.Module, algo: str) -> Float8Layout:
     if algo in (NVFP4, W4A16_NVFP4):
         check_float8_codes(layer, "weight_scale")
         double = _positive(layer, "weight_scale_2")
-        effective = e2m1.group_scales(layer.weight_scale.data).mul_(double)  # [G, N]
-        check_scales(layer, "weight_scale_2", effective, None, (-e2m1.E2M1_MAX, e2m1.E2M1_MAX))
-        return e2m1.layout(layer.weight.data, effective, None)
+        built = e2m1.layout(layer.weight.data, layer.weight_scale.data, ScaleFactor(double), None)
+        # the effective [G, N] scales exist only while they are checked, before any layout
+        check_scales(layer, "weight_scale_2", built.scales, None, (-e2m1.E2M1_MAX, e2m1.E2M1_MAX))
+        return built
     check_float8_codes(layer, "weight")
     if algo == FP8_PCPT:
         scales = layer.weight_scale.data.reshape(1, n)

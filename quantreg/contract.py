@@ -402,7 +402,7 @@ def select_kernel(
     if dtype is None:
         raise InputError("select_kernel() needs a layer or a dtype", field="dtype")
     kernel = select(
-        weights, dtype=dtype, device=weights.scales.device, allowed=allowed,
+        weights, dtype=dtype, device=weights.device, allowed=allowed,
         requested=requested, what=what, activation_dtype=activation_dtype,
     )  # fmt: skip
     if layer is not None:

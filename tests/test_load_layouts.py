@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from quantreg import InputError, IntWeights
-from quantreg.kernels import Float8Layout, cpu_float8, torch_ops
+from quantreg.kernels import Float8Layout, ScaleFactor, cpu_float8, torch_ops
 from quantreg.kernels.cpu_float8 import CPUFloat8Layout
 from quantreg.kernels.packing import pack_codes, unpack_codes
 from quantreg.methods import _e2m1
@@ -202,23 +202,32 @@ NVFP4 = {
 }
 
 
-def nvfp4_layouts(n: int, half: int) -> tuple[Float8Layout, Float8Layout]:
-    """The same random NVFP4 head as the float8 values it used to be decoded to, and as its
-    packed e2m1 codes, which the loaders now keep."""
+def nvfp4_layouts(n: int, half: int, divide: bool = True) -> tuple[Float8Layout, Float8Layout]:
+    """The same random NVFP4 head as it used to be decoded (float8 values, float32 effective
+    scales ``[G, N]``) and as the loaders now keep it: its packed e2m1 codes, its float8 group
+    scales ``[N, G]`` (seen transposed) and the global scale (compressed-tensors divides by
+    it, ModelOpt multiplies)."""
     gen = torch.Generator().manual_seed(n)
     packed = torch.randint(0, 256, (n, half), generator=gen, dtype=torch.uint8)
-    scales = torch.rand(-(-2 * half // 16), n, generator=gen) + 0.1
+    codes = (torch.rand(n, -(-2 * half // 16), generator=gen) * 400 - 200).to(torch.float8_e4m3fn)
+    factor = ScaleFactor(-3.7e4 if divide else 2.5e-5, divide)
+    wide = codes.to(torch.float32)
+    effective = (wide / factor.value if divide else wide * factor.value).T.contiguous()
     values = _e2m1.unpack(packed).to(torch.float8_e4m3fn)
-    return Float8Layout.build(values, scales), Float8Layout.from_e2m1(packed, scales)
+    return Float8Layout.build(values, effective), Float8Layout.from_e2m1(
+        packed, codes.T, None, factor
+    )
 
 
+@pytest.mark.parametrize("divide", [True, False], ids=["ct-divides", "modelopt-multiplies"])
 @pytest.mark.parametrize(("n", "half"), list(NVFP4.values()), ids=list(NVFP4))
-def test_nvfp4_codes_pack_into_the_cpu_layout_their_float8_values_made(n, half):
-    """Straight from the checkpoint's codes (no float8 values between), the CPU float8 layout
-    is byte for byte the one its float8 values gave: codes, scale codes, multiplier."""
+def test_nvfp4_codes_pack_into_the_cpu_layout_their_float8_values_made(n, half, divide):
+    """Straight from the checkpoint's codes and scale codes (no float8 values, no float32
+    scales between), the CPU float8 layout is byte for byte the one the float8 values and
+    effective scales gave: codes, scale codes, multiplier."""
     if cpu_float8.extension() is None:
         pytest.skip(f"cpu-avx2-float8 unavailable: {cpu_float8.unavailable_reason()}")
-    from_values, from_codes = nvfp4_layouts(n, half)
+    from_values, from_codes = nvfp4_layouts(n, half, divide)
     assert from_codes.bounds == from_values.bounds and from_codes.perm is None
     want, got = CPUFloat8Layout.build(from_values), CPUFloat8Layout.build(from_codes)
     assert got.fp4 and (got.scale_mult, got.group_size) == (want.scale_mult, want.group_size)
@@ -228,11 +237,17 @@ def test_nvfp4_codes_pack_into_the_cpu_layout_their_float8_values_made(n, half):
 
 @pytest.mark.parametrize(("n", "half"), list(NVFP4.values()), ids=list(NVFP4))
 def test_nvfp4_codes_decode_to_their_float8_values_whole_and_in_blocks(n, half):
-    """What the reference kernel reads: every block (odd edges too) and the whole."""
+    """What the reference kernel reads: every block (odd edges too) and the whole, values and
+    effective scales alike, and the largest scale the checks find on the scale codes."""
     from_values, from_codes = nvfp4_layouts(n, half)
     assert from_codes.e2m1 is not None and from_values.e2m1 is None
     assert torch.equal(from_codes.values.view(torch.uint8), from_values.values.view(torch.uint8))
+    assert torch.equal(from_codes.scales, from_values.scales) and from_codes.scales.is_contiguous()
     k = 2 * half
     for r0, r1, c0, c1 in [(0, n, 0, k), (3, n - 1, 1, k - 3), (1, 2, 16, 33)]:
         got = from_codes.value_block(r0, r1, c0, c1).view(torch.uint8)
         assert torch.equal(got, from_values.value_block(r0, r1, c0, c1).view(torch.uint8))
+        g0, g1 = c0 // 16, -(-c1 // 16)
+        assert torch.equal(from_codes.scale_block(g0, g1, r0, r1), from_values.scale_block(g0, g1, r0, r1))  # fmt: skip
+    peak = from_codes.scale_factor.peak(from_codes.group_scales, chunk=64)
+    assert peak == float(from_values.scales.abs().max())

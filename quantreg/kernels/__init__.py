@@ -22,7 +22,7 @@ import typing
 if typing.TYPE_CHECKING:
     from quantreg.kernels.cpu import CPUBlockedLayout, CPUPath
     from quantreg.kernels.cpu_float8 import CPUFloat8Layout
-    from quantreg.kernels.layouts import Float8Layout, KPackedLayout
+    from quantreg.kernels.layouts import Float8Layout, KPackedLayout, ScaleFactor
     from quantreg.kernels.packing import pack_codes, unpack_codes
     from quantreg.kernels.reference import dequantize
     from quantreg.kernels.selection import (
@@ -48,6 +48,7 @@ _NAMES = {
     "KPackedLayout": "layouts",
     "Kernel": "selection",
     "KernelChoice": "selection",
+    "ScaleFactor": "layouts",
     "TorchInt4Layout": "torch_ops",
     "TorchInt8Layout": "torch_ops",
     "check_activation_dtype": "selection",
@@ -83,6 +84,7 @@ __all__ = [
     "KPackedLayout",
     "Kernel",
     "KernelChoice",
+    "ScaleFactor",
     "TorchInt4Layout",
     "TorchInt8Layout",
     "check_activation_dtype",

@@ -49,7 +49,7 @@ def decline_triton_float8(t: Target) -> str | None:
         return "runs float8 / fp4 (Float8Layout) weights only"
     if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"takes float16, bfloat16 or float32 activations, not {t.dtype}"
-    for what, dtype in (("scales", t.weights.scales.dtype), ("round_to", t.weights.round_to)):
+    for what, dtype in (("scales", t.weights.scale_dtype), ("round_to", t.weights.round_to)):
         if dtype not in (None, torch.float16, torch.bfloat16, torch.float32):
             return f"rounds to float16, bfloat16 or float32; the {what} are {dtype}"
     return triton_device(t, "triton-float8")

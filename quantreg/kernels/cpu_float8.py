@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -59,7 +60,7 @@ FP4_STEP = 4  # rows of a block in one 32-byte fp4 step
 FP4_STEP_INDEX = tuple(
     (b % 16) // 8 * 16 + (b % 2) * 8 + 4 * (b // 16) + (b % 8) // 2 for b in range(32)
 )
-SCALE_CHUNK = 1 << 18  # scales checked per step: bounds the float32 temporaries to 1 MiB
+SCALE_CHUNK = 1 << 16  # scales checked per step: bounds the float32 temporaries to 1 MiB
 SCALE_TOLERANCE = 2.0**-20  # relative: e4m3 scale codes times the multiplier vs the scales
 # e4m3 mantissas for the largest scale (1.75: the 448 NVFP4 producers scale to), tried in turn
 SCALE_MANTISSAS = (1.75, 1.0, 1.125, 1.25, 1.375, 1.5, 1.625, 1.875)
@@ -168,8 +169,9 @@ def _block_codes(values: torch.Tensor, fp4: bool) -> torch.Tensor | None:
 
 
 def scale_codes(scales: torch.Tensor) -> tuple[torch.Tensor, float] | None:
-    """``scales`` as e4m3 codes (uint8, same shape) and one multiplier such that code value x
-    multiplier is every scale within :data:`SCALE_TOLERANCE`, or None when there is none.
+    """``scales`` ``[G, N]`` as e4m3 codes (uint8, same shape) and one multiplier such that
+    code value x multiplier is every scale within :data:`SCALE_TOLERANCE`, or None when there
+    is none.
 
     NVFP4 producers store e4m3 group scales and one global scale, and divide; loaders hand
     the kernels the quotient. Its largest scale is an e4m3 value times the multiplier: this
@@ -178,24 +180,53 @@ def scale_codes(scales: torch.Tensor) -> tuple[torch.Tensor, float] | None:
     """
     import torch
 
-    low, high = torch.aminmax(scales) if scales.numel() else (scales.new_zeros(()),) * 2
-    peak = max(-float(low), float(high))
-    if peak == 0.0 or not math.isfinite(peak):
+    return _scale_codes(
+        tuple(scales.shape), lambda g0, g1, c0, c1: scales[g0:g1, c0:c1].to(torch.float32)
+    )
+
+
+def _scale_codes(
+    shape: tuple[int, ...],
+    block: Callable[[int, int, int, int], torch.Tensor],
+    out: torch.Tensor | None = None,
+    peak: float | None = None,
+) -> tuple[torch.Tensor, float] | None:
+    """:func:`scale_codes` of the float32 ``[G, N]`` scales whose groups ``g0:g1`` and
+    outputs ``c0:c1`` ``block(g0, g1, c0, c1)`` makes: never all at once (``SCALE_CHUNK``
+    values a step);
+    with ``out`` (uint8 ``[ceil(N/16), G, 16]``) the codes are written there, blocked.
+    ``peak``: their largest magnitude when the caller knows it (None: found first)."""
+    import torch
+
+    g, n = shape
+    step = max(NB, SCALE_CHUNK // max(1, g) // NB * NB)
+    if not (g and n):
         return None
-    flat = scales.to(torch.float32).flatten()
+    for c0 in range(0, n if peak is None else 0, step):
+        low, high = torch.aminmax(block(0, g, c0, c0 + step))
+        top = max(-float(low), float(high))
+        if not math.isfinite(top):
+            return None
+        peak = max(peak or 0.0, top)
+    if not peak or not math.isfinite(peak):
+        return None
+    sample = block(0, -(-4096 // n), 0, min(n, 4096)).flatten()[:4096]  # the first 4096
     for mantissa in SCALE_MANTISSAS:
         top = mantissa * (256 if mantissa <= 1.75 else 128)  # <= 448, e4m3's largest
         mult = float(torch.tensor(peak / top, dtype=torch.float32))
-        if _fitting_codes(flat[:4096], mult) is None:
+        if _fitting_codes(sample, mult) is None:
             continue
-        codes = torch.empty(flat.shape, dtype=torch.uint8)
-        for c0 in range(0, flat.numel(), SCALE_CHUNK):
-            chunk = _fitting_codes(flat[c0 : c0 + SCALE_CHUNK], mult)
+        codes = torch.empty((g, n), dtype=torch.uint8) if out is None else out
+        for c0 in range(0, n, step):
+            chunk = _fitting_codes(block(0, g, c0, c0 + step), mult)
             if chunk is None:
                 break
-            codes[c0 : c0 + SCALE_CHUNK] = chunk.view(torch.uint8)
+            if out is None:
+                codes[:, c0 : c0 + step] = chunk.view(torch.uint8)
+            else:
+                _blocked(chunk.view(torch.uint8), out[c0 // NB : -(-(c0 + step) // NB)])
         else:
-            return codes.reshape(scales.shape), mult
+            return codes, mult
     return None
 
 
@@ -273,11 +304,11 @@ class CPUFloat8Layout(LayoutTensors):
             codes, fp4 = _pack_e2m1(packed), True  # NVFP4: its codes, never float8 values
         else:
             codes, fp4 = _pack(weights.values, try_fp4)
-        scales, mult = _kernel_scales(weights.scales, fp4)
-        n = scales.shape[1]
+        scales, mult = _kernel_scales(weights, fp4)
+        n = weights.n
         return cls(
             codes=codes,
-            scales=_blocked(scales),
+            scales=scales,
             perm=weights.perm,
             n=n,
             k=weights.k,
@@ -297,30 +328,38 @@ def _pack_e2m1(packed: torch.Tensor) -> torch.Tensor:
     return codes
 
 
-def _blocked(scales: torch.Tensor) -> torch.Tensor:
-    """``[G, N]`` scales as ``[ceil(N/16), G, 16]`` (the last block zero-padded), in one copy."""
+def _blocked(scales: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``[G, N]`` scales as ``[ceil(N/16), G, 16]`` (the last block zero-padded), in one copy
+    (into ``out`` when given)."""
     import torch
 
     g, n = scales.shape
     whole = n // NB * NB
-    out = torch.empty((-(-n // NB), g, NB), dtype=scales.dtype)
+    if out is None:
+        out = torch.empty((-(-n // NB), g, NB), dtype=scales.dtype)
     out[: whole // NB].copy_(scales[:, :whole].reshape(g, -1, NB).permute(1, 0, 2))
     if whole < n:
         out[-1].zero_()[:, : n - whole] = scales[:, whole:]
     return out
 
 
-def _kernel_scales(scales: torch.Tensor, fp4: bool) -> tuple[torch.Tensor, float]:
-    """The ``[G, N]`` scales as the kernel reads them, and the multiplier of every sum."""
+def _kernel_scales(weights: Float8Layout, fp4: bool) -> tuple[torch.Tensor, float]:
+    """The scales as the kernel reads them (``[ceil(N/16), G, 16]``), and the multiplier of
+    every sum (fp4: made from the layout's scales a block of groups at a time)."""
     import torch
 
-    wide = scales.to(torch.float32)
     if not fp4:
-        return wide * FP8_SHIFT, 1.0
-    coded = scale_codes(wide)
+        return _blocked(weights.scales.to(torch.float32) * FP8_SHIFT), 1.0
+    n, g = weights.n, weights.groups
+    out = torch.empty((-(-n // NB), g, NB), dtype=torch.uint8)
+    factor, codes = weights.scale_factor, weights.group_scales
+    peak = factor.peak(codes) if factor and codes.dtype == torch.float8_e4m3fn else None
+    coded = _scale_codes(
+        (g, n), lambda *box: weights.scale_block(*box).to(torch.float32), out, peak
+    )
     if coded is None:
         logger.debug("fp4 scales are not e4m3 codes times one float32: kept as float32")
-        return wide, 1.0
+        return _blocked(weights.scales.to(torch.float32)), 1.0
     return coded[0], coded[1] * FP8_SHIFT
 
 

@@ -123,20 +123,24 @@ class Float8Layout(LayoutTensors):
             compressed-tensors stores it), or NVFP4's e2m1 codes packed two a byte, uint8
             ``[N, K / 2]`` (column ``2j`` in the low nibble of byte ``j``; bit 3 the sign,
             bits 0-2 index :data:`E2M1`); columns in group order.
-        scales: ``[G, N]`` in the checkpoint's scale dtype.
+        group_scales: ``[G, N]`` in the checkpoint's scale dtype: the scales, or (with
+            ``scale_factor``) NVFP4's float8 group scales as stored (a transposed view of its
+            ``[N, G]`` tensor), which :attr:`scales` makes float32 and applies the factor to.
         zeros: ``[G, N]`` zero points, or None (symmetric: fp8 checkpoints are).
         perm: int64 ``[K]`` or None, as in :class:`KPackedLayout`.
         bounds: the first column of every group, then ``K``.
         round_to: a dtype the dequantized weights are rounded to last (compressed-tensors'
             NVFP4 decompress ends in bfloat16 whatever its scale dtype), or None.
+        scale_factor: NVFP4's global scale, or None (``group_scales`` are the scales).
     """
 
     stored: torch.Tensor
-    scales: torch.Tensor
+    group_scales: torch.Tensor
     zeros: torch.Tensor | None
     perm: torch.Tensor | None
     bounds: tuple[int, ...]
     round_to: torch.dtype | None = None
+    scale_factor: ScaleFactor | None = None
 
     @property
     def k(self) -> int:
@@ -149,6 +153,33 @@ class Float8Layout(LayoutTensors):
     @property
     def group_size(self) -> int | None:
         return regular_group_size(self.bounds)
+
+    @property
+    def groups(self) -> int:
+        return self.group_scales.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.stored.device
+
+    @property
+    def scale_dtype(self) -> torch.dtype:
+        """The dtype of :attr:`scales` (float32 when a factor makes them)."""
+        import torch
+
+        return self.group_scales.dtype if self.scale_factor is None else torch.float32
+
+    @property
+    def scales(self) -> torch.Tensor:
+        """``[G, N]`` scales in :attr:`scale_dtype`: ``group_scales``, or (NVFP4) made from
+        them and the factor (a new float32 tensor each time: kernels that read scales in
+        blocks use :meth:`scale_block`)."""
+        return self.scale_block(0, self.groups, 0, self.n)
+
+    def scale_block(self, g0: int, g1: int, c0: int, c1: int) -> torch.Tensor:
+        """Scales of groups ``g0:g1``, outputs ``c0:c1``."""
+        block = self.group_scales[g0:g1, c0:c1]
+        return block if self.scale_factor is None else self.scale_factor.apply(block)
 
     @property
     def e2m1(self) -> torch.Tensor | None:
@@ -198,7 +229,7 @@ class Float8Layout(LayoutTensors):
         perm = None if monotone else order
         return cls(
             stored=values if perm is None else values[:, perm].contiguous(),
-            scales=scales.contiguous(),
+            group_scales=scales.contiguous(),
             zeros=zeros,
             perm=perm,
             bounds=tuple(bounds),
@@ -207,16 +238,54 @@ class Float8Layout(LayoutTensors):
 
     @classmethod
     def from_e2m1(
-        cls, packed: torch.Tensor, scales: torch.Tensor, round_to: torch.dtype | None = None
+        cls,
+        packed: torch.Tensor,
+        scales: torch.Tensor,
+        round_to: torch.dtype | None = None,
+        factor: ScaleFactor | None = None,
     ) -> Float8Layout:
         """NVFP4's packed e2m1 codes uint8 ``[N, K / 2]`` (see ``stored``) as they are, with
-        ``[G, N]`` scales of ``K / G`` columns each (in order: no permutation, no zeros)."""
+        ``[G, N]`` scales of ``K / G`` columns each (in order: no permutation, no zeros);
+        with ``factor`` they are the float8 group scales, taken as they are too (a view)."""
         import torch
 
         k, groups = 2 * packed.shape[1], scales.shape[0]
         g_idx = torch.arange(k, device=packed.device) // -(-k // groups)
         bounds = group_order(g_idx, groups, "g_idx", "scales")[1]  # in order: never permuted
-        return cls(packed, scales.contiguous(), None, None, tuple(bounds), round_to)
+        if factor is None:
+            scales = scales.contiguous()
+        return cls(packed, scales, None, None, tuple(bounds), round_to, factor)
+
+
+@dataclass(frozen=True)
+class ScaleFactor:
+    """NVFP4's one float32 global scale, applied to every float8 group scale: compressed-
+    tensors divides by it (``divide``), ModelOpt multiplies by it."""
+
+    value: float
+    divide: bool = False
+
+    def apply(self, scales: torch.Tensor) -> torch.Tensor:
+        """``scales`` (any dtype, any strides) as a new float32 tensor, divided or multiplied
+        by the factor in float32 -- the effective scales, as the producers compute them."""
+        import torch
+
+        wide = torch.empty(scales.shape, dtype=torch.float32, device=scales.device)
+        wide.copy_(scales)
+        return wide.div_(self.value) if self.divide else wide.mul_(self.value)
+
+    def peak(self, codes: torch.Tensor, chunk: int = 1 << 16) -> float:
+        """``max |effective scale|`` of float8_e4m3fn ``[G, N]`` group scale codes (NaN codes
+        refused before): the effective scale of their largest magnitude, since rounding the
+        product or quotient is monotone -- found on the bytes, ``chunk`` at a time, without
+        decoding every code (what one float32 conversion of them all would cost)."""
+        import torch
+
+        top, step = 0, max(1, chunk // max(1, codes.shape[0]))
+        for c in range(0, codes.shape[1], step):
+            top = max(top, int((codes[:, c : c + step].view(torch.uint8) & 0x7F).max()))
+        value = torch.tensor([top], dtype=torch.uint8).view(torch.float8_e4m3fn)
+        return abs(float(self.apply(value)))
 
 
 # The e4m3 byte of every e2m1 code (bit 3 the sign; -0 keeps it): what NVFP4 values are.

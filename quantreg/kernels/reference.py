@@ -122,7 +122,7 @@ def _float8_columns(x: torch.Tensor, layout: Float8Layout, c0: int, c1: int) -> 
         values = layout.value_block(c0, c1, start, stop).to(torch.float32)
         if layout.zeros is not None:
             values = values - layout.zeros[group, c0:c1].to(torch.float32)[:, None]
-        weights = dequantize(values, 0, layout.scales[group, c0:c1][:, None]).T
+        weights = dequantize(values, 0, layout.scale_block(group, group + 1, c0, c1).T).T
         return weights if layout.round_to is None else weights.to(layout.round_to)
 
     return blockwise_matmul(x, layout.bounds, rows)

@@ -100,7 +100,7 @@ class TritonFloat8Layout(LayoutTensors):
     def build(cls, layout: Float8Layout) -> TritonFloat8Layout:
         """The float8 bytes (or their e2m1 codes, packed, when every value is one), and the
         group of every column where the kernel needs it."""
-        groups, k = layout.scales.shape[0], layout.k
+        groups, k = layout.groups, layout.k
         group = WHOLE if groups == 1 else layout.group_size
         col_groups = None
         if not block_ks(group):

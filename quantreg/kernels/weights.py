@@ -118,6 +118,11 @@ class IntWeights:
         )
 
     @property
+    def device(self) -> torch.device:
+        """Where the weight is (its scales' device)."""
+        return self.scales.device
+
+    @property
     def groups(self) -> int:
         """Number of groups ``G``."""
         return len(self.bounds) - 1
