@@ -58,7 +58,7 @@ def decode(layer: torch.nn.Module, *, symmetric: bool = False) -> IntWeights:
         CheckpointError: non-finite or overflowing scales.
     """
     qweight = layer.qweight
-    zeros = unpack_codes(layer.qzeros, BITS, order=AWQ_ORDER)
+    zeros = unpack_codes(layer.qzeros, BITS, order=AWQ_ORDER).to(torch.uint8)  # a byte each
     check_scales(layer, "scales", layer.scales.data, zeros, (0, (1 << BITS) - 1))
     if symmetric:
         check_symmetric_zeros(layer, "qzeros", zeros, 1 << (BITS - 1), "zero_point: false")

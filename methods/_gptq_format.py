@@ -92,8 +92,8 @@ def decode(
     g_idx = getattr(layer, "g_idx", None)
     qweight = layer.qweight
     k = g_idx.shape[0] if g_idx is not None else qweight.shape[0] * (32 // bits)
-    zeros = (unpack_codes(layer.qzeros, bits, dim=1) + zero_point_offset) & mask
-    zeros = zeros[:, : layer.scales.shape[1]]
+    zeros = unpack_codes(layer.qzeros, bits, dim=1).add_(zero_point_offset).bitwise_and_(mask)
+    zeros = zeros[:, : layer.scales.shape[1]].to(torch.uint8)  # a byte each: bits <= 8
     check_scales(layer, "scales", layer.scales.data, zeros, (0, mask), signed=signed_scales)
     if sym:
         check_symmetric_zeros(layer, "qzeros", zeros, 1 << (bits - 1), "sym: true")

@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 NB = 16  # outputs per block: two AVX2 registers of float32
 FLAGS = cpu_build.FLOAT8_FLAGS  # avx2, fma, f16c: what its build is compiled for
 CODE_CHUNK = 1024  # output columns converted per step (a multiple of 16)
-UNIT_CHUNK = 32  # words of K (8 rows each) transposed per step from N-packed int4 words
+UNIT_CHUNK = 4  # words of K (8 rows each) transposed per step from N-packed int4 words
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {}
