@@ -143,7 +143,7 @@ WORDS = {
     "ct-int8-transposed-odd-n": (8, 37, 64, "k_packed_t"),
     "awq-qweight-half-block": (4, 40, 64, "n_packed"),
     "awq-k-not-a-multiple-of-8": (4, 48, 100, "n_packed"),
-    "awq-two-steps-of-k": (4, 32, 8 * cpu_avx2.UNIT_CHUNK + 8, "n_packed"),
+    "awq-two-steps-of-k": (4, 32, 8 * (cpu_avx2.SERIAL_ELEMENTS // (8 * 4)) + 8, "n_packed"),
 }
 
 

@@ -41,7 +41,10 @@ logger = logging.getLogger(__name__)
 NB = 16  # outputs per block: two AVX2 registers of float32
 FLAGS = cpu_build.FLOAT8_FLAGS  # avx2, fma, f16c: what its build is compiled for
 CODE_CHUNK = 1024  # output columns converted per step (a multiple of 16)
-UNIT_CHUNK = 4  # words of K (8 rows each) transposed per step from N-packed int4 words
+# Elements per step of the N-packed conversion: under torch's parallel grain (32768), so that its
+# many small ops run on the calling thread; waking a thread team for each costs more than the op,
+# and on a busy machine far more (whole seconds a load).
+SERIAL_ELEMENTS = 32767
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {}
@@ -184,15 +187,15 @@ def int16_row_limit(dtype: torch.dtype) -> float:
 
 def _from_n_packed(words: torch.Tensor, order: tuple[int, ...], out: torch.Tensor) -> None:
     """int4 codes packed along N (int32 ``[K, N / 8]``, see ``IntWeights.n_packed``) into
-    ``out [ceil(N/16), ceil(K/8), 16]``, ``UNIT_CHUNK`` words of K at a time: rows and words
-    zero-padded in a small buffer, its nibbles transposed in place, placed by one copy. The
-    buffers are reused: fresh ones each step would stay in this process's heap."""
+    ``out [ceil(N/16), ceil(K/8), 16]``, a few words of K at a time (``SERIAL_ELEMENTS``):
+    rows and words zero-padded in a small buffer, its nibbles transposed in place, placed by
+    one copy. The buffers are reused: fresh ones each step would stay in this process's heap."""
     import torch
 
     blocks, units, _ = out.shape
     inverse = torch.tensor([order.index(slot) for slot in range(8)])  # slot of each output
     dst = out.view(blocks, units, 2, 8)
-    step = min(UNIT_CHUNK, units)
+    step = max(1, min(units, SERIAL_ELEMENTS // (8 * 2 * blocks)))
     buffer = torch.zeros((step, 8, 2 * blocks), dtype=torch.int32)
     slots, scratch = torch.empty_like(buffer), torch.empty((step, 4, 2 * blocks), dtype=torch.int32)
     for u0 in range(0, units, step):

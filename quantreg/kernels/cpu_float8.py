@@ -60,7 +60,10 @@ FP4_STEP = 4  # rows of a block in one 32-byte fp4 step
 FP4_STEP_INDEX = tuple(
     (b % 16) // 8 * 16 + (b % 2) * 8 + 4 * (b // 16) + (b % 8) // 2 for b in range(32)
 )
-SCALE_CHUNK = 1 << 16  # scales checked per step: bounds the float32 temporaries to 1 MiB
+# Scales made and checked per step: few enough that each step's small ops stay under torch's
+# parallel grain (32768) and run on the calling thread (a thread team woken per op costs more
+# than the op, whole seconds a load on a busy machine), and bound the temporaries to 64 KiB.
+SCALE_CHUNK = 1 << 14
 SCALE_TOLERANCE = 2.0**-20  # relative: e4m3 scale codes times the multiplier vs the scales
 # e4m3 mantissas for the largest scale (1.75: the 448 NVFP4 producers scale to), tried in turn
 SCALE_MANTISSAS = (1.75, 1.0, 1.125, 1.25, 1.375, 1.5, 1.625, 1.875)

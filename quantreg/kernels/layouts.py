@@ -274,7 +274,7 @@ class ScaleFactor:
         wide.copy_(scales)
         return wide.div_(self.value) if self.divide else wide.mul_(self.value)
 
-    def peak(self, codes: torch.Tensor, chunk: int = 1 << 16) -> float:
+    def peak(self, codes: torch.Tensor, chunk: int = 1 << 14) -> float:
         """``max |effective scale|`` of float8_e4m3fn ``[G, N]`` group scale codes (NaN codes
         refused before): the effective scale of their largest magnitude, since rounding the
         product or quotient is monotone -- found on the bytes, ``chunk`` at a time, without
