@@ -196,9 +196,8 @@ def _scale_codes(
 ) -> tuple[torch.Tensor, float] | None:
     """:func:`scale_codes` of the float32 ``[G, N]`` scales whose groups ``g0:g1`` and
     outputs ``c0:c1`` ``block(g0, g1, c0, c1)`` makes: never all at once (``SCALE_CHUNK``
-    values a step);
-    with ``out`` (uint8 ``[ceil(N/16), G, 16]``) the codes are written there, blocked.
-    ``peak``: their largest magnitude when the caller knows it (None: found first)."""
+    values a step). With ``out`` (uint8 ``[ceil(N/16), G, 16]``) the codes are written there,
+    blocked; ``peak``: their largest magnitude when the caller knows it (None: found first)."""
     import torch
 
     g, n = shape

@@ -291,7 +291,7 @@ class ScaleFactor:
 # The e4m3 byte of every e2m1 code (bit 3 the sign; -0 keeps it): what NVFP4 values are.
 E2M1_BYTES = (0x00, 0x30, 0x38, 0x3C, 0x40, 0x44, 0x48, 0x4C,
               0x80, 0xB0, 0xB8, 0xBC, 0xC0, 0xC4, 0xC8, 0xCC)  # fmt: skip
-E2M1_ROWS = 1024  # rows decoded per step: bounds the int64 indices to 16 x K bytes a row
+E2M1_ROWS = 256  # rows decoded per step: bounds the int64 indices to 256 x K / 2 of them
 
 
 def e2m1_float8(packed: torch.Tensor) -> torch.Tensor:
