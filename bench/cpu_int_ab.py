@@ -1,5 +1,7 @@
-"""A/B in one process, interleaved: quantreg's AVX2 int kernel (``cpu-avx2-wna16``) against
-torch's weight-only ops, dense ``F.linear`` (bf16, float32) and a STREAM-like read.
+"""A/B in one process, interleaved: quantreg's AVX2 int kernel (``cpu-avx2-wna16``: bf16 rows in
+int16 fixed point, and its float32 FMA path, which float32 rows take) and its opt-in int8
+activations (``cpu-avx2-a8``) against torch's weight-only ops, dense ``F.linear`` (bf16,
+float32) and a STREAM-like read.
 
 Usage: ``python bench/cpu_int_ab.py [--n 32000] [--k 4096] [--rounds 3]``. Prints, per M, the
 median time of each path (each timed slice starts with untimed warm-up calls: memory left
@@ -36,17 +38,22 @@ def int_weights(n: int, k: int, bits: int, group: int | None, seed: int = 0) -> 
 def paths(n: int, k: int) -> dict[str, tuple[Callable[[torch.Tensor], object], int]]:
     """name -> (call on x, bytes it reads)."""
     bf = torch.bfloat16
+    avx2, a8 = cpu_avx2.avx2_int_matmul, cpu_avx2.avx2_a8_matmul
     w4, w8 = int_weights(n, k, 4, 128), int_weights(n, k, 8, None)
-    a4, a8 = cpu_avx2.AVX2IntLayout.build(w4), cpu_avx2.AVX2IntLayout.build(w8)
+    l4, l8 = cpu_avx2.AVX2IntLayout.build(w4), cpu_avx2.AVX2IntLayout.build(w8)
     t4, t8 = torch_ops.TorchInt4Layout.build(w4, bf), torch_ops.TorchInt8Layout.build(w8, bf)
     dense = torch.randn(n, k) * 0.02
     dense_bf = dense.to(bf)
     buf = torch.full((n * k // 8,), 0x3F800000, dtype=torch.int32)  # 1.0 as a float32
     return {
         "read float32 sum": (lambda x: buf.view(torch.float32).sum(), buf.nbytes),
-        "avx2 int4 g128": (lambda x: cpu_avx2.avx2_int_matmul(x, a4), a4.codes.nbytes),
+        "avx2 int4 g128": (lambda x: avx2(x, l4), l4.codes.nbytes),
+        "avx2 int4 float path": (lambda x: avx2(x.float(), l4), l4.codes.nbytes),
+        "avx2 a8 int4 g128": (lambda x: a8(x, l4), l4.codes.nbytes),
         "torch int4pack": (lambda x: torch_ops.int4_matmul(x, t4), t4.weight.nbytes),
-        "avx2 int8 channel": (lambda x: cpu_avx2.avx2_int_matmul(x, a8), a8.codes.nbytes),
+        "avx2 int8 channel": (lambda x: avx2(x, l8), l8.codes.nbytes),
+        "avx2 int8 float path": (lambda x: avx2(x.float(), l8), l8.codes.nbytes),
+        "avx2 a8 int8 channel": (lambda x: a8(x, l8), l8.codes.nbytes),
         "torch int8pack": (lambda x: torch_ops.int8_matmul(x, t8), t8.weight.nbytes),
         "dense bf16": (lambda x: torch.nn.functional.linear(x, dense_bf), dense_bf.nbytes),
         "dense fp32": (lambda x: torch.nn.functional.linear(x.float(), dense), dense.nbytes),
@@ -87,7 +94,7 @@ def main() -> None:
             if not ms:
                 continue
             med = statistics.median(ms)
-            line = f"M={m:<3} {name:<18} {med:8.2f} ms  {base / med:5.2f}x dense bf16"
+            line = f"M={m:<3} {name:<20} {med:8.2f} ms  {base / med:5.2f}x dense bf16"
             if reads:
                 gbs = ps[name][1] / med / 1e6
                 line += f"  {gbs:5.1f} GB/s = {gbs / max(reads):4.0%} of the read"
