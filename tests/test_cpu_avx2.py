@@ -298,3 +298,20 @@ def test_a_half_row_takes_int16_only_within_the_limit_else_the_float_path(kernel
     want = int16 if (in_bf16 if dtype == BF16 else in_fp16) == "int16" else float_path
     assert torch.equal(got[0], int16[0])
     torch.testing.assert_close(got[1], want[1], rtol=0, atol=0, equal_nan=True)
+
+
+def test_rows_left_to_the_float_path_among_int16_rows_each_get_their_own_result(kernel):
+    """fp16 rows 1, 3 and 4 leave the int16 path (an outlier, an inf): they are computed by
+    the float path together and put back in their places."""
+    w = int_weights(4, 40, 4096, 128)
+    layout = AVX2IntLayout.build(w)
+    module = cpu_avx2.extension()
+    base = torch.randn(5, 4096, generator=torch.Generator().manual_seed(5))
+    makes = [lambda r: r, spike(1000), lambda r: r, spike(float("inf")), spike(500)]
+    x = torch.stack([make(base[i]) for i, make in enumerate(makes)]).half()
+    got = avx2_int_matmul(x, layout)
+    int16, float_path = torch.empty_like(got), torch.empty_like(got)
+    module.wxa_avx2_gemm(x.float(), int16, layout.codes, layout.scales, 4, 128, 16, 0.0)
+    module.wna16_avx2_gemm(x.float(), float_path, layout.codes, layout.scales, 4, 128)
+    for i, want in enumerate([int16, float_path, int16, float_path, float_path]):
+        torch.testing.assert_close(got[i], want[i], rtol=0, atol=0, equal_nan=True, msg=f"row {i}")

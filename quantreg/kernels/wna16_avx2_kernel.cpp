@@ -451,6 +451,10 @@ void wxa_avx2_gemm(torch::Tensor x, torch::Tensor out, torch::Tensor codes, torc
   else if (out.dtype() == torch::kBFloat16)
     ia::dispatch(g, (int)bits, (int)act, (c10::BFloat16*)out.data_ptr());
   else ia::dispatch(g, (int)bits, (int)act, (c10::Half*)out.data_ptr());
-  for (const int64_t m : fallback)
-    wna16_avx2_gemm(x.narrow(0, m, 1), out.narrow(0, m, 1), codes, sz, bits, group_size);
+  if (fallback.empty()) return;
+  // the rows left to the float path, in one call: one more pass over the weights, not one a row
+  const torch::Tensor rows = torch::tensor(fallback, torch::kLong);
+  torch::Tensor part = torch::empty({(int64_t)fallback.size(), N}, out.options());
+  wna16_avx2_gemm(x.index_select(0, rows), part, codes, sz, bits, group_size);
+  out.index_copy_(0, rows, part);
 }
