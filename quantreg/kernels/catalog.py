@@ -112,8 +112,6 @@ def _decline_fma(t: Target) -> str | None:
 
 
 def _decline_avx2_int(t: Target) -> str | None:
-    from quantreg.kernels import cpu_avx2
-
     why = _on_cpu(t)
     if why is not None:
         return why
@@ -122,6 +120,14 @@ def _decline_avx2_int(t: Target) -> str | None:
             "takes bf16 / fp16 activations (it does not round the weights to the scale dtype); "
             "float32 heads get the producers' exact weights"
         )
+    return _avx2_int_unit(t)
+
+
+def _avx2_int_unit(t: Target) -> str | None:
+    """Why the AVX2 int unit (``cpu-avx2-wna16``, ``cpu-avx2-a8``: one layout, one
+    extension) cannot run ``t``'s integer weights on this CPU."""
+    from quantreg.kernels import cpu_avx2
+
     assert isinstance(t.weights, IntWeights)
     return _avx2_unit(t, cpu_avx2, cpu_avx2.AVX2IntLayout.fits(t.weights))
 
@@ -152,13 +158,7 @@ def _run_avx2_int(x: torch.Tensor, layout: Any) -> torch.Tensor:
 
 
 def _decline_avx2_a8(t: Target) -> str | None:
-    from quantreg.kernels import cpu_avx2
-
-    why = _on_cpu(t)
-    if why is not None:
-        return why
-    assert isinstance(t.weights, IntWeights)
-    return _avx2_unit(t, cpu_avx2, cpu_avx2.AVX2IntLayout.fits(t.weights))
+    return _on_cpu(t) or _avx2_int_unit(t)
 
 
 def _run_avx2_a8(x: torch.Tensor, layout: Any) -> torch.Tensor:
