@@ -25,7 +25,7 @@ from quantreg.drafter import draft_to_target_ids
 from quantreg.errors import CheckpointError, ConfigError, DistributedError, InputError
 from quantreg.head_check import check_tensors
 from quantreg.head_config import default_dtype, head_geometry, parse_dtype
-from quantreg.kernels.selection import Kernel, check_activation_dtype
+from quantreg.kernels.selection import Kernel, check_activation_dtype, check_kernel_activations
 from quantreg.lm_head import MAX_VOCAB, ParallelLMHead
 from quantreg.platform import Platform
 from quantreg.reading import read_into
@@ -155,13 +155,8 @@ def _load(
             f"{resolution.method or 'unquantized'} runs {head.kernel.name} ({head.kernel.reason})",
             field="kernel",
         )
-    if activation_dtype is not None and head.kernel.activation_dtype != activation_dtype:
-        raise InputError(
-            f"activation_dtype={activation_dtype!r} was asked for, but '{resolution.prefix}' "
-            f"resolved as {resolution.method or 'unquantized'} runs {head.kernel.name} "
-            f"({head.kernel.reason}), which keeps its activations in float",
-            field="activation_dtype",
-        )
+    what = f"'{resolution.prefix}' resolved as {resolution.method or 'unquantized'}"
+    check_kernel_activations(head.kernel, activation_dtype, what)
     logger.info(
         "loaded %s of %s: method %s, kernel %s, vocab %d x hidden %d, rank %d/%d, %s",
         resolution.prefix, view.source, resolution.method or "unquantized", head.kernel.name,

@@ -209,6 +209,25 @@ def test_load_lm_head_opts_in_and_records_the_kernel(kernel, gptq_folder):
     assert 0 < rel_err(got, exact.compute_logits(x)) < 3e-2
 
 
+CHECKED = {  # kernel the layer ended with, activations asked for -> the refusal (None: fine)
+    "nothing-asked": (lambda: quantreg.Kernel.record("dense", "F.linear"), None, None),
+    "a8-asked-int8": (lambda: quantreg.Kernel(A8, "opted in", activation_dtype="int8"), "int8", None),
+    "dense-asked-int8": (lambda: quantreg.Kernel.record("dense", "F.linear"), "int8", r"activation_dtype='int8' was asked for, but the head runs dense \(F\.linear\), which keeps its activations in float"),
+    "no-kernel-asked-int8": (lambda: None, "int8", r"activation_dtype='int8' was asked for, but the head runs no quantreg kernel, which keeps its activations in float"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("make", "asked", "refusal"), CHECKED.values(), ids=CHECKED.keys())
+def test_a_layer_that_ended_without_the_activations_asked_for_is_refused(make, asked, refusal):
+    from quantreg.kernels import check_kernel_activations
+
+    if refusal is None:
+        check_kernel_activations(make(), asked, "the head")
+    else:
+        with pytest.raises(InputError, match=refusal):
+            check_kernel_activations(make(), asked, "the head")
+
+
 def test_load_lm_head_refuses_int8_activations_for_a_float_head(tmp_path):
     quantreg.write_checkpoint(tmp_path, torch.randn(64, 32).half(), None)
     with pytest.raises(InputError, match=r"activation_dtype='int8' was asked for, but 'lm_head' resolved as unquantized runs dense .* which keeps its activations in float"):  # fmt: skip

@@ -190,14 +190,14 @@ class QuantregHeadMethod(QuantizeMethodBase):
         layer.activation_dtype = asked
         self.method.process_weights_after_loading(layer)
         kernel = getattr(layer, "kernel", None)
-        if asked is not None and getattr(kernel, "activation_dtype", None) != asked:
+        what = f"the {self.resolution.prefix} of {self.resolution.source} ({self._why()})"
+        try:
+            quantreg.kernels.check_kernel_activations(kernel, asked, what)
+        except quantreg.InputError as exc:
             raise quantreg.InputError(
-                f"{ACTIVATION_ENV}={asked} asks for {asked} activations, but the "
-                f"{self.resolution.prefix} of {self.resolution.source} ({self._why()}) runs "
-                f"{kernel.name if kernel is not None else 'a method-defined kernel'}, which "
-                "keeps its activations in float; unset it to run the head weight-only",
+                f"{ACTIVATION_ENV}={asked}: {exc}; unset it to run the head weight-only",
                 field=ACTIVATION_ENV,
-            )
+            ) from exc
         logger.info(
             "vLLM %s of %s: quantreg method %s, kernel %s",
             self.resolution.prefix, self.resolution.source, self.resolution.method,

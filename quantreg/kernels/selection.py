@@ -157,6 +157,25 @@ def check_activation_dtype(value: object) -> None:
         )
 
 
+def check_kernel_activations(kernel: Kernel | None, asked: str | None, what: str) -> None:
+    """Raise unless ``kernel`` (None: the layer records no kernel) multiplies the activations
+    ``asked`` for (None: nothing asked): the check after a layer chose its kernel, for the
+    layers that compute without one of :data:`KERNELS` (a float head, a plugin's own method).
+
+    Raises:
+        InputError: it keeps its activations in float; the message names ``what`` (the layer
+            and how it resolved) and the kernel.
+    """
+    if asked is None or (kernel is not None and kernel.activation_dtype == asked):
+        return
+    runs = f"{kernel.name} ({kernel.reason})" if kernel is not None else "no quantreg kernel"
+    raise InputError(
+        f"activation_dtype={asked!r} was asked for, but {what} runs {runs}, which keeps its "
+        "activations in float",
+        field="activation_dtype",
+    )
+
+
 def kernel_names() -> tuple[str, ...]:
     """Every kernel quantreg can select, in the order they are tried."""
     return tuple(KERNELS)
