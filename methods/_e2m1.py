@@ -6,15 +6,16 @@ in the high one; bit 3 of a nibble is the sign, bits 0-2 index ``0, 0.5, 1, 1.5,
 Checked against ModelOpt's ``NVFP4QTensor`` (``modelopt/torch/quantization/qtensor/
 nvfp4_tensor.py``: ``quantize`` packs ``q[..., 1::2] << 4 | q[..., 0::2]``, ``_cast_fp4`` rounds
 to nearest with ties to the even code) and compressed-tensors' ``pack_fp4_to_uint8``. Every
-e2m1 value is exact in float8 e4m3, so decoded codes become a ``Float8Layout`` (one byte a
-weight) whose groups of 16 columns carry float32 effective scales.
+e2m1 value is exact in float8 e4m3, so the packed codes go into a ``Float8Layout`` as they are
+(``Float8Layout.from_e2m1``), with the float8 scales of groups of 16 columns and the global
+``ScaleFactor``; only kernels that read float8 values decode them.
 """
 
 from __future__ import annotations
 
 import torch
 
-from quantreg.kernels import CPUFloat8Layout, Float8Layout, ScaleFactor
+from quantreg.kernels import Float8Layout, ScaleFactor
 
 GROUP = 16  # columns per float8 group scale in both producers' NVFP4
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -28,39 +29,6 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
     codes = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
     table = torch.tensor(E2M1, dtype=torch.float32)
     return table[(codes & 7).long()] * (1 - 2 * (codes >> 3).float())
-
-
-ROW_CHUNK = 1024  # rows decoded per step by unpack_float8: bounds its int64 temporaries (8 MiB)
-BYTES = 0x0101010101010101  # one in every byte of an int64
-
-
-def unpack_float8(packed: torch.Tensor) -> torch.Tensor:
-    """``uint8 [N, K / 2]`` -> the values of :func:`unpack` as ``float8_e4m3fn [N, K]`` (every
-    e2m1 value is exact in e4m3): by the float8 CPU kernel's extension where it is built, else
-    eight codes per int64 word at a time; never a float32 copy.
-
-    A magnitude code ``c >= 2`` (exponent ``c >> 1``, mantissa ``c & 1``) is the e4m3 byte
-    ``(c << 2) + 0x30`` (the exponent rebiased by 6); ``c = 1`` (0.5) is ``0x30``; 0 is 0."""
-    fast = CPUFloat8Layout.e2m1_values(packed)  # the float8 kernel's one-pass decoding
-    if fast is not None:
-        return fast
-    n, half = packed.shape
-    if half % 4:
-        return unpack(packed).to(torch.float8_e4m3fn)
-    out = torch.empty((n, 2 * half), dtype=torch.uint8, device=packed.device)
-    for r in range(0, n, ROW_CHUNK):
-        x = packed[r : r + ROW_CHUNK].contiguous().view(torch.int32).to(torch.int64)
-        x &= 0xFFFFFFFF
-        # 8 nibbles -> 8 bytes, low nibble first: spread by 16, 8, then 4 bits
-        for shift, mask in ((16, 0x0000FFFF0000FFFF), (8, 0x00FF00FF00FF00FF), (4, 15 * BYTES)):
-            x = (x | (x << shift)) & mask
-        magnitude = x & (7 * BYTES)
-        normal = magnitude >> 1
-        normal = (normal | (normal >> 1)) & BYTES  # 1 where c >= 2
-        half_ = magnitude & BYTES & ~normal  # 1 where c == 1
-        x = ((x & (8 * BYTES)) << 4) | ((magnitude << 2) + normal * 0x30 + half_ * 0x2C)
-        out[r : r + ROW_CHUNK].view(torch.int64).copy_(x)
-    return out.view(torch.float8_e4m3fn)
 
 
 def encode(scaled: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 from quantreg import InputError, IntWeights
 from quantreg.kernels import Float8Layout, ScaleFactor, cpu_float8, torch_ops
 from quantreg.kernels.cpu_float8 import CPUFloat8Layout
+from quantreg.kernels.layouts import E2M1_ROWS, e2m1_float8
 from quantreg.kernels.packing import pack_codes, unpack_codes
 from quantreg.methods import _e2m1
 
@@ -133,23 +134,14 @@ def test_torch_int8_layout_is_the_codes_minus_128(k, k_packed):
     assert torch.equal(built.weight, (w.sorted_codes(0, w.n) - 128).to(torch.int8).T)
 
 
-@pytest.mark.parametrize("decoder", ["int64-words", "extension"])
 @pytest.mark.parametrize("half", [64, 6], ids=["words-of-8-codes", "odd-width"])
-def test_nvfp4_decodes_to_the_same_float8_values(monkeypatch, half, decoder):
+def test_nvfp4_decodes_to_the_same_float8_values(half):
     """Every byte (two e2m1 codes) decodes to the float8 of its float32 values, signed zero
-    included, over more rows than one decoding step: by torch (int64 words; an odd width falls
-    back to the float32 decoding) and by the float8 kernel's extension."""
-    if decoder == "extension":
-        if cpu_float8.extension() is None:
-            pytest.skip(f"cpu-avx2-float8 unavailable: {cpu_float8.unavailable_reason()}")
-    else:
-        monkeypatch.setattr(CPUFloat8Layout, "e2m1_values", staticmethod(lambda packed: None))
-    rows = _e2m1.ROW_CHUNK + 3
+    included, over more rows than one decoding step (``Float8Layout.values`` of NVFP4 codes)."""
+    rows = E2M1_ROWS + 3
     packed = (torch.arange(rows * half) % 256).to(torch.uint8).view(rows, half)
     want = _e2m1.unpack(packed).to(torch.float8_e4m3fn)
-    if decoder == "extension":
-        assert CPUFloat8Layout.e2m1_values(packed) is not None
-    got = _e2m1.unpack_float8(packed)
+    got = e2m1_float8(packed)
     assert got.dtype == torch.float8_e4m3fn
     assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
 

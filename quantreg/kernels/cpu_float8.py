@@ -104,14 +104,6 @@ def unavailable_reason() -> str | None:
     return _state["reason"]
 
 
-def _built() -> bool:
-    """Whether the extension is loaded in this process or its build is cached on disk (so
-    that using it compiles nothing), and this process may run it."""
-    if "module" in _state:
-        return _state["module"] is not None
-    return not_here() is None and cpu_build.is_built(cpu_build.build_key("float8"))
-
-
 def _pad_rows(t: torch.Tensor) -> torch.Tensor:
     import torch
 
@@ -265,23 +257,6 @@ class CPUFloat8Layout(LayoutTensors):
     group_size: int
     fp4: bool
     scale_mult: float = 1.0
-
-    @staticmethod
-    def e2m1_values(packed: torch.Tensor) -> torch.Tensor | None:
-        """The float8 values of NVFP4's packed e2m1 codes (uint8 ``[N, K / 2]``, the low
-        nibble first, bit 3 the sign) as ``float8_e4m3fn [N, K]``, decoded in one pass by the
-        kernel's extension when this process has it or its build is cached (never compiling
-        for this); None otherwise (the caller decodes them itself)."""
-        import torch
-
-        if packed.device.type != "cpu" or packed.dim() != 2 or not _built():
-            return None
-        module = extension()
-        if module is None:
-            return None
-        out = torch.empty((packed.shape[0], 2 * packed.shape[1]), dtype=torch.uint8)
-        module.e2m1_to_float8(packed.contiguous(), out)
-        return out.view(torch.float8_e4m3fn)
 
     @classmethod
     def fits(cls, weights: Float8Layout) -> str | None:

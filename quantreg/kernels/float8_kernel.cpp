@@ -555,39 +555,6 @@ bool float8_pack(torch::Tensor values, torch::Tensor codes, bool fp4) {
   return ok.load();
 }
 
-// out [N, K] (uint8, e4m3 bytes) = the e2m1 codes packed [N, K / 2] (two a byte, the low
-// nibble first, bit 3 the sign): 16 bytes a step, each nibble through a 16-entry shuffle table,
-// the low and high nibbles' bytes interleaved
-void e2m1_to_float8(torch::Tensor packed, torch::Tensor out) {
-  TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.is_contiguous() && packed.dim() == 2,
-              "packed: contiguous uint8 [N, K / 2]");
-  TORCH_CHECK(out.dtype() == torch::kUInt8 && out.is_contiguous() && out.dim() == 2 &&
-              out.size(0) == packed.size(0) && out.size(1) == 2 * packed.size(1),
-              "out: contiguous uint8 [N, K]");
-  static const uint8_t bytes[16] = {0x00, 0x30, 0x38, 0x3C, 0x40, 0x44, 0x48, 0x4C,
-                                    0x80, 0xB0, 0xB8, 0xBC, 0xC0, 0xC4, 0xC8, 0xCC};
-  const uint8_t* src = packed.data_ptr<uint8_t>();
-  uint8_t* dst = out.data_ptr<uint8_t>();
-  const int64_t total = packed.numel();
-  at::parallel_for(0, (total + 15) / 16, 1 << 12, [&](int64_t s0, int64_t s1) {
-    const __m128i table = _mm_loadu_si128((const __m128i*)bytes);
-    const __m128i nib = _mm_set1_epi8(0x0F);
-    int64_t i = s0 * 16;
-    const int64_t end = std::min(s1 * 16, total);
-    for (; i + 16 <= end; i += 16) {
-      const __m128i v = _mm_loadu_si128((const __m128i*)(src + i));
-      const __m128i lo = _mm_shuffle_epi8(table, _mm_and_si128(v, nib));
-      const __m128i hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(v, 4), nib));
-      _mm_storeu_si128((__m128i*)(dst + 2 * i), _mm_unpacklo_epi8(lo, hi));
-      _mm_storeu_si128((__m128i*)(dst + 2 * i + 16), _mm_unpackhi_epi8(lo, hi));
-    }
-    for (; i < end; ++i) {
-      dst[2 * i] = bytes[src[i] & 15];
-      dst[2 * i + 1] = bytes[src[i] >> 4];
-    }
-  });
-}
-
 namespace {
 
 // the 16 e2m1 codes (a byte each, bit 3 the sign) of the 8 packed bytes at p: element 2j in the
@@ -631,8 +598,8 @@ void e2m1_block(const uint8_t* p, int64_t N, int64_t K, int64_t b, uint8_t* dst)
 }  // namespace
 
 // codes [ceil(N/16), K * 8] = the fp4 layout of NVFP4's packed e2m1 codes [N, K / 2] (two a
-// byte, the low nibble first), in one pass: the bytes float8_pack(e2m1_to_float8(packed), codes,
-// true) gives, without the float8 values between
+// byte, the low nibble first), in one pass: the bytes float8_pack gives (fp4 true) for their
+// float8 values, without those values between
 void e2m1_pack(torch::Tensor packed, torch::Tensor codes) {
   TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.is_contiguous() && packed.dim() == 2,
               "packed: contiguous uint8 [N, K / 2]");
