@@ -369,58 +369,107 @@ int64_t chunk_units(int bits, int act, int64_t gsu) {
   return c;
 }
 
-// q of x's rows (K padded with zeros), arranged per pass of rows as the kernel reads them;
-// sq: per chunk sum q and 128 times it; sx: each row's scale
-void quantize(const float* xp, int64_t Kx, int bits, int act, double limit, Geo& g,
-              std::vector<int32_t>& xq, std::vector<float>& sq, std::vector<float>& sx,
-              std::vector<int64_t>& fallback) {
+// A row's largest magnitude, its sum of squares (in float64) and whether it is all finite
+struct RowStats {
+  float amax;
+  double squares;
+  bool finite;
+};
+
+RowStats row_stats(const float* row, int64_t Kx) {
+  const __m256 sign = _mm256_set1_ps(-0.0f), inf = _mm256_set1_ps(INFINITY);
+  __m256 vmax = _mm256_setzero_ps(), ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+  __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
+  int64_t k = 0;
+  for (; k + 8 <= Kx; k += 8) {
+    const __m256 v = _mm256_loadu_ps(row + k), a = _mm256_andnot_ps(sign, v);
+    ok = _mm256_and_ps(ok, _mm256_cmp_ps(a, inf, _CMP_LT_OQ));  // false for inf and NaN
+    vmax = _mm256_max_ps(vmax, a);
+    const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
+    const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+    s0 = _mm256_fmadd_pd(lo, lo, s0);
+    s1 = _mm256_fmadd_pd(hi, hi, s1);
+  }
+  alignas(32) float m8[8];
+  alignas(32) double d4[4];
+  _mm256_store_ps(m8, vmax);
+  _mm256_store_pd(d4, _mm256_add_pd(s0, s1));
+  RowStats st{0.0f, d4[0] + d4[1] + d4[2] + d4[3], _mm256_movemask_ps(ok) == 0xFF};
+  for (float v : m8) st.amax = std::max(st.amax, v);
+  for (; k < Kx; ++k) {
+    st.finite = st.finite && std::isfinite(row[k]);
+    st.amax = std::max(st.amax, std::fabs(row[k]));
+    st.squares += (double)row[k] * row[k];
+  }
+  return st;
+}
+
+// q[k] = round(row[k] * inv) (half to even, as nearbyint), clamped to +-qmax
+void round_row(const float* row, int64_t Kx, float inv, float qmax, int32_t* q) {
+  const __m256 vi = _mm256_set1_ps(inv), hi = _mm256_set1_ps(qmax), lo = _mm256_set1_ps(-qmax);
+  int64_t k = 0;
+  for (; k + 8 <= Kx; k += 8) {
+    const __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(row + k), vi),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_storeu_si256((__m256i*)(q + k), _mm256_cvtps_epi32(_mm256_max_ps(lo, _mm256_min_ps(hi, r))));
+  }
+  for (; k < Kx; ++k) q[k] = (int32_t)std::max(-qmax, std::min(qmax, std::nearbyint(row[k] * inv)));
+}
+
+// Row m of x quantized (q: K codes, zero-padded) and written where the kernel reads it: its
+// pass's dwords, its chunk sums (sq) and its scale (sx). Returns whether the row is left to
+// the float path (limit > 0: its largest magnitude exceeds limit x its RMS, or it is not
+// finite; its q are zeros and the caller computes it).
+bool quantize_row(const float* row, int64_t Kx, int64_t m, int bits, int act, double limit,
+                  const Geo& g, int32_t* q, int32_t* xq, float* sq, float* sx) {
   const int P = 32 / bits, D = act == 8 ? (bits == 4 ? 2 : 1) : (bits == 4 ? 4 : 2);
   const float qmax = act == 8 ? 127.0f : 32767.0f;
-  std::vector<int32_t> q(g.units * P);
-  std::vector<int64_t> sums(g.C);
-  for (int64_t m = 0; m < g.M; ++m) {
-    const float* row = xp + m * Kx;
-    float amax = 0.0f;
-    double squares = 0.0;
-    bool finite = true;
-    for (int64_t k = 0; k < Kx; ++k) {
-      finite = finite && std::isfinite(row[k]);
-      amax = std::max(amax, std::fabs(row[k]));
-      squares += (double)row[k] * row[k];
-    }
-    // limit > 0: a row whose largest magnitude exceeds limit x its RMS (or that is not
-    // finite) is left to the float path (zeros here; the caller computes it)
-    const bool away = limit > 0.0 && !(amax <= limit * std::sqrt(squares / (double)Kx));
-    if (away) fallback.push_back(m);
-    const float inv = finite && !away && amax > 0.0f ? qmax / amax : 0.0f;
-    sx[m] = away ? 0.0f : finite ? amax / qmax : std::numeric_limits<float>::quiet_NaN();
-    std::fill(q.begin(), q.end(), 0);
-    std::fill(sums.begin(), sums.end(), 0);
-    for (int64_t k = 0; k < Kx; ++k) {
-      q[k] = (int32_t)std::max(-qmax, std::min(qmax, std::nearbyint(row[k] * inv)));
-      sums[k / P / g.csu] += q[k];
-    }
-    for (int64_t c = 0; c < g.C; ++c) {
-      sq[(m * g.C + c) * 2] = (float)sums[c];
-      sq[(m * g.C + c) * 2 + 1] = 128.0f * (float)sums[c];
-    }
-    const int64_t m0 = m / RB * RB, r = std::min<int64_t>(RB, g.M - m0);
-    int32_t* dst = xq.data() + m0 * g.units * D;
-    for (int64_t u = 0; u < g.units; ++u) {
-      const int32_t* qu = q.data() + u * P;
-      for (int d = 0; d < D; ++d) {
-        uint32_t word = 0;
-        if (act == 8) {
-          for (int i = 0; i < 4; ++i)
-            word |= (uint32_t)(uint8_t)(int8_t)(bits == 4 ? qu[2 * i + d] : qu[i]) << (8 * i);
-        } else {  // codes d and d + P/2 of a lane: the two 16-bit halves
-          word = (uint32_t)(uint16_t)(int16_t)qu[d] |
-                 (uint32_t)(uint16_t)(int16_t)qu[d + P / 2] << 16;
-        }
-        dst[(u * D + d) * r + (m - m0)] = (int32_t)word;
+  const RowStats st = row_stats(row, Kx);
+  const bool away = limit > 0.0 && !(st.amax <= limit * std::sqrt(st.squares / (double)Kx));
+  const bool used = st.finite && !away && st.amax > 0.0f;
+  sx[m] = away ? 0.0f : st.finite ? st.amax / qmax : std::numeric_limits<float>::quiet_NaN();
+  std::fill(q, q + g.units * P, 0);
+  if (used) round_row(row, Kx, qmax / st.amax, qmax, q);
+  for (int64_t c = 0; c < g.C; ++c) {
+    const int64_t k0 = c * g.csu * P, k1 = std::min<int64_t>(g.units * P, k0 + g.csu * P);
+    int64_t sum = 0;
+    for (int64_t k = k0; k < k1; ++k) sum += q[k];
+    sq[(m * g.C + c) * 2] = (float)sum;
+    sq[(m * g.C + c) * 2 + 1] = 128.0f * (float)sum;
+  }
+  const int64_t m0 = m / RB * RB, r = std::min<int64_t>(RB, g.M - m0);
+  int32_t* dst = xq + m0 * g.units * D;
+  for (int64_t u = 0; u < g.units; ++u) {
+    const int32_t* qu = q + u * P;
+    for (int d = 0; d < D; ++d) {
+      uint32_t word = 0;
+      if (act == 8) {
+        for (int i = 0; i < 4; ++i)
+          word |= (uint32_t)(uint8_t)(int8_t)(bits == 4 ? qu[2 * i + d] : qu[i]) << (8 * i);
+      } else {  // codes d and d + P/2 of a lane: the two 16-bit halves
+        word = (uint32_t)(uint16_t)(int16_t)qu[d] | (uint32_t)(uint16_t)(int16_t)qu[d + P / 2] << 16;
       }
+      dst[(u * D + d) * r + (m - m0)] = (int32_t)word;
     }
   }
+  return away;
+}
+
+// Every row of x quantized (see quantize_row), passes of rows in parallel (a pass's rows share
+// cache lines); the rows left to the float path are added to fallback, in order
+void quantize(const float* xp, int64_t Kx, int bits, int act, double limit, const Geo& g,
+              std::vector<int32_t>& xq, std::vector<float>& sq, std::vector<float>& sx,
+              std::vector<int64_t>& fallback) {
+  std::vector<char> away(g.M, 0);
+  const int64_t passes = (g.M + RB - 1) / RB, K = g.units * (32 / bits);
+  at::parallel_for(0, passes, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<int32_t> q(K);
+    for (int64_t m = p0 * RB; m < std::min(g.M, p1 * RB); ++m)
+      away[m] = quantize_row(xp + m * Kx, Kx, m, bits, act, limit, g, q.data(), xq.data(),
+                             sq.data(), sx.data());
+  });
+  for (int64_t m = 0; m < g.M; ++m)
+    if (away[m]) fallback.push_back(m);
 }
 
 template <typename T>
