@@ -263,6 +263,31 @@ def test_the_int16_path_is_its_model_to_1e_5(kernel, case):
         assert rel_err(out, x.double() @ unrounded_t(w)) < 1e-4, (case, m)
 
 
+# The largest int32 sums of the int16 path: every code at its extreme times x at +-32767 over a
+# whole chunk of rows (2048 for int4, 256 for int8) and more (K = 4096: 2 and 16 chunks)
+INT16_EXTREMES = {  # bits, code, zero point, sign of x
+    "int4-all-15-times-plus": (4, 15, 0, 1.0),
+    "int4-all-15-times-minus": (4, 15, 0, -1.0),
+    "int8-all-255-times-plus": (8, 255, 0, 1.0),
+    "int8-all-255-times-minus": (8, 255, 0, -1.0),
+    "int8-all-255-zero-point-128": (8, 255, 128, -1.0),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("bits", "code", "zero", "sign"), INT16_EXTREMES.values(), ids=INT16_EXTREMES.keys())  # fmt: skip
+def test_the_int16_paths_largest_sums_do_not_overflow(kernel, bits, code, zero, sign):
+    n, k = 16, 4096
+    codes = torch.full((k, n), code, dtype=torch.int32)
+    w = IntWeights.create(
+        bits=bits, k=k, codes=lambda c0, c1: codes[:, c0:c1], g_idx=torch.zeros(k, dtype=torch.int32),
+        scales=torch.full((1, n), 0.01), zeros=torch.full((1, n), zero, dtype=torch.int32),
+    )  # fmt: skip
+    layout = AVX2IntLayout.build(w)
+    x, out = torch.full((2, k), sign), torch.empty(2, n)
+    cpu_avx2.extension().wxa_avx2_gemm(x, out, layout.codes, layout.scales, bits, layout.group_size, 16, 256.0)  # fmt: skip
+    torch.testing.assert_close(out, torch.full((2, n), sign * k * (code - zero) * 0.01))
+
+
 def spike(times: float):
     """The row with its first feature set to ``times`` x the RMS of the others."""
     return lambda r: torch.cat([r[:1] * 0 + times * r[1:].square().mean().sqrt(), r[1:]])

@@ -213,9 +213,10 @@ void wna16_avx2_gemm(torch::Tensor x, torch::Tensor out, torch::Tensor codes, to
 //           |w| * (x * sign w) (|w| <= 128 unsigned, |x| <= 127: 2 * 128 * 127 fits int16),
 //           and 128 * (sum q) is added back per chunk.
 //   A = 16 (cpu-avx2-wna16's path for bf16 / fp16 rows; QMAX 32767): (v >> s) & 0x000F000F
-//     (int4; 0x00FF00FF for int8) puts codes j and j + P/2 of a lane in its two 16-bit halves;
-//     x's 16-bit values are paired to match. Sums are flushed to float32 every chunk of rows
-//     small enough that int32 cannot overflow (2048 rows for int4, 128 for int8).
+//     (int4; 0x00FF00FF for int8) puts codes j and j + P/2 of a lane in its two 16-bit halves
+//     (the last pair by a 16-bit shift alone); x's 16-bit values are paired to match. Sums are
+//     flushed to float32 every chunk of rows small enough that int32 cannot overflow: 2048
+//     rows for int4, 256 for int8 (256 * 255 * 32767 < 2^31).
 // Per chunk (a group, or a part of one) and output: s * (sum q c) - s z * (sum q), in float32;
 // times the row's scale at the end.
 namespace ia {
@@ -253,8 +254,10 @@ __attribute__((always_inline)) inline void unit(const int32_t* w, const int32_t*
     const __m256i mask = _mm256_set1_epi32(BITS == 4 ? 0x000F000F : 0x00FF00FF);
 #pragma GCC unroll 4
     for (int j = 0; j < J; ++j) {
-      const __m256i c0 = _mm256_and_si256(_mm256_srli_epi32(v0, j * BITS), mask);
-      const __m256i c1 = _mm256_and_si256(_mm256_srli_epi32(v1, j * BITS), mask);
+      const __m256i c0 = j == J - 1 ? _mm256_srli_epi16(v0, j * BITS)
+                                    : _mm256_and_si256(_mm256_srli_epi32(v0, j * BITS), mask);
+      const __m256i c1 = j == J - 1 ? _mm256_srli_epi16(v1, j * BITS)
+                                    : _mm256_and_si256(_mm256_srli_epi32(v1, j * BITS), mask);
 #pragma GCC unroll 4
       for (int m = 0; m < R; ++m) {
         const __m256i xb = _mm256_set1_epi32(x[j * R + m]);
@@ -363,7 +366,7 @@ void run(const Geo& g, T* out) {
 // Units per chunk: the group's, or for A = 16 its largest divisor that keeps int32 sums safe
 int64_t chunk_units(int bits, int act, int64_t gsu) {
   if (act == 8) return gsu;
-  const int64_t limit = bits == 4 ? 2048 / 8 : 128 / 4;
+  const int64_t limit = bits == 4 ? 2048 / 8 : 256 / 4;
   int64_t c = std::min(gsu, limit);
   while (gsu % c) --c;
   return c;
