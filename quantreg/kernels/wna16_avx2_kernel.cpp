@@ -34,14 +34,16 @@ namespace {
 constexpr int NB = 16;  // outputs per block: two registers of float32
 constexpr int RB = 4;   // rows of x per pass
 
-// fn(b0, b1) for ranges of blocks that cover [0, blocks), on torch's threads, a range at a time
-// as threads come free (about 16 ranges a thread) rather than one equal share each: on a shared
-// machine one core is often slower for a while, and with equal shares the call waits for it
-// (up to 1.4x longer at M = 64 on this project's 2-core VM; no slower when the cores are even)
+// fn(b0, b1) for ranges of blocks (of block_bytes of codes each) that cover [0, blocks), on
+// torch's threads, a range at a time as threads come free (about 16 ranges a thread, each of at
+// least 256 KiB of codes) rather than one equal share each: on a shared machine one core is often
+// slower for a while, and with equal shares the call waits for it (up to 1.4x longer at M = 64
+// on this project's 2-core VM; no slower when the cores are even)
 template <typename F>
-void parallel_blocks(int64_t blocks, const F& fn) {
+void parallel_blocks(int64_t blocks, int64_t block_bytes, const F& fn) {
   const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  const int64_t step = std::max<int64_t>(1, blocks / (16 * threads));
+  const int64_t least = ((int64_t)1 << 18) / std::max<int64_t>(1, block_bytes);
+  const int64_t step = std::max<int64_t>({1, least, blocks / (16 * threads)});
   const int64_t ranges = (blocks + step - 1) / step;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (int64_t r = 0; r < ranges; ++r) fn(r * step, std::min(blocks, (r + 1) * step));
@@ -148,7 +150,7 @@ void write_out(const Geo& g, const float* acc, int64_t b, T* out) {
 template <int BITS, typename T>
 void run(const Geo& g, T* out) {
   const int64_t blocks = (g.N + NB - 1) / NB;
-  parallel_blocks(blocks, [&](int64_t begin, int64_t end) {
+  parallel_blocks(blocks, g.units * NB * 4, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(g.M * NB);
     for (int64_t b = begin; b < end; ++b) {
       block<BITS>(g, b, acc.data());
@@ -364,7 +366,7 @@ void block(const Geo& g, int64_t b, float* acc) {
 template <int BITS, int A, typename T>
 void run(const Geo& g, T* out) {
   const int64_t blocks = (g.N + NB - 1) / NB;
-  parallel_blocks(blocks, [&](int64_t begin, int64_t end) {
+  parallel_blocks(blocks, g.units * NB * 4, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(g.M * NB);
     for (int64_t b = begin; b < end; ++b) {
       block<BITS, A>(g, b, acc.data());
