@@ -3,7 +3,10 @@ int16 fixed point, and its float32 FMA path, which float32 rows take) and its op
 activations (``cpu-avx2-a8``) against torch's weight-only ops, dense ``F.linear`` (bf16,
 float32) and a STREAM-like read.
 
-Usage: ``python bench/cpu_int_ab.py [--n 32000] [--k 4096] [--rounds 3]``. Prints, per M, the
+Usage: ``python bench/cpu_int_ab.py [--n 32000] [--k 4096] [--rounds 3] [--against REV]``.
+``--against REV`` (a git revision of this repository, e.g. ``HEAD~1``; repeatable) builds that
+revision's ``wna16_avx2_kernel.cpp`` beside the current one and times its bf16 rows on the same
+layouts (rows ``... @REV``): a before/after of a kernel change in one process. Prints, per M, the
 median time of each path (each timed slice starts with untimed warm-up calls: memory left
 untouched for a while is slower on its next passes), its ratio against dense bf16 ``F.linear``
 and, at M=1, its effective bandwidth against the read: ``torch.sum`` over a buffer as large as
@@ -14,13 +17,18 @@ memory's speed).
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from quantreg.kernels import IntWeights, cpu_avx2, torch_ops
+from quantreg.kernels import IntWeights, cpu_avx2, cpu_build, torch_ops
 
 READS = ("read float32 sum",)
 
@@ -60,6 +68,45 @@ def paths(n: int, k: int) -> dict[str, tuple[Callable[[torch.Tensor], object], i
     }
 
 
+def build_at(rev: str) -> Any:
+    """The AVX2 int extension built from ``rev``'s source (cached like the current one)."""
+    root = Path(__file__).resolve().parent.parent
+    path = "quantreg/kernels/wna16_avx2_kernel.cpp"
+    text = subprocess.run(["git", "-C", str(root), "show", f"{rev}:{path}"],
+                          capture_output=True, text=True, check=True).stdout  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "wna16_avx2_kernel.cpp"
+        source.write_text(text)
+        saved, cpu_build.AVX2_SOURCE = cpu_build.AVX2_SOURCE, source
+        try:
+            return cpu_build.build("wna16_avx2")
+        finally:
+            cpu_build.AVX2_SOURCE = saved
+
+
+def paths_at(rev: str, n: int, k: int) -> dict[str, tuple[Callable[[torch.Tensor], object], int]]:
+    """``rev``'s kernel on this tree's layouts, bf16 rows (its int16 path) and int8 activations:
+    for revisions whose ``AVX2IntLayout`` and ``wxa_avx2_gemm`` are this tree's."""
+    module = build_at(rev)
+    w4, w8 = int_weights(n, k, 4, 128), int_weights(n, k, 8, None)
+    layouts = {"int4 g128": w4, "int8 channel": w8}
+    found = {}
+    for label, w in layouts.items():
+        lay = cpu_avx2.AVX2IntLayout.build(w)
+        args = (lay.codes, lay.scales, lay.bits, lay.group_size)
+        for act, limit, name in ((16, 256.0, "avx2"), (8, 0.0, "avx2 a8")):
+            run = functools.partial(_at_rev, module, args, act, limit)
+            call = functools.partial(cpu_build.in_row_tiles, n=n, call=run)
+            found[f"{name} {label} @{rev}"] = (call, lay.codes.nbytes)
+    return found
+
+
+def _at_rev(
+    module: Any, args: tuple, act: int, limit: float, xf: torch.Tensor, out: torch.Tensor
+) -> None:
+    module.wxa_avx2_gemm(xf, out, *args, act, limit)
+
+
 def slice_ms(call: Callable[[torch.Tensor], object], x: torch.Tensor, reps: int) -> float:
     for _ in range(2):
         call(x)
@@ -77,8 +124,11 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4096)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--m", type=int, nargs="+", default=[1, 4, 16, 64])
+    ap.add_argument("--against", action="append", default=[], metavar="REV")
     args = ap.parse_args()
     ps = paths(args.n, args.k)
+    for rev in args.against:
+        ps.update(paths_at(rev, args.n, args.k))
     print(f"N={args.n} K={args.k}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     for m in args.m:
         x = torch.randn(m, args.k).to(torch.bfloat16)
