@@ -33,6 +33,16 @@ def random_int_weights(
                              scales=scales, zeros=zeros, g_idx=g_idx)  # fmt: skip
 
 
+def constant_int_weights(bits: int, n: int, k: int, code: int, zero: int) -> IntWeights:
+    """Every code ``code``, one group of scale 0.01 and zero point ``zero``: the extremes of
+    the kernels' integer sums (each output is ``sum(x) * (code - zero) * 0.01``)."""
+    codes = torch.full((k, n), code, dtype=torch.int32)
+    return IntWeights.create(
+        bits=bits, k=k, codes=lambda c0, c1: codes[:, c0:c1], g_idx=torch.zeros(k, dtype=torch.int32),
+        scales=torch.full((1, n), 0.01), zeros=torch.full((1, n), zero, dtype=torch.int32),
+    )  # fmt: skip
+
+
 def unrounded_t(w: IntWeights) -> torch.Tensor:
     """``W.T`` ``[K, N]`` in float64, rows in checkpoint order, no weight rounded."""
     g = torch.bucketize(torch.arange(w.k), torch.tensor(w.bounds[1:]), right=True)

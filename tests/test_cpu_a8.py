@@ -18,8 +18,8 @@ import sys
 
 import pytest
 import torch
+from int_weights import constant_int_weights, rel_err, unrounded_t
 from int_weights import random_int_weights as int_weights
-from int_weights import rel_err, unrounded_t
 
 import quantreg
 from quantreg import IntWeights, Platform
@@ -108,11 +108,7 @@ EXTREMES = {  # codes, zero point, activations: the largest products, every sign
 @pytest.mark.parametrize(("bits", "code", "zero", "sign"), EXTREMES.values(), ids=EXTREMES.keys())
 def test_the_largest_products_do_not_saturate(kernel, bits, code, zero, sign):
     n, k = 16, 512
-    codes = torch.full((k, n), code, dtype=torch.int32)
-    w = IntWeights.create(
-        bits=bits, k=k, codes=lambda c0, c1: codes[:, c0:c1], g_idx=torch.zeros(k, dtype=torch.int32),
-        scales=torch.full((1, n), 0.01), zeros=torch.full((1, n), zero, dtype=torch.int32),
-    )  # fmt: skip
+    w = constant_int_weights(bits, n, k, code, zero)
     x = torch.full((2, k), sign)
     want = sign * k * (code - zero) * 0.01
     torch.testing.assert_close(run(x, w, AVX2IntLayout.build(w)), torch.full((2, n), want))

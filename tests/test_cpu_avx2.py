@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from int_weights import constant_int_weights, rel_err, unrounded_t
 from int_weights import random_int_weights as int_weights
-from int_weights import rel_err, unrounded_t
 
 import quantreg
 from quantreg import IntWeights, Platform
@@ -277,12 +277,7 @@ INT16_EXTREMES = {  # bits, code, zero point, sign of x
 @pytest.mark.parametrize(("bits", "code", "zero", "sign"), INT16_EXTREMES.values(), ids=INT16_EXTREMES.keys())  # fmt: skip
 def test_the_int16_paths_largest_sums_do_not_overflow(kernel, bits, code, zero, sign):
     n, k = 16, 4096
-    codes = torch.full((k, n), code, dtype=torch.int32)
-    w = IntWeights.create(
-        bits=bits, k=k, codes=lambda c0, c1: codes[:, c0:c1], g_idx=torch.zeros(k, dtype=torch.int32),
-        scales=torch.full((1, n), 0.01), zeros=torch.full((1, n), zero, dtype=torch.int32),
-    )  # fmt: skip
-    layout = AVX2IntLayout.build(w)
+    layout = AVX2IntLayout.build(constant_int_weights(bits, n, k, code, zero))
     x, out = torch.full((2, k), sign), torch.empty(2, n)
     cpu_avx2.extension().wxa_avx2_gemm(x, out, layout.codes, layout.scales, bits, layout.group_size, 16, 256.0)  # fmt: skip
     torch.testing.assert_close(out, torch.full((2, n), sign * k * (code - zero) * 0.01))
