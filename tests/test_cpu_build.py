@@ -95,6 +95,21 @@ def test_every_build_ingredient_changes_the_cache_folder(ingredient, monkeypatch
     assert after.module_name != before.module_name
 
 
+# kernel -> whether cpu_common.h is in its unit (the two AVX2 kernels share it)
+PRELUDE_IN = {"wna16_avx2": True, "float8": True, "wna16": False}
+
+
+@pytest.mark.parametrize("kernel", list(PRELUDE_IN), ids=list(PRELUDE_IN))
+def test_the_shared_prelude_is_part_of_the_avx2_kernels_source_key(kernel, monkeypatch, tmp_path):
+    before = cpu_build.build_key(kernel)
+    changed = tmp_path / "cpu_common.h"
+    changed.write_text(cpu_build.AVX2_COMMON.read_text() + "\n// changed\n")
+    monkeypatch.setattr(cpu_build, "AVX2_COMMON", changed)
+    after = cpu_build.build_key(kernel)
+    assert (after.source != before.source) == PRELUDE_IN[kernel]
+    assert (after.digest != before.digest) == PRELUDE_IN[kernel]
+
+
 def test_the_table_covers_every_field_of_the_key():
     assert [f.name for f in dataclasses.fields(cpu_build.BuildKey)] == list(INGREDIENTS)
 

@@ -45,6 +45,7 @@ FLOAT8_FLAGS = ("avx2", "fma", "f16c")
 FLOAT8_CFLAGS = ("-O3", "-fopenmp", *(f"-m{f}" for f in FLOAT8_FLAGS))
 FLOAT8_FUNCTIONS = ("float8_gemm", "float8_pack", "e2m1_pack")
 AVX2_SOURCE = Path(__file__).with_name("wna16_avx2_kernel.cpp")
+AVX2_COMMON = Path(__file__).with_name("cpu_common.h")  # before both AVX2 sources, one unit
 AVX2_FUNCTIONS = ("wna16_avx2_gemm", "wxa_avx2_gemm")
 TICK_S = 10.0  # seconds between "still building" lines
 X_TILE_BYTES = 8 * 2**20  # float32 activations converted per call of an AVX2 kernel
@@ -61,6 +62,7 @@ class KernelSource:
         cflags, ldflags: compiler and linker flags.
         functions: the functions bound to Python.
         title: what the log lines call it.
+        prelude: files compiled before ``path`` in the same unit (code the kernels share).
     """
 
     name: str
@@ -69,6 +71,11 @@ class KernelSource:
     ldflags: tuple[str, ...]
     functions: tuple[str, ...]
     title: str
+    prelude: tuple[Path, ...] = ()
+
+    def texts(self) -> list[str]:
+        """The unit's text, file by file: the prelude, then the source."""
+        return [p.read_text() for p in (*self.prelude, self.path)]
 
 
 def kernel_source(name: str = "wna16") -> KernelSource:
@@ -76,10 +83,10 @@ def kernel_source(name: str = "wna16") -> KernelSource:
     them)."""
     if name == "float8":
         return KernelSource("float8", FLOAT8_SOURCE, FLOAT8_CFLAGS, LDFLAGS, FLOAT8_FUNCTIONS,
-                            "quantreg's AVX2 float8 kernel")  # fmt: skip
+                            "quantreg's AVX2 float8 kernel", (AVX2_COMMON,))  # fmt: skip
     if name == "wna16_avx2":  # the float8 kernel's flags: AVX2, FMA, F16C
         return KernelSource("wna16_avx2", AVX2_SOURCE, FLOAT8_CFLAGS, LDFLAGS, AVX2_FUNCTIONS,
-                            "quantreg's AVX2 int4 / int8 kernel")  # fmt: skip
+                            "quantreg's AVX2 int4 / int8 kernel", (AVX2_COMMON,))  # fmt: skip
     return KernelSource("wna16", SOURCE, CFLAGS, LDFLAGS, FUNCTIONS, "quantreg's CPU kernel")
 
 
@@ -89,7 +96,7 @@ class BuildKey:
 
     Attributes:
         kernel: which :class:`KernelSource` (``wna16``, ``wna16_avx2``, ``float8``).
-        source: sha256 of the C++ source.
+        source: sha256 of the C++ source (its prelude first).
         flags: compiler and linker flags, and the functions bound.
         torch: ``torch.__version__`` (its headers and ABI).
         python: ``sys.version`` (the extension links against this interpreter).
@@ -141,7 +148,7 @@ def build_key(kernel: str = "wna16") -> BuildKey:
     spec = kernel_source(kernel)
     return BuildKey(
         kernel=spec.name,
-        source=hashlib.sha256(spec.path.read_bytes()).hexdigest(),
+        source=hashlib.sha256("\n".join(spec.texts()).encode()).hexdigest(),
         flags=(*spec.cflags, *spec.ldflags, *spec.functions),
         torch=torch.__version__,
         python=sys.version,
@@ -173,7 +180,7 @@ def compile_extension(key: BuildKey, folder: Path) -> Any:
     spec = kernel_source(key.kernel)
     return load_inline(
         name=key.module_name,
-        cpp_sources=spec.path.read_text(),
+        cpp_sources=spec.texts(),
         functions=list(spec.functions),
         extra_cflags=list(spec.cflags),
         extra_ldflags=list(spec.ldflags),

@@ -1,5 +1,5 @@
 // quantreg's float8 / fp4 weight-only CPU matmul for AVX2 + FMA + F16C; built and called by
-// quantreg/kernels/cpu_float8.py. Compiled apart from wna16_kernel.cpp (whose whole unit is
+// quantreg/kernels/cpu_float8.py, after cpu_common.h (parallel_blocks). Compiled apart from wna16_kernel.cpp (whose whole unit is
 // built with AVX-512 flags), so that nothing here can carry an AVX-512 instruction.
 //
 // Layout: 16 outputs per block, K-major. fp8: byte 16k + o of a block is output o's e4m3 code
@@ -381,7 +381,7 @@ void write_out(const Geo& g, const float* acc, int64_t b, T* out) {
 template <typename T>
 void run(const Geo& g, T* out) {
   const int64_t blocks = (g.N + NB - 1) / NB;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  parallel_blocks(blocks, g.K * NB / (g.fp4 ? 2 : 1), [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(KC * NB + g.M * NB + 16);
     float* buf = (float*)(((uintptr_t)scratch.data() + 31) & ~(uintptr_t)31);
     float* acc = buf + KC * NB;

@@ -1,5 +1,5 @@
 // quantreg's int4 / int8 weight-only CPU matmul for AVX2 + FMA (+ F16C); built and called by
-// quantreg/kernels/cpu_avx2.py. Compiled apart from wna16_kernel.cpp (whose whole unit is
+// quantreg/kernels/cpu_avx2.py, after cpu_common.h (parallel_blocks). Compiled apart from wna16_kernel.cpp (whose whole unit is
 // built with AVX-512 flags), so that nothing here can carry an AVX-512 instruction.
 //
 // Layout: 16 outputs per block; a block is `units` words of 16 int32 lanes, one lane per
@@ -33,21 +33,6 @@ namespace {
 
 constexpr int NB = 16;  // outputs per block: two registers of float32
 constexpr int RB = 4;   // rows of x per pass
-
-// fn(b0, b1) for ranges of blocks (of block_bytes of codes each) that cover [0, blocks), on
-// torch's threads, a range at a time as threads come free (about 16 ranges a thread, each of at
-// least 256 KiB of codes) rather than one equal share each: on a shared machine one core is often
-// slower for a while, and with equal shares the call waits for it (up to 1.4x longer at M = 64
-// on this project's 2-core VM; no slower when the cores are even)
-template <typename F>
-void parallel_blocks(int64_t blocks, int64_t block_bytes, const F& fn) {
-  const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  const int64_t least = ((int64_t)1 << 18) / std::max<int64_t>(1, block_bytes);
-  const int64_t step = std::max<int64_t>({1, least, blocks / (16 * threads)});
-  const int64_t ranges = (blocks + step - 1) / step;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-  for (int64_t r = 0; r < ranges; ++r) fn(r * step, std::min(blocks, (r + 1) * step));
-}
 
 struct Geo {
   int64_t M, N, K;   // K: rows, padded to a multiple of P
