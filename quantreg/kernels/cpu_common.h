@@ -1,6 +1,7 @@
 // What quantreg's AVX2 kernels share (wna16_avx2_kernel.cpp, float8_kernel.cpp): cpu_build puts
 // this file before each of their sources in one unit, and into their build keys.
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 #include <algorithm>
 #include <cstdint>
 
@@ -19,6 +20,19 @@ void parallel_blocks(int64_t blocks, int64_t block_bytes, const F& fn) {
   const int64_t ranges = (blocks + step - 1) / step;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (int64_t r = 0; r < ranges; ++r) fn(r * step, std::min(blocks, (r + 1) * step));
+}
+
+// Row m's U accumulator sets (a[u][m]: two registers of 8 float32 outputs) added up
+template <int U, int R>
+__attribute__((always_inline)) inline void sum_sets(__m256 (*a)[R][2], int m, __m256& t0,
+                                                    __m256& t1) {
+  t0 = a[0][m][0];
+  t1 = a[0][m][1];
+#pragma GCC unroll 4
+  for (int u = 1; u < U; ++u) {
+    t0 = _mm256_add_ps(t0, a[u][m][0]);
+    t1 = _mm256_add_ps(t1, a[u][m][1]);
+  }
 }
 
 }  // namespace

@@ -160,12 +160,8 @@ void direct_rows(const Geo& g, int64_t b, float* __restrict acc) {
   const __m256 s1 = GROUPED ? _mm256_set1_ps(1.0f) : _mm256_loadu_ps(sb + 8);
 #pragma GCC unroll 8
   for (int m = 0; m < R; ++m) {
-    __m256 t0 = a[0][m][0], t1 = a[0][m][1];
-#pragma GCC unroll 4
-    for (int u = 1; u < U; ++u) {
-      t0 = _mm256_add_ps(t0, a[u][m][0]);
-      t1 = _mm256_add_ps(t1, a[u][m][1]);
-    }
+    __m256 t0, t1;
+    sum_sets<U, R>(a, m, t0, t1);
     _mm256_storeu_ps(acc + m * NB, _mm256_mul_ps(t0, s0));
     _mm256_storeu_ps(acc + m * NB + 8, _mm256_mul_ps(t1, s1));
   }

@@ -97,12 +97,8 @@ void rows(const Geo& g, int64_t b, int64_t m0, float* __restrict acc) {
     const __m256 z0 = _mm256_loadu_ps(s + NB), z1 = _mm256_loadu_ps(s + NB + 8);
 #pragma GCC unroll 4
     for (int m = 0; m < R; ++m) {
-      __m256 p0 = a[0][m][0], p1 = a[0][m][1];
-#pragma GCC unroll 4
-      for (int u = 1; u < U; ++u) {
-        p0 = _mm256_add_ps(p0, a[u][m][0]);
-        p1 = _mm256_add_ps(p1, a[u][m][1]);
-      }
+      __m256 p0, p1;
+      sum_sets<U, R>(a, m, p0, p1);
       const __m256 sxb = _mm256_broadcast_ss(g.sx + (m0 + m) * G + grp);
       float* t = acc + (m0 + m) * NB;
       _mm256_storeu_ps(t, _mm256_fnmadd_ps(z0, sxb, _mm256_fmadd_ps(s0, p0, _mm256_loadu_ps(t))));
