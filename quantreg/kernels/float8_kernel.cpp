@@ -1,6 +1,7 @@
 // quantreg's float8 / fp4 weight-only CPU matmul for AVX2 + FMA + F16C; built and called by
-// quantreg/kernels/cpu_float8.py, after cpu_common.h (parallel_blocks). Compiled apart from wna16_kernel.cpp (whose whole unit is
-// built with AVX-512 flags), so that nothing here can carry an AVX-512 instruction.
+// quantreg/kernels/cpu_float8.py, after cpu_common.h (parallel_blocks). Compiled apart from
+// wna16_kernel.cpp (whose whole unit is built with AVX-512 flags), so that nothing here can carry
+// an AVX-512 instruction.
 //
 // Layout: 16 outputs per block, K-major. fp8: byte 16k + o of a block is output o's e4m3 code
 // at row k. fp4 (K and the group size multiples of 4): 32 bytes a step of four rows, e2m1 codes

@@ -1,6 +1,7 @@
 // quantreg's int4 / int8 weight-only CPU matmul for AVX2 + FMA (+ F16C); built and called by
-// quantreg/kernels/cpu_avx2.py, after cpu_common.h (parallel_blocks). Compiled apart from wna16_kernel.cpp (whose whole unit is
-// built with AVX-512 flags), so that nothing here can carry an AVX-512 instruction.
+// quantreg/kernels/cpu_avx2.py, after cpu_common.h (parallel_blocks). Compiled apart from
+// wna16_kernel.cpp (whose whole unit is built with AVX-512 flags), so that nothing here can carry
+// an AVX-512 instruction.
 //
 // Layout: 16 outputs per block; a block is `units` words of 16 int32 lanes, one lane per
 // output. Lane o of unit t holds P = 32 / bits codes of output o, rows P*t .. P*t + P - 1,
@@ -410,7 +411,8 @@ void round_row(const float* row, int64_t Kx, float inv, float qmax, int32_t* q) 
   for (; k + 8 <= Kx; k += 8) {
     const __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(row + k), vi),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    _mm256_storeu_si256((__m256i*)(q + k), _mm256_cvtps_epi32(_mm256_max_ps(lo, _mm256_min_ps(hi, r))));
+    const __m256 c = _mm256_max_ps(lo, _mm256_min_ps(hi, r));
+    _mm256_storeu_si256((__m256i*)(q + k), _mm256_cvtps_epi32(c));
   }
   for (; k < Kx; ++k) q[k] = (int32_t)std::max(-qmax, std::min(qmax, std::nearbyint(row[k] * inv)));
 }
@@ -446,7 +448,8 @@ bool quantize_row(const float* row, int64_t Kx, int64_t m, int bits, int act, do
         for (int i = 0; i < 4; ++i)
           word |= (uint32_t)(uint8_t)(int8_t)(bits == 4 ? qu[2 * i + d] : qu[i]) << (8 * i);
       } else {  // codes d and d + P/2 of a lane: the two 16-bit halves
-        word = (uint32_t)(uint16_t)(int16_t)qu[d] | (uint32_t)(uint16_t)(int16_t)qu[d + P / 2] << 16;
+        word = (uint32_t)(uint16_t)(int16_t)qu[d] |
+               (uint32_t)(uint16_t)(int16_t)qu[d + P / 2] << 16;
       }
       dst[(u * D + d) * r + (m - m0)] = (int32_t)word;
     }
