@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from quantreg.kernels import cpu_build
-from quantreg.kernels.layouts import LayoutTensors
+from quantreg.kernels.layouts import LayoutTensors, column_blocks
 from quantreg.kernels.packing import pack_codes, pack_factor, transpose_nibbles
 from quantreg.kernels.weights import IntWeights
 from quantreg.platform import probe_cpu_isa
@@ -217,15 +217,9 @@ def _block_scales(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
     import torch
 
     g, n = scales.shape
-    whole = n // NB
     out = torch.empty((-(-n // NB), g, 2, NB), dtype=torch.float32)
-    if whole < out.shape[0]:
-        out[whole].zero_()
     for i, source in enumerate((scales, zeros)):
-        dst = out[:whole, :, i].permute(1, 0, 2)  # [G, whole, 16]
-        dst.copy_(source[:, : whole * NB].reshape(g, whole, NB))
-        if whole * NB < n:
-            out[whole, :, i, : n - whole * NB] = source[:, whole * NB :]
+        column_blocks(source, NB, out[:, :, i])
     out[..., 1, :].mul_(out[..., 0, :])  # s * z in float32, as the stack computed it
     return out
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from quantreg.kernels import cpu_build
-from quantreg.kernels.layouts import Float8Layout, LayoutTensors, e2m1_codes
+from quantreg.kernels.layouts import Float8Layout, LayoutTensors, column_blocks, e2m1_codes
 from quantreg.platform import probe_cpu_isa
 
 if TYPE_CHECKING:
@@ -218,7 +218,7 @@ def _scale_codes(
             if out is None:
                 codes[:, c0 : c0 + step] = chunk.view(torch.uint8)
             else:
-                _blocked(chunk.view(torch.uint8), out[c0 // NB : -(-(c0 + step) // NB)])
+                column_blocks(chunk.view(torch.uint8), NB, out[c0 // NB : -(-(c0 + step) // NB)])
         else:
             return codes, mult
     return None
@@ -305,28 +305,13 @@ def _pack_e2m1(packed: torch.Tensor) -> torch.Tensor:
     return codes
 
 
-def _blocked(scales: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``[G, N]`` scales as ``[ceil(N/16), G, 16]`` (the last block zero-padded), in one copy
-    (into ``out`` when given)."""
-    import torch
-
-    g, n = scales.shape
-    whole = n // NB * NB
-    if out is None:
-        out = torch.empty((-(-n // NB), g, NB), dtype=scales.dtype)
-    out[: whole // NB].copy_(scales[:, :whole].reshape(g, -1, NB).permute(1, 0, 2))
-    if whole < n:
-        out[-1].zero_()[:, : n - whole] = scales[:, whole:]
-    return out
-
-
 def _kernel_scales(weights: Float8Layout, fp4: bool) -> tuple[torch.Tensor, float]:
     """The scales as the kernel reads them (``[ceil(N/16), G, 16]``), and the multiplier of
     every sum (fp4: made from the layout's scales a block of groups at a time)."""
     import torch
 
     if not fp4:
-        return _blocked(weights.scales.to(torch.float32) * FP8_SHIFT), 1.0
+        return column_blocks(weights.scales.to(torch.float32) * FP8_SHIFT, NB), 1.0
     n, g = weights.n, weights.groups
     out = torch.empty((-(-n // NB), g, NB), dtype=torch.uint8)
     factor, codes = weights.scale_factor, weights.group_scales
@@ -336,7 +321,7 @@ def _kernel_scales(weights: Float8Layout, fp4: bool) -> tuple[torch.Tensor, floa
     )
     if coded is None:
         logger.debug("fp4 scales are not e4m3 codes times one float32: kept as float32")
-        return _blocked(weights.scales.to(torch.float32)), 1.0
+        return column_blocks(weights.scales.to(torch.float32), NB), 1.0
     return coded[0], coded[1] * FP8_SHIFT
 
 

@@ -294,6 +294,24 @@ E2M1_BYTES = (0x00, 0x30, 0x38, 0x3C, 0x40, 0x44, 0x48, 0x4C,
 E2M1_ROWS = 256  # rows decoded per step: bounds the int64 indices to 256 x K / 2 of them
 
 
+def column_blocks(
+    values: torch.Tensor, width: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[G, N]`` values (scales, zero points) as ``[ceil(N / width), G, width]``, the blocks
+    of outputs the CPU kernels read, the last block zero-padded: one copy, into ``out`` when
+    given (a view will do)."""
+    import torch
+
+    g, n = values.shape
+    whole = n // width * width
+    if out is None:
+        out = torch.empty((-(-n // width), g, width), dtype=values.dtype)
+    out[: whole // width].copy_(values[:, :whole].reshape(g, -1, width).permute(1, 0, 2))
+    if whole < n:
+        out[-1].zero_()[:, : n - whole] = values[:, whole:]
+    return out
+
+
 def e2m1_float8(packed: torch.Tensor) -> torch.Tensor:
     """Packed e2m1 codes uint8 ``[R, C]`` (low nibble first) as float8_e4m3fn ``[R, 2C]``."""
     import torch
