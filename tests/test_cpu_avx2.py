@@ -20,6 +20,7 @@ from int_weights import random_int_weights as int_weights
 
 import quantreg
 from quantreg import IntWeights, Platform
+from quantreg.errors import InputError
 from quantreg.kernels import Float8Layout, KPackedLayout, choose, cpu_avx2
 from quantreg.kernels.catalog import KERNELS, Target
 from quantreg.kernels.cpu_avx2 import AVX2IntLayout, avx2_int_matmul
@@ -165,6 +166,14 @@ def test_every_checkpoint_word_order_builds_the_layout_of_its_codes(bits, n, k, 
     s = w.scales.float()
     sz = torch.nn.functional.pad(torch.stack([s, s * w.zeros.float()], 1), (0, -n % 16))
     assert torch.equal(got.scales, sz.reshape(w.groups, 2, -1, 16).permute(2, 0, 1, 3))
+
+
+def test_n_packed_words_whose_order_is_not_a_permutation_are_refused():
+    codes = torch.zeros(16, 8, dtype=torch.int32)
+    order = (0, 0, 2, 3, 4, 5, 6, 7)
+    with pytest.raises(InputError, match=r"^n_packed order \[0, 0, 2, 3, 4, 5, 6, 7\] is not a permutation of 0\.\.7$"):  # fmt: skip
+        IntWeights.create(bits=4, k=16, codes=lambda c0, c1: codes[:, c0:c1], scales=torch.ones(1, 8),
+                          zeros=torch.zeros(1, 8, dtype=torch.int32), n_packed=(codes[:, :1], order))  # fmt: skip
 
 
 @pytest.mark.parametrize(("bits", "k", "units"), [(4, 45, 6), (4, 256, 32), (8, 3, 1), (8, 130, 33)])  # fmt: skip
