@@ -288,12 +288,6 @@ class ScaleFactor:
         return abs(float(self.apply(value)))
 
 
-# The e4m3 byte of every e2m1 code (bit 3 the sign; -0 keeps it): what NVFP4 values are.
-E2M1_BYTES = (0x00, 0x30, 0x38, 0x3C, 0x40, 0x44, 0x48, 0x4C,
-              0x80, 0xB0, 0xB8, 0xBC, 0xC0, 0xC4, 0xC8, 0xCC)  # fmt: skip
-E2M1_ROWS = 256  # rows decoded per step: bounds the int64 indices to 256 x K / 2 of them
-
-
 def column_blocks(
     values: torch.Tensor, width: int, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -310,6 +304,12 @@ def column_blocks(
     if whole < n:
         out[-1].zero_()[:, : n - whole] = values[:, whole:]
     return out
+
+
+# The e4m3 byte of every e2m1 code (bit 3 the sign; -0 keeps it): what NVFP4 values are.
+E2M1_BYTES = (0x00, 0x30, 0x38, 0x3C, 0x40, 0x44, 0x48, 0x4C,
+              0x80, 0xB0, 0xB8, 0xBC, 0xC0, 0xC4, 0xC8, 0xCC)  # fmt: skip
+E2M1_ROWS = 256  # rows decoded per step: bounds the int64 indices to 256 x K / 2 of them
 
 
 def e2m1_float8(packed: torch.Tensor) -> torch.Tensor:
@@ -333,9 +333,7 @@ def _e2m1_table(device: torch.device) -> torch.Tensor:
     import torch
 
     codes = torch.full((256,), -1, dtype=torch.int16)
-    for code, magnitude in enumerate(E2M1):
-        byte = int(torch.tensor(magnitude).to(torch.float8_e4m3fn).view(torch.uint8))
-        codes[byte], codes[byte | 0x80] = code, code | 8
+    codes[list(E2M1_BYTES)] = torch.arange(len(E2M1_BYTES), dtype=torch.int16)
     return codes.to(device)
 
 
