@@ -7,15 +7,17 @@ peers (and vLLM's CPU kernels with ``peers=("vllm",)``, :mod:`quantreg.bench_pee
 (N, K) in {(32000, 4096), (128256, 4096)} and M in {1, 4, 16, 64}. Heads are rotated across
 copies until their weights exceed the caches, every timed slice starts with a warm-up call on
 every copy, runs are interleaved across methods, and the median is reported with the spread of
-the timed rounds (``min_ms``, ``max_ms``). The machine's read bandwidth is measured in the same
-run (``bandwidth``; :mod:`quantreg.bench_ratios`).
+the timed rounds (``min_ms``, ``max_ms``). The machine's read bandwidth is measured in every
+group, beside its rows (``bandwidth``; :mod:`quantreg.bench_ratios`).
 
 * ``ratio_vs_bf16`` = median time of dense bf16 ``F.linear`` of the same N, K and M, timed in
   the same group (interleaved with the case) / median time of the case (higher is faster);
 * ``ratio_vs_fastest_dense``: the same against the fastest dense path of the run with the same
   N, K and M (``fastest_dense`` names it), via each group's bf16 baseline;
-* ``gbps`` = resident weight bytes / median time (the bytes read per call); ``read_fraction``
-  = ``gbps`` / the best read bandwidth measured for the shape;
+* ``gbps`` = resident weight bytes / median time (the bytes read per call); ``read_gbps``: the
+  machine's read bandwidth timed in the same group (interleaved with the row, like its bf16
+  baseline); ``read_fraction`` = ``gbps`` / ``read_gbps``, and ``read_fraction_of_best`` =
+  ``gbps`` / the best read of the shape in the whole run;
 * ``peak_transient_bytes``: the peak of (bytes allocated - bytes freed) by torch's CPU
   allocator during one call, from ``torch.profiler`` memory events (each op's own
   allocations, the output included);
@@ -82,10 +84,12 @@ class Row:
     kernel: str
     dense: bool = False  # a dense path: a candidate for the fastest dense path of the run
     unavailable: str = ""  # why a peer's row has no numbers (it cannot run here)
+    read_gbps: float = math.nan  # the read timed in the row's group, interleaved with it
     # filled in by bench_ratios.annotate once every group is timed
     ratio_vs_fastest_dense: float = math.nan
     fastest_dense: str = ""
     read_fraction: float = math.nan
+    read_fraction_of_best: float = math.nan
 
 
 def load_head(
@@ -148,10 +152,11 @@ def run_bench(
     method's weight-only row, the same head loaded with that ``activation_dtype`` (method
     ``"<method> a8"``) wherever a kernel runs it.
 
-    Cases are timed one group at a time (the dense baselines with the read, each format with
-    all the methods that run it, torch's ops, vLLM's kernels), interleaved with dense bf16
-    ``F.linear`` inside every group, so that only one group's heads are in memory and every
-    ratio has a baseline measured alongside it.
+    Cases are timed one group at a time (the dense baselines, each format with all the methods
+    that run it, torch's ops, vLLM's kernels), interleaved with dense bf16 ``F.linear`` and the
+    read inside every group, so that only one group's heads are in memory and every ratio and
+    read fraction has its reference measured alongside it (this VM has slow stretches lasting
+    minutes: a read timed in another group once put the same kernel at 70 % or 95 %).
 
     Raises:
         PluginError: ``peers`` names vllm and vllm does not import.
@@ -167,20 +172,20 @@ def run_bench(
         copies = max(1, min(8, math.ceil(CACHE_BYTES / (n * k * 2))))
         dense = dense_cases(n, k, copies)
         groups = _groups(n, k, copies, say, (methods, formats, peers, activation_dtypes))
-        for index, make in enumerate(groups):
+        read = bench_ratios.read_calls(n, k, copies)  # timed in every group, beside its rows
+        for index, (group, make) in enumerate(groups):
             cases = dense if index == 0 else [dense[1], *make()]
-            read = bench_ratios.read_calls(n, k, copies) if index == 0 else []
             for m in ms:
                 names = [c.method + (" (unavailable)" if c.unavailable else "") for c in cases]
-                say(f"timing N={n} K={k} M={m}: {', '.join(names)}")
+                say(f"timing N={n} K={k} M={m}: {', '.join(names)}, {bench_ratios.READ}")
                 timed, read_timing = _time_group(
                     cases, n, k, m, budget_s, skip=0 if index == 0 else 1, read=read
                 )
                 rows += timed
-                if read_timing is not None:
-                    reads.append(bench_ratios.read_record(n, k, m, copies, read_timing))
-            del cases, read
+                reads.append(bench_ratios.read_record(n, k, m, copies, read_timing, group))
+            del cases
             gc.collect()
+        del read
     result = [asdict(r) for r in rows]
     bench_ratios.annotate(result, reads)
     return {"machine": machine(), "rows": result, "bandwidth": reads}
@@ -192,19 +197,19 @@ def _groups(
     copies: int,
     say: Callable[[str], None],
     kept: tuple[tuple[str, ...] | None, tuple[str, ...] | None, tuple[str, ...], tuple[str, ...]],
-) -> list[Callable[[], list[Case]]]:
-    """What to time, one group after the other: the dense baselines first (``list``: no
-    cases of its own), then each format, torch's ops and vLLM's kernels; ``kept``: the
-    methods, formats, peers and activation dtypes asked for."""
+) -> list[tuple[str, Callable[[], list[Case]]]]:
+    """What to time, one group after the other, each named (as its reads are in the JSON):
+    the dense baselines first (``list``: no cases of its own), then each format, torch's ops
+    and vLLM's kernels; ``kept``: the methods, formats, peers and activation dtypes asked for."""
     methods, formats, peers, activation_dtypes = kept
-    groups: list[Callable[[], list[Case]]] = [list]
+    groups: list[tuple[str, Callable[[], list[Case]]]] = [("dense", list)]
     for fmt in _kept(methods, formats):
         make = functools.partial(_method_cases, fmt, n, k, copies, say, activation_dtypes)
-        groups.append(make)
+        groups.append((fmt.label, make))
     if (methods is None or "torch" in methods) and formats is None:
-        groups.append(functools.partial(torch_peer_cases, n, k, copies))
+        groups.append(("torch ops", functools.partial(torch_peer_cases, n, k, copies)))
     if "vllm" in peers:
-        groups.append(functools.partial(bench_peers.vllm_cases, n, k, copies, say))
+        groups.append(("vllm", functools.partial(bench_peers.vllm_cases, n, k, copies, say)))
     return groups
 
 
@@ -253,17 +258,18 @@ def _time_group(
     budget_s: float,
     skip: int,
     read: list[Callable[[torch.Tensor], torch.Tensor]],
-) -> tuple[list[Row], tuple[float, float, float] | None]:
-    """Time ``cases`` and the ``read`` (if any) interleaved (``cases[0]`` or ``[1]`` is dense
-    bf16: the baseline); return a row for each case after the first ``skip`` (an unavailable
-    one untimed, saying why) and the read's timing."""
+) -> tuple[list[Row], tuple[float, float, float]]:
+    """Time ``cases`` and the ``read`` interleaved (``cases[0]`` or ``[1]`` is dense bf16: the
+    baseline); return a row for each case after the first ``skip`` (an unavailable one
+    untimed, saying why) and the read's timing."""
     x32 = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
     timed = [(case, x32.to(case.dtype)) for case in cases if not case.unavailable]
-    calls = [_cycle(c.fns, x) for c, x in timed] + ([_cycle(read, x32)] if read else [])
+    calls = [_cycle(c.fns, x) for c, x in timed] + [_cycle(read, x32)]
     copies = max(len(fns) for fns in [read, *(c.fns for c, _ in timed)])
     times = _timings(calls, budget_s, warmup=copies)
     found = {id(c): (x, t) for (c, x), t in zip(timed, times, strict=False)}  # times: + the read
     bf16 = next(found[id(c)][1][0] for c in cases if c.method == "dense bf16")
+    read_gbps = round(bench_ratios.read_bytes(n, k) / times[-1][0] / 1e6, 2)
     references: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # one exact result per format
     rows = []
     for case in cases[skip:]:
@@ -284,10 +290,10 @@ def _time_group(
                 resident_bytes=case.resident_bytes,
                 peak_transient_bytes=peak_transient_bytes(lambda c=case, x=x: c.fns[0](x)),
                 max_rel_err=float((out - ref).abs().max() / ref.abs().max().clamp(min=1e-30)),
-                computes=case.computes, kernel=case.kernel, dense=case.dense,
+                computes=case.computes, kernel=case.kernel, dense=case.dense, read_gbps=read_gbps,
             )
         )  # fmt: skip
-    return rows, (times[-1] if read else None)
+    return rows, times[-1]
 
 
 def _unavailable_row(case: Case, n: int, k: int, m: int) -> Row:

@@ -1,11 +1,14 @@
-"""The bench's reference points: the machine's read bandwidth measured in the same run, and the
+"""The bench's reference points: the machine's read bandwidth measured beside every row, and the
 fastest dense path of the run, against which every row is also reported.
 
 * The read is STREAM-like: ``torch.sum`` over a float32 buffer as large as the largest weight of
   the run (the fp32 copy of the dense weight, N * K * 4 bytes), with torch's threads (the
-  kernels' threads), rotated over as many copies as the weights and timed interleaved with
-  the dense baselines. A row's ``read_fraction`` is its ``gbps`` (weight bytes read per call /
-  median time) over the best read of its shape: 1.0 is the machine's measured limit.
+  kernels' threads), rotated over as many copies as the weights and timed in every group,
+  interleaved with its rows (as their dense bf16 baseline is). A row's ``read_fraction`` is its
+  ``gbps`` (weight bytes read per call / median time) over that read (``read_gbps``): 1.0 is
+  the machine's measured limit at the time the row ran. ``read_fraction_of_best`` sets it
+  against the best read of its shape in the whole run instead, which this VM's slow stretches
+  (minutes long, hitting one group and not the next) move by up to a fifth.
 * ``ratio_vs_fastest_dense`` is a row's ``ratio_vs_bf16`` over the highest ``ratio_vs_bf16``
   of the dense rows (dense fp32 and bf16 ``F.linear``, and a peer's dense path) of the same N,
   K and M: every group times dense bf16 interleaved with its cases, so ratios of different
@@ -27,6 +30,11 @@ READ_COMPUTES = (
 )
 
 
+def read_bytes(n: int, k: int) -> int:
+    """The bytes one read call sums: N * K float32 values (the fp32 weight's size)."""
+    return n * k * 4
+
+
 def read_calls(n: int, k: int, copies: int) -> list[Callable[[torch.Tensor], torch.Tensor]]:
     """One STREAM-like read per copy: a sum over ``n * k`` float32 values, every page written
     first (an untouched page reads as the shared zero page, which is faster than memory)."""
@@ -35,13 +43,14 @@ def read_calls(n: int, k: int, copies: int) -> list[Callable[[torch.Tensor], tor
 
 
 def read_record(
-    n: int, k: int, m: int, copies: int, timing: tuple[float, float, float]
+    n: int, k: int, m: int, copies: int, timing: tuple[float, float, float], group: str
 ) -> dict[str, Any]:
-    """One read measurement, as written to ``--json`` under ``bandwidth``."""
+    """One read measurement (timed in ``group``, beside its rows of token count ``m``), as
+    written to ``--json`` under ``bandwidth``."""
     median, low, high = timing
-    size = n * k * 4
+    size = read_bytes(n, k)
     return {
-        "method": READ, "N": n, "K": k, "M": m, "bytes": size, "copies": copies,
+        "method": READ, "group": group, "N": n, "K": k, "M": m, "bytes": size, "copies": copies,
         "threads": torch.get_num_threads(), "median_ms": round(median, 4),
         "min_ms": round(low, 4), "max_ms": round(high, 4),
         "gbps": round(size / median / 1e6, 2), "computes": READ_COMPUTES,
@@ -70,13 +79,15 @@ def fastest_dense(rows: list[dict[str, Any]]) -> dict[tuple[int, int, int], tupl
 
 
 def annotate(rows: list[dict[str, Any]], reads: list[dict[str, Any]]) -> None:
-    """Fill in every row's ``ratio_vs_fastest_dense``, ``fastest_dense`` and
-    ``read_fraction`` (see the module doc); NaN where a row or its reference has no time."""
+    """Fill in every row's ``ratio_vs_fastest_dense``, ``fastest_dense``, ``read_fraction``
+    and ``read_fraction_of_best`` (see the module doc); NaN where a row or its reference has
+    no time."""
     fastest = fastest_dense(rows)
     bandwidth = best_reads(reads)
     for row in rows:
         ratio, method = fastest.get((row["N"], row["K"], row["M"]), (math.nan, ""))
-        read = bandwidth.get((row["N"], row["K"])) or math.nan
+        best = bandwidth.get((row["N"], row["K"])) or math.nan
         row["fastest_dense"] = method
         row["ratio_vs_fastest_dense"] = round(row["ratio_vs_bf16"] / ratio, 3)
-        row["read_fraction"] = round(row["gbps"] / read, 3)
+        row["read_fraction"] = round(row["gbps"] / (row.get("read_gbps") or math.nan), 3)
+        row["read_fraction_of_best"] = round(row["gbps"] / best, 3)

@@ -57,14 +57,15 @@ FASTEST = (
     "× fastest dense = the row's × dense bf16 / the highest × dense bf16 of a dense path (dense "
     "fp32 and bf16 `F.linear`, a peer's dense path) with the same N, K and M: the ratio against "
     "the fastest dense path of the run. GB/s = weight bytes read per call / median time; "
-    "% of read = GB/s / the machine's read bandwidth measured in the same run (below)."
+    "% of read = GB/s / the machine's read bandwidth timed in the same group as the row "
+    "(interleaved with it); % of best read = GB/s / the best read of the run (below)."
 )
 
 
 def _cells(r: dict[str, Any]) -> str:
     """A row's cells after its labels: times, ratios, bandwidth, memory, error."""
     if r.get("unavailable"):
-        return f"unavailable: {r['unavailable']} |" + " – |" * 9
+        return f"unavailable: {r['unavailable']} |" + " – |" * 10
     spread = f" ({r['min_ms']:.3f}–{r['max_ms']:.3f})" if "min_ms" in r else ""
     cells = (
         f"{r['median_ms']:.3f}{spread} | {r['ratio_vs_bf16']:.2f} | {r['gbps']:.1f} | "
@@ -72,8 +73,8 @@ def _cells(r: dict[str, Any]) -> str:
         f"{r['max_rel_err']:.1e} |"
     )
     if "ratio_vs_fastest_dense" in r:
-        fraction = r.get("read_fraction", math.nan)
-        cells += f" {r['ratio_vs_fastest_dense']:.2f} | {100 * fraction:.0f} |"
+        fractions = [100 * r.get(f, math.nan) for f in ("read_fraction", "read_fraction_of_best")]
+        cells += f" {r['ratio_vs_fastest_dense']:.2f} | {fractions[0]:.0f} | {fractions[1]:.0f} |"
     return cells
 
 
@@ -82,8 +83,9 @@ def format_table(result: dict[str, Any]) -> str:
     and the measured read bandwidth under it."""
     lines = [
         "| method | kernel | format | N | K | M | dtype | median ms (min–max) | × dense bf16 "
-        "| GB/s | resident MiB | peak transient MiB | max rel err | × fastest dense | % of read |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| GB/s | resident MiB | peak transient MiB | max rel err | × fastest dense | % of read "
+        "| % of best read |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
@@ -97,18 +99,23 @@ def format_table(result: dict[str, Any]) -> str:
             fastest.setdefault((r["N"], r["K"]), []).append(f"M={r['M']}: {r['method']}")
     for (n, k), picks in sorted(fastest.items()):
         notes.append(f"- fastest dense path, N={n} K={k}: {', '.join(picks)}")
-    best: dict[tuple[int, int], dict[str, Any]] = {}
-    for read in result.get("bandwidth", []):
-        key = (read["N"], read["K"])
-        if key not in best or read["gbps"] > best[key]["gbps"]:
-            best[key] = read
-    for (n, k), read in sorted(best.items()):
+    return "\n".join([*lines, *notes, *_read_notes(result.get("bandwidth", []))])
+
+
+def _read_notes(reads: list[dict[str, Any]]) -> list[str]:
+    """A line per shape: its best read, the range of its reads and what they computed."""
+    shapes: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for read in reads:
+        shapes.setdefault((read["N"], read["K"]), []).append(read)
+    notes = []
+    for (n, k), found in sorted(shapes.items()):
+        speeds = [r["gbps"] for r in found]
         notes.append(
-            f"- read bandwidth, N={n} K={k}: {read['gbps']:.1f} GB/s (best of "
-            f"{sum(1 for r in result['bandwidth'] if (r['N'], r['K']) == (n, k))} slices; "
-            f"{read['computes']}, {read['threads']} threads)"
+            f"- read bandwidth, N={n} K={k}: {max(speeds):.1f} GB/s at best, "
+            f"{min(speeds):.1f} at worst ({len(found)} slices: one in each group at each M, "
+            f"beside its rows; {found[0]['computes']}, {found[0]['threads']} threads)"
         )
-    return "\n".join([*lines, *notes])
+    return notes
 
 
 def append_results(result: dict[str, Any], path: Path, note: str = "") -> None:

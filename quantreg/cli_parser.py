@@ -299,8 +299,8 @@ def _add_bench(sub: Any, verbose: argparse.ArgumentParser) -> None:
         sub, verbose, "bench", "time every method against dense F.linear",
         "One process, interleaved: each ratio is against dense bf16 F.linear of the same "
         "shape and M measured in the same group, and against the fastest dense path of the "
-        "run; each row's GB/s is set against the machine's read bandwidth measured in the "
-        "same run. A full run takes tens of minutes on a small "
+        "run; each row's GB/s is set against the machine's read bandwidth measured beside it "
+        "(and the best read of the run). A full run takes tens of minutes on a small "
         "machine (the estimate is printed first); --quick is a smoke run.",
         "quantreg bench --quick\n"
         "quantreg bench --shape 32000x4096 --m 1,16 --methods cpu_wna16,torch --json out.json\n"

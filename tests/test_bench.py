@@ -175,13 +175,21 @@ def test_the_run_measures_the_read_bandwidth_and_sets_every_row_against_the_fast
 ):
     _, stdout, result, _ = quick
     reads = result["bandwidth"]
-    assert [r["M"] for r in reads] == [1, 4] and all(r["gbps"] > 0 for r in reads)
+    groups = [r["group"] for r in reads]
+    assert groups[:2] == ["dense", "dense"] and len(set(groups)) > 2  # a read in every group
+    assert [r["M"] for r in reads] == [1, 4] * len(set(groups)) and all(r["gbps"] > 0 for r in reads)  # fmt: skip
     assert all(r["bytes"] == r["N"] * r["K"] * 4 for r in reads)  # the fp32 weight's size
     rows = result["rows"]
     assert all(0 <= r["ratio_vs_fastest_dense"] <= r["ratio_vs_bf16"] for r in rows), [
         (r["method"], r["ratio_vs_fastest_dense"], r["ratio_vs_bf16"]) for r in rows
     ]
-    assert all(r["read_fraction"] >= 0 for r in rows)
+    beside = {(r["group"], r["M"]): r["gbps"] for r in reads}
+    for r in rows:  # each row's read is its own group's, at its M
+        group = "dense" if r["method"].startswith("dense") else r["format"]
+        group = "torch ops" if r["method"].startswith("torch") else group
+        assert r["read_gbps"] == beside[(group, r["M"])], (r["method"], r["format"])
+        assert r["read_fraction"] == round(r["gbps"] / r["read_gbps"], 3)
+        assert 0 <= r["read_fraction_of_best"] <= r["read_fraction"] + 1e-3
     for m in (1, 4):
         (fastest,) = {r["fastest_dense"] for r in rows if r["M"] == m}
         assert fastest in ("dense fp32", "dense bf16")

@@ -62,10 +62,24 @@ def test_a_row_without_a_dense_path_or_time_gets_nan_not_a_made_up_ratio():
     assert math.isnan(rows[1]["ratio_vs_fastest_dense"]) and math.isnan(rows[1]["read_fraction"])
 
 
-def test_the_read_fraction_is_against_the_best_read_of_the_shape():
+def test_the_read_fraction_of_best_is_against_the_best_read_of_the_shape():
     rows = [row("int4", 3.0, gbps=20.0), row("dense bf16", 1.0, gbps=12.5, m=4, dense=True)]
     annotate(rows, [read(1, 20.0), read(4, 25.0), {**read(16, 30.0), "K": 512}])
-    assert [r["read_fraction"] for r in rows] == [0.8, 0.5]
+    assert [r["read_fraction_of_best"] for r in rows] == [0.8, 0.5]
+
+
+@pytest.mark.parametrize(
+    ("read_gbps", "expected"),
+    [(25.0, 0.8), (16.0, 1.25), (math.nan, math.nan), (None, math.nan)],
+    ids=["a-quiet-read", "a-read-in-a-slow-stretch", "an-untimed-read", "no-read-beside-it"],
+)
+def test_the_read_fraction_is_against_the_read_timed_beside_the_row(read_gbps, expected):
+    """Not the run's best read: the one timed in the row's own group, interleaved with it."""
+    beside = {} if read_gbps is None else {"read_gbps": read_gbps}
+    rows = [{**row("int4", 3.0, gbps=20.0), **beside}]
+    annotate(rows, [read(1, 40.0)])
+    assert rows[0]["read_fraction"] == pytest.approx(expected, nan_ok=True)
+    assert rows[0]["read_fraction_of_best"] == 0.5
 
 
 def test_the_table_shows_both_ratios_the_read_bandwidth_and_why_a_peer_did_not_run():
@@ -74,15 +88,19 @@ def test_the_table_shows_both_ratios_the_read_bandwidth_and_why_a_peer_did_not_r
              "peak_transient_bytes": 0, "max_rel_err": 0.0},
             {**row("vllm W4A16", math.nan), "format": "gptq int4 g128", "dtype": "bfloat16",
              "kernel": "vllm-cpu-gemm-wna16", "unavailable": "no cpu_gemm_wna16 here"}]  # fmt: skip
-    reads = [{**read(1, 25.0), "computes": "torch.sum over ...", "threads": 2}]
+    rows[0]["read_gbps"] = 20.0
+    reads = [{**read(1, gbps), "computes": "torch.sum over ...", "threads": 2} for gbps in (20.0, 25.0)]  # fmt: skip
     annotate(rows, reads)
     text = format_table({"rows": rows, "bandwidth": reads})
-    assert "| max rel err | × fastest dense | % of read |" in text
-    assert "| 10.000 | 1.00 | 10.0 | 1.0 | 0.0 | 0.0e+00 | 1.00 | 40 |" in text
+    assert "| max rel err | × fastest dense | % of read | % of best read |" in text
+    assert "| 10.000 | 1.00 | 10.0 | 1.0 | 0.0 | 0.0e+00 | 1.00 | 50 | 40 |" in text
     assert "| vllm W4A16 | vllm-cpu-gemm-wna16 | gptq int4 g128 |" in text
-    assert "| unavailable: no cpu_gemm_wna16 here | – |" in text
+    assert "| unavailable: no cpu_gemm_wna16 here |" + " – |" * 10 in text
     assert "- fastest dense path, N=32000 K=4096: M=1: dense bf16" in text
-    assert "- read bandwidth, N=32000 K=4096: 25.0 GB/s (best of 1 slices; torch.sum" in text
+    assert (
+        "- read bandwidth, N=32000 K=4096: 25.0 GB/s at best, 20.0 at worst (2 slices: one in "
+        "each group at each M, beside its rows; torch.sum over ..., 2 threads)" in text
+    )
 
 
 def test_each_timed_slice_starts_by_touching_every_weight_copy():
@@ -101,7 +119,8 @@ def test_each_timed_slice_starts_by_touching_every_weight_copy():
                 64, "x", lambda x: x @ torch.ones(8, 4), "dense", dense=True)  # fmt: skip
     seven = Case("m", "f", 4, torch.float32, [copy(i) for i in range(7)], 64, "x",
                  lambda x: x @ torch.ones(8, 4), "k")  # fmt: skip
-    rows, _ = bench._time_group([bf16, seven], 4, 8, 1, 0.0, skip=1, read=[])
+    read = [lambda x: x.sum()]  # every group times the read beside its rows
+    rows, _ = bench._time_group([bf16, seven], 4, 8, 1, 0.0, skip=1, read=read)
     assert sorted(calls[:7]) == list(range(7)) and [r.method for r in rows] == ["m"]
 
 
