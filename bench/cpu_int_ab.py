@@ -93,7 +93,7 @@ def paths_at(rev: str, n: int, k: int) -> dict[str, tuple[Callable[[torch.Tensor
     found = {}
     for label, w in layouts.items():
         lay = cpu_avx2.AVX2IntLayout.build(w)
-        args = (lay.codes, lay.scales, lay.bits, lay.group_size)
+        args = (lay.codes, lay.scales, lay.zeros, lay.bits, lay.group_size)
         for act, limit, name in ((16, 256.0, "avx2"), (8, 0.0, "avx2 a8")):
             run = functools.partial(_at_rev, module, args, act, limit)
             call = functools.partial(cpu_build.in_row_tiles, n=n, call=run)

@@ -152,7 +152,7 @@ WORDS = {
 def test_every_checkpoint_word_order_builds_the_layout_of_its_codes(bits, n, k, source):
     """Loads convert the checkpoint's own words (GPTQ's and compressed-tensors' along K, AWQ's
     along N, transposed in place) straight into the layout: byte for byte what packing the
-    unpacked codes gives, scales ``s`` and ``s * z`` included."""
+    unpacked codes gives, scales ``s`` (their own dtype) and zero points ``z`` included."""
     w = int_weights(bits, n, k, None)
     codes = w.codes(0, n)
     words = {"k_packed": lambda: pack_codes(codes, bits, dim=0),
@@ -163,9 +163,9 @@ def test_every_checkpoint_word_order_builds_the_layout_of_its_codes(bits, n, k, 
     assert (fast.k_packed is None) == (source == "n_packed") != (fast.n_packed is None)
     want, got = AVX2IntLayout.build(w), AVX2IntLayout.build(fast)
     assert torch.equal(got.codes, want.codes)
-    s = w.scales.float()
-    sz = torch.nn.functional.pad(torch.stack([s, s * w.zeros.float()], 1), (0, -n % 16))
-    assert torch.equal(got.scales, sz.reshape(w.groups, 2, -1, 16).permute(2, 0, 1, 3))
+    for name, source in (("scales", w.scales), ("zeros", w.zeros.to(torch.uint8))):
+        padded = torch.nn.functional.pad(source, (0, -n % 16))
+        assert torch.equal(getattr(got, name), padded.reshape(w.groups, -1, 16).transpose(0, 1))
 
 
 def test_n_packed_words_whose_order_is_not_a_permutation_are_refused():
@@ -181,8 +181,46 @@ def test_the_layout_holds_the_codes_and_nothing_more(bits, k, units):
     w = int_weights(bits, 50, k, None)
     layout = AVX2IntLayout.build(w)
     assert layout.codes.shape == (4, units, 16)  # 50 outputs in 4 blocks of 16
-    assert layout.scales.shape == (4, 1, 2, 16)
+    assert layout.scales.shape == layout.zeros.shape == (4, 1, 16)
     assert layout.group_size == units * 32 // bits
+
+
+# scale dtype -> the layout's: the checkpoint's, exactly (3 bytes an output and group in all
+# with uint8 zero points, where float32 s and s * z took 8)
+@pytest.mark.parametrize("dtype", [torch.float16, BF16, torch.float32], ids=["fp16", "bf16", "f32"])
+def test_scales_keep_their_dtype_and_zero_points_are_bytes(dtype):
+    w = int_weights(4, 40, 256, 128, scale_dtype=dtype)
+    layout = AVX2IntLayout.build(w)
+    assert (layout.scales.dtype, layout.zeros.dtype) == (dtype, torch.uint8)
+    assert torch.equal(layout.scales[0, :, :16], w.scales[:, :16])
+    assert torch.equal(layout.zeros[2, :, :8].int(), w.zeros[:, 32:])
+
+
+def with_zeros(w: IntWeights, zeros: torch.Tensor) -> IntWeights:
+    return IntWeights.create(bits=w.bits, k=w.k, codes=w.codes, scales=w.scales, zeros=zeros)
+
+
+# zero points (integers, in any dtype) -> bits, edit, the layout's dtype for them: bytes when
+# every one fits, else float32; every path gives the unrounded product either way
+ZERO_POINTS = {
+    "gptq-v1-int8-zero-256": (8, lambda z: z.index_fill(1, torch.tensor([3]), 256), torch.float32),
+    "negative": (4, lambda z: z.index_fill(1, torch.tensor([0, 17]), -1), torch.float32),
+    "integers-in-a-float-dtype": (4, lambda z: z.float(), torch.uint8),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("bits", "edit", "dtype"), ZERO_POINTS.values(), ids=ZERO_POINTS.keys())
+def test_zero_points_a_byte_cannot_hold_stay_float32_and_exact(kernel, bits, edit, dtype):
+    base = int_weights(bits, 40, 256, 64)
+    w = with_zeros(base, edit(base.zeros))
+    layout = AVX2IntLayout.build(w)
+    assert layout.zeros.dtype == dtype
+    x = torch.randn(3, w.k, generator=torch.Generator().manual_seed(1))
+    want = x.double() @ unrounded_t(w)
+    assert rel_err(run(x, w, layout), want) < 1e-5  # the float path
+    int16 = torch.empty(3, w.n)
+    cpu_avx2.extension().wxa_avx2_gemm(x, int16, layout.codes, layout.scales, layout.zeros, bits, 64, 16, 0.0)  # fmt: skip
+    assert rel_err(int16, want) < 1e-4
 
 
 # -- results -----------------------------------------------------------------------------------
@@ -266,7 +304,8 @@ def test_the_int16_path_is_its_model_to_1e_5(kernel, case):
         x = torch.randn(m, w.k, generator=torch.Generator().manual_seed(m))
         xs = x if w.perm is None else x[:, w.perm]
         out = torch.empty(m, w.n)
-        module.wxa_avx2_gemm(xs.contiguous(), out, layout.codes, layout.scales, w.bits, layout.group_size, 16, 256.0)  # fmt: skip
+        module.wxa_avx2_gemm(xs.contiguous(), out, layout.codes, layout.scales, layout.zeros,
+                             w.bits, layout.group_size, 16, 256.0)  # fmt: skip
         assert rel_err(out, int16_model(x, w)) < 1e-5, (case, m)
         # the int16 rounding is far below a bf16 activation's: 1e-4 of the unrounded product
         assert rel_err(out, x.double() @ unrounded_t(w)) < 1e-4, (case, m)
@@ -288,7 +327,8 @@ def test_the_int16_paths_largest_sums_do_not_overflow(kernel, bits, code, zero, 
     n, k = 16, 4096
     layout = AVX2IntLayout.build(constant_int_weights(bits, n, k, code, zero))
     x, out = torch.full((2, k), sign), torch.empty(2, n)
-    cpu_avx2.extension().wxa_avx2_gemm(x, out, layout.codes, layout.scales, bits, layout.group_size, 16, 256.0)  # fmt: skip
+    args = (layout.codes, layout.scales, layout.zeros, bits, layout.group_size)
+    cpu_avx2.extension().wxa_avx2_gemm(x, out, *args, 16, 256.0)
     torch.testing.assert_close(out, torch.full((2, n), sign * k * (code - zero) * 0.01))
 
 
@@ -322,8 +362,9 @@ def test_a_half_row_takes_int16_only_within_the_limit_else_the_float_path(kernel
     x = torch.stack([base[0], make(base[1])]).to(dtype)  # a Gaussian row, then the row
     got = avx2_int_matmul(x, layout)
     int16, float_path = torch.empty_like(got), torch.empty_like(got)
-    module.wxa_avx2_gemm(x.float(), int16, layout.codes, layout.scales, 4, 128, 16, 0.0)
-    module.wna16_avx2_gemm(x.float(), float_path, layout.codes, layout.scales, 4, 128)
+    args = (layout.codes, layout.scales, layout.zeros, 4, 128)
+    module.wxa_avx2_gemm(x.float(), int16, *args, 16, 0.0)
+    module.wna16_avx2_gemm(x.float(), float_path, *args)
     want = int16 if (in_bf16 if dtype == BF16 else in_fp16) == "int16" else float_path
     assert torch.equal(got[0], int16[0])
     torch.testing.assert_close(got[1], want[1], rtol=0, atol=0, equal_nan=True)
@@ -340,7 +381,8 @@ def test_rows_left_to_the_float_path_among_int16_rows_each_get_their_own_result(
     x = torch.stack([make(base[i]) for i, make in enumerate(makes)]).half()
     got = avx2_int_matmul(x, layout)
     int16, float_path = torch.empty_like(got), torch.empty_like(got)
-    module.wxa_avx2_gemm(x.float(), int16, layout.codes, layout.scales, 4, 128, 16, 0.0)
-    module.wna16_avx2_gemm(x.float(), float_path, layout.codes, layout.scales, 4, 128)
+    args = (layout.codes, layout.scales, layout.zeros, 4, 128)
+    module.wxa_avx2_gemm(x.float(), int16, *args, 16, 0.0)
+    module.wna16_avx2_gemm(x.float(), float_path, *args)
     for i, want in enumerate([int16, float_path, int16, float_path, float_path]):
         torch.testing.assert_close(got[i], want[i], rtol=0, atol=0, equal_nan=True, msg=f"row {i}")

@@ -5,8 +5,11 @@
 //
 // Layout: 16 outputs per block; a block is `units` words of 16 int32 lanes, one lane per
 // output. Lane o of unit t holds P = 32 / bits codes of output o, rows P*t .. P*t + P - 1,
-// code j at bits j * bits (GPTQ's qweight order, per output). Scales: float32 [N/16][G][2][16],
-// the group's scale s and s * z (z the zero point).
+// code j at bits j * bits (GPTQ's qweight order, per output). Scales s [N/16][G][16] in the
+// checkpoint's dtype (float32, bf16 or fp16) and zero points z [N/16][G][16] (uint8, or float32
+// when one is not an integer in 0..255): 3 bytes per output and group where float32 s and s * z
+// took 8 (at int4 g128 that is 7 % of the bytes a call reads). s * z is computed per group as
+// float32(s) * float32(z), the same value the float32 pair held.
 //
 // Decoding: code j of every lane is (v & (mask << j * bits)), converted to float32: the code
 // times 2^(j * bits), exact. The activations are pre-scaled by 2^-(j * bits) (exact: a power
@@ -35,11 +38,72 @@ namespace {
 constexpr int NB = 16;  // outputs per block: two registers of float32
 constexpr int RB = 4;   // rows of x per pass
 
+// A block's scales and zero points of one group, as float32: s and s * z, 16 outputs each
+struct Scales {
+  const void* s;  // [N/16][G][16]: float32 (kind 0), bf16 (1) or fp16 (2)
+  const void* z;  // [N/16][G][16]: uint8 (kind 0) or float32 (1)
+  int s_kind, z_kind;
+  int64_t G;
+
+  __attribute__((always_inline)) inline void get(int64_t b, int64_t grp, __m256& s0, __m256& s1,
+                                                 __m256& z0, __m256& z1) const {
+    const int64_t i = (b * G + grp) * NB;
+    if (s_kind == 0) {
+      s0 = _mm256_loadu_ps((const float*)s + i);
+      s1 = _mm256_loadu_ps((const float*)s + i + 8);
+    } else if (s_kind == 1) {  // bf16: the high half of a float32
+      const __m256i h = _mm256_loadu_si256((const __m256i*)((const uint16_t*)s + i));
+      s0 = _mm256_castsi256_ps(
+          _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(h)), 16));
+      s1 = _mm256_castsi256_ps(
+          _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(h, 1)), 16));
+    } else {
+      s0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)s + i)));
+      s1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)s + i + 8)));
+    }
+    __m256 f0, f1;
+    if (z_kind == 0) {
+      const __m128i zb = _mm_loadu_si128((const __m128i*)((const uint8_t*)z + i));
+      f0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(zb));
+      f1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(zb, 8)));
+    } else {
+      f0 = _mm256_loadu_ps((const float*)z + i);
+      f1 = _mm256_loadu_ps((const float*)z + i + 8);
+    }
+    z0 = _mm256_mul_ps(s0, f0);
+    z1 = _mm256_mul_ps(s1, f1);
+  }
+
+};
+
+// One block's s and s * z decoded once, float32 [G][2][16], for blocks that take several passes
+// of rows (M > 4): each pass then loads them from L1 rather than decoding them again (which made
+// int4 g32 1.06x slower at M = 64). A single pass decodes in place: decoding a block's scales
+// up front cost 1.05x at M = 4.
+struct Decoded {
+  float* pairs;
+
+  Decoded(const Scales& sc, int64_t b, float* buf) : pairs(buf) {
+    for (int64_t grp = 0; grp < sc.G; ++grp) {
+      __m256 v[4];
+      sc.get(b, grp, v[0], v[1], v[2], v[3]);
+      for (int i = 0; i < 4; ++i) _mm256_storeu_ps(buf + grp * 2 * NB + i * 8, v[i]);
+    }
+  }
+
+  __attribute__((always_inline)) inline void get(int64_t, int64_t grp, __m256& s0, __m256& s1,
+                                                 __m256& z0, __m256& z1) const {
+    const float* p = pairs + grp * 2 * NB;
+    s0 = _mm256_loadu_ps(p), s1 = _mm256_loadu_ps(p + 8);
+    z0 = _mm256_loadu_ps(p + NB), z1 = _mm256_loadu_ps(p + NB + 8);
+  }
+};
+
 struct Geo {
   int64_t M, N, K;   // K: rows, padded to a multiple of P
   int64_t units, G, gsu;  // words per output; groups; units per group
   const int32_t* codes;   // [N/16][units][16]
-  const float* sz;        // [N/16][G][2][16]
+  Scales sz;
   const float* xs;        // [M][K], pre-scaled, each pass's rows interleaved ([K][R])
   const float* sx;        // [M][G], group sums of x
 };
@@ -77,12 +141,11 @@ __attribute__((always_inline)) inline void unit(const int32_t* w, const float* x
 
 // acc[m][16] (rows m0 .. m0 + R, zeroed by the caller) += the block's outputs for those rows;
 // the group totals go through acc (L1), so that only the group's sums take registers
-template <int BITS, int R, int U>
-void rows(const Geo& g, int64_t b, int64_t m0, float* __restrict acc) {
+template <int BITS, int R, int U, typename S>
+void rows(const Geo& g, const S& sc, int64_t b, int64_t m0, float* __restrict acc) {
   constexpr int P = 32 / BITS;
   const int64_t G = g.G;
   const int32_t* wb = g.codes + b * g.units * NB;
-  const float* szb = g.sz + b * G * 2 * NB;
   const float* x = g.xs + m0 * g.K;  // the R rows interleaved: [K][R]
   for (int64_t grp = 0; grp < G; ++grp) {
     __m256 a[U][R][2];
@@ -93,9 +156,8 @@ void rows(const Geo& g, int64_t b, int64_t m0, float* __restrict acc) {
     const int64_t u1 = std::min(g.units, (grp + 1) * g.gsu);
     for (int64_t u = grp * g.gsu; u < u1; ++u)
       unit<BITS, R, U>(wb + u * NB, x + u * P * R, a, std::make_integer_sequence<int, P>());
-    const float* s = szb + grp * 2 * NB;
-    const __m256 s0 = _mm256_loadu_ps(s), s1 = _mm256_loadu_ps(s + 8);
-    const __m256 z0 = _mm256_loadu_ps(s + NB), z1 = _mm256_loadu_ps(s + NB + 8);
+    __m256 s0, s1, z0, z1;
+    sc.get(b, grp, s0, s1, z0, z1);
 #pragma GCC unroll 4
     for (int m = 0; m < R; ++m) {
       __m256 p0, p1;
@@ -109,17 +171,24 @@ void rows(const Geo& g, int64_t b, int64_t m0, float* __restrict acc) {
   }
 }
 
+template <int BITS, typename S>
+void passes(const Geo& g, const S& sc, int64_t b, float* acc) {
+  int64_t m0 = 0;
+  for (; m0 + RB <= g.M; m0 += RB) rows<BITS, RB, 1>(g, sc, b, m0, acc);
+  switch (g.M - m0) {
+    case 1: rows<BITS, 1, 4>(g, sc, b, m0, acc); break;
+    case 2: rows<BITS, 2, 2>(g, sc, b, m0, acc); break;
+    case 3: rows<BITS, 3, 1>(g, sc, b, m0, acc); break;
+    default: break;
+  }
+}
+
+// acc: M * 16 floats, then G * 2 * 16 for the block's decoded scales
 template <int BITS>
 void block(const Geo& g, int64_t b, float* acc) {
   std::fill(acc, acc + g.M * NB, 0.0f);
-  int64_t m0 = 0;
-  for (; m0 + RB <= g.M; m0 += RB) rows<BITS, RB, 1>(g, b, m0, acc);
-  switch (g.M - m0) {
-    case 1: rows<BITS, 1, 4>(g, b, m0, acc); break;
-    case 2: rows<BITS, 2, 2>(g, b, m0, acc); break;
-    case 3: rows<BITS, 3, 1>(g, b, m0, acc); break;
-    default: break;
-  }
+  if (g.M <= RB) passes<BITS>(g, g.sz, b, acc);
+  else passes<BITS>(g, Decoded(g.sz, b, acc + g.M * NB), b, acc);
 }
 
 template <typename T>
@@ -133,7 +202,7 @@ template <int BITS, typename T>
 void run(const Geo& g, T* out) {
   const int64_t blocks = (g.N + NB - 1) / NB;
   parallel_blocks(blocks, g.units * NB * 4, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(g.M * NB);
+    std::vector<float> acc((g.M + g.G * 2) * NB);
     for (int64_t b = begin; b < end; ++b) {
       block<BITS>(g, b, acc.data());
       write_out(g, acc.data(), b, out);
@@ -150,7 +219,8 @@ void run(const Geo& g, int bits, T* out) {
 
 // The checks both entry points make on their arguments (the layout's shapes come after)
 static void check_args(const torch::Tensor& x, const torch::Tensor& out,
-                       const torch::Tensor& codes, const torch::Tensor& sz, int64_t bits) {
+                       const torch::Tensor& codes, const torch::Tensor& scales,
+                       const torch::Tensor& zeros, int64_t bits) {
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.dtype() == torch::kFloat32,
               "x must be a contiguous float32 [M, K] matrix");
@@ -160,18 +230,31 @@ static void check_args(const torch::Tensor& x, const torch::Tensor& out,
               "out must be a contiguous float32 / bfloat16 / float16 [M, N] matrix");
   TORCH_CHECK(codes.dtype() == torch::kInt32 && codes.is_contiguous() && codes.dim() == 3 &&
               codes.size(2) == NB, "codes: int32 [N/16, units, 16]");
-  TORCH_CHECK(sz.dtype() == torch::kFloat32 && sz.is_contiguous() && sz.dim() == 4 &&
-              sz.size(2) == 2 && sz.size(3) == NB, "scales: float32 [N/16, G, 2, 16]");
+  TORCH_CHECK((scales.dtype() == torch::kFloat32 || scales.dtype() == torch::kBFloat16 ||
+               scales.dtype() == torch::kFloat16) && scales.is_contiguous() &&
+              scales.dim() == 3 && scales.size(0) == codes.size(0) && scales.size(2) == NB,
+              "scales: float32 / bfloat16 / float16 [N/16, G, 16]");
+  TORCH_CHECK((zeros.dtype() == torch::kUInt8 || zeros.dtype() == torch::kFloat32) &&
+              zeros.is_contiguous() && zeros.sizes() == scales.sizes(),
+              "zeros: uint8 / float32, the scales' shape");
+}
+
+// The kernels' view of checked scales and zero points (see Scales)
+static Scales scales_of(const torch::Tensor& scales, const torch::Tensor& zeros) {
+  const auto t = scales.dtype();
+  const int s_kind = t == torch::kFloat32 ? 0 : t == torch::kBFloat16 ? 1 : 2;
+  return Scales{scales.data_ptr(), zeros.data_ptr(), s_kind,
+                zeros.dtype() == torch::kUInt8 ? 0 : 1, scales.size(1)};
 }
 
 // out [M, N] (float32, bfloat16 or float16) = x [M, Kx] (float32, Kx <= K padded) @ W.T
-void wna16_avx2_gemm(torch::Tensor x, torch::Tensor out, torch::Tensor codes, torch::Tensor sz,
-                     int64_t bits, int64_t group_size) {
-  check_args(x, out, codes, sz, bits);
+void wna16_avx2_gemm(torch::Tensor x, torch::Tensor out, torch::Tensor codes,
+                     torch::Tensor scales, torch::Tensor zeros, int64_t bits, int64_t group_size) {
+  check_args(x, out, codes, scales, zeros, bits);
   const int64_t P = 32 / bits, M = x.size(0), Kx = x.size(1), N = out.size(1);
-  const int64_t units = codes.size(1), K = units * P, G = sz.size(1);
+  const int64_t units = codes.size(1), K = units * P, G = scales.size(1);
   const int64_t blocks = (N + NB - 1) / NB;
-  TORCH_CHECK(codes.size(0) == blocks && sz.size(0) == blocks, "N does not match the layout");
+  TORCH_CHECK(codes.size(0) == blocks, "N does not match the layout");
   TORCH_CHECK(Kx <= K && K - Kx < P, "x's features do not match the layout's rows");
   TORCH_CHECK(group_size > 0 && group_size % P == 0 && (K + group_size - 1) / group_size == G,
               "the group size must be a multiple of 32 / bits and give the scales' groups");
@@ -190,7 +273,7 @@ void wna16_avx2_gemm(torch::Tensor x, torch::Tensor out, torch::Tensor codes, to
       sx[m * G + k / group_size] += v;
     }
   }
-  Geo g{M, N, K, units, G, group_size / P, codes.data_ptr<int32_t>(), sz.data_ptr<float>(),
+  Geo g{M, N, K, units, G, group_size / P, codes.data_ptr<int32_t>(), scales_of(scales, zeros),
         xs.data(), sx.data()};
   if (out.dtype() == torch::kFloat32) run(g, (int)bits, out.data_ptr<float>());
   else if (out.dtype() == torch::kBFloat16) run(g, (int)bits, (c10::BFloat16*)out.data_ptr());
@@ -224,7 +307,7 @@ constexpr int RB = 4;
 struct Geo {
   int64_t M, N, units, G, gsu, csu, C;  // C chunks of csu units; csu divides gsu
   const int32_t* codes;  // [N/16][units][16]
-  const float* sz;       // [N/16][G][2][16]
+  Scales sz;
   const int32_t* xq;     // each pass's rows: [units][D][R] dwords of activation bytes / halves
   const float* sq;       // [M][C][2]: sum of q per chunk, and 128 times it (for A = 8, int8)
   const float* sx;       // [M]: the row's scale (NaN for a row with a non-finite value)
@@ -296,11 +379,10 @@ __attribute__((always_inline)) inline void unit(const int32_t* w, const int32_t*
 }
 
 // acc[m][16] (rows m0 .. m0 + R, zeroed by the caller) += the block's chunk terms
-template <int BITS, int A, int R>
-void rows(const Geo& g, int64_t b, int64_t m0, float* __restrict acc) {
+template <int BITS, int A, int R, typename S>
+void rows(const Geo& g, const S& sc, int64_t b, int64_t m0, float* __restrict acc) {
   constexpr int D = dwords<BITS, A>();
   const int32_t* wb = g.codes + b * g.units * NB;
-  const float* szb = g.sz + b * g.G * 2 * NB;
   const int32_t* x = g.xq + m0 * g.units * D;
   for (int64_t c = 0; c < g.C; ++c) {
     __m256i a[R][2];
@@ -311,9 +393,8 @@ void rows(const Geo& g, int64_t b, int64_t m0, float* __restrict acc) {
       _mm_prefetch((const char*)(wb + (u + 32) * NB), _MM_HINT_T0);
       unit<BITS, A, R>(wb + u * NB, x + u * D * R, a);
     }
-    const float* s = szb + c * g.csu / g.gsu * 2 * NB;
-    const __m256 s0 = _mm256_loadu_ps(s), s1 = _mm256_loadu_ps(s + 8);
-    const __m256 z0 = _mm256_loadu_ps(s + NB), z1 = _mm256_loadu_ps(s + NB + 8);
+    __m256 s0, s1, z0, z1;
+    sc.get(b, c * g.csu / g.gsu, s0, s1, z0, z1);
 #pragma GCC unroll 4
     for (int m = 0; m < R; ++m) {
       const float* q = g.sq + ((m0 + m) * g.C + c) * 2;
@@ -332,24 +413,31 @@ void rows(const Geo& g, int64_t b, int64_t m0, float* __restrict acc) {
   }
 }
 
+template <int BITS, int A, typename S>
+void passes(const Geo& g, const S& sc, int64_t b, float* acc) {
+  int64_t m0 = 0;
+  for (; m0 + RB <= g.M; m0 += RB) rows<BITS, A, RB>(g, sc, b, m0, acc);
+  switch (g.M - m0) {
+    case 1: rows<BITS, A, 1>(g, sc, b, m0, acc); break;
+    case 2: rows<BITS, A, 2>(g, sc, b, m0, acc); break;
+    case 3: rows<BITS, A, 3>(g, sc, b, m0, acc); break;
+    default: break;
+  }
+}
+
+// acc: M * 16 floats, then G * 2 * 16 for the block's decoded scales (see Decoded)
 template <int BITS, int A>
 void block(const Geo& g, int64_t b, float* acc) {
   std::fill(acc, acc + g.M * NB, 0.0f);
-  int64_t m0 = 0;
-  for (; m0 + RB <= g.M; m0 += RB) rows<BITS, A, RB>(g, b, m0, acc);
-  switch (g.M - m0) {
-    case 1: rows<BITS, A, 1>(g, b, m0, acc); break;
-    case 2: rows<BITS, A, 2>(g, b, m0, acc); break;
-    case 3: rows<BITS, A, 3>(g, b, m0, acc); break;
-    default: break;
-  }
+  if (g.M <= RB) passes<BITS, A>(g, g.sz, b, acc);
+  else passes<BITS, A>(g, Decoded(g.sz, b, acc + g.M * NB), b, acc);
 }
 
 template <int BITS, int A, typename T>
 void run(const Geo& g, T* out) {
   const int64_t blocks = (g.N + NB - 1) / NB;
   parallel_blocks(blocks, g.units * NB * 4, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(g.M * NB);
+    std::vector<float> acc((g.M + g.G * 2) * NB);
     for (int64_t b = begin; b < end; ++b) {
       block<BITS, A>(g, b, acc.data());
       const int64_t n0 = b * NB, cols = std::min<int64_t>(NB, g.N - n0);
@@ -486,22 +574,22 @@ void dispatch(const Geo& g, int bits, int act, T* out) {
 // `act`-bit integers (8 or 16; see the integer-activation section above), x float32. With
 // limit > 0 a row whose largest magnitude exceeds limit x its RMS, or that holds a non-finite
 // value, is computed by the float path (wna16_avx2_gemm) instead.
-void wxa_avx2_gemm(torch::Tensor x, torch::Tensor out, torch::Tensor codes, torch::Tensor sz,
-                   int64_t bits, int64_t group_size, int64_t act, double limit) {
-  check_args(x, out, codes, sz, bits);
+void wxa_avx2_gemm(torch::Tensor x, torch::Tensor out, torch::Tensor codes, torch::Tensor scales,
+                   torch::Tensor zeros, int64_t bits, int64_t group_size, int64_t act,
+                   double limit) {
+  check_args(x, out, codes, scales, zeros, bits);
   TORCH_CHECK(act == 8 || act == 16, "act must be 8 or 16");
   const int64_t P = 32 / bits, M = x.size(0), Kx = x.size(1), N = out.size(1);
-  const int64_t units = codes.size(1), K = units * P, G = sz.size(1);
+  const int64_t units = codes.size(1), K = units * P, G = scales.size(1);
   const int64_t D = act == 8 ? (bits == 4 ? 2 : 1) : (bits == 4 ? 4 : 2);
-  TORCH_CHECK(codes.size(0) == (N + ia::NB - 1) / ia::NB && sz.size(0) == codes.size(0),
-              "N does not match the layout");
+  TORCH_CHECK(codes.size(0) == (N + ia::NB - 1) / ia::NB, "N does not match the layout");
   TORCH_CHECK(Kx <= K && K - Kx < P, "x's features do not match the layout's rows");
   TORCH_CHECK(group_size > 0 && group_size % P == 0 && (K + group_size - 1) / group_size == G,
               "the group size must be a multiple of 32 / bits and give the scales' groups");
   if (M == 0 || N == 0) return;
   const int64_t gsu = group_size / P, csu = ia::chunk_units((int)bits, (int)act, gsu);
   ia::Geo g{M, N, units, G, gsu, csu, (units + csu - 1) / csu, codes.data_ptr<int32_t>(),
-            sz.data_ptr<float>(), nullptr, nullptr, nullptr};
+            scales_of(scales, zeros), nullptr, nullptr, nullptr};
   std::vector<int32_t> xq(M * units * D);
   std::vector<float> sq(M * g.C * 2), sx(M);
   std::vector<int64_t> fallback;
@@ -517,6 +605,6 @@ void wxa_avx2_gemm(torch::Tensor x, torch::Tensor out, torch::Tensor codes, torc
   // the rows left to the float path, in one call: one more pass over the weights, not one a row
   const torch::Tensor rows = torch::tensor(fallback, torch::kLong);
   torch::Tensor part = torch::empty({(int64_t)fallback.size(), N}, out.options());
-  wna16_avx2_gemm(x.index_select(0, rows), part, codes, sz, bits, group_size);
+  wna16_avx2_gemm(x.index_select(0, rows), part, codes, scales, zeros, bits, group_size);
   out.index_copy_(0, rows, part);
 }
