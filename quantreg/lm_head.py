@@ -234,6 +234,8 @@ class ParallelLMHead(torch.nn.Module):
                 field="x",
             )
         logits = self.tp.all_gather_last_dim(self.forward(x))
+        if logits.shape[-1] == self.num_embeddings:  # no padding: no slice (an op, on cold caches)
+            return logits
         return logits[..., : self.num_embeddings]
 
     def set_vocab_map(self, draft_to_target: torch.Tensor, target_vocab_size: int) -> None:

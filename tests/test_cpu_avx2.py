@@ -311,6 +311,58 @@ def test_the_int16_path_is_its_model_to_1e_5(kernel, case):
         assert rel_err(out, x.double() @ unrounded_t(w)) < 1e-4, (case, m)
 
 
+@pytest.mark.parametrize("dtype", [BF16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", ["int4-g128", "int4-channel-odd-k-45", "int8-g64-k-130"])
+def test_half_rows_are_taken_as_they_are_and_give_what_their_float32_copy_gives(kernel, case, dtype):  # fmt: skip
+    """Both paths convert bf16 / fp16 rows themselves (no torch op per call for it), exactly."""
+    w = case_weights(case)
+    layout = AVX2IntLayout.build(w)
+    module = cpu_avx2.extension()
+    x = torch.randn(5, w.k, generator=torch.Generator().manual_seed(2)).to(dtype)
+    args = (layout.codes, layout.scales, layout.zeros, w.bits, layout.group_size)
+    for run_path in (lambda xs, out: module.wna16_avx2_gemm(xs, out, *args),
+                     lambda xs, out: module.wxa_avx2_gemm(xs, out, *args, 16, 256.0),
+                     lambda xs, out: module.wxa_avx2_gemm(xs, out, *args, 8, 0.0)):  # fmt: skip
+        got, want = torch.empty(5, w.n), torch.empty(5, w.n)
+        run_path(x, got)
+        run_path(x.float(), want)
+        assert torch.equal(got, want)
+
+
+def test_rows_of_another_dtype_are_refused():
+    layout = AVX2IntLayout.build(case_weights("int4-g128"))
+    x, out = torch.zeros(2, 256, dtype=torch.float64), torch.empty(2, 128)
+    with pytest.raises(RuntimeError, match="x must be a contiguous float32 / bfloat16 / float16 \\[M, K\\] matrix"):  # fmt: skip
+        cpu_avx2.extension().wna16_avx2_gemm(x, out, layout.codes, layout.scales, layout.zeros, 4, 128)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("m", "tile_rows", "calls"), [(3, 8, 1), (8, 8, 1), (9, 4, 3), (70, 16, 5)]
+)
+def test_rows_go_to_the_kernel_in_tiles_and_one_tile_is_one_call(kernel, monkeypatch, m, tile_rows, calls):  # fmt: skip
+    """At most ``X_TILE_BYTES`` of float32 rows a call (the kernel's copy of them); ``x`` itself
+    when it fits one tile: no slice, no conversion."""
+    from quantreg.kernels import cpu_build
+
+    w = case_weights("int4-g128")
+    layout = AVX2IntLayout.build(w)
+    x = torch.randn(m, w.k).to(BF16)
+    whole = avx2_int_matmul(x, layout)
+    seen: list[torch.Tensor] = []
+    original = cpu_avx2.extension()
+
+    class Counting:
+        def wxa_avx2_gemm(self, xs, out, *rest):
+            seen.append(xs)
+            original.wxa_avx2_gemm(xs, out, *rest)
+
+    monkeypatch.setattr(cpu_build, "X_TILE_BYTES", tile_rows * 4 * w.k)
+    monkeypatch.setattr(cpu_avx2, "extension", lambda: Counting())
+    assert torch.equal(avx2_int_matmul(x, layout), whole)
+    assert len(seen) == calls and sum(len(t) for t in seen) == m
+    assert all(t.dtype == BF16 for t in seen) and (calls > 1 or seen[0] is x)
+
+
 # The largest int32 sums of the int16 path: every code at its extreme times x at +-32767 over a
 # whole chunk of rows (2048 for int4, 256 for int8) and more (K = 4096: 2 and 16 chunks)
 INT16_EXTREMES = {  # bits, code, zero point, sign of x

@@ -164,6 +164,19 @@ def test_bf16_activations_match_the_exact_reference(kernel, case):
         assert rel_err(got, reference.float8_matmul(x, layout)) < 1e-2, m
 
 
+@pytest.mark.parametrize("dtype", [BF16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", ["fp8-block-128-k-200", "e2m1-channel-odd-k-45"])
+def test_half_rows_are_taken_as_they_are_and_give_what_their_float32_copy_gives(kernel, case, dtype):  # fmt: skip
+    """The extension converts bf16 / fp16 rows itself (no torch op per call for it), exactly."""
+    fast = CPUFloat8Layout.build(layout_of(case))
+    x = torch.randn(3, fast.k).to(dtype)
+    args = (fast.codes, fast.scales, fast.group_size, fast.fp4, fast.scale_mult)
+    got, want = torch.empty(3, fast.n), torch.empty(3, fast.n)
+    cpu_float8.extension().float8_gemm(x, got, *args)
+    cpu_float8.extension().float8_gemm(x.float(), want, *args)
+    assert torch.equal(got, want)
+
+
 def test_nvfp4_bf16_rounding_is_not_reproduced(kernel):
     """The reference rounds each dequantized NVFP4 weight to bf16; the kernel keeps the float32
     product: the two differ, by less than bf16's half ulp per weight."""

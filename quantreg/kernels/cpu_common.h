@@ -1,11 +1,48 @@
 // What quantreg's AVX2 kernels share (wna16_avx2_kernel.cpp, float8_kernel.cpp): cpu_build puts
 // this file before each of their sources in one unit, and into their build keys.
+#include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 namespace {
+
+// x [M, K] (contiguous float32, bfloat16 or float16) as float32, what the kernels compute with:
+// x's own data when float32, else a copy converted here. Callers pass bf16 / fp16 rows as they
+// are: each torch op a call adds (a conversion, a slice) costs tens of microseconds when the
+// weights streamed through the caches just before, as they do in a decode step.
+struct FloatRows {
+  std::vector<float> copy;
+  const float* p;
+
+  explicit FloatRows(const torch::Tensor& x) {
+    TORCH_CHECK(x.dim() == 2 && x.is_contiguous() &&
+                (x.dtype() == torch::kFloat32 || x.dtype() == torch::kBFloat16 ||
+                 x.dtype() == torch::kFloat16),
+                "x must be a contiguous float32 / bfloat16 / float16 [M, K] matrix");
+    if (x.dtype() == torch::kFloat32) {
+      p = x.data_ptr<float>();
+      return;
+    }
+    const int64_t n = x.numel();
+    copy.resize(n);
+    const uint16_t* h = (const uint16_t*)x.data_ptr();
+    const bool bf16 = x.dtype() == torch::kBFloat16;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const __m128i v = _mm_loadu_si128((const __m128i*)(h + i));
+      const __m256 f = bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16))
+                            : _mm256_cvtph_ps(v);
+      _mm256_storeu_ps(copy.data() + i, f);
+    }
+    for (; i < n; ++i)
+      copy[i] = bf16 ? static_cast<float>(c10::BFloat16(h[i], c10::BFloat16::from_bits()))
+                     : static_cast<float>(c10::Half(h[i], c10::Half::from_bits()));
+    p = copy.data();
+  }
+};
 
 // fn(b0, b1) for ranges of blocks (of block_bytes of weights each) that cover [0, blocks), on
 // torch's threads, a range at a time as threads come free (about 16 ranges a thread, each of at

@@ -401,11 +401,10 @@ void run(const Geo& g, T* out) {
 
 }  // namespace
 
-// out [M, N] (float32, bfloat16 or float16) = x [M, K] (float32) @ W.T
+// out [M, N] (float32, bfloat16 or float16) = x [M, K] (float32, bfloat16 or float16) @ W.T
 void float8_gemm(torch::Tensor x, torch::Tensor out, torch::Tensor codes, torch::Tensor scales,
                  int64_t group_size, bool fp4, double scale_mult) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.dtype() == torch::kFloat32,
-              "x must be a contiguous float32 [M, K] matrix");
+  const FloatRows xf(x);
   TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(0) == x.size(0) &&
               (out.dtype() == torch::kFloat32 || out.dtype() == torch::kBFloat16 ||
                out.dtype() == torch::kFloat16),
@@ -432,7 +431,7 @@ void float8_gemm(torch::Tensor x, torch::Tensor out, torch::Tensor codes, torch:
   }
   Geo g{M, N, K, group_size, G, fp4, codes.data_ptr<uint8_t>(),
         codes8 ? nullptr : scales.data_ptr<float>(), codes8 ? scales.data_ptr<uint8_t>() : nullptr,
-        static_cast<float>(scale_mult), x.data_ptr<float>()};
+        static_cast<float>(scale_mult), xf.p};
   if (out.dtype() == torch::kFloat32) run(g, out.data_ptr<float>());
   else if (out.dtype() == torch::kBFloat16) run(g, (c10::BFloat16*)out.data_ptr());
   else run(g, (c10::Half*)out.data_ptr());

@@ -126,15 +126,19 @@ def rows_matmul(
     matmul: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
     """``x @ W.T (+ bias)`` for any leading shape: ``matmul`` gets ``x`` as ``[rows, in]``
-    with its features in ``perm`` order (None: as they are); the result is in ``x``'s dtype."""
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    with its features in ``perm`` order (None: as they are); the result is in ``x``'s dtype.
+    No op runs that would change nothing (a reshape of a matrix, a cast to its own dtype): on
+    caches the weights just streamed through, each costs tens of microseconds."""
+    flat = x.dim() != 2
+    x2 = x.reshape(-1, x.shape[-1]) if flat else x
     if perm is not None:
         x2 = x2.index_select(-1, perm.to(x2.device))
-    out = matmul(x2).to(x.dtype)
+    out = matmul(x2)
+    if out.dtype != x.dtype:
+        out = out.to(x.dtype)
     if bias is not None:
         out = out + bias.to(x.dtype)
-    return out.reshape(*lead, out.shape[-1])
+    return out.reshape(*x.shape[:-1], out.shape[-1]) if flat else out
 
 
 ACTIVATION_DTYPES = ("int8",)

@@ -222,8 +222,10 @@ static void check_args(const torch::Tensor& x, const torch::Tensor& out,
                        const torch::Tensor& codes, const torch::Tensor& scales,
                        const torch::Tensor& zeros, int64_t bits) {
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.dtype() == torch::kFloat32,
-              "x must be a contiguous float32 [M, K] matrix");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() &&
+              (x.dtype() == torch::kFloat32 || x.dtype() == torch::kBFloat16 ||
+               x.dtype() == torch::kFloat16),
+              "x must be a contiguous float32 / bfloat16 / float16 [M, K] matrix");
   TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(0) == x.size(0) &&
               (out.dtype() == torch::kFloat32 || out.dtype() == torch::kBFloat16 ||
                out.dtype() == torch::kFloat16),
@@ -247,7 +249,8 @@ static Scales scales_of(const torch::Tensor& scales, const torch::Tensor& zeros)
                 zeros.dtype() == torch::kUInt8 ? 0 : 1, scales.size(1)};
 }
 
-// out [M, N] (float32, bfloat16 or float16) = x [M, Kx] (float32, Kx <= K padded) @ W.T
+// out [M, N] (float32, bfloat16 or float16) = x [M, Kx] (float32, bfloat16 or float16; Kx <= K
+// padded) @ W.T
 void wna16_avx2_gemm(torch::Tensor x, torch::Tensor out, torch::Tensor codes,
                      torch::Tensor scales, torch::Tensor zeros, int64_t bits, int64_t group_size) {
   check_args(x, out, codes, scales, zeros, bits);
@@ -262,7 +265,8 @@ void wna16_avx2_gemm(torch::Tensor x, torch::Tensor out, torch::Tensor codes,
   // x pre-scaled by 2^-(j * bits) for code j of a lane (the last one: by 1), zero-padded to K,
   // its rows interleaved by passes (rows m0 .. m0 + R as [K][R]), and the group sums of x
   std::vector<float> xs(M * K, 0.0f), sx(M * G, 0.0f);
-  const float* xp = x.data_ptr<float>();
+  const FloatRows xf(x);
+  const float* xp = xf.p;
   float pw[8];
   for (int j = 0; j < P; ++j) pw[j] = j == P - 1 ? 1.0f : std::ldexp(1.0f, -(int)(j * bits));
   for (int64_t m = 0; m < M; ++m) {
@@ -570,9 +574,9 @@ void dispatch(const Geo& g, int bits, int act, T* out) {
 
 }  // namespace ia
 
-// out [M, N] (float32, bfloat16 or float16) = x [M, Kx] @ W.T with x quantized per row to
-// `act`-bit integers (8 or 16; see the integer-activation section above), x float32. With
-// limit > 0 a row whose largest magnitude exceeds limit x its RMS, or that holds a non-finite
+// out [M, N] (float32, bfloat16 or float16) = x [M, Kx] (float32, bfloat16 or float16) @ W.T
+// with x quantized per row to `act`-bit integers (8 or 16; see the integer-activation section
+// above). With limit > 0 a row whose largest magnitude exceeds limit x its RMS, or that holds a non-finite
 // value, is computed by the float path (wna16_avx2_gemm) instead.
 void wxa_avx2_gemm(torch::Tensor x, torch::Tensor out, torch::Tensor codes, torch::Tensor scales,
                    torch::Tensor zeros, int64_t bits, int64_t group_size, int64_t act,
@@ -593,7 +597,8 @@ void wxa_avx2_gemm(torch::Tensor x, torch::Tensor out, torch::Tensor codes, torc
   std::vector<int32_t> xq(M * units * D);
   std::vector<float> sq(M * g.C * 2), sx(M);
   std::vector<int64_t> fallback;
-  ia::quantize(x.data_ptr<float>(), Kx, (int)bits, (int)act, limit, g, xq, sq, sx, fallback);
+  const FloatRows xf(x);
+  ia::quantize(xf.p, Kx, (int)bits, (int)act, limit, g, xq, sq, sx, fallback);
   g.xq = xq.data();
   g.sq = sq.data();
   g.sx = sx.data();
