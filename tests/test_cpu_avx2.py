@@ -357,7 +357,7 @@ def test_rows_go_to_the_kernel_in_tiles_and_one_tile_is_one_call(kernel, monkeyp
             original.wxa_avx2_gemm(xs, out, *rest)
 
     monkeypatch.setattr(cpu_build, "X_TILE_BYTES", tile_rows * 4 * w.k)
-    monkeypatch.setattr(cpu_avx2, "extension", lambda: Counting())
+    monkeypatch.setitem(cpu_avx2._state, "module", Counting())
     assert torch.equal(avx2_int_matmul(x, layout), whole)
     assert len(seen) == calls and sum(len(t) for t in seen) == m
     assert all(t.dtype == BF16 for t in seen) and (calls > 1 or seen[0] is x)

@@ -276,7 +276,7 @@ def avx2_a8_matmul(x: torch.Tensor, layout: AVX2IntLayout) -> torch.Tensor:
 def _gemm(x: torch.Tensor, layout: AVX2IntLayout, act: int, limit: float) -> torch.Tensor:
     """The extension over tiles of ``x``: float32 FMA (``act`` 0) or ``act``-bit integer
     activations (rows beyond ``limit`` x their RMS on the float path; 0: none)."""
-    module = extension()
+    module = _state.get("module") or extension()  # no lock once built: a call's path is short
     if module is None:
         raise RuntimeError(f"quantreg's AVX2 int kernel is unavailable: {unavailable_reason()}")
     args = (layout.codes, layout.scales, layout.zeros, layout.bits, layout.group_size)
