@@ -14,7 +14,7 @@ in a fresh process per format:
 
 Usage: ``python bench/load_time.py [--dir DIR] [--formats "gptq int4 g128,..."]
 [--trees A,B]``: with ``--trees`` each format is measured in every source tree in turn (the
-child process runs in that tree, whose editable install it imports), so two trees are compared
+child process runs in that tree and imports its quantreg), so two trees are compared
 interleaved on the same files. ``--profile LABEL`` prints a cProfile of one load instead.
 """
 
@@ -142,9 +142,13 @@ def main() -> None:
 
 
 def child(folder: Path, tree: str, dtype: str) -> dict[str, Any]:
-    """:func:`measure` in a fresh process that imports ``tree``'s quantreg."""
+    """:func:`measure` in a fresh process that imports ``tree``'s quantreg: ``tree`` first on
+    its path (the script's own folder comes first, and has no quantreg; without this an
+    editable install's tree would answer for every tree)."""
     command = [sys.executable, os.path.abspath(__file__), "--one", str(folder), "--dtype", dtype]
-    out = subprocess.run(command, capture_output=True, text=True, check=True, cwd=tree)
+    path = os.pathsep.join(p for p in (os.path.abspath(tree), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path}
+    out = subprocess.run(command, capture_output=True, text=True, check=True, cwd=tree, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
