@@ -51,15 +51,10 @@ struct Scales {
     if (s_kind == 0) {
       s0 = _mm256_loadu_ps((const float*)s + i);
       s1 = _mm256_loadu_ps((const float*)s + i + 8);
-    } else if (s_kind == 1) {  // bf16: the high half of a float32
-      const __m256i h = _mm256_loadu_si256((const __m256i*)((const uint16_t*)s + i));
-      s0 = _mm256_castsi256_ps(
-          _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(h)), 16));
-      s1 = _mm256_castsi256_ps(
-          _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(h, 1)), 16));
     } else {
-      s0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)s + i)));
-      s1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)s + i + 8)));
+      const uint16_t* h = (const uint16_t*)s + i;
+      s0 = half8_ps(_mm_loadu_si128((const __m128i*)h), s_kind == 1);
+      s1 = half8_ps(_mm_loadu_si128((const __m128i*)(h + 8)), s_kind == 1);
     }
     __m256 f0, f1;
     if (z_kind == 0) {
@@ -73,7 +68,6 @@ struct Scales {
     z0 = _mm256_mul_ps(s0, f0);
     z1 = _mm256_mul_ps(s1, f1);
   }
-
 };
 
 // One block's s and s * z decoded once, float32 [G][2][16], for blocks that take several passes
@@ -217,15 +211,12 @@ void run(const Geo& g, int bits, T* out) {
 
 }  // namespace
 
-// The checks both entry points make on their arguments (the layout's shapes come after)
+// The checks both entry points make on their arguments after FloatRows has checked x (the
+// layout's shapes come after)
 static void check_args(const torch::Tensor& x, const torch::Tensor& out,
                        const torch::Tensor& codes, const torch::Tensor& scales,
                        const torch::Tensor& zeros, int64_t bits) {
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() &&
-              (x.dtype() == torch::kFloat32 || x.dtype() == torch::kBFloat16 ||
-               x.dtype() == torch::kFloat16),
-              "x must be a contiguous float32 / bfloat16 / float16 [M, K] matrix");
   TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(0) == x.size(0) &&
               (out.dtype() == torch::kFloat32 || out.dtype() == torch::kBFloat16 ||
                out.dtype() == torch::kFloat16),
@@ -253,6 +244,7 @@ static Scales scales_of(const torch::Tensor& scales, const torch::Tensor& zeros)
 // padded) @ W.T
 void wna16_avx2_gemm(torch::Tensor x, torch::Tensor out, torch::Tensor codes,
                      torch::Tensor scales, torch::Tensor zeros, int64_t bits, int64_t group_size) {
+  const FloatRows xf(x);
   check_args(x, out, codes, scales, zeros, bits);
   const int64_t P = 32 / bits, M = x.size(0), Kx = x.size(1), N = out.size(1);
   const int64_t units = codes.size(1), K = units * P, G = scales.size(1);
@@ -265,7 +257,6 @@ void wna16_avx2_gemm(torch::Tensor x, torch::Tensor out, torch::Tensor codes,
   // x pre-scaled by 2^-(j * bits) for code j of a lane (the last one: by 1), zero-padded to K,
   // its rows interleaved by passes (rows m0 .. m0 + R as [K][R]), and the group sums of x
   std::vector<float> xs(M * K, 0.0f), sx(M * G, 0.0f);
-  const FloatRows xf(x);
   const float* xp = xf.p;
   float pw[8];
   for (int j = 0; j < P; ++j) pw[j] = j == P - 1 ? 1.0f : std::ldexp(1.0f, -(int)(j * bits));
@@ -576,11 +567,12 @@ void dispatch(const Geo& g, int bits, int act, T* out) {
 
 // out [M, N] (float32, bfloat16 or float16) = x [M, Kx] (float32, bfloat16 or float16) @ W.T
 // with x quantized per row to `act`-bit integers (8 or 16; see the integer-activation section
-// above). With limit > 0 a row whose largest magnitude exceeds limit x its RMS, or that holds a non-finite
-// value, is computed by the float path (wna16_avx2_gemm) instead.
+// above). With limit > 0 a row whose largest magnitude exceeds limit x its RMS, or that holds
+// a non-finite value, is computed by the float path (wna16_avx2_gemm) instead.
 void wxa_avx2_gemm(torch::Tensor x, torch::Tensor out, torch::Tensor codes, torch::Tensor scales,
                    torch::Tensor zeros, int64_t bits, int64_t group_size, int64_t act,
                    double limit) {
+  const FloatRows xf(x);
   check_args(x, out, codes, scales, zeros, bits);
   TORCH_CHECK(act == 8 || act == 16, "act must be 8 or 16");
   const int64_t P = 32 / bits, M = x.size(0), Kx = x.size(1), N = out.size(1);
@@ -597,7 +589,6 @@ void wxa_avx2_gemm(torch::Tensor x, torch::Tensor out, torch::Tensor codes, torc
   std::vector<int32_t> xq(M * units * D);
   std::vector<float> sq(M * g.C * 2), sx(M);
   std::vector<int64_t> fallback;
-  const FloatRows xf(x);
   ia::quantize(xf.p, Kx, (int)bits, (int)act, limit, g, xq, sq, sx, fallback);
   g.xq = xq.data();
   g.sq = sq.data();
