@@ -225,7 +225,7 @@ def _block_scales(scales: torch.Tensor) -> torch.Tensor:
     import torch
 
     keep = scales.dtype in (torch.float32, torch.bfloat16, torch.float16)
-    return _blocks(scales, scales.dtype if keep else torch.float32)
+    return column_blocks(scales, NB, dtype=scales.dtype if keep else torch.float32)
 
 
 def _block_zeros(zeros: torch.Tensor) -> torch.Tensor:
@@ -236,15 +236,7 @@ def _block_zeros(zeros: torch.Tensor) -> torch.Tensor:
 
     integral = not zeros.is_floating_point() or torch.equal(zeros, zeros.round())
     small = zeros.numel() == 0 or (integral and zeros.min() >= 0 and zeros.max() <= 255)
-    return _blocks(zeros, torch.uint8 if small else torch.float32)
-
-
-def _blocks(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """:func:`column_blocks` of ``values`` into a new ``dtype`` tensor (converted as copied)."""
-    import torch
-
-    g, n = values.shape
-    return column_blocks(values, NB, torch.empty((-(-n // NB), g, NB), dtype=dtype))
+    return column_blocks(zeros, NB, dtype=torch.uint8 if small else torch.float32)
 
 
 def avx2_int_matmul(x: torch.Tensor, layout: AVX2IntLayout) -> torch.Tensor:
@@ -276,7 +268,7 @@ def avx2_a8_matmul(x: torch.Tensor, layout: AVX2IntLayout) -> torch.Tensor:
 def _gemm(x: torch.Tensor, layout: AVX2IntLayout, act: int, limit: float) -> torch.Tensor:
     """The extension over tiles of ``x``: float32 FMA (``act`` 0) or ``act``-bit integer
     activations (rows beyond ``limit`` x their RMS on the float path; 0: none)."""
-    module = _state.get("module") or extension()  # no lock once built: a call's path is short
+    module = extension()
     if module is None:
         raise RuntimeError(f"quantreg's AVX2 int kernel is unavailable: {unavailable_reason()}")
     args = (layout.codes, layout.scales, layout.zeros, layout.bits, layout.group_size)

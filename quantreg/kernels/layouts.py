@@ -289,17 +289,21 @@ class ScaleFactor:
 
 
 def column_blocks(
-    values: torch.Tensor, width: int, out: torch.Tensor | None = None
+    values: torch.Tensor,
+    width: int,
+    out: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``[G, N]`` values (scales, zero points) as ``[ceil(N / width), G, width]``, the blocks
     of outputs the CPU kernels read, the last block zero-padded: one copy, into ``out`` when
-    given (a view will do)."""
+    given (a view will do), else into a new tensor of ``dtype`` (default: the values'),
+    converted as copied."""
     import torch
 
     g, n = values.shape
     whole = n // width * width
     if out is None:
-        out = torch.empty((-(-n // width), g, width), dtype=values.dtype)
+        out = torch.empty((-(-n // width), g, width), dtype=dtype or values.dtype)
     out[: whole // width].copy_(values[:, :whole].reshape(g, -1, width).permute(1, 0, 2))
     if whole < n:
         out[-1].zero_()[:, : n - whole] = values[:, whole:]
