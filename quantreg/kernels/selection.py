@@ -92,9 +92,6 @@ class Kernel:
         if self.layout is None:
             raise InputError(f"kernel '{self.name}' is a record: the layer computes itself")
         run = KERNELS[self.name].run
-        if bias is None and x.dim() == 2 and self.layout.perm is None:  # a decode step's call
-            out = run(x, self.layout)
-            return out if out.dtype == x.dtype else out.to(x.dtype)
         return rows_matmul(x, bias, self.layout.perm, lambda x2: run(x2, self.layout))
 
     def tensors(self) -> dict[str, torch.Tensor]:
