@@ -336,6 +336,27 @@ def test_rows_of_another_dtype_are_refused():
         cpu_avx2.extension().wna16_avx2_gemm(x, out, layout.codes, layout.scales, layout.zeros, 4, 128)  # fmt: skip
 
 
+# what the extension is handed instead of the layout's scales / zero points -> its refusal
+BAD_SCALES = {
+    "float64-scales": (lambda L: (L.scales.double(), L.zeros), r"scales: float32 / bfloat16 / float16 \[N/16, G, 16\]"),
+    "scales-of-another-n": (lambda L: (L.scales[:-1].contiguous(), L.zeros), r"scales: float32 / bfloat16 / float16 \[N/16, G, 16\]"),
+    "int32-zeros": (lambda L: (L.scales, L.zeros.int()), r"zeros: uint8 / float32, the scales' shape"),
+    "zeros-of-another-shape": (lambda L: (L.scales, L.zeros[:, :, :8].contiguous()), r"zeros: uint8 / float32, the scales' shape"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("swap", "message"), BAD_SCALES.values(), ids=BAD_SCALES.keys())
+def test_scales_and_zero_points_the_layout_does_not_hold_are_refused(kernel, swap, message):
+    layout = AVX2IntLayout.build(case_weights("int4-g128"))
+    scales, zeros = swap(layout)
+    x, out = torch.zeros(2, 256), torch.empty(2, 128)
+    module = cpu_avx2.extension()
+    with pytest.raises(RuntimeError, match=message):
+        module.wna16_avx2_gemm(x, out, layout.codes, scales, zeros, 4, 128)
+    with pytest.raises(RuntimeError, match=message):
+        module.wxa_avx2_gemm(x, out, layout.codes, scales, zeros, 4, 128, 16, 256.0)
+
+
 @pytest.mark.parametrize(
     ("m", "tile_rows", "calls"), [(3, 8, 1), (8, 8, 1), (9, 4, 3), (70, 16, 5)]
 )
