@@ -95,16 +95,18 @@ def paths_at(rev: str, n: int, k: int) -> dict[str, tuple[Callable[[torch.Tensor
         lay = cpu_avx2.AVX2IntLayout.build(w)
         args = (lay.codes, lay.scales, lay.zeros, lay.bits, lay.group_size)
         for act, limit, name in ((16, 256.0, "avx2"), (8, 0.0, "avx2 a8")):
-            run = functools.partial(_at_rev, module, args, act, limit)
-            call = functools.partial(cpu_build.in_row_tiles, n=n, call=run)
+            call = functools.partial(_at_rev, module, args, n, act, limit)
             found[f"{name} {label} @{rev}"] = (call, lay.codes.nbytes)
     return found
 
 
 def _at_rev(
-    module: Any, args: tuple, act: int, limit: float, xf: torch.Tensor, out: torch.Tensor
-) -> None:
-    module.wxa_avx2_gemm(xf, out, *args, act, limit)
+    module: Any, args: tuple, n: int, act: int, limit: float, x: torch.Tensor
+) -> torch.Tensor:
+    """``module``'s kernel on ``x`` in one call (the M this script times fit one tile)."""
+    out = torch.empty((x.shape[0], n), dtype=x.dtype)
+    module.wxa_avx2_gemm(x, out, *args, act, limit)
+    return out
 
 
 def slice_ms(call: Callable[[torch.Tensor], object], x: torch.Tensor, reps: int) -> float:

@@ -223,7 +223,9 @@ class ParallelLMHead(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's logits: ``[tokens, num_embeddings_per_partition]`` (padding included)."""
-        return self.quant_method.apply(self, x, self.bias)
+        # a registered parameter is read through nn.Module.__getattr__ (Python): ~15 µs a call
+        # on the caches a decode step leaves, so the common head without one does not read it
+        return self.quant_method.apply(self, x, self.bias if self.has_bias else None)
 
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Full, unpadded logits ``[tokens, num_embeddings]`` on every rank (all-gathered)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dispatched_ops import ALLOCATE, DispatchedOps, tiled_ops
 from int_weights import constant_int_weights, rel_err, unrounded_t
 from int_weights import random_int_weights as int_weights
 
@@ -23,7 +24,7 @@ from quantreg import IntWeights, Platform
 from quantreg.errors import InputError
 from quantreg.kernels import Float8Layout, KPackedLayout, choose, cpu_avx2
 from quantreg.kernels.catalog import KERNELS, Target
-from quantreg.kernels.cpu_avx2 import AVX2IntLayout, avx2_int_matmul
+from quantreg.kernels.cpu_avx2 import AVX2IntLayout, avx2_a8_matmul, avx2_int_matmul
 from quantreg.kernels.packing import pack_codes
 from quantreg.kernels.reference import reference_matmul
 
@@ -357,31 +358,38 @@ def test_scales_and_zero_points_the_layout_does_not_hold_are_refused(kernel, swa
         module.wxa_avx2_gemm(x, out, layout.codes, scales, zeros, 4, 128, 16, 256.0)
 
 
+@pytest.mark.parametrize("path", [avx2_int_matmul, avx2_a8_matmul], ids=["int16", "a8"])
 @pytest.mark.parametrize(
-    ("m", "tile_rows", "calls"), [(3, 8, 1), (8, 8, 1), (9, 4, 3), (70, 16, 5)]
+    ("m", "tile_rows", "tiles"), [(3, 8, 1), (8, 8, 1), (9, 4, 3), (70, 16, 5)]
 )
-def test_rows_go_to_the_kernel_in_tiles_and_one_tile_is_one_call(kernel, monkeypatch, m, tile_rows, calls):  # fmt: skip
-    """At most ``X_TILE_BYTES`` of float32 rows a call (the kernel's copy of them); ``x`` itself
-    when it fits one tile: no slice, no conversion."""
+def test_rows_go_to_the_kernel_in_tiles_and_one_tile_runs_no_op_but_the_output(kernel, monkeypatch, path, m, tile_rows, tiles):  # fmt: skip
+    """At most ``X_TILE_BYTES`` of float32 rows a kernel call (the kernel's copy of them), tiled
+    in C++; ``x`` itself when it fits one tile: the call runs one torch op, the output's
+    allocation -- no conversion, no slice (each costs tens of µs in a decode step)."""
     from quantreg.kernels import cpu_build
 
     w = case_weights("int4-g128")
     layout = AVX2IntLayout.build(w)
     x = torch.randn(m, w.k).to(BF16)
-    whole = avx2_int_matmul(x, layout)
-    seen: list[torch.Tensor] = []
-    original = cpu_avx2.extension()
-
-    class Counting:
-        def wxa_avx2_gemm(self, xs, out, *rest):
-            seen.append(xs)
-            original.wxa_avx2_gemm(xs, out, *rest)
-
+    whole = path(x, layout)
     monkeypatch.setattr(cpu_build, "X_TILE_BYTES", tile_rows * 4 * w.k)
-    monkeypatch.setitem(cpu_avx2._state, "module", Counting())
-    assert torch.equal(avx2_int_matmul(x, layout), whole)
-    assert len(seen) == calls and sum(len(t) for t in seen) == m
-    assert all(t.dtype == BF16 for t in seen) and (calls > 1 or seen[0] is x)
+    with DispatchedOps() as seen:
+        tiled = path(x, layout)
+    assert torch.equal(tiled, whole) and tiled.dtype == BF16 and tiled.shape == (m, w.n)
+    assert seen.ops == tiled_ops(tiles)
+
+
+def test_a_decode_step_of_an_unpadded_head_runs_one_torch_op(kernel, tmp_path):
+    """``compute_logits`` at M = 1 through the registry, the head and the kernel's Python side:
+    the output's allocation is the only op (vocab 1024: no padding to slice off)."""
+    weight = (torch.randn(1024, 256, generator=torch.Generator().manual_seed(1)) * 0.05).half()
+    quantreg.write_checkpoint(tmp_path, weight, "gptq", bits=4, group_size=128, sym=True)
+    head = quantreg.load_lm_head(tmp_path, dtype=BF16)
+    assert head.kernel.name == "cpu-avx2-wna16"
+    x = torch.randn(1, 256).to(BF16)
+    with DispatchedOps() as seen:
+        logits = head.compute_logits(x)
+    assert seen.ops == [ALLOCATE] and logits.shape == (1, 1024)
 
 
 # The largest int32 sums of the int16 path: every code at its extreme times x at +-32767 over a

@@ -7,6 +7,7 @@ no Triton and no C++ extension.
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -151,20 +152,8 @@ def _build_avx2_int(weights: Weights, dtype: torch.dtype) -> Any:
     return AVX2IntLayout.build(weights)
 
 
-def _run_avx2_int(x: torch.Tensor, layout: Any) -> torch.Tensor:
-    from quantreg.kernels.cpu_avx2 import avx2_int_matmul
-
-    return avx2_int_matmul(x, layout)
-
-
 def _decline_avx2_a8(t: Target) -> str | None:
     return _on_cpu(t) or _avx2_int_unit(t)
-
-
-def _run_avx2_a8(x: torch.Tensor, layout: Any) -> torch.Tensor:
-    from quantreg.kernels.cpu_avx2 import avx2_a8_matmul
-
-    return avx2_a8_matmul(x, layout)
 
 
 def _torch_op(t: Target, op: str, fits: Callable[[IntWeights], str | None]) -> str | None:
@@ -213,12 +202,6 @@ def _build_float8(weights: Weights, dtype: torch.dtype) -> Any:
 
     assert isinstance(weights, Float8Layout)
     return CPUFloat8Layout.build(weights)
-
-
-def _run_float8(x: torch.Tensor, layout: Any) -> torch.Tensor:
-    from quantreg.kernels.cpu_float8 import float8_cpu_matmul
-
-    return float8_cpu_matmul(x, layout)
 
 
 def _build_cpu(weights: Weights, dtype: torch.dtype) -> Any:
@@ -275,11 +258,18 @@ def _build_torch(kind: str) -> Callable[[Weights, torch.dtype], Any]:
     return make
 
 
-def _run_torch(kind: str) -> Callable[[torch.Tensor, Any], torch.Tensor]:
-    def run(x: torch.Tensor, layout: Any) -> torch.Tensor:
-        from quantreg.kernels import torch_ops
+def _deferred(module: str, name: str) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+    """``quantreg.kernels.<module>.<name>(x, layout)``: the module imported by the first call
+    (see the module doc), the function kept for the calls after it. An import statement in a
+    run function costs about 15 µs a call on the caches a decode step leaves (the weights have
+    just streamed through them): half a percent of an int4 head's call at M = 1."""
+    found: Callable[[torch.Tensor, Any], torch.Tensor] | None = None
 
-        return (torch_ops.int4_matmul if kind == "int4" else torch_ops.int8_matmul)(x, layout)
+    def run(x: torch.Tensor, layout: Any) -> torch.Tensor:
+        nonlocal found
+        if found is None:
+            found = getattr(importlib.import_module(f"quantreg.kernels.{module}"), name)
+        return found(x, layout)
 
     return run
 
@@ -305,22 +295,22 @@ KERNELS: dict[str, KernelDef] = {
             "fixed point (integer multiply-adds; a row whose int16 rounding would exceed "
             "its own at its RMS takes the float32 FMA path), zero points and scales once per "
             "group",
-            _decline_avx2_int, _build_avx2_int, _run_avx2_int,
+            _decline_avx2_int, _build_avx2_int, _deferred("cpu_avx2", "avx2_int_matmul"),
         ),
         KernelDef(
             "cpu-avx2-a8",
             "quantreg's int4 / int8 CPU kernel for AVX2 with int8 activations (opt-in: "
             "quantized per row, dynamic and symmetric, then integer multiply-adds); "
             "bf16 / fp16 / float32 activations in and out",
-            _decline_avx2_a8, _build_avx2_int, _run_avx2_a8, "int8",
+            _decline_avx2_a8, _build_avx2_int, _deferred("cpu_avx2", "avx2_a8_matmul"), "int8",
         ),
         KernelDef(
             "torch-int4pack", "torch's _weight_int4pack_mm_for_cpu (zero points as floats)",
-            _decline_int4, _build_torch("int4"), _run_torch("int4"),
+            _decline_int4, _build_torch("int4"), _deferred("torch_ops", "int4_matmul"),
         ),
         KernelDef(
             "torch-int8pack", "torch's _weight_int8pack_mm",
-            _decline_int8, _build_torch("int8"), _run_torch("int8"),
+            _decline_int8, _build_torch("int8"), _deferred("torch_ops", "int8_matmul"),
         ),
         KernelDef(
             "cpu-avx512",
@@ -333,7 +323,7 @@ KERNELS: dict[str, KernelDef] = {
             "quantreg's float8 CPU kernel: AVX2 FMA on fp8 (1 byte) or e2m1 (4 bits) codes "
             "decoded in registers, scales in float32; bf16 / fp16 activations, float32 "
             "accumulation",
-            _decline_float8, _build_float8, _run_float8,
+            _decline_float8, _build_float8, _deferred("cpu_float8", "float8_cpu_matmul"),
         ),
         KernelDef(
             "triton", "quantreg's Triton kernel over the k-packed layout, float32 accumulation",

@@ -51,6 +51,7 @@ SERIAL_ELEMENTS = 32767
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {}
+_INT16_LIMITS: dict[torch.dtype, float] = {}  # see int16_row_limit
 
 
 def not_here(flags: frozenset[str] | None = None) -> str | None:
@@ -188,9 +189,13 @@ def int16_row_limit(dtype: torch.dtype) -> float:
     of the row's RMS (half an ulp: ``rms * 2^-8`` in bf16, ``rms * 2^-11`` in fp16) exactly when
     ``max|x| <= 256 * rms`` (bf16) or ``32 * rms`` (fp16). float32 rows keep the float path.
     """
-    import torch
+    # the table is built once: every call of the kernel asks, and an import statement costs
+    # about 10 µs a call on the caches a decode step leaves
+    if not _INT16_LIMITS:
+        import torch
 
-    return {torch.bfloat16: 256.0, torch.float16: 32.0}.get(dtype, 0.0)
+        _INT16_LIMITS.update({torch.bfloat16: 256.0, torch.float16: 32.0})
+    return _INT16_LIMITS.get(dtype, 0.0)
 
 
 def _from_n_packed(words: torch.Tensor, order: tuple[int, ...], out: torch.Tensor) -> None:
@@ -266,20 +271,16 @@ def avx2_a8_matmul(x: torch.Tensor, layout: AVX2IntLayout) -> torch.Tensor:
 
 
 def _gemm(x: torch.Tensor, layout: AVX2IntLayout, act: int, limit: float) -> torch.Tensor:
-    """The extension over tiles of ``x``: float32 FMA (``act`` 0) or ``act``-bit integer
-    activations (rows beyond ``limit`` x their RMS on the float path; 0: none)."""
-    module = extension()
+    """The extension's one call (``avx2_int_mm``: the output allocated and ``x``'s rows tiled
+    in C++): float32 FMA (``act`` 0) or ``act``-bit integer activations (rows beyond ``limit``
+    x their RMS on the float path; 0: none)."""
+    module = _state.get("module") or extension()
     if module is None:
         raise RuntimeError(f"quantreg's AVX2 int kernel is unavailable: {unavailable_reason()}")
-    args = (layout.codes, layout.scales, layout.zeros, layout.bits, layout.group_size)
-
-    def call(xf: torch.Tensor, out: torch.Tensor) -> None:
-        if act:
-            module.wxa_avx2_gemm(xf, out, *args, act, limit)
-        else:
-            module.wna16_avx2_gemm(xf, out, *args)
-
-    return cpu_build.in_row_tiles(x, layout.n, call)
+    return module.avx2_int_mm(
+        x, layout.n, layout.codes, layout.scales, layout.zeros, layout.bits, layout.group_size,
+        act, limit, cpu_build.X_TILE_BYTES,
+    )  # fmt: skip
 
 
 def quantize_rows(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:

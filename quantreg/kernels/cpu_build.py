@@ -26,12 +26,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from quantreg.progress import announce_wait
-
-if TYPE_CHECKING:
-    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +40,12 @@ FUNCTIONS = ("wna16_gemm", "amx_ready")
 FLOAT8_SOURCE = Path(__file__).with_name("float8_kernel.cpp")
 FLOAT8_FLAGS = ("avx2", "fma", "f16c")
 FLOAT8_CFLAGS = ("-O3", "-fopenmp", *(f"-m{f}" for f in FLOAT8_FLAGS))
-FLOAT8_FUNCTIONS = ("float8_gemm", "float8_pack", "e2m1_pack")
+FLOAT8_FUNCTIONS = ("float8_gemm", "float8_mm", "float8_pack", "e2m1_pack")
 AVX2_SOURCE = Path(__file__).with_name("wna16_avx2_kernel.cpp")
 AVX2_COMMON = Path(__file__).with_name("cpu_common.h")  # before both AVX2 sources, one unit
-AVX2_FUNCTIONS = ("wna16_avx2_gemm", "wxa_avx2_gemm")
+AVX2_FUNCTIONS = ("wna16_avx2_gemm", "wxa_avx2_gemm", "avx2_int_mm")
 TICK_S = 10.0  # seconds between "still building" lines
-X_TILE_BYTES = 8 * 2**20  # float32 activations converted per call of an AVX2 kernel
+X_TILE_BYTES = 8 * 2**20  # float32 activations an AVX2 kernel converts at a time (C++ tiles x)
 
 
 @dataclass(frozen=True)
@@ -240,27 +237,3 @@ def build_once(
             log.warning(unavailable, reason)
         state["module"], state["reason"] = module, reason
         return module
-
-
-def in_row_tiles(
-    x: torch.Tensor, n: int, call: Callable[[torch.Tensor, torch.Tensor], None]
-) -> torch.Tensor:
-    """``out [M, n]`` in ``x``'s dtype, filled by ``call(x_tile, out_tile)`` over tiles of
-    contiguous rows of ``x`` as they are (float32, bf16 or fp16: the AVX2 kernels convert them
-    to float32 themselves), at most ``X_TILE_BYTES`` of float32 at a time; one call, with no
-    slice, when ``x`` fits one tile. Each torch op a call adds costs tens of microseconds when
-    the weights just streamed through the caches, as they do in a decode step: converting and
-    slicing ``x`` here took 0.2-0.3 ms of a 3 ms int4 call (32000 x 4096, M = 1)."""
-    import torch
-
-    m, k = x.shape
-    if not x.is_contiguous():
-        x = x.contiguous()
-    out = torch.empty((m, n), dtype=x.dtype)
-    rows = max(1, X_TILE_BYTES // (4 * max(k, 1)))
-    if m <= rows:
-        call(x, out)
-        return out
-    for r0 in range(0, m, rows):
-        call(x[r0 : r0 + rows], out[r0 : r0 + rows])
-    return out

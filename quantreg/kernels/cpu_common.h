@@ -61,6 +61,27 @@ void parallel_blocks(int64_t blocks, int64_t block_bytes, const F& fn) {
   for (int64_t r = 0; r < ranges; ++r) fn(r * step, std::min(blocks, (r + 1) * step));
 }
 
+// A kernel's call from Python: x [M, K] @ W.T as a new [M, n] matrix in x's dtype, by gemm(x
+// tile, out tile) over tiles of x's rows of at most tile_bytes as float32 (what FloatRows copies
+// a tile to); x itself, in one call, when it fits one tile. One op for the whole call, the
+// output's allocation and the tiling included: in a decode step the weights have just streamed
+// through the caches, and each op of a call's Python side then costs tens of microseconds.
+template <typename F>
+torch::Tensor in_row_tiles(torch::Tensor x, int64_t n, int64_t tile_bytes, const F& gemm) {
+  TORCH_CHECK(x.dim() == 2, "x must be an [M, K] matrix");
+  if (!x.is_contiguous()) x = x.contiguous();
+  const int64_t M = x.size(0);
+  torch::Tensor out = torch::empty({M, n}, x.options());
+  const int64_t rows = std::max<int64_t>(1, tile_bytes / (4 * std::max<int64_t>(1, x.size(1))));
+  if (M <= rows) gemm(x, out);
+  else
+    for (int64_t r0 = 0; r0 < M; r0 += rows) {
+      const int64_t r = std::min(rows, M - r0);
+      gemm(x.narrow(0, r0, r), out.narrow(0, r0, r));
+    }
+  return out;
+}
+
 // Row m's U accumulator sets (a[u][m]: two registers of 8 float32 outputs) added up
 template <int U, int R>
 __attribute__((always_inline)) inline void sum_sets(__m256 (*a)[R][2], int m, __m256& t0,

@@ -333,13 +333,10 @@ def float8_cpu_matmul(x: torch.Tensor, layout: CPUFloat8Layout) -> torch.Tensor:
     Raises:
         RuntimeError: the kernel is unavailable (selection declines it first).
     """
-    module = extension()
+    module = _state.get("module") or extension()
     if module is None:
         raise RuntimeError(f"quantreg's float8 CPU kernel is unavailable: {unavailable_reason()}")
-    return cpu_build.in_row_tiles(
-        x,
-        layout.n,
-        lambda xf, out: module.float8_gemm(
-            xf, out, layout.codes, layout.scales, layout.group_size, layout.fp4, layout.scale_mult
-        ),
-    )
+    return module.float8_mm(
+        x, layout.n, layout.codes, layout.scales, layout.group_size, layout.fp4,
+        layout.scale_mult, cpu_build.X_TILE_BYTES,
+    )  # fmt: skip

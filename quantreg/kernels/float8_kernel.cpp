@@ -437,6 +437,15 @@ void float8_gemm(torch::Tensor x, torch::Tensor out, torch::Tensor codes, torch:
   else run(g, (c10::Half*)out.data_ptr());
 }
 
+// What the Python side calls (see in_row_tiles): x [M, K] @ W.T as a new [M, n] matrix in x's
+// dtype
+torch::Tensor float8_mm(torch::Tensor x, int64_t n, torch::Tensor codes, torch::Tensor scales,
+                        int64_t group_size, bool fp4, double scale_mult, int64_t tile_bytes) {
+  return in_row_tiles(x, n, tile_bytes, [&](const torch::Tensor& xt, const torch::Tensor& ot) {
+    float8_gemm(xt, ot, codes, scales, group_size, fp4, scale_mult);
+  });
+}
+
 namespace {
 
 // dst[16 * i + o] = row[o][k + i] for i, o < 16: a 16 x 16 byte transpose in registers

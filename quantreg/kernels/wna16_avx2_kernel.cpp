@@ -604,3 +604,16 @@ void wxa_avx2_gemm(torch::Tensor x, torch::Tensor out, torch::Tensor codes, torc
   wna16_avx2_gemm(x.index_select(0, rows), part, codes, scales, zeros, bits, group_size);
   out.index_copy_(0, rows, part);
 }
+
+// What the Python side calls (see in_row_tiles): x [M, Kx] @ W.T as a new [M, n] matrix in x's
+// dtype, by the float path (act 0, wna16_avx2_gemm) or act-bit integer activations (8 / 16,
+// wxa_avx2_gemm with limit)
+torch::Tensor avx2_int_mm(torch::Tensor x, int64_t n, torch::Tensor codes, torch::Tensor scales,
+                          torch::Tensor zeros, int64_t bits, int64_t group_size, int64_t act,
+                          double limit, int64_t tile_bytes) {
+  TORCH_CHECK(act == 0 || act == 8 || act == 16, "act must be 0 (the float path), 8 or 16");
+  return in_row_tiles(x, n, tile_bytes, [&](const torch::Tensor& xt, const torch::Tensor& ot) {
+    if (act == 0) wna16_avx2_gemm(xt, ot, codes, scales, zeros, bits, group_size);
+    else wxa_avx2_gemm(xt, ot, codes, scales, zeros, bits, group_size, act, limit);
+  });
+}
