@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import sys
+import threading
 import time
 
 import pytest
@@ -271,3 +272,54 @@ def test_warmup_when_the_kernel_is_switched_off(fake_compiler, monkeypatch):
         "avx2": off,
     }  # every kernel
     assert fake_compiler.calls == []
+
+
+# -- the folder lock ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["first-build", "cached-build"])
+def test_a_lock_file_left_by_a_killed_build_is_removed_not_waited_for(fake_compiler, monkeypatch, caplog, cached):  # fmt: skip
+    """torch's ``load_inline`` waits for its ``lock`` file to go, forever; a build killed while
+    it held one (Ctrl-C in the first 30-60 s) left it behind for every later process."""
+    key = cpu_build.build_key()
+    folder = cpu_build.build_dir(key)
+    folder.mkdir(parents=True)
+    if cached:
+        (folder / f"{key.module_name}.so").write_bytes(b"")
+    (folder / "lock").write_text("")
+    seen = []
+    original = cpu_build.compile_extension
+    monkeypatch.setattr(cpu_build, "compile_extension", lambda k, f: seen.append((f / "lock").exists()) or original(k, f))  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="quantreg"):
+        assert cpu_build.build() is fake_compiler.module
+    assert seen == [False]
+    assert f"removed {folder / 'lock'}, left by an interrupted build of quantreg's CPU kernel" in caplog.text  # fmt: skip
+
+
+def test_a_build_waits_for_another_process_building_the_same_folder_and_says_so(fake_compiler, caplog):  # fmt: skip
+    """The other process's lock (here: another open file description, as another process has)
+    is held for 0.3 s; the build waits for it, saying so, then runs -- and finds no stale
+    ``lock`` while the other one works (a live build's is not removed)."""
+    import fcntl
+
+    key = cpu_build.build_key()
+    folder = cpu_build.build_dir(key)
+    folder.mkdir(parents=True)
+    holder = open(folder / cpu_build.FOLDER_LOCK, "a")  # noqa: SIM115
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    (folder / "lock").write_text("")  # the other process's torch baton, live
+
+    def other_process_finishes() -> None:
+        time.sleep(0.3)
+        (folder / "lock").unlink()
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        holder.close()
+
+    threading.Thread(target=other_process_finishes).start()
+    start = time.perf_counter()
+    with caplog.at_level(logging.WARNING, logger="quantreg"):
+        assert cpu_build.build() is fake_compiler.module
+    assert time.perf_counter() - start >= 0.25
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0] == f"waiting for another process building or loading quantreg's CPU kernel in {folder}"  # fmt: skip
+    assert not any(m.startswith("removed") for m in messages)

@@ -23,7 +23,8 @@ import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,8 @@ AVX2_SOURCE = Path(__file__).with_name("wna16_avx2_kernel.cpp")
 AVX2_COMMON = Path(__file__).with_name("cpu_common.h")  # before both AVX2 sources, one unit
 AVX2_FUNCTIONS = ("wna16_avx2_gemm", "wxa_avx2_gemm", "avx2_int_mm")
 TICK_S = 10.0  # seconds between "still building" lines
+FOLDER_LOCK = "quantreg.lock"  # what a process holds while it builds or loads a folder's kernel
+TORCH_BATON = "lock"  # the file torch's load_inline keeps in the folder while it builds or loads
 X_TILE_BYTES = 8 * 2**20  # float32 activations an AVX2 kernel converts at a time (C++ tiles x)
 
 
@@ -198,16 +201,49 @@ def build(kernel: str = "wna16") -> Any:
     title = kernel_source(kernel).title
     folder = build_dir(key)
     folder.mkdir(parents=True, exist_ok=True)
-    if is_built(key):
-        return compile_extension(key, folder)
-    with announce_wait(
-        f"building {title} once (~30-60 s), cached in {folder}",
-        tick=f"still building {title}",
-        done=f"{title} built",
-        every=TICK_S,
-        logger=logger,
-    ):
-        return compile_extension(key, folder)
+    with folder_lock(folder, title):
+        if is_built(key):
+            return compile_extension(key, folder)
+        with announce_wait(
+            f"building {title} once (~30-60 s), cached in {folder}",
+            tick=f"still building {title}",
+            done=f"{title} built",
+            every=TICK_S,
+            logger=logger,
+        ):
+            return compile_extension(key, folder)
+
+
+@contextmanager
+def folder_lock(folder: Path, title: str) -> Iterator[None]:
+    """Hold ``folder``'s :data:`FOLDER_LOCK` (``flock``: the OS lets go of it when its process
+    dies, however it dies), waiting -- and saying so -- while another process builds there.
+
+    Every quantreg process builds or loads a folder under it, so a :data:`TORCH_BATON` found
+    while holding it was left by a build that was interrupted (a killed process never removes
+    it): it is removed, with a WARNING. torch's ``load_inline`` would wait for it forever,
+    cached build or not, and every later first use of the kernel would hang.
+    """
+    import fcntl
+
+    with open(folder / FOLDER_LOCK, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            waiting = "waiting for another process building or loading %s in %s"
+            logger.warning(waiting, title, folder)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            baton = folder / TORCH_BATON
+            if baton.exists():
+                baton.unlink(missing_ok=True)
+                logger.warning(
+                    "removed %s, left by an interrupted build of %s (torch would wait for it "
+                    "forever)", baton, title,
+                )  # fmt: skip
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def build_once(
