@@ -34,6 +34,7 @@ import gc
 import logging
 import math
 import os
+import random
 import statistics
 import tempfile
 import time
@@ -358,21 +359,26 @@ def _cycle(fns: list[Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor) -
 
 
 def _timings(
-    calls: list[Callable[[], Any]], budget_s: float, warmup: int = 1
+    calls: list[Callable[[], Any]], budget_s: float, warmup: int = 1, seed: int = 0
 ) -> list[tuple[float, float, float]]:
     """(median, min, max) ms per call: ``warmup`` untimed rounds (one per rotated copy, so
     every copy is touched: memory left alone for a second or two reads several times slower
     on its next passes), then rounds of one call each (interleaved) until the budget is spent
-    (at least 3 rounds, at most 50)."""
+    (at least 3 rounds, at most 50). Each round calls them in its own order (seeded): what
+    ran just before a call changes its time on this project's VM (an int4 call at M = 1 took
+    up to 6 % longer after dense ``F.linear`` or a read than after another int4 call), so no
+    call always follows the same one."""
     for _ in range(warmup):
         for call in calls:
             call()
     times: list[list[float]] = [[] for _ in calls]
+    order, shuffle = list(range(len(calls))), random.Random(seed).shuffle
     start = time.perf_counter()
     for round_ in range(50):
-        for i, call in enumerate(calls):
+        shuffle(order)
+        for i in order:
             t0 = time.perf_counter()
-            call()
+            calls[i]()
             times[i].append((time.perf_counter() - t0) * 1e3)
         if round_ >= 2 and time.perf_counter() - start > budget_s:
             break

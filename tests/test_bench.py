@@ -197,3 +197,19 @@ def test_the_run_measures_the_read_bandwidth_and_sets_every_row_against_the_fast
     assert (
         "| × fastest dense | % of read |" in stdout and "- read bandwidth, N=1024 K=512: " in stdout
     )
+
+
+def test_each_round_calls_every_call_once_in_an_order_of_its_own():
+    """After the untimed warm-up rounds (in order), every round calls each once, its order
+    drawn (seeded): what runs just before a call changes its time, so none always follows the
+    same one."""
+    from quantreg.bench import _timings
+
+    log: list[int] = []
+    calls = [lambda i=i: log.append(i) for i in range(5)]
+    times = _timings(calls, budget_s=0.0, warmup=2)
+    rounds = [log[j : j + 5] for j in range(0, len(log), 5)]
+    assert rounds[:2] == [[0, 1, 2, 3, 4]] * 2
+    assert len(rounds) == 5 and all(sorted(r) == [0, 1, 2, 3, 4] for r in rounds[2:])
+    assert len({tuple(r) for r in rounds[2:]}) == 3
+    assert len(times) == 5 and all(low <= median <= high for median, low, high in times)
