@@ -4,8 +4,11 @@ through them)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import pytest
+import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 ALLOCATE = "aten.empty.memory_format"
@@ -28,3 +31,24 @@ def tiled_ops(tiles: int) -> list[str]:
     """The ops of a kernel call over ``tiles`` tiles of rows: the output's allocation, then a
     slice of the rows and of the output per tile when there is more than one."""
     return [ALLOCATE] + ([SLICE] * 2 * tiles if tiles > 1 else [])
+
+
+def check_row_tiles(
+    monkeypatch: pytest.MonkeyPatch,
+    call: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    n: int,
+    tile_rows: int,
+    tiles: int,
+) -> None:
+    """``call(x)`` with ``cpu_build.X_TILE_BYTES`` set to ``tile_rows`` float32 rows of ``x``
+    gives the one-tile result bit for bit (``[M, n]`` in ``x``'s dtype) and dispatches
+    :func:`tiled_ops` of ``tiles``."""
+    from quantreg.kernels import cpu_build
+
+    whole = call(x)
+    monkeypatch.setattr(cpu_build, "X_TILE_BYTES", tile_rows * 4 * x.shape[1])
+    with DispatchedOps() as seen:
+        tiled = call(x)
+    assert torch.equal(tiled, whole) and tiled.dtype == x.dtype and tiled.shape == (len(x), n)
+    assert seen.ops == tiled_ops(tiles)

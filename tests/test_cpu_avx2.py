@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dispatched_ops import ALLOCATE, DispatchedOps, tiled_ops
+from dispatched_ops import ALLOCATE, DispatchedOps, check_row_tiles
 from int_weights import constant_int_weights, rel_err, unrounded_t
 from int_weights import random_int_weights as int_weights
 
@@ -366,17 +366,10 @@ def test_rows_go_to_the_kernel_in_tiles_and_one_tile_runs_no_op_but_the_output(k
     """At most ``X_TILE_BYTES`` of float32 rows a kernel call (the kernel's copy of them), tiled
     in C++; ``x`` itself when it fits one tile: the call runs one torch op, the output's
     allocation -- no conversion, no slice (each costs tens of µs in a decode step)."""
-    from quantreg.kernels import cpu_build
-
     w = case_weights("int4-g128")
     layout = AVX2IntLayout.build(w)
     x = torch.randn(m, w.k).to(BF16)
-    whole = path(x, layout)
-    monkeypatch.setattr(cpu_build, "X_TILE_BYTES", tile_rows * 4 * w.k)
-    with DispatchedOps() as seen:
-        tiled = path(x, layout)
-    assert torch.equal(tiled, whole) and tiled.dtype == BF16 and tiled.shape == (m, w.n)
-    assert seen.ops == tiled_ops(tiles)
+    check_row_tiles(monkeypatch, lambda xs: path(xs, layout), x, w.n, tile_rows, tiles)
 
 
 def test_a_decode_step_of_an_unpadded_head_runs_one_torch_op(kernel, tmp_path):

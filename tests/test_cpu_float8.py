@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dispatched_ops import DispatchedOps, tiled_ops
+from dispatched_ops import check_row_tiles
 
 import quantreg
 from quantreg.bench import peak_transient_bytes
@@ -183,16 +183,11 @@ def test_half_rows_are_taken_as_they_are_and_give_what_their_float32_copy_gives(
 def test_rows_go_to_the_kernel_in_tiles_and_one_tile_runs_no_op_but_the_output(kernel, monkeypatch, case, m, tile_rows, tiles):  # fmt: skip
     """At most ``X_TILE_BYTES`` of float32 rows a kernel call, tiled in C++; ``x`` itself when
     it fits one tile: the call runs one torch op, the output's allocation."""
-    from quantreg.kernels import cpu_build
-
     fast = CPUFloat8Layout.build(layout_of(case))
     x = torch.randn(m, fast.k).to(BF16)
-    whole = float8_cpu_matmul(x, fast)
-    monkeypatch.setattr(cpu_build, "X_TILE_BYTES", tile_rows * 4 * fast.k)
-    with DispatchedOps() as seen:
-        tiled = float8_cpu_matmul(x, fast)
-    assert torch.equal(tiled, whole) and tiled.dtype == BF16 and tiled.shape == (m, fast.n)
-    assert seen.ops == tiled_ops(tiles)
+    check_row_tiles(
+        monkeypatch, lambda xs: float8_cpu_matmul(xs, fast), x, fast.n, tile_rows, tiles
+    )
 
 
 def test_nvfp4_bf16_rounding_is_not_reproduced(kernel):
