@@ -51,7 +51,9 @@ SERIAL_ELEMENTS = 32767
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {}
-_INT16_LIMITS: dict[torch.dtype, float] = {}  # see int16_row_limit
+# int16_row_limit's table, by dtype name: every kernel call asks, and an `import torch` in it
+# cost about 10 µs a call on the caches a decode step leaves
+_INT16_LIMITS = {"torch.bfloat16": 256.0, "torch.float16": 32.0}
 
 
 def not_here(flags: frozenset[str] | None = None) -> str | None:
@@ -189,13 +191,7 @@ def int16_row_limit(dtype: torch.dtype) -> float:
     of the row's RMS (half an ulp: ``rms * 2^-8`` in bf16, ``rms * 2^-11`` in fp16) exactly when
     ``max|x| <= 256 * rms`` (bf16) or ``32 * rms`` (fp16). float32 rows keep the float path.
     """
-    # the table is built once: every call of the kernel asks, and an import statement costs
-    # about 10 µs a call on the caches a decode step leaves
-    if not _INT16_LIMITS:
-        import torch
-
-        _INT16_LIMITS.update({torch.bfloat16: 256.0, torch.float16: 32.0})
-    return _INT16_LIMITS.get(dtype, 0.0)
+    return _INT16_LIMITS.get(str(dtype), 0.0)
 
 
 def _from_n_packed(words: torch.Tensor, order: tuple[int, ...], out: torch.Tensor) -> None:
@@ -274,7 +270,7 @@ def _gemm(x: torch.Tensor, layout: AVX2IntLayout, act: int, limit: float) -> tor
     """The extension's one call (``avx2_int_mm``: the output allocated and ``x``'s rows tiled
     in C++): float32 FMA (``act`` 0) or ``act``-bit integer activations (rows beyond ``limit``
     x their RMS on the float path; 0: none)."""
-    module = _state.get("module") or extension()
+    module = extension()
     if module is None:
         raise RuntimeError(f"quantreg's AVX2 int kernel is unavailable: {unavailable_reason()}")
     return module.avx2_int_mm(

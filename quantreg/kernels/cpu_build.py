@@ -260,6 +260,8 @@ def build_once(
     the ``reason`` it is unavailable), so that no later call builds or warns again. ``failed``
     names the kernel in a failed build's reason; ``unavailable`` is the WARNING (``%s``: the
     reason) logged once on ``log``."""
+    if "module" in state:  # decided once: every later call (each kernel call) takes no lock
+        return state["module"]
     with lock:
         if "module" in state:
             return state["module"]
@@ -271,5 +273,5 @@ def build_once(
                 reason = f"building the C++ {failed} failed: {type(exc).__name__}: {exc}"
         if reason is not None:
             log.warning(unavailable, reason)
-        state["module"], state["reason"] = module, reason
+        state["reason"], state["module"] = reason, module  # "module" last: it says decided
         return module

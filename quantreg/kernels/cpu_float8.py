@@ -333,7 +333,7 @@ def float8_cpu_matmul(x: torch.Tensor, layout: CPUFloat8Layout) -> torch.Tensor:
     Raises:
         RuntimeError: the kernel is unavailable (selection declines it first).
     """
-    module = _state.get("module") or extension()
+    module = extension()
     if module is None:
         raise RuntimeError(f"quantreg's float8 CPU kernel is unavailable: {unavailable_reason()}")
     return module.float8_mm(
