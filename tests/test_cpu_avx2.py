@@ -372,6 +372,22 @@ def test_rows_go_to_the_kernel_in_tiles_and_one_tile_runs_no_op_but_the_output(k
     check_row_tiles(monkeypatch, lambda xs: path(xs, layout), x, w.n, tile_rows, tiles)
 
 
+# what the call entry point is handed -> its refusal
+BAD_CALLS = {
+    "rows-not-a-matrix": (lambda x: x[None], 16, r"x must be an \[M, K\] matrix"),
+    "an-activation-width-it-has-no-path-for": (lambda x: x, 4, r"act must be 0 \(the float path\), 8 or 16"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("edit", "act", "message"), BAD_CALLS.values(), ids=BAD_CALLS.keys())
+def test_the_call_entry_point_refuses_what_it_has_no_path_for(kernel, edit, act, message):
+    layout = AVX2IntLayout.build(case_weights("int4-g128"))
+    x = torch.zeros(2, 256, dtype=BF16)
+    args = (layout.codes, layout.scales, layout.zeros, 4, 128, act, 256.0, 1 << 20)
+    with pytest.raises(RuntimeError, match=message):
+        cpu_avx2.extension().avx2_int_mm(edit(x), layout.n, *args)
+
+
 def test_a_decode_step_of_an_unpadded_head_runs_one_torch_op(kernel, tmp_path):
     """``compute_logits`` at M = 1 through the registry, the head and the kernel's Python side:
     the output's allocation is the only op (vocab 1024: no padding to slice off)."""

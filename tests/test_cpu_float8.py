@@ -190,6 +190,14 @@ def test_rows_go_to_the_kernel_in_tiles_and_one_tile_runs_no_op_but_the_output(k
     )
 
 
+def test_the_call_entry_point_refuses_rows_that_are_not_a_matrix(kernel):
+    fast = CPUFloat8Layout.build(layout_of("fp8-block-128-k-200"))
+    x = torch.zeros(1, 2, fast.k, dtype=BF16)
+    args = (fast.codes, fast.scales, fast.group_size, fast.fp4, fast.scale_mult, 1 << 20)
+    with pytest.raises(RuntimeError, match=r"x must be an \[M, K\] matrix"):
+        cpu_float8.extension().float8_mm(x, fast.n, *args)
+
+
 def test_nvfp4_bf16_rounding_is_not_reproduced(kernel):
     """The reference rounds each dequantized NVFP4 weight to bf16; the kernel keeps the float32
     product: the two differ, by less than bf16's half ulp per weight."""
