@@ -58,6 +58,9 @@ ROWS_IN_OUT = {
     "a-zero-row-stays-zero": ([0.0, 0.0, 0.0, 0.0], [0, 0, 0, 0], 0.0),
     "nan-gives-a-nan-scale": ([1.0, float("nan"), 2.0, 0.0], [0, 0, 0, 0], float("nan")),
     "inf-gives-a-nan-scale": ([1.0, float("inf"), 2.0, 0.0], [0, 0, 0, 0], float("nan")),
+    # 127 / max|x| correctly rounded, as the kernels divide: x * it is 28.499998 (torch's
+    # 127 / tensor, a reciprocal times 127, made it 28.500002: 29)
+    "a-product-just-under-a-half-rounds-down": ([0.8366015553474426, -3.7280139923095703], [28, -127], 3.7280139923095703 / 127),
 }  # fmt: skip
 
 

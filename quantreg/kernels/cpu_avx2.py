@@ -292,7 +292,10 @@ def quantize_rows(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.T
     amax = xf.abs().amax(dim=-1, keepdim=True)
     finite = torch.isfinite(xf).all(dim=-1, keepdim=True)
     usable = finite & (amax > 0)
-    inv = torch.where(usable, qmax / torch.where(usable, amax, 1.0), 0.0)
+    # a tensor over a tensor: torch divides a Python number by a tensor as a reciprocal times
+    # it, which is not the correctly rounded Q / max|x| the kernels compute (a product of
+    # 28.499998 became 28.500002 and rounded to 29)
+    inv = torch.where(usable, torch.full_like(amax, qmax) / torch.where(usable, amax, 1.0), 0.0)
     q = torch.round(torch.where(finite, xf, 0.0) * inv).clamp(-qmax, qmax)
     scale = torch.where(finite, amax / qmax, torch.nan)
     return q.to(torch.int8 if bits == 8 else torch.int16), scale
