@@ -21,8 +21,8 @@ from quantreg.methods.gptq import GPTQConfig
 
 _READERS: dict[str, type[QuantConfig]] = {"awq": AWQConfig, "gptq": GPTQConfig}
 CPU_KERNELS = (
-    "cpu-amx", "cpu-avx512-bf16", "cpu-avx2-wna16", "cpu-avx2-a8", "torch-int4pack",
-    "torch-int8pack", "cpu-avx512", "reference",
+    "cpu-amx", "cpu-vnni-wna16", "cpu-avx512-bf16", "cpu-avx2-wna16", "cpu-vnni-a8", "cpu-avx2-a8",
+    "torch-int4pack", "torch-int8pack", "cpu-avx512", "reference",
 )  # fmt: skip
 
 

@@ -282,8 +282,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_warmup(args: argparse.Namespace) -> int:
     """Build quantreg's CPU kernels now -- the int4 / int8 one, the float8 one, then the AVX2
-    int4 / int8 one (or say why this machine has nothing to build for one)."""
-    from quantreg.kernels import cpu, cpu_avx2, cpu_float8
+    and AVX512-VNNI builds of the other int4 / int8 one (or say why this machine has nothing to
+    build for one)."""
+    from quantreg.kernels import cpu, cpu_avx2, cpu_float8, cpu_vnni
 
     args.doing = "building quantreg's CPU kernel"
     result = cpu.warmup()
@@ -291,11 +292,15 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     float8 = cpu_float8.warmup()
     args.doing = "building quantreg's AVX2 int4 / int8 CPU kernel"
     avx2 = cpu_avx2.warmup()
+    args.doing = "building quantreg's AVX512-VNNI int4 / int8 CPU kernel"
+    vnni = cpu_vnni.warmup()
+    parts = {"float8": float8, "avx2": avx2, "vnni": vnni}
     if args.json:
-        print_json(args, {**result.to_dict(), "float8": float8.to_dict(), "avx2": avx2.to_dict()})
+        print_json(args, {**result.to_dict(), **{k: r.to_dict() for k, r in parts.items()}})
     else:
         args.doing = STDOUT
         print(result.summary())
         print(float8.summary("quantreg's float8 CPU kernel", "the reference kernel"))
         print(avx2.summary("quantreg's AVX2 int4 / int8 CPU kernel"))
-    return 0 if all(r.ready or not r.needed for r in (result, float8, avx2)) else 1
+        print(vnni.summary("quantreg's AVX512-VNNI int4 / int8 CPU kernel", "another kernel"))
+    return 0 if all(r.ready or not r.needed for r in (result, *parts.values())) else 1

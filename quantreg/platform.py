@@ -18,7 +18,7 @@ from quantreg.errors import InputError
 # CPU flags (as /proc/cpuinfo spells them) that decide which CPU kernels can run.
 CPU_ISA_FLAGS = (
     "avx512f", "avx512bw", "avx512vl", "avx512vbmi", "f16c", "avx512_bf16", "amx_tile", "amx_bf16",
-    "avx2", "fma",
+    "avx2", "fma", "avx512_vnni",
 )  # fmt: skip
 _CUDA_RE = re.compile(r"^cuda:(\d+)\.(\d+)(-notriton)?$")
 

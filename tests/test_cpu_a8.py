@@ -18,6 +18,7 @@ import sys
 
 import pytest
 import torch
+from int_kernels import build_here
 from int_weights import constant_int_weights, rel_err, unrounded_t
 from int_weights import random_int_weights as int_weights
 
@@ -30,6 +31,7 @@ from quantreg.kernels.cpu_avx2 import AVX2IntLayout, avx2_a8_matmul, quantize_ro
 BF16 = torch.bfloat16
 AVX2 = Platform("cpu", cpu_isa=frozenset({"avx2", "fma", "f16c"}))
 A8 = "cpu-avx2-a8"
+VNNI_A8 = "cpu-vnni-a8"  # the same kernel built for AVX512-VNNI (tests/test_cpu_vnni.py)
 
 
 @pytest.fixture(scope="module")
@@ -154,14 +156,15 @@ def test_with_the_opt_in_every_weight_only_kernel_declines_saying_so(kernel):
     assert choice.name == A8
     reasons = dict(choice.declined)
     assert set(reasons) == set(kernel_names()) - {A8}
+    assert reasons.pop(VNNI_A8) == "this CPU lacks avx512f/avx512bw/avx512vl/avx512_vnni"
     assert all("keeps the activations in float (weight-only)" in reasons[n] for n in reasons)
 
 
 REFUSED = {
-    "fp8-weights": (lambda: Float8Layout.build(torch.zeros(64, 32).to(torch.float8_e4m3fn), torch.ones(1, 64)), "cpu", AVX2, f"{A8}: runs integer \\(int4 / int8\\) weights only"),
-    "on-cuda": (lambda: int_weights(4, 64, 128, 32), "cuda", Platform("cuda", (9, 0), triton=True), f"{A8}: runs on the CPU; the layer is on cuda"),
-    "no-avx2": (lambda: int_weights(4, 64, 128, 32), "cpu", Platform("cpu", cpu_isa=frozenset({"f16c"})), f"{A8}: this CPU lacks avx2/fma"),
-    "unequal-act-order-groups": (lambda: int_weights(4, 64, 256, 32, act_order=True, uneven=True), "cpu", AVX2, f"{A8}: needs groups of equal size"),
+    "fp8-weights": (lambda: Float8Layout.build(torch.zeros(64, 32).to(torch.float8_e4m3fn), torch.ones(1, 64)), "cpu", AVX2, f"{VNNI_A8}: runs integer \\(int4 / int8\\) weights only; {A8}: runs integer \\(int4 / int8\\) weights only"),
+    "on-cuda": (lambda: int_weights(4, 64, 128, 32), "cuda", Platform("cuda", (9, 0), triton=True), f"{VNNI_A8}: runs on the CPU; the layer is on cuda; {A8}: runs on the CPU; the layer is on cuda"),
+    "no-avx2": (lambda: int_weights(4, 64, 128, 32), "cpu", Platform("cpu", cpu_isa=frozenset({"f16c"})), f"{VNNI_A8}: this CPU lacks avx2/fma/avx512f/avx512bw/avx512vl/avx512_vnni; {A8}: this CPU lacks avx2/fma"),
+    "unequal-act-order-groups": (lambda: int_weights(4, 64, 256, 32, act_order=True, uneven=True), "cpu", AVX2, f"{VNNI_A8}: needs groups of equal size; these act-order groups differ; {A8}: needs groups of equal size"),
 }  # fmt: skip
 
 
@@ -198,7 +201,7 @@ def gptq_folder(tmp_path_factory):
 def test_load_lm_head_opts_in_and_records_the_kernel(kernel, gptq_folder):
     head = quantreg.load_lm_head(gptq_folder, dtype=BF16, activation_dtype="int8")
     exact = quantreg.load_lm_head(gptq_folder, dtype=torch.float32)
-    assert head.kernel.name == A8 and head.activation_dtype == "int8"
+    assert head.kernel.name == build_here("int8") and head.activation_dtype == "int8"
     assert head.kernel.activation_dtype == "int8" and head.kernel.to_dict()["activation_dtype"] == "int8"  # fmt: skip
     assert exact.kernel.activation_dtype is None
     assert "opt in" not in head.kernel.explain() and "weight-only" in head.kernel.explain()
@@ -244,7 +247,7 @@ def test_quantreg_run_opts_in_and_says_so(kernel, gptq_folder):
         return subprocess.run([*cmd, *extra], capture_output=True, text=True, check=False)
 
     data = json.loads(run_cli("--activation-dtype", "int8", "--json").stdout)
-    assert (data["kernel"], data["activation_dtype"]) == (A8, "int8")
+    assert (data["kernel"], data["activation_dtype"]) == (build_here("int8"), "int8")
     text = run_cli("--activation-dtype", "int8").stdout
     assert "activations: int8, quantized per row (opted in)" in text
     bad = run_cli("--activation-dtype", "fp8")
@@ -259,9 +262,10 @@ def test_bench_times_an_a8_row_beside_each_weight_only_row(kernel):
         formats=("gptq int4 g128", "gptq int8 channel"), activation_dtypes=("int8",),
     )  # fmt: skip
     rows = {(r["method"], r["format"], r["M"]): r for r in result["rows"]}
+    a8_kernel, w16_kernel = build_here("int8"), build_here()  # what this machine chooses
     for fmt in ("gptq int4 g128", "gptq int8 channel"):
         for m in (1, 5):
             a8, w16 = rows[("cpu_wna16 a8", fmt, m)], rows[("cpu_wna16", fmt, m)]
-            assert a8["kernel"] == A8 and w16["kernel"] == "cpu-avx2-wna16"
+            assert a8["kernel"] == a8_kernel and w16["kernel"] == w16_kernel
             assert "int8 activations" in a8["computes"] and "weight-only" in w16["computes"]
             assert a8["max_rel_err"] < 3e-2

@@ -16,7 +16,7 @@ import pytest
 import torch
 from cli_runner import run_cli
 
-from quantreg.kernels import cpu, cpu_avx2, cpu_build, cpu_float8
+from quantreg.kernels import cpu, cpu_avx2, cpu_build, cpu_float8, cpu_vnni
 
 ANNOUNCE = "building quantreg's CPU kernel once (~30-60 s), cached in "
 
@@ -52,6 +52,9 @@ def fake_compiler(monkeypatch):
     # and the AVX2 int kernel
     monkeypatch.setattr(cpu_avx2, "probe_cpu_isa", lambda: frozenset(cpu_avx2.FLAGS))
     monkeypatch.setattr(cpu_avx2, "_state", {})
+    # and its AVX512-VNNI build
+    monkeypatch.setattr(cpu_vnni, "probe_cpu_isa", lambda: frozenset(cpu_vnni.FLAGS))
+    monkeypatch.setattr(cpu_vnni, "_state", {})
     return fake
 
 
@@ -182,28 +185,31 @@ def test_a_failed_build_is_the_reason_the_kernel_is_unavailable(fake_compiler, c
 
 
 def test_warmup_builds_once_then_finds_the_cache(fake_compiler, cache):
-    """Every kernel: the int4 / int8 one, the float8 one, then the AVX2 int4 / int8 one, each
-    in its own folder."""
+    """Every kernel: the int4 / int8 one, the float8 one, then the AVX2 and AVX512-VNNI builds
+    of the other int4 / int8 one, each in its own folder."""
     first = run_cli("warmup")
-    keys = cpu_build.build_key(), cpu_build.build_key("float8"), cpu_build.build_key("wna16_avx2")
+    keys = tuple(cpu_build.build_key(k) for k in ("wna16", "float8", "wna16_avx2", "wna16_vnni"))
     assert first.returncode == 0
-    wna16, float8, avx2 = first.stdout.splitlines()
+    wna16, float8, avx2, vnni = first.stdout.splitlines()
     assert wna16.startswith("quantreg's CPU kernel is ready (built in ")
     assert wna16.endswith(f"cached in {cache / keys[0].digest}")
     assert float8.startswith("quantreg's float8 CPU kernel is ready (built in ")
     assert float8.endswith(f"cached in {cache / keys[1].digest}")
     assert avx2.startswith("quantreg's AVX2 int4 / int8 CPU kernel is ready (built in ")
     assert avx2.endswith(f"cached in {cache / keys[2].digest}")
+    assert vnni.startswith("quantreg's AVX512-VNNI int4 / int8 CPU kernel is ready (built in ")
+    assert vnni.endswith(f"cached in {cache / keys[3].digest}")
     assert [c["key"] for c in fake_compiler.calls] == list(keys)
     for key in keys:  # what the compiler leaves
         (cache / key.digest / f"{key.module_name}.so").write_bytes(b"")
     cpu._state.clear()  # a new process
     cpu_float8._state.clear()
     cpu_avx2._state.clear()
+    cpu_vnni._state.clear()
     second = run_cli("warmup", "--json")
     report = json.loads(second.stdout)
     assert second.returncode == 0
-    report["float8"]["seconds"] = report["avx2"]["seconds"] = 0
+    report["float8"]["seconds"] = report["avx2"]["seconds"] = report["vnni"]["seconds"] = 0
     assert report | {"seconds": 0} == {
         "ready": True, "needed": True, "reason": None, "cache": str(cache / keys[0].digest),
         "cached": True, "seconds": 0,
@@ -211,6 +217,8 @@ def test_warmup_builds_once_then_finds_the_cache(fake_compiler, cache):
                    "cache": str(cache / keys[1].digest), "cached": True, "seconds": 0},
         "avx2": {"ready": True, "needed": True, "reason": None,
                  "cache": str(cache / keys[2].digest), "cached": True, "seconds": 0},
+        "vnni": {"ready": True, "needed": True, "reason": None,
+                 "cache": str(cache / keys[3].digest), "cached": True, "seconds": 0},
     }  # fmt: skip
 
 
@@ -218,25 +226,29 @@ def test_warmup_exits_1_when_the_build_fails(fake_compiler):
     fake_compiler.error = OSError("c++: not found")
     out = run_cli("warmup")
     assert out.returncode == 1
-    wna16, float8, avx2 = out.stdout.splitlines()
+    wna16, float8, avx2, vnni = out.stdout.splitlines()
     assert wna16.startswith("quantreg's CPU kernel could not be built in ")
     assert wna16.endswith("building the C++ kernel failed: OSError: c++: not found")
     assert float8.startswith("quantreg's float8 CPU kernel could not be built in ")
     assert float8.endswith("building the C++ float8 kernel failed: OSError: c++: not found")
     assert avx2.startswith("quantreg's AVX2 int4 / int8 CPU kernel could not be built in ")
     assert avx2.endswith("building the C++ AVX2 int4 / int8 kernel failed: OSError: c++: not found")
+    assert vnni.startswith("quantreg's AVX512-VNNI int4 / int8 CPU kernel could not be built in ")
+    assert vnni.endswith(
+        "building the C++ AVX512-VNNI int4 / int8 kernel failed: OSError: c++: not found"
+    )
 
 
 def test_warmup_on_this_machine(monkeypatch):
     """Here: a CPU without AVX-512 has nothing to build for the int kernel (exit 0, the reason
     on stdout), one with AVX2 + FMA + F16C builds the float8 and the AVX2 int kernels (or
-    finds them built); with
+    finds them built), one with AVX512-VNNI the VNNI build of the latter; with
     AVX-512 the real int kernel is built or found in the cache -- the user's cache, which the
     real-kernel tests use too, so that the suite compiles each kernel once."""
     monkeypatch.delenv("QUANTREG_KERNEL_CACHE")
     out = run_cli("warmup")
     assert out.returncode == 0
-    wna16, float8, avx2 = out.stdout.splitlines()
+    wna16, float8, avx2, vnni = out.stdout.splitlines()
     if cpu.cpu_supports_avx512():
         assert wna16.startswith("quantreg's CPU kernel is ready (")
     else:
@@ -253,6 +265,13 @@ def test_warmup_on_this_machine(monkeypatch):
         assert avx2.startswith("quantreg's AVX2 int4 / int8 CPU kernel is ready (")
     else:
         assert avx2.startswith("nothing to build for quantreg's AVX2 int4 / int8 CPU kernel: ")
+    if cpu_vnni.not_here() is None:
+        assert vnni.startswith("quantreg's AVX512-VNNI int4 / int8 CPU kernel is ready (")
+    else:
+        assert vnni == (
+            "nothing to build for quantreg's AVX512-VNNI int4 / int8 CPU kernel: "
+            f"{cpu_vnni.not_here()}; heads run another kernel"
+        )
 
 
 def test_warmup_when_the_kernel_is_switched_off(fake_compiler, monkeypatch):
@@ -266,10 +285,12 @@ def test_warmup_when_the_kernel_is_switched_off(fake_compiler, monkeypatch):
         "seconds": 0,
         "float8": report["float8"] | {"seconds": 0},
         "avx2": report["avx2"] | {"seconds": 0},
+        "vnni": report["vnni"] | {"seconds": 0},
     } == {
         **off,
         "float8": off,
         "avx2": off,
+        "vnni": off,
     }  # every kernel
     assert fake_compiler.calls == []
 

@@ -8,7 +8,9 @@ import sys
 
 import pytest
 import torch
+from int_kernels import build_here
 
+from quantreg.kernels import cpu_vnni
 from quantreg.kernels.catalog import cpu_path
 from quantreg.kernels.cpu import (
     amx_ready,
@@ -186,12 +188,16 @@ def test_cpu_wna16_runs_the_kernel(tmp_path, dtype, family, params, m):
 
     weight = (torch.randn(1000, 256) * 0.05).half()
     quantreg.write_checkpoint(tmp_path, weight, family, **params)
-    fast = quantreg.load_lm_head(tmp_path, dtype=dtype)
-    exact = quantreg.load_lm_head(tmp_path, dtype=torch.float32, requested=family)
     dot, amx = bf16_paths()
     if dtype != torch.float32 and not dot:
         pytest.skip("this CPU has no AVX512-BF16: half-precision heads take torch's ops")
     expected = "cpu-avx512" if dtype == torch.float32 else ("cpu-amx" if amx else "cpu-avx512-bf16")
+    chosen = quantreg.load_lm_head(tmp_path, dtype=dtype).kernel.name
+    # where AVX512-VNNI comes without AMX, half heads choose cpu-vnni-wna16 first
+    vnni = not amx and dtype != torch.float32 and cpu_vnni.extension() is not None
+    assert chosen == ("cpu-vnni-wna16" if vnni else expected)
+    fast = quantreg.load_lm_head(tmp_path, dtype=dtype, kernel=expected)
+    exact = quantreg.load_lm_head(tmp_path, dtype=torch.float32, requested=family)
     assert fast.kernel.name == expected
     x = torch.randn(m, 256)
     ref = exact.compute_logits(x).double()
@@ -205,8 +211,8 @@ def test_cpu_wna16_runs_the_kernel(tmp_path, dtype, family, params, m):
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_without_bf16_paths_half_heads_use_the_avx2_kernel_then_torch_ops(tmp_path, monkeypatch, bits):  # fmt: skip
-    """Without AVX512-BF16 a bf16 head runs quantreg's AVX2 kernel (every AVX-512 CPU has
-    AVX2); with quantreg's CPU kernels switched off, torch's ops."""
+    """Without AVX512-BF16 a bf16 head runs quantreg's AVX2 int kernel (every AVX-512 CPU has
+    AVX2), or its AVX512-VNNI build; with quantreg's CPU kernels switched off, torch's ops."""
     import quantreg
     from quantreg.kernels import cpu_avx2
 
@@ -215,7 +221,7 @@ def test_without_bf16_paths_half_heads_use_the_avx2_kernel_then_torch_ops(tmp_pa
     quantreg.write_checkpoint(tmp_path, (torch.randn(256, 256) * 0.05).half(), "gptq", **params)
     head = quantreg.load_lm_head(tmp_path, dtype=torch.bfloat16)
     if cpu_avx2.unavailable_reason() is None:
-        assert head.kernel.name == "cpu-avx2-wna16"
+        assert head.kernel.name == build_here()  # its AVX512-VNNI build where the CPU has it
     monkeypatch.setenv("QUANTREG_NO_CPU_KERNELS", "1")
     head = quantreg.load_lm_head(tmp_path, dtype=torch.bfloat16)
     assert head.kernel.name == ("torch-int4pack" if bits == 4 else "torch-int8pack")

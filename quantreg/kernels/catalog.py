@@ -156,6 +156,31 @@ def _decline_avx2_a8(t: Target) -> str | None:
     return _on_cpu(t) or _avx2_int_unit(t)
 
 
+def _vnni_int_unit(t: Target) -> str | None:
+    """Why the AVX512-VNNI build of the int unit (``cpu-vnni-wna16``, ``cpu-vnni-a8``: the
+    AVX2 kernels' layout) cannot run ``t``'s integer weights on this CPU."""
+    from quantreg.kernels import cpu_avx2, cpu_vnni
+
+    assert isinstance(t.weights, IntWeights)
+    return _avx2_unit(t, cpu_vnni, cpu_avx2.AVX2IntLayout.fits(t.weights))
+
+
+def _decline_vnni_int(t: Target) -> str | None:
+    why = _on_cpu(t)
+    if why is not None:
+        return why
+    if not t.half:
+        return (
+            "takes bf16 / fp16 activations (it does not round the weights to the scale dtype); "
+            "float32 heads get the producers' exact weights"
+        )
+    return _vnni_int_unit(t)
+
+
+def _decline_vnni_a8(t: Target) -> str | None:
+    return _on_cpu(t) or _vnni_int_unit(t)
+
+
 def _torch_op(t: Target, op: str, fits: Callable[[IntWeights], str | None]) -> str | None:
     from quantreg.kernels import torch_ops
 
@@ -284,6 +309,12 @@ KERNELS: dict[str, KernelDef] = {
             _decline_amx, _build_cpu, _run_cpu("cpu-amx"),
         ),
         KernelDef(
+            "cpu-vnni-wna16",
+            "quantreg's int4 / int8 CPU kernel for AVX512-VNNI: cpu-avx2-wna16's layout and "
+            "sums, its integer multiply-adds as vpdpwssd on 512-bit registers",
+            _decline_vnni_int, _build_avx2_int, _deferred("cpu_vnni", "vnni_int_matmul"),
+        ),
+        KernelDef(
             "cpu-avx512-bf16",
             "quantreg's CPU kernel: AVX512-BF16 vdpbf16ps; bf16 activations, float32 "
             "accumulation",
@@ -296,6 +327,12 @@ KERNELS: dict[str, KernelDef] = {
             "its own at its RMS takes the float32 FMA path), zero points and scales once per "
             "group",
             _decline_avx2_int, _build_avx2_int, _deferred("cpu_avx2", "avx2_int_matmul"),
+        ),
+        KernelDef(
+            "cpu-vnni-a8",
+            "quantreg's int4 / int8 CPU kernel for AVX512-VNNI with int8 activations (opt-in, "
+            "as cpu-avx2-a8): vpdpbusd on the unsigned codes",
+            _decline_vnni_a8, _build_avx2_int, _deferred("cpu_vnni", "vnni_a8_matmul"), "int8",
         ),
         KernelDef(
             "cpu-avx2-a8",

@@ -267,12 +267,18 @@ def avx2_a8_matmul(x: torch.Tensor, layout: AVX2IntLayout) -> torch.Tensor:
 
 
 def _gemm(x: torch.Tensor, layout: AVX2IntLayout, act: int, limit: float) -> torch.Tensor:
-    """The extension's one call (``avx2_int_mm``: the output allocated and ``x``'s rows tiled
-    in C++): float32 FMA (``act`` 0) or ``act``-bit integer activations (rows beyond ``limit``
-    x their RMS on the float path; 0: none)."""
     module = extension()
     if module is None:
         raise RuntimeError(f"quantreg's AVX2 int kernel is unavailable: {unavailable_reason()}")
+    return run_int_mm(module, x, layout, act, limit)
+
+
+def run_int_mm(
+    module: Any, x: torch.Tensor, layout: AVX2IntLayout, act: int, limit: float
+) -> torch.Tensor:
+    """A build's one call (``avx2_int_mm`` of this kernel or of :mod:`.cpu_vnni`: the output
+    allocated and ``x``'s rows tiled in C++): float32 FMA (``act`` 0) or ``act``-bit integer
+    activations (rows beyond ``limit`` x their RMS on the float path; 0: none)."""
     return module.avx2_int_mm(
         x, layout.n, layout.codes, layout.scales, layout.zeros, layout.bits, layout.group_size,
         act, limit, cpu_build.X_TILE_BYTES,

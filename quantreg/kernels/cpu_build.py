@@ -1,8 +1,9 @@
 """Building quantreg's CPU kernels: where a build is cached, and saying so while it runs.
 
-Three C++ sources, each its own extension (:class:`KernelSource`): ``wna16_kernel.cpp`` (int4 /
-int8, AVX-512), ``wna16_avx2_kernel.cpp`` (int4 / int8, AVX2 + FMA + F16C) and
-``float8_kernel.cpp`` (float8 / fp4, AVX2 + FMA + F16C). They are built apart
+Three C++ sources, four extensions (:class:`KernelSource`): ``wna16_kernel.cpp`` (int4 / int8,
+AVX-512), ``wna16_avx2_kernel.cpp`` (int4 / int8, AVX2 + FMA + F16C; built a second time for
+AVX512-VNNI as ``wna16_vnni``) and ``float8_kernel.cpp`` (float8 / fp4, AVX2 + FMA + F16C).
+They are built apart
 because a unit's flags apply to all of it: with ``-mavx512f`` the compiler may emit AVX-512 in
 any function, which an AVX2-only CPU cannot run. The first use of one compiles it with
 ``torch.utils.cpp_extension.load_inline`` (30-60 s), once per :class:`BuildKey`: one folder per
@@ -45,6 +46,10 @@ FLOAT8_FUNCTIONS = ("float8_gemm", "float8_mm", "float8_pack", "e2m1_pack")
 AVX2_SOURCE = Path(__file__).with_name("wna16_avx2_kernel.cpp")
 AVX2_COMMON = Path(__file__).with_name("cpu_common.h")  # before both AVX2 sources, one unit
 AVX2_FUNCTIONS = ("wna16_avx2_gemm", "wxa_avx2_gemm", "avx2_int_mm")
+# the AVX2 int kernel's source built again for AVX512-VNNI (QR_VNNI: its integer paths in
+# 512-bit registers, vpdpwssd / vpdpbusd), the same layout and entry points
+VNNI_FLAGS = (*FLOAT8_FLAGS, "avx512f", "avx512bw", "avx512vl", "avx512vnni")
+VNNI_CFLAGS = ("-O3", "-fopenmp", *(f"-m{f}" for f in VNNI_FLAGS), "-DQR_VNNI")
 TICK_S = 10.0  # seconds between "still building" lines
 FOLDER_LOCK = "quantreg.lock"  # what a process holds while it builds or loads a folder's kernel
 TORCH_BATON = "lock"  # the file torch's load_inline keeps in the folder while it builds or loads
@@ -56,7 +61,7 @@ class KernelSource:
     """One C++ kernel to build: its name, source file, flags and the functions it binds.
 
     Attributes:
-        name: ``wna16``, ``wna16_avx2`` or ``float8`` (the extension module is
+        name: ``wna16``, ``wna16_avx2``, ``wna16_vnni`` or ``float8`` (the extension module is
             ``quantreg_<name>_<digest>``).
         path: the C++ source.
         cflags, ldflags: compiler and linker flags.
@@ -87,6 +92,10 @@ def kernel_source(name: str = "wna16") -> KernelSource:
     if name == "wna16_avx2":  # the float8 kernel's flags: AVX2, FMA, F16C
         return KernelSource("wna16_avx2", AVX2_SOURCE, FLOAT8_CFLAGS, LDFLAGS, AVX2_FUNCTIONS,
                             "quantreg's AVX2 int4 / int8 kernel", (AVX2_COMMON,))  # fmt: skip
+    if name == "wna16_vnni":
+        title = "quantreg's AVX512-VNNI int4 / int8 kernel"
+        return KernelSource("wna16_vnni", AVX2_SOURCE, VNNI_CFLAGS, LDFLAGS, AVX2_FUNCTIONS,
+                            title, (AVX2_COMMON,))  # fmt: skip
     return KernelSource("wna16", SOURCE, CFLAGS, LDFLAGS, FUNCTIONS, "quantreg's CPU kernel")
 
 
@@ -95,7 +104,8 @@ class BuildKey:
     """Everything that makes one build of a kernel differ from another.
 
     Attributes:
-        kernel: which :class:`KernelSource` (``wna16``, ``wna16_avx2``, ``float8``).
+        kernel: which :class:`KernelSource` (``wna16``, ``wna16_avx2``, ``wna16_vnni``,
+            ``float8``).
         source: sha256 of the C++ source (its prelude first).
         flags: compiler and linker flags, and the functions bound.
         torch: ``torch.__version__`` (its headers and ABI).

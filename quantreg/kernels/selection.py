@@ -11,12 +11,15 @@ kernel                    what it computes
 ========================  ==================================================================
 ``cpu-amx``               quantreg's CPU kernel, bf16 / fp16 activations: AMX ``tdpbf16ps``
                           for 2 or more rows, AVX512-BF16 ``vdpbf16ps`` for one
+``cpu-vnni-wna16``        ``cpu-avx2-wna16`` built for AVX512-VNNI (``vpdpwssd``, 512-bit):
+                          the same layout and sums
 ``cpu-avx512-bf16``       quantreg's CPU kernel, bf16 / fp16 activations: ``vdpbf16ps``
 ``cpu-avx2-wna16``        quantreg's int4 / int8 CPU kernel for AVX2 + FMA, bf16 / fp16
                           activations: rows in int16 fixed point (float32 FMA for rows
                           with outliers), groups applied once
-``cpu-avx2-a8``           the same layout with int8 activations, only when asked for
-                          (``activation_dtype="int8"``): integer multiply-adds
+``cpu-vnni-a8``           the same layout with int8 activations, only when asked for
+                          (``activation_dtype="int8"``), AVX512-VNNI ``vpdpbusd``
+``cpu-avx2-a8``           the same with AVX2 integer multiply-adds
 ``torch-int4pack``        torch's ``_weight_int4pack_mm_for_cpu`` (bf16 / fp16 heads)
 ``torch-int8pack``        torch's ``_weight_int8pack_mm`` (bf16 / fp16 heads)
 ``cpu-avx512``            quantreg's CPU kernel, float32 FMA on the producers' exact weights
@@ -28,10 +31,11 @@ kernel                    what it computes
 ========================  ==================================================================
 
 Activations stay float unless a caller asks for ``activation_dtype="int8"``: then only
-``cpu-avx2-a8`` may run the layer (every other kernel declines, saying so), and a layer it
-cannot run is refused rather than run weight-only. Otherwise float32 activations always get an
-exact kernel (``cpu-avx512`` or ``reference``); the cpu kernels run float32 activations on their
-FMA path whatever their name, and ``cpu-avx2-float8`` and ``cpu-avx2-wna16`` decline them.
+``cpu-vnni-a8`` or ``cpu-avx2-a8`` may run the layer (every other kernel declines, saying so),
+and a layer neither can run is refused rather than run weight-only. Otherwise float32
+activations always get an exact kernel (``cpu-avx512`` or ``reference``); the cpu kernels run
+float32 activations on their FMA path whatever their name, and ``cpu-avx2-float8``,
+``cpu-vnni-wna16`` and ``cpu-avx2-wna16`` decline them.
 """
 
 from __future__ import annotations
@@ -144,7 +148,7 @@ def rows_matmul(
 ACTIVATION_DTYPES = ("int8",)
 """What ``activation_dtype`` may ask for besides None (float activations, weight-only):
 ``int8``, dynamic per-row symmetric quantization (``round(x * 127 / max|x|)``, as vLLM's
-W8A8 / W4A8 kernels do), run by ``cpu-avx2-a8``."""
+W8A8 / W4A8 kernels do), run by ``cpu-vnni-a8`` (AVX512-VNNI) or ``cpu-avx2-a8``."""
 
 
 def check_activation_dtype(value: object) -> None:

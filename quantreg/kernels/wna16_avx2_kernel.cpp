@@ -1,7 +1,9 @@
 // quantreg's int4 / int8 weight-only CPU matmul for AVX2 + FMA (+ F16C); built and called by
 // quantreg/kernels/cpu_avx2.py, after cpu_common.h (parallel_blocks). Compiled apart from
 // wna16_kernel.cpp (whose whole unit is built with AVX-512 flags), so that nothing here can carry
-// an AVX-512 instruction.
+// an AVX-512 instruction. Built a second time with QR_VNNI and AVX512-VNNI flags
+// (quantreg/kernels/cpu_vnni.py): the same layout and entry points, the integer-activation
+// inner loop (namespace ia) in 512-bit registers; see there.
 //
 // Layout: 16 outputs per block; a block is `units` words of 16 int32 lanes, one lane per
 // output. Lane o of unit t holds P = 32 / bits codes of output o, rows P*t .. P*t + P - 1,
@@ -294,10 +296,17 @@ void wna16_avx2_gemm(torch::Tensor x, torch::Tensor out, torch::Tensor codes,
 //     rows for int4, 256 for int8 (256 * 255 * 32767 < 2^31).
 // Per chunk (a group, or a part of one) and output: s * (sum q c) - s z * (sum q), in float32;
 // times the row's scale at the end.
+//   QR_VNNI (kernels cpu-vnni-wna16, cpu-vnni-a8): a unit is one 512-bit register; vpdpwssd
+//     (A = 16) and vpdpbusd (A = 8, the codes unsigned as they are: int8 needs no offset, its
+//     chunks at most 65536 rows) multiply and add in one instruction; passes of 8 rows.
 namespace ia {
 
 constexpr int NB = 16;
+#ifdef QR_VNNI
+constexpr int RB = 8;  // 32 registers: 8 rows' accumulators and the decoded codes
+#else
 constexpr int RB = 4;
+#endif
 
 struct Geo {
   int64_t M, N, units, G, gsu, csu, C;  // C chunks of csu units; csu divides gsu
@@ -373,6 +382,91 @@ __attribute__((always_inline)) inline void unit(const int32_t* w, const int32_t*
   }
 }
 
+#ifdef QR_VNNI
+// AVX512-VNNI (the wna16_vnni build of this file): a unit is one register of 16 lanes, and
+// one instruction multiplies and adds where AVX2 takes two -- vpdpwssd (16-bit pairs, A = 16)
+// and vpdpbusd (unsigned codes times signed activation bytes, A = 8: int8 codes need no
+// offset). U accumulator sets (step j into set j % U) keep few rows from waiting on the
+// instruction's latency. The sums are the AVX2 path's, exactly.
+template <int R>
+constexpr int sets() { return R >= 4 ? 1 : R == 1 ? 4 : 2; }
+
+// With 2 rows or more a pass also asks for the weights 8 KiB ahead into L2 (M = 4: 1.1x;
+// one row streams as fast without)
+#ifndef QR_FAR
+#define QR_FAR 128
+#endif
+constexpr int64_t FAR = QR_FAR;  // units
+
+__attribute__((always_inline)) inline __m512 join(__m256 lo, __m256 hi) {
+  return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)),
+                                             _mm256_castps_pd(hi), 1));
+}
+
+template <int BITS, int A, int R>
+__attribute__((always_inline)) inline void unit(const int32_t* w, const int32_t* x,
+                                                __m512i (*a)[R]) {
+  constexpr int U = sets<R>();
+  const __m512i v = _mm512_loadu_si512((const void*)w);
+  if constexpr (A == 16) {
+    constexpr int J = BITS == 4 ? 4 : 2;
+    const __m512i mask = _mm512_set1_epi32(BITS == 4 ? 0x000F000F : 0x00FF00FF);
+#pragma GCC unroll 4
+    for (int j = 0; j < J; ++j) {
+      const __m512i c = j == J - 1 ? _mm512_srli_epi16(v, j * BITS)
+                                   : _mm512_and_si512(_mm512_srli_epi32(v, j * BITS), mask);
+#pragma GCC unroll 8
+      for (int m = 0; m < R; ++m)
+        a[j % U][m] = _mm512_dpwssd_epi32(a[j % U][m], c, _mm512_set1_epi32(x[j * R + m]));
+    }
+  } else if constexpr (BITS == 4) {
+    const __m512i lo = _mm512_set1_epi8(0x0F);
+    const __m512i l = _mm512_and_si512(v, lo), h = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo);
+#pragma GCC unroll 8
+    for (int m = 0; m < R; ++m) {
+      a[0][m] = _mm512_dpbusd_epi32(a[0][m], l, _mm512_set1_epi32(x[m]));
+      a[1 % U][m] = _mm512_dpbusd_epi32(a[1 % U][m], h, _mm512_set1_epi32(x[R + m]));
+    }
+  } else {
+#pragma GCC unroll 8
+    for (int m = 0; m < R; ++m) a[0][m] = _mm512_dpbusd_epi32(a[0][m], v, _mm512_set1_epi32(x[m]));
+  }
+}
+
+// acc[m][16] (rows m0 .. m0 + R, zeroed by the caller) += the block's chunk terms
+template <int BITS, int A, int R, typename S>
+void rows(const Geo& g, const S& sc, int64_t b, int64_t m0, float* __restrict acc) {
+  constexpr int D = dwords<BITS, A>(), U = sets<R>();
+  const int32_t* wb = g.codes + b * g.units * NB;
+  const int32_t* x = g.xq + m0 * g.units * D;
+  for (int64_t c = 0; c < g.C; ++c) {
+    __m512i a[U][R];
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u)
+#pragma GCC unroll 8
+      for (int m = 0; m < R; ++m) a[u][m] = _mm512_setzero_si512();
+    const int64_t u1 = std::min(g.units, (c + 1) * g.csu);
+    for (int64_t u = c * g.csu; u < u1; ++u) {
+      _mm_prefetch((const char*)(wb + (u + 32) * NB), _MM_HINT_T0);
+      if constexpr (R >= 2 && FAR > 0) _mm_prefetch((const char*)(wb + (u + FAR) * NB), _MM_HINT_T1);
+      unit<BITS, A, R>(wb + u * NB, x + u * D * R, a);
+    }
+    __m256 s0, s1, z0, z1;
+    sc.get(b, c * g.csu / g.gsu, s0, s1, z0, z1);
+    const __m512 s = join(s0, s1), z = join(z0, z1);  // the AVX2 build's float ops, 16 wide
+#pragma GCC unroll 8
+    for (int m = 0; m < R; ++m) {
+      __m512i t = a[0][m];
+#pragma GCC unroll 4
+      for (int u = 1; u < U; ++u) t = _mm512_add_epi32(t, a[u][m]);
+      const __m512 sqb = _mm512_set1_ps(g.sq[((m0 + m) * g.C + c) * 2]);
+      float* o = acc + (m0 + m) * NB;
+      const __m512 r = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(t), _mm512_loadu_ps(o));
+      _mm512_storeu_ps(o, _mm512_fnmadd_ps(z, sqb, r));
+    }
+  }
+}
+#else
 // acc[m][16] (rows m0 .. m0 + R, zeroed by the caller) += the block's chunk terms
 template <int BITS, int A, int R, typename S>
 void rows(const Geo& g, const S& sc, int64_t b, int64_t m0, float* __restrict acc) {
@@ -408,16 +502,21 @@ void rows(const Geo& g, const S& sc, int64_t b, int64_t m0, float* __restrict ac
   }
 }
 
+#endif
+
+template <int BITS, int A, int R, typename S>
+void remainder(const Geo& g, const S& sc, int64_t b, int64_t m0, float* acc) {
+  if constexpr (R > 0) {
+    if (g.M - m0 == R) rows<BITS, A, R>(g, sc, b, m0, acc);
+    else remainder<BITS, A, R - 1>(g, sc, b, m0, acc);
+  }
+}
+
 template <int BITS, int A, typename S>
 void passes(const Geo& g, const S& sc, int64_t b, float* acc) {
   int64_t m0 = 0;
   for (; m0 + RB <= g.M; m0 += RB) rows<BITS, A, RB>(g, sc, b, m0, acc);
-  switch (g.M - m0) {
-    case 1: rows<BITS, A, 1>(g, sc, b, m0, acc); break;
-    case 2: rows<BITS, A, 2>(g, sc, b, m0, acc); break;
-    case 3: rows<BITS, A, 3>(g, sc, b, m0, acc); break;
-    default: break;
-  }
+  remainder<BITS, A, RB - 1>(g, sc, b, m0, acc);  // the last 1 .. RB - 1 rows
 }
 
 // acc: M * 16 floats, then G * 2 * 16 for the block's decoded scales (see Decoded)
@@ -445,8 +544,15 @@ void run(const Geo& g, T* out) {
 
 // Units per chunk: the group's, or for A = 16 its largest divisor that keeps int32 sums safe
 int64_t chunk_units(int bits, int act, int64_t gsu) {
+#ifdef QR_VNNI
+  // A = 8 multiplies unsigned int8 codes (AVX2: code - 128): 4 * 255 * 127 a unit, so at most
+  // 2^31 / 129540 units a chunk (16577); int4's 8 * 15 * 127 allow 140000 units
+  if (act == 8 && bits == 4) return gsu;
+  const int64_t limit = act == 8 ? 16384 : bits == 4 ? 2048 / 8 : 256 / 4;
+#else
   if (act == 8) return gsu;
   const int64_t limit = bits == 4 ? 2048 / 8 : 256 / 4;
+#endif
   int64_t c = std::min(gsu, limit);
   while (gsu % c) --c;
   return c;

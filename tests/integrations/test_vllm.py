@@ -288,13 +288,14 @@ def test_producer_written_heads_match_the_producers_dequantization_in_the_engine
 
 
 def test_int8_activations_are_opted_in_through_the_environment(ckpts, monkeypatch):
-    from quantreg.kernels import cpu_avx2
+    from quantreg.kernels import cpu_avx2, cpu_vnni
 
     if cpu_avx2.extension() is None:
         pytest.skip(f"cpu-avx2-a8 unavailable: {cpu_avx2.unavailable_reason()}")
     monkeypatch.setenv("QUANTREG_ACTIVATION_DTYPE", "int8")
     head = serve(ckpts["gptq"], quantization="quantreg").head
-    assert head["kernel"] == "cpu-avx2-a8"
+    # the AVX512-VNNI build of the kernel comes first where the CPU has it
+    assert head["kernel"] == ("cpu-vnni-a8" if cpu_vnni.extension() else "cpu-avx2-a8")
     want = quantreg.load_lm_head(ckpts["gptq"], dtype=torch.float32).compute_logits(
         head["hidden"].float()
     )
@@ -305,7 +306,7 @@ def test_int8_activations_are_opted_in_through_the_environment(ckpts, monkeypatc
     ("value", "match"),
     [
         ("fp8", r"QUANTREG_ACTIVATION_DTYPE: activation_dtype 'fp8' is not supported"),
-        ("int8", r"activation_dtype='int8': no kernel with int8 activations can run this layer \(fp8 .*Declined: cpu-avx2-a8: runs integer \(int4 / int8\) weights only"),
+        ("int8", r"activation_dtype='int8': no kernel with int8 activations can run this layer \(fp8 .*Declined: cpu-vnni-a8: runs integer \(int4 / int8\) weights only; cpu-avx2-a8: runs integer \(int4 / int8\) weights only"),
     ],
     ids=["unknown-value", "fp8-head"],
 )  # fmt: skip
