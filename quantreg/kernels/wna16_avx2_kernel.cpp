@@ -391,80 +391,172 @@ __attribute__((always_inline)) inline void unit(const int32_t* w, const int32_t*
 template <int R>
 constexpr int sets() { return R >= 4 ? 1 : R == 1 ? 4 : 2; }
 
-// With 2 rows or more a pass also asks for the weights 8 KiB ahead into L2 (M = 4: 1.1x;
-// one row streams as fast without)
-#ifndef QR_FAR
-#define QR_FAR 128
-#endif
-constexpr int64_t FAR = QR_FAR;  // units
+// Each unit asks for the weights 128 units (8 KiB) ahead (the AVX2 build: 2 KiB). Measured on
+// a 2-core Zen 5 against 2 KiB: M = 1 1.2-1.3x faster while the machine read at 65 GB/s, level
+// while it read at 40; M = 4 1.1-1.4x; 12-16 KiB no faster
+constexpr int64_t AHEAD = 128;  // units
 
 __attribute__((always_inline)) inline __m512 join(__m256 lo, __m256 hi) {
   return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)),
                                              _mm256_castps_pd(hi), 1));
 }
 
-template <int BITS, int A, int R>
-__attribute__((always_inline)) inline void unit(const int32_t* w, const int32_t* x,
-                                                __m512i (*a)[R]) {
+// NBK blocks' units (NBK <= 2) times R rows: each activation broadcast feeds every block, so
+// two blocks (32 outputs) load half the broadcasts a block alone does (M = 64: 1.05-1.1x)
+template <int BITS, int A, int R, int NBK>
+__attribute__((always_inline)) inline void unit(const int32_t* const* w, int64_t u,
+                                                const int32_t* x, __m512i (*a)[NBK][R]) {
   constexpr int U = sets<R>();
-  const __m512i v = _mm512_loadu_si512((const void*)w);
+  __m512i v[NBK];
+#pragma GCC unroll 2
+  for (int k = 0; k < NBK; ++k) v[k] = _mm512_loadu_si512((const void*)(w[k] + u * NB));
   if constexpr (A == 16) {
     constexpr int J = BITS == 4 ? 4 : 2;
     const __m512i mask = _mm512_set1_epi32(BITS == 4 ? 0x000F000F : 0x00FF00FF);
 #pragma GCC unroll 4
     for (int j = 0; j < J; ++j) {
-      const __m512i c = j == J - 1 ? _mm512_srli_epi16(v, j * BITS)
-                                   : _mm512_and_si512(_mm512_srli_epi32(v, j * BITS), mask);
+      __m512i c[NBK];
+#pragma GCC unroll 2
+      for (int k = 0; k < NBK; ++k)
+        c[k] = j == J - 1 ? _mm512_srli_epi16(v[k], j * BITS)
+                          : _mm512_and_si512(_mm512_srli_epi32(v[k], j * BITS), mask);
 #pragma GCC unroll 8
-      for (int m = 0; m < R; ++m)
-        a[j % U][m] = _mm512_dpwssd_epi32(a[j % U][m], c, _mm512_set1_epi32(x[j * R + m]));
+      for (int m = 0; m < R; ++m) {
+        const __m512i xb = _mm512_set1_epi32(x[j * R + m]);
+#pragma GCC unroll 2
+        for (int k = 0; k < NBK; ++k) a[j % U][k][m] = _mm512_dpwssd_epi32(a[j % U][k][m], c[k], xb);
+      }
     }
   } else if constexpr (BITS == 4) {
     const __m512i lo = _mm512_set1_epi8(0x0F);
-    const __m512i l = _mm512_and_si512(v, lo), h = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo);
+    __m512i l[NBK], h[NBK];
+#pragma GCC unroll 2
+    for (int k = 0; k < NBK; ++k) {
+      l[k] = _mm512_and_si512(v[k], lo);
+      h[k] = _mm512_and_si512(_mm512_srli_epi16(v[k], 4), lo);
+    }
 #pragma GCC unroll 8
     for (int m = 0; m < R; ++m) {
-      a[0][m] = _mm512_dpbusd_epi32(a[0][m], l, _mm512_set1_epi32(x[m]));
-      a[1 % U][m] = _mm512_dpbusd_epi32(a[1 % U][m], h, _mm512_set1_epi32(x[R + m]));
+      const __m512i xl = _mm512_set1_epi32(x[m]), xh = _mm512_set1_epi32(x[R + m]);
+#pragma GCC unroll 2
+      for (int k = 0; k < NBK; ++k) {
+        a[0][k][m] = _mm512_dpbusd_epi32(a[0][k][m], l[k], xl);
+        a[1 % U][k][m] = _mm512_dpbusd_epi32(a[1 % U][k][m], h[k], xh);
+      }
     }
   } else {
 #pragma GCC unroll 8
-    for (int m = 0; m < R; ++m) a[0][m] = _mm512_dpbusd_epi32(a[0][m], v, _mm512_set1_epi32(x[m]));
+    for (int m = 0; m < R; ++m) {
+      const __m512i xb = _mm512_set1_epi32(x[m]);
+#pragma GCC unroll 2
+      for (int k = 0; k < NBK; ++k) a[0][k][m] = _mm512_dpbusd_epi32(a[0][k][m], v[k], xb);
+    }
   }
 }
 
-// acc[m][16] (rows m0 .. m0 + R, zeroed by the caller) += the block's chunk terms
-template <int BITS, int A, int R, typename S>
-void rows(const Geo& g, const S& sc, int64_t b, int64_t m0, float* __restrict acc) {
+// acc[k][m][16] (blocks b .. b + NBK, rows m0 .. m0 + R; zeroed by the caller) += the blocks'
+// chunk terms; sc[k]: block b + k's scales
+template <int BITS, int A, int R, int NBK, typename S>
+void rows(const Geo& g, const S* sc, int64_t b, int64_t m0, float* const* acc) {
   constexpr int D = dwords<BITS, A>(), U = sets<R>();
-  const int32_t* wb = g.codes + b * g.units * NB;
+  const int32_t* w[NBK];
+#pragma GCC unroll 2
+  for (int k = 0; k < NBK; ++k) w[k] = g.codes + (b + k) * g.units * NB;
   const int32_t* x = g.xq + m0 * g.units * D;
   for (int64_t c = 0; c < g.C; ++c) {
-    __m512i a[U][R];
+    __m512i a[U][NBK][R];
 #pragma GCC unroll 4
     for (int u = 0; u < U; ++u)
+#pragma GCC unroll 2
+      for (int k = 0; k < NBK; ++k)
 #pragma GCC unroll 8
-      for (int m = 0; m < R; ++m) a[u][m] = _mm512_setzero_si512();
+        for (int m = 0; m < R; ++m) a[u][k][m] = _mm512_setzero_si512();
     const int64_t u1 = std::min(g.units, (c + 1) * g.csu);
     for (int64_t u = c * g.csu; u < u1; ++u) {
-      _mm_prefetch((const char*)(wb + (u + 32) * NB), _MM_HINT_T0);
-      if constexpr (R >= 2 && FAR > 0) _mm_prefetch((const char*)(wb + (u + FAR) * NB), _MM_HINT_T1);
-      unit<BITS, A, R>(wb + u * NB, x + u * D * R, a);
+#pragma GCC unroll 2
+      for (int k = 0; k < NBK; ++k) _mm_prefetch((const char*)(w[k] + (u + AHEAD) * NB), _MM_HINT_T0);
+      unit<BITS, A, R, NBK>(w, u, x + u * D * R, a);
     }
-    __m256 s0, s1, z0, z1;
-    sc.get(b, c * g.csu / g.gsu, s0, s1, z0, z1);
-    const __m512 s = join(s0, s1), z = join(z0, z1);  // the AVX2 build's float ops, 16 wide
+#pragma GCC unroll 2
+    for (int k = 0; k < NBK; ++k) {
+      __m256 s0, s1, z0, z1;
+      sc[k].get(b + k, c * g.csu / g.gsu, s0, s1, z0, z1);
+      const __m512 s = join(s0, s1), z = join(z0, z1);  // the AVX2 build's float ops, 16 wide
 #pragma GCC unroll 8
-    for (int m = 0; m < R; ++m) {
-      __m512i t = a[0][m];
+      for (int m = 0; m < R; ++m) {
+        __m512i t = a[0][k][m];
 #pragma GCC unroll 4
-      for (int u = 1; u < U; ++u) t = _mm512_add_epi32(t, a[u][m]);
-      const __m512 sqb = _mm512_set1_ps(g.sq[((m0 + m) * g.C + c) * 2]);
-      float* o = acc + (m0 + m) * NB;
-      const __m512 r = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(t), _mm512_loadu_ps(o));
-      _mm512_storeu_ps(o, _mm512_fnmadd_ps(z, sqb, r));
+        for (int u = 1; u < U; ++u) t = _mm512_add_epi32(t, a[u][k][m]);
+        const __m512 sqb = _mm512_set1_ps(g.sq[((m0 + m) * g.C + c) * 2]);
+        float* o = acc[k] + (m0 + m) * NB;
+        const __m512 r = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(t), _mm512_loadu_ps(o));
+        _mm512_storeu_ps(o, _mm512_fnmadd_ps(z, sqb, r));
+      }
     }
   }
+}
+
+template <int BITS, int A, int NBK, int R, typename S>
+void remainder(const Geo& g, const S* sc, int64_t b, int64_t m0, float* const* acc) {
+  if constexpr (R > 0) {
+    if (g.M - m0 == R) rows<BITS, A, R, NBK>(g, sc, b, m0, acc);
+    else remainder<BITS, A, NBK, R - 1>(g, sc, b, m0, acc);
+  }
+}
+
+template <int BITS, int A, int NBK, typename S>
+void passes(const Geo& g, const S* sc, int64_t b, float* const* acc) {
+  int64_t m0 = 0;
+  for (; m0 + RB <= g.M; m0 += RB) rows<BITS, A, RB, NBK>(g, sc, b, m0, acc);
+  remainder<BITS, A, NBK, RB - 1>(g, sc, b, m0, acc);  // the last 1 .. RB - 1 rows
+}
+
+// NBK blocks from b: acc holds NBK * M * 16 floats, then NBK * G * 2 * 16 for the blocks'
+// decoded scales (see Decoded)
+template <int BITS, int A, int NBK>
+void blocks(const Geo& g, int64_t b, float* acc) {
+  std::fill(acc, acc + NBK * g.M * NB, 0.0f);
+  float* parts[NBK];
+  for (int k = 0; k < NBK; ++k) parts[k] = acc + k * g.M * NB;
+  if (g.M <= RB) {
+    Scales sc[NBK];
+    for (int k = 0; k < NBK; ++k) sc[k] = g.sz;  // decoded in place: each pass reads them
+    passes<BITS, A, NBK>(g, sc, b, parts);
+    return;
+  }
+  float* dec = acc + NBK * g.M * NB;
+  if constexpr (NBK == 2) {
+    const Decoded sc[2] = {Decoded(g.sz, b, dec), Decoded(g.sz, b + 1, dec + g.G * 2 * NB)};
+    passes<BITS, A, 2>(g, sc, b, parts);
+  } else {
+    const Decoded sc[1] = {Decoded(g.sz, b, dec)};
+    passes<BITS, A, 1>(g, sc, b, parts);
+  }
+}
+
+// Blocks two at a time when a block takes several passes of rows (the last alone when their
+// number is odd), else one at a time: two blocks are two streams from memory, and one streams
+// faster (M = 1: 1.15x). Measured here: pairs from M = 9 for A = 16 (M = 16: 1.05x), from
+// M = 17 for A = 8 (at M = 16 one block was 1.05x faster; M = 32: level; M = 64: pairs 1.05x)
+template <int BITS, int A, typename T>
+void run(const Geo& g, T* out) {
+  const int64_t n_blocks = (g.N + NB - 1) / NB, step = g.M > (A == 8 ? 16 : RB) ? 2 : 1;
+  const int64_t groups = (n_blocks + step - 1) / step;
+  parallel_blocks(groups, step * g.units * NB * 4, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(step * (g.M + g.G * 2) * NB);
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t b = step * p, nbk = std::min(step, n_blocks - b);
+      if (nbk == 2) blocks<BITS, A, 2>(g, b, acc.data());
+      else blocks<BITS, A, 1>(g, b, acc.data());
+      for (int64_t k = 0; k < nbk; ++k) {
+        const int64_t n0 = (b + k) * NB, cols = std::min<int64_t>(NB, g.N - n0);
+        const float* a = acc.data() + k * g.M * NB;
+        for (int64_t m = 0; m < g.M; ++m)
+          for (int64_t o = 0; o < cols; ++o)
+            out[m * g.N + n0 + o] = static_cast<T>(g.sx[m] * a[m * NB + o]);
+      }
+    }
+  });
 }
 #else
 // acc[m][16] (rows m0 .. m0 + R, zeroed by the caller) += the block's chunk terms
@@ -502,7 +594,6 @@ void rows(const Geo& g, const S& sc, int64_t b, int64_t m0, float* __restrict ac
   }
 }
 
-#endif
 
 template <int BITS, int A, int R, typename S>
 void remainder(const Geo& g, const S& sc, int64_t b, int64_t m0, float* acc) {
@@ -541,6 +632,8 @@ void run(const Geo& g, T* out) {
     }
   });
 }
+
+#endif
 
 // Units per chunk: the group's, or for A = 16 its largest divisor that keeps int32 sums safe
 int64_t chunk_units(int bits, int act, int64_t gsu) {
