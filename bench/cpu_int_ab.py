@@ -3,10 +3,12 @@ int16 fixed point, and its float32 FMA path, which float32 rows take) and its op
 activations (``cpu-avx2-a8``) against torch's weight-only ops, dense ``F.linear`` (bf16,
 float32) and a STREAM-like read.
 
-Usage: ``python bench/cpu_int_ab.py [--n 32000] [--k 4096] [--rounds 3] [--against REV]``.
-``--against REV`` (a git revision of this repository, e.g. ``HEAD~1``; repeatable) builds that
-revision's ``wna16_avx2_kernel.cpp`` beside the current one and times its bf16 rows on the same
-layouts (rows ``... @REV``): a before/after of a kernel change in one process. Prints, per M, the
+Usage: ``python bench/cpu_int_ab.py [--n 32000] [--k 4096] [--rounds 3] [--against REV]
+[--build avx2|vnni]``. ``--build vnni`` times the same source's AVX512-VNNI build instead
+(``cpu-vnni-wna16``, ``cpu-vnni-a8``; rows ``vnni ...``). ``--against REV`` (a git revision of
+this repository, e.g. ``HEAD~1``; repeatable) builds that revision's ``wna16_avx2_kernel.cpp``
+(as ``--build`` says) beside the current one and times its bf16 rows on the same layouts (rows
+``... @REV``): a before/after of a kernel change in one process. Prints, per M, the
 median time of each path (each timed slice starts with untimed warm-up calls: memory left
 untouched for a while is slower on its next passes), its ratio against dense bf16 ``F.linear``
 and, at M=1, its effective bandwidth against the read: ``torch.sum`` over a buffer as large as
@@ -28,7 +30,13 @@ from typing import Any
 
 import torch
 
-from quantreg.kernels import IntWeights, cpu_avx2, cpu_build, torch_ops
+from quantreg.kernels import IntWeights, cpu_avx2, cpu_build, cpu_vnni, torch_ops
+
+# --build -> (the build's kernel name in cpu_build, its weight-only and int8-activation calls)
+BUILDS = {
+    "avx2": ("wna16_avx2", cpu_avx2.avx2_int_matmul, cpu_avx2.avx2_a8_matmul),
+    "vnni": ("wna16_vnni", cpu_vnni.vnni_int_matmul, cpu_vnni.vnni_a8_matmul),
+}
 
 READS = ("read float32 sum",)
 
@@ -43,10 +51,10 @@ def int_weights(n: int, k: int, bits: int, group: int | None, seed: int = 0) -> 
                              scales=scales, zeros=zeros)  # fmt: skip
 
 
-def paths(n: int, k: int) -> dict[str, tuple[Callable[[torch.Tensor], object], int]]:
-    """name -> (call on x, bytes it reads)."""
+def paths(n: int, k: int, build: str) -> dict[str, tuple[Callable[[torch.Tensor], object], int]]:
+    """name -> (call on x, bytes it reads); ``build``'s kernels in the rows ``<build> ...``."""
     bf = torch.bfloat16
-    avx2, a8 = cpu_avx2.avx2_int_matmul, cpu_avx2.avx2_a8_matmul
+    _, avx2, a8 = BUILDS[build]
     w4, w8 = int_weights(n, k, 4, 128), int_weights(n, k, 8, None)
     l4, l8 = cpu_avx2.AVX2IntLayout.build(w4), cpu_avx2.AVX2IntLayout.build(w8)
     t4, t8 = torch_ops.TorchInt4Layout.build(w4, bf), torch_ops.TorchInt8Layout.build(w8, bf)
@@ -55,21 +63,21 @@ def paths(n: int, k: int) -> dict[str, tuple[Callable[[torch.Tensor], object], i
     buf = torch.full((n * k // 8,), 0x3F800000, dtype=torch.int32)  # 1.0 as a float32
     return {
         "read float32 sum": (lambda x: buf.view(torch.float32).sum(), buf.nbytes),
-        "avx2 int4 g128": (lambda x: avx2(x, l4), l4.codes.nbytes),
-        "avx2 int4 float path": (lambda x: avx2(x.float(), l4), l4.codes.nbytes),
-        "avx2 a8 int4 g128": (lambda x: a8(x, l4), l4.codes.nbytes),
+        f"{build} int4 g128": (lambda x: avx2(x, l4), l4.codes.nbytes),
+        f"{build} int4 float path": (lambda x: avx2(x.float(), l4), l4.codes.nbytes),
+        f"{build} a8 int4 g128": (lambda x: a8(x, l4), l4.codes.nbytes),
         "torch int4pack": (lambda x: torch_ops.int4_matmul(x, t4), t4.weight.nbytes),
-        "avx2 int8 channel": (lambda x: avx2(x, l8), l8.codes.nbytes),
-        "avx2 int8 float path": (lambda x: avx2(x.float(), l8), l8.codes.nbytes),
-        "avx2 a8 int8 channel": (lambda x: a8(x, l8), l8.codes.nbytes),
+        f"{build} int8 channel": (lambda x: avx2(x, l8), l8.codes.nbytes),
+        f"{build} int8 float path": (lambda x: avx2(x.float(), l8), l8.codes.nbytes),
+        f"{build} a8 int8 channel": (lambda x: a8(x, l8), l8.codes.nbytes),
         "torch int8pack": (lambda x: torch_ops.int8_matmul(x, t8), t8.weight.nbytes),
         "dense bf16": (lambda x: torch.nn.functional.linear(x, dense_bf), dense_bf.nbytes),
         "dense fp32": (lambda x: torch.nn.functional.linear(x.float(), dense), dense.nbytes),
     }
 
 
-def build_at(rev: str) -> Any:
-    """The AVX2 int extension built from ``rev``'s source (cached like the current one)."""
+def build_at(rev: str, build: str) -> Any:
+    """``build`` of the int extension from ``rev``'s source (cached like the current one)."""
     root = Path(__file__).resolve().parent.parent
     path = "quantreg/kernels/wna16_avx2_kernel.cpp"
     text = subprocess.run(["git", "-C", str(root), "show", f"{rev}:{path}"],
@@ -79,22 +87,24 @@ def build_at(rev: str) -> Any:
         source.write_text(text)
         saved, cpu_build.AVX2_SOURCE = cpu_build.AVX2_SOURCE, source
         try:
-            return cpu_build.build("wna16_avx2")
+            return cpu_build.build(BUILDS[build][0])
         finally:
             cpu_build.AVX2_SOURCE = saved
 
 
-def paths_at(rev: str, n: int, k: int) -> dict[str, tuple[Callable[[torch.Tensor], object], int]]:
+def paths_at(
+    rev: str, n: int, k: int, build: str
+) -> dict[str, tuple[Callable[[torch.Tensor], object], int]]:
     """``rev``'s kernel on this tree's layouts, bf16 rows (its int16 path) and int8 activations:
     for revisions whose ``AVX2IntLayout`` and ``wxa_avx2_gemm`` are this tree's."""
-    module = build_at(rev)
+    module = build_at(rev, build)
     w4, w8 = int_weights(n, k, 4, 128), int_weights(n, k, 8, None)
     layouts = {"int4 g128": w4, "int8 channel": w8}
     found = {}
     for label, w in layouts.items():
         lay = cpu_avx2.AVX2IntLayout.build(w)
         args = (lay.codes, lay.scales, lay.zeros, lay.bits, lay.group_size)
-        for act, limit, name in ((16, 256.0, "avx2"), (8, 0.0, "avx2 a8")):
+        for act, limit, name in ((16, 256.0, build), (8, 0.0, f"{build} a8")):
             call = functools.partial(_at_rev, module, args, n, act, limit)
             found[f"{name} {label} @{rev}"] = (call, lay.codes.nbytes)
     return found
@@ -127,10 +137,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--m", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--against", action="append", default=[], metavar="REV")
+    ap.add_argument("--build", choices=sorted(BUILDS), default="avx2")
     args = ap.parse_args()
-    ps = paths(args.n, args.k)
+    ps = paths(args.n, args.k, args.build)
     for rev in args.against:
-        ps.update(paths_at(rev, args.n, args.k))
+        ps.update(paths_at(rev, args.n, args.k, args.build))
     print(f"N={args.n} K={args.k}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     for m in args.m:
         x = torch.randn(m, args.k).to(torch.bfloat16)
