@@ -106,7 +106,7 @@ def test_a_failed_build_is_the_reason(monkeypatch):
     def no_compiler(kernel: str) -> None:
         raise OSError("no c++ here")
 
-    monkeypatch.setattr(cpu_avx2, "_state", {})
+    monkeypatch.setattr(cpu_avx2.UNIT, "state", {})
     monkeypatch.setattr(cpu_build, "build", no_compiler)
     choice = choose(case_weights("int4-g128"), dtype=BF16, device="cpu", platform=AVX2)
     assert dict(choice.declined)["cpu-avx2-wna16"] == (

@@ -51,10 +51,10 @@ def fake_compiler(monkeypatch):
     monkeypatch.setattr(cpu_float8, "_state", {})
     # and the AVX2 int kernel
     monkeypatch.setattr(cpu_avx2, "probe_cpu_isa", lambda: frozenset(cpu_avx2.FLAGS))
-    monkeypatch.setattr(cpu_avx2, "_state", {})
+    monkeypatch.setattr(cpu_avx2.UNIT, "state", {})
     # and its AVX512-VNNI build
     monkeypatch.setattr(cpu_vnni, "probe_cpu_isa", lambda: frozenset(cpu_vnni.FLAGS))
-    monkeypatch.setattr(cpu_vnni, "_state", {})
+    monkeypatch.setattr(cpu_vnni.UNIT, "state", {})
     return fake
 
 
@@ -204,8 +204,8 @@ def test_warmup_builds_once_then_finds_the_cache(fake_compiler, cache):
         (cache / key.digest / f"{key.module_name}.so").write_bytes(b"")
     cpu._state.clear()  # a new process
     cpu_float8._state.clear()
-    cpu_avx2._state.clear()
-    cpu_vnni._state.clear()
+    cpu_avx2.UNIT.state.clear()
+    cpu_vnni.UNIT.state.clear()
     second = run_cli("warmup", "--json")
     report = json.loads(second.stdout)
     assert second.returncode == 0

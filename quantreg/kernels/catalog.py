@@ -112,25 +112,37 @@ def _decline_fma(t: Target) -> str | None:
     return _quantreg_cpu(t, ())
 
 
-def _decline_avx2_int(t: Target) -> str | None:
-    why = _on_cpu(t)
-    if why is not None:
-        return why
-    if not t.half:
-        return (
-            "takes bf16 / fp16 activations (it does not round the weights to the scale dtype); "
-            "float32 heads get the producers' exact weights"
-        )
-    return _avx2_int_unit(t)
-
-
-def _avx2_int_unit(t: Target) -> str | None:
-    """Why the AVX2 int unit (``cpu-avx2-wna16``, ``cpu-avx2-a8``: one layout, one
-    extension) cannot run ``t``'s integer weights on this CPU."""
+def _int_unit(t: Target, module: str) -> str | None:
+    """Why a build of the int unit -- ``cpu_avx2`` (``cpu-avx2-wna16``, ``cpu-avx2-a8``) or
+    ``cpu_vnni`` (``cpu-vnni-wna16``, ``cpu-vnni-a8``): one source, one layout -- cannot run
+    ``t``'s integer weights on this CPU."""
     from quantreg.kernels import cpu_avx2
 
     assert isinstance(t.weights, IntWeights)
-    return _avx2_unit(t, cpu_avx2, cpu_avx2.AVX2IntLayout.fits(t.weights))
+    unit = importlib.import_module(f"quantreg.kernels.{module}")
+    return _avx2_unit(t, unit, cpu_avx2.AVX2IntLayout.fits(t.weights))
+
+
+def _decline_int(module: str) -> Callable[[Target], str | None]:
+    """The weight-only kernel of the int unit's build ``module``: bf16 / fp16 heads only."""
+
+    def decline(t: Target) -> str | None:
+        why = _on_cpu(t)
+        if why is not None:
+            return why
+        if not t.half:
+            return (
+                "takes bf16 / fp16 activations (it does not round the weights to the scale "
+                "dtype); float32 heads get the producers' exact weights"
+            )
+        return _int_unit(t, module)
+
+    return decline
+
+
+def _decline_a8(module: str) -> Callable[[Target], str | None]:
+    """The int8-activation kernel of the int unit's build ``module``: any activation dtype."""
+    return lambda t: _on_cpu(t) or _int_unit(t, module)
 
 
 def _avx2_unit(t: Target, module: Any, unfit: str | None) -> str | None:
@@ -150,35 +162,6 @@ def _build_avx2_int(weights: Weights, dtype: torch.dtype) -> Any:
 
     assert isinstance(weights, IntWeights)
     return AVX2IntLayout.build(weights)
-
-
-def _decline_avx2_a8(t: Target) -> str | None:
-    return _on_cpu(t) or _avx2_int_unit(t)
-
-
-def _vnni_int_unit(t: Target) -> str | None:
-    """Why the AVX512-VNNI build of the int unit (``cpu-vnni-wna16``, ``cpu-vnni-a8``: the
-    AVX2 kernels' layout) cannot run ``t``'s integer weights on this CPU."""
-    from quantreg.kernels import cpu_avx2, cpu_vnni
-
-    assert isinstance(t.weights, IntWeights)
-    return _avx2_unit(t, cpu_vnni, cpu_avx2.AVX2IntLayout.fits(t.weights))
-
-
-def _decline_vnni_int(t: Target) -> str | None:
-    why = _on_cpu(t)
-    if why is not None:
-        return why
-    if not t.half:
-        return (
-            "takes bf16 / fp16 activations (it does not round the weights to the scale dtype); "
-            "float32 heads get the producers' exact weights"
-        )
-    return _vnni_int_unit(t)
-
-
-def _decline_vnni_a8(t: Target) -> str | None:
-    return _on_cpu(t) or _vnni_int_unit(t)
 
 
 def _torch_op(t: Target, op: str, fits: Callable[[IntWeights], str | None]) -> str | None:
@@ -312,7 +295,7 @@ KERNELS: dict[str, KernelDef] = {
             "cpu-vnni-wna16",
             "quantreg's int4 / int8 CPU kernel for AVX512-VNNI: cpu-avx2-wna16's layout and "
             "sums, its integer multiply-adds as vpdpwssd on 512-bit registers",
-            _decline_vnni_int, _build_avx2_int, _deferred("cpu_vnni", "vnni_int_matmul"),
+            _decline_int("cpu_vnni"), _build_avx2_int, _deferred("cpu_vnni", "vnni_int_matmul"),
         ),
         KernelDef(
             "cpu-avx512-bf16",
@@ -326,20 +309,22 @@ KERNELS: dict[str, KernelDef] = {
             "fixed point (integer multiply-adds; a row whose int16 rounding would exceed "
             "its own at its RMS takes the float32 FMA path), zero points and scales once per "
             "group",
-            _decline_avx2_int, _build_avx2_int, _deferred("cpu_avx2", "avx2_int_matmul"),
+            _decline_int("cpu_avx2"), _build_avx2_int, _deferred("cpu_avx2", "avx2_int_matmul"),
         ),
         KernelDef(
             "cpu-vnni-a8",
             "quantreg's int4 / int8 CPU kernel for AVX512-VNNI with int8 activations (opt-in, "
             "as cpu-avx2-a8): vpdpbusd on the unsigned codes",
-            _decline_vnni_a8, _build_avx2_int, _deferred("cpu_vnni", "vnni_a8_matmul"), "int8",
+            _decline_a8("cpu_vnni"), _build_avx2_int, _deferred("cpu_vnni", "vnni_a8_matmul"),
+            "int8",
         ),
         KernelDef(
             "cpu-avx2-a8",
             "quantreg's int4 / int8 CPU kernel for AVX2 with int8 activations (opt-in: "
             "quantized per row, dynamic and symmetric, then integer multiply-adds); "
             "bf16 / fp16 / float32 activations in and out",
-            _decline_avx2_a8, _build_avx2_int, _deferred("cpu_avx2", "avx2_a8_matmul"), "int8",
+            _decline_a8("cpu_avx2"), _build_avx2_int, _deferred("cpu_avx2", "avx2_a8_matmul"),
+            "int8",
         ),
         KernelDef(
             "torch-int4pack", "torch's _weight_int4pack_mm_for_cpu (zero points as floats)",

@@ -23,12 +23,11 @@ to the scale dtype as the producers round them, so the kernel serves bf16 / fp16
 from __future__ import annotations
 
 import logging
-import os
-import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from quantreg.kernels import cpu_build
+from quantreg.kernels.cpu_unit import KernelUnit
 from quantreg.kernels.layouts import LayoutTensors, column_blocks
 from quantreg.kernels.packing import pack_codes, pack_factor, transpose_nibbles
 from quantreg.kernels.weights import IntWeights
@@ -37,7 +36,6 @@ from quantreg.platform import probe_cpu_isa
 if TYPE_CHECKING:
     import torch
 
-    from quantreg.kernels.cpu import Warmup
 
 logger = logging.getLogger(__name__)
 
@@ -49,44 +47,19 @@ CODE_CHUNK = 1024  # output columns converted per step (a multiple of 16)
 # and on a busy machine far more (whole seconds a load).
 SERIAL_ELEMENTS = 32767
 
-_lock = threading.Lock()
-_state: dict[str, Any] = {}
 # int16_row_limit's table, by dtype name: every kernel call asks, and an `import torch` in it
 # cost about 10 µs a call on the caches a decode step leaves
 _INT16_LIMITS = {"torch.bfloat16": 256.0, "torch.float16": 32.0}
 
 
-def not_here(flags: frozenset[str] | None = None) -> str | None:
-    """Why this process must not build or run the kernel (None: it may)."""
-    missing = [f for f in FLAGS if f not in (probe_cpu_isa() if flags is None else flags)]
-    if missing:
-        return f"this CPU lacks {'/'.join(missing)}"
-    if os.environ.get("QUANTREG_NO_CPU_KERNELS"):
-        return "QUANTREG_NO_CPU_KERNELS is set"
-    return None
-
-
-def extension() -> Any | None:
-    """The compiled extension (built once per process, cached on disk), or None."""
-    return cpu_build.build_once(
-        _state, _lock, "wna16_avx2", not_here, "AVX2 int4 / int8 kernel",
-        "quantreg's AVX2 int4 / int8 CPU kernel unavailable (%s); kernel selection declines "
-        "it", logger,
-    )  # fmt: skip
-
-
-def unavailable_reason() -> str | None:
-    """Why :func:`extension` is None (None when the kernel is built)."""
-    extension()
-    return _state["reason"]
-
-
-def warmup() -> Warmup:
-    """Build (or load) the kernel now, so that no int4 / int8 head load waits for the
-    compiler."""
-    from quantreg.kernels.cpu import warm
-
-    return warm(not_here, "wna16_avx2", extension, unavailable_reason)
+# the extension: UNIT.not_here(flags), .extension(), .unavailable_reason(), .warmup()
+UNIT = KernelUnit(
+    "wna16_avx2", FLAGS, "AVX2 int4 / int8 kernel",
+    "quantreg's AVX2 int4 / int8 CPU kernel unavailable (%s); kernel selection declines it",
+    logger, lambda: probe_cpu_isa(),  # looked up when called: tests replace it
+)  # fmt: skip
+not_here, extension = UNIT.not_here, UNIT.extension
+unavailable_reason, warmup = UNIT.unavailable_reason, UNIT.warmup
 
 
 def interleave(words: torch.Tensor, out: torch.Tensor) -> None:

@@ -167,6 +167,18 @@ def build_key(kernel: str = "wna16") -> BuildKey:
     )
 
 
+def flags_reason(needed: tuple[str, ...], have: frozenset[str]) -> str | None:
+    """Why a kernel compiled for the CPU flags ``needed`` must not be built or run in this
+    process, given the flags it ``have`` (as ``/proc/cpuinfo`` names them): a missing flag, then
+    ``QUANTREG_NO_CPU_KERNELS``; None: it may."""
+    missing = [f for f in needed if f not in have]
+    if missing:
+        return f"this CPU lacks {'/'.join(missing)}"
+    if os.environ.get("QUANTREG_NO_CPU_KERNELS"):
+        return "QUANTREG_NO_CPU_KERNELS is set"
+    return None
+
+
 def cache_root() -> Path:
     """``$QUANTREG_KERNEL_CACHE``, else ``~/.cache/quantreg/kernels``."""
     default = Path.home() / ".cache" / "quantreg" / "kernels"

@@ -17,59 +17,29 @@ where it cannot run (no AVX-512 F/BW/VL/VNNI, ``QUANTREG_NO_CPU_KERNELS``, no co
 from __future__ import annotations
 
 import logging
-import os
-import threading
 from typing import TYPE_CHECKING, Any
 
-from quantreg.kernels import cpu_build
 from quantreg.kernels.cpu_avx2 import AVX2IntLayout, int16_row_limit, run_int_mm
+from quantreg.kernels.cpu_unit import KernelUnit
 from quantreg.platform import probe_cpu_isa
 
 if TYPE_CHECKING:
     import torch
 
-    from quantreg.kernels.cpu import Warmup
 
 logger = logging.getLogger(__name__)
 
 # what the build is compiled for, as /proc/cpuinfo names the flags
 FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 
-_lock = threading.Lock()
-_state: dict[str, Any] = {}
-
-
-def not_here(flags: frozenset[str] | None = None) -> str | None:
-    """Why this process must not build or run the kernel (None: it may)."""
-    missing = [f for f in FLAGS if f not in (probe_cpu_isa() if flags is None else flags)]
-    if missing:
-        return f"this CPU lacks {'/'.join(missing)}"
-    if os.environ.get("QUANTREG_NO_CPU_KERNELS"):
-        return "QUANTREG_NO_CPU_KERNELS is set"
-    return None
-
-
-def extension() -> Any | None:
-    """The compiled extension (built once per process, cached on disk), or None."""
-    return cpu_build.build_once(
-        _state, _lock, "wna16_vnni", not_here, "AVX512-VNNI int4 / int8 kernel",
-        "quantreg's AVX512-VNNI int4 / int8 CPU kernel unavailable (%s); kernel selection "
-        "declines it", logger,
-    )  # fmt: skip
-
-
-def unavailable_reason() -> str | None:
-    """Why :func:`extension` is None (None when the kernel is built)."""
-    extension()
-    return _state["reason"]
-
-
-def warmup() -> Warmup:
-    """Build (or load) the kernel now, so that no int4 / int8 head load waits for the
-    compiler."""
-    from quantreg.kernels.cpu import warm
-
-    return warm(not_here, "wna16_vnni", extension, unavailable_reason)
+# the extension: UNIT.not_here(flags), .extension(), .unavailable_reason(), .warmup()
+UNIT = KernelUnit(
+    "wna16_vnni", FLAGS, "AVX512-VNNI int4 / int8 kernel",
+    "quantreg's AVX512-VNNI int4 / int8 CPU kernel unavailable (%s); kernel selection "
+    "declines it", logger, lambda: probe_cpu_isa(),  # looked up when called: tests replace it
+)  # fmt: skip
+not_here, extension = UNIT.not_here, UNIT.extension
+unavailable_reason, warmup = UNIT.unavailable_reason, UNIT.warmup
 
 
 def vnni_int_matmul(x: torch.Tensor, layout: AVX2IntLayout) -> torch.Tensor:
