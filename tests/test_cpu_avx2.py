@@ -114,6 +114,15 @@ def test_a_failed_build_is_the_reason(monkeypatch):
     )
 
 
+@pytest.mark.parametrize("matmul", [avx2_int_matmul, avx2_a8_matmul], ids=["int16", "a8"])
+def test_a_call_without_the_extension_says_why(monkeypatch, matmul):
+    """Selection declines the kernel first; a direct call still names the reason."""
+    monkeypatch.setattr(cpu_avx2.UNIT, "state", {"reason": "no c++ here", "module": None})
+    layout = AVX2IntLayout.build(case_weights("int4-g128"))
+    with pytest.raises(RuntimeError, match=r"^quantreg's AVX2 int4 / int8 kernel is unavailable: no c\+\+ here$"):  # fmt: skip
+        matmul(torch.zeros(1, 256, dtype=BF16), layout)
+
+
 @pytest.mark.parametrize("case", ["int4-g128", "int8-channel-symmetric"])
 def test_half_heads_choose_it_before_torchs_ops(kernel, case):
     choice = choose(case_weights(case), dtype=BF16, device="cpu", platform=AVX2)

@@ -104,6 +104,15 @@ def test_the_int8_paths_largest_sums_do_not_overflow(kernel, bits, code, zero, s
     torch.testing.assert_close(got, torch.full((2, 16), sign * k * (code - zero) * 0.01))
 
 
+@pytest.mark.parametrize("matmul", [vnni_int_matmul, vnni_a8_matmul], ids=["int16", "a8"])
+def test_a_call_without_the_extension_says_why(monkeypatch, matmul):
+    """Selection declines the kernel first; a direct call still names the reason."""
+    monkeypatch.setattr(cpu_vnni.UNIT, "state", {"reason": "this CPU lacks avx512_vnni", "module": None})  # fmt: skip
+    layout = AVX2IntLayout.build(case_weights("int4-g128"))
+    with pytest.raises(RuntimeError, match=r"^quantreg's AVX512-VNNI int4 / int8 kernel is unavailable: this CPU lacks avx512_vnni$"):  # fmt: skip
+        matmul(torch.zeros(1, 256, dtype=BF16), layout)
+
+
 # -- choice -----------------------------------------------------------------------------------
 
 

@@ -240,10 +240,7 @@ def avx2_a8_matmul(x: torch.Tensor, layout: AVX2IntLayout) -> torch.Tensor:
 
 
 def _gemm(x: torch.Tensor, layout: AVX2IntLayout, act: int, limit: float) -> torch.Tensor:
-    module = extension()
-    if module is None:
-        raise RuntimeError(f"quantreg's AVX2 int kernel is unavailable: {unavailable_reason()}")
-    return run_int_mm(module, x, layout, act, limit)
+    return run_int_mm(UNIT.loaded(), x, layout, act, limit)
 
 
 def run_int_mm(

@@ -51,6 +51,17 @@ class KernelUnit:
         return cpu_build.build_once(self.state, self.lock, self.kernel, self.not_here, self.title,
                           self.unavailable, self.log)  # fmt: skip
 
+    def loaded(self) -> Any:
+        """The extension, for a call of its kernel.
+
+        Raises:
+            RuntimeError: it is unavailable, saying why (selection declines its kernels first).
+        """
+        module = self.extension()
+        if module is None:
+            raise RuntimeError(f"quantreg's {self.title} is unavailable: {self.state['reason']}")
+        return module
+
     def unavailable_reason(self) -> str | None:
         """Why :meth:`extension` is None (None when it is built)."""
         self.extension()

@@ -17,7 +17,7 @@ where it cannot run (no AVX-512 F/BW/VL/VNNI, ``QUANTREG_NO_CPU_KERNELS``, no co
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from quantreg.kernels.cpu_avx2 import AVX2IntLayout, int16_row_limit, run_int_mm
 from quantreg.kernels.cpu_unit import KernelUnit
@@ -51,7 +51,7 @@ def vnni_int_matmul(x: torch.Tensor, layout: AVX2IntLayout) -> torch.Tensor:
         RuntimeError: the kernel is unavailable (selection declines it first).
     """
     limit = int16_row_limit(x.dtype)
-    return run_int_mm(_module(), x, layout, 16 if limit else 0, limit)
+    return run_int_mm(UNIT.loaded(), x, layout, 16 if limit else 0, limit)
 
 
 def vnni_a8_matmul(x: torch.Tensor, layout: AVX2IntLayout) -> torch.Tensor:
@@ -62,13 +62,4 @@ def vnni_a8_matmul(x: torch.Tensor, layout: AVX2IntLayout) -> torch.Tensor:
     Raises:
         RuntimeError: the kernel is unavailable (selection declines it first).
     """
-    return run_int_mm(_module(), x, layout, 8, 0.0)
-
-
-def _module() -> Any:
-    module = extension()
-    if module is None:
-        raise RuntimeError(
-            f"quantreg's AVX512-VNNI int kernel is unavailable: {unavailable_reason()}"
-        )
-    return module
+    return run_int_mm(UNIT.loaded(), x, layout, 8, 0.0)

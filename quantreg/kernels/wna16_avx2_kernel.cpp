@@ -387,7 +387,7 @@ __attribute__((always_inline)) inline void unit(const int32_t* w, const int32_t*
 // one instruction multiplies and adds where AVX2 takes two -- vpdpwssd (16-bit pairs, A = 16)
 // and vpdpbusd (unsigned codes times signed activation bytes, A = 8: int8 codes need no
 // offset). U accumulator sets (step j into set j % U) keep few rows from waiting on the
-// instruction's latency. The sums are the AVX2 path's, exactly.
+// instruction's latency. The int16 path's sums are the AVX2 build's, exactly.
 template <int R>
 constexpr int sets() { return R >= 4 ? 1 : R == 1 ? 4 : 2; }
 
@@ -506,6 +506,49 @@ void rows(const Geo& g, const S* sc, int64_t b, int64_t m0, float* const* acc) {
   }
 }
 
+#else
+// acc[0][m][16] (rows m0 .. m0 + R, zeroed by the caller) += block b's chunk terms (sc[0]: its
+// scales); the AVX2 build takes one block a pass (see run)
+template <int BITS, int A, int R, int NBK, typename S>
+void rows(const Geo& g, const S* scs, int64_t b, int64_t m0, float* const* accs) {
+  static_assert(NBK == 1, "the AVX2 build takes one block a pass");
+  const S& sc = scs[0];
+  float* __restrict acc = accs[0];
+  constexpr int D = dwords<BITS, A>();
+  const int32_t* wb = g.codes + b * g.units * NB;
+  const int32_t* x = g.xq + m0 * g.units * D;
+  for (int64_t c = 0; c < g.C; ++c) {
+    __m256i a[R][2];
+#pragma GCC unroll 4
+    for (int m = 0; m < R; ++m) a[m][0] = a[m][1] = _mm256_setzero_si256();
+    const int64_t u1 = std::min(g.units, (c + 1) * g.csu);
+    for (int64_t u = c * g.csu; u < u1; ++u) {
+      _mm_prefetch((const char*)(wb + (u + 32) * NB), _MM_HINT_T0);
+      unit<BITS, A, R>(wb + u * NB, x + u * D * R, a);
+    }
+    __m256 s0, s1, z0, z1;
+    sc.get(b, c * g.csu / g.gsu, s0, s1, z0, z1);
+#pragma GCC unroll 4
+    for (int m = 0; m < R; ++m) {
+      const float* q = g.sq + ((m0 + m) * g.C + c) * 2;
+      __m256 p0 = _mm256_cvtepi32_ps(a[m][0]), p1 = _mm256_cvtepi32_ps(a[m][1]);
+      if constexpr (A == 8 && BITS == 8) {  // codes - 128 were multiplied: add 128 * sum q
+        const __m256 back = _mm256_broadcast_ss(q + 1);
+        p0 = _mm256_add_ps(p0, back);
+        p1 = _mm256_add_ps(p1, back);
+      }
+      const __m256 sqb = _mm256_broadcast_ss(q);
+      float* t = acc + (m0 + m) * NB;
+      _mm256_storeu_ps(t, _mm256_fnmadd_ps(z0, sqb, _mm256_fmadd_ps(s0, p0, _mm256_loadu_ps(t))));
+      _mm256_storeu_ps(t + 8,
+                       _mm256_fnmadd_ps(z1, sqb, _mm256_fmadd_ps(s1, p1, _mm256_loadu_ps(t + 8))));
+    }
+  }
+}
+
+
+#endif
+
 template <int BITS, int A, int NBK, int R, typename S>
 void remainder(const Geo& g, const S* sc, int64_t b, int64_t m0, float* const* acc) {
   if constexpr (R > 0) {
@@ -544,20 +587,34 @@ void blocks(const Geo& g, int64_t b, float* acc) {
   }
 }
 
-// Blocks two at a time when a block takes several passes of rows (the last alone when their
-// number is odd), else one at a time: two blocks are two streams from memory, and one streams
-// faster (M = 1: 1.15x). Measured here: pairs from M = 9 for A = 16 (M = 16: 1.05x), from
-// M = 17 for A = 8 (at M = 16 one block was 1.05x faster; M = 32: level; M = 64: pairs 1.05x)
+// Blocks per pass. The VNNI build takes two when a block takes several passes of rows (the last
+// alone when their number is odd), else one: two blocks are two streams from memory, and one
+// streams faster (M = 1: 1.15x). Measured on a Zen 5: pairs from M = 9 for A = 16 (M = 16:
+// 1.05x), from M = 17 for A = 8 (at M = 16 one block was 1.05x faster; M = 32: level; M = 64:
+// pairs 1.05x). The AVX2 build (16 registers) takes one.
+template <int A>
+int64_t blocks_a_pass(const Geo& g) {
+#ifdef QR_VNNI
+  return g.M > (A == 8 ? 16 : RB) ? 2 : 1;
+#else
+  return 1;
+#endif
+}
+
 template <int BITS, int A, typename T>
 void run(const Geo& g, T* out) {
-  const int64_t n_blocks = (g.N + NB - 1) / NB, step = g.M > (A == 8 ? 16 : RB) ? 2 : 1;
+  const int64_t n_blocks = (g.N + NB - 1) / NB, step = blocks_a_pass<A>(g);
   const int64_t groups = (n_blocks + step - 1) / step;
   parallel_blocks(groups, step * g.units * NB * 4, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(step * (g.M + g.G * 2) * NB);
     for (int64_t p = begin; p < end; ++p) {
       const int64_t b = step * p, nbk = std::min(step, n_blocks - b);
+#ifdef QR_VNNI
       if (nbk == 2) blocks<BITS, A, 2>(g, b, acc.data());
       else blocks<BITS, A, 1>(g, b, acc.data());
+#else
+      blocks<BITS, A, 1>(g, b, acc.data());
+#endif
       for (int64_t k = 0; k < nbk; ++k) {
         const int64_t n0 = (b + k) * NB, cols = std::min<int64_t>(NB, g.N - n0);
         const float* a = acc.data() + k * g.M * NB;
@@ -568,82 +625,6 @@ void run(const Geo& g, T* out) {
     }
   });
 }
-#else
-// acc[m][16] (rows m0 .. m0 + R, zeroed by the caller) += the block's chunk terms
-template <int BITS, int A, int R, typename S>
-void rows(const Geo& g, const S& sc, int64_t b, int64_t m0, float* __restrict acc) {
-  constexpr int D = dwords<BITS, A>();
-  const int32_t* wb = g.codes + b * g.units * NB;
-  const int32_t* x = g.xq + m0 * g.units * D;
-  for (int64_t c = 0; c < g.C; ++c) {
-    __m256i a[R][2];
-#pragma GCC unroll 4
-    for (int m = 0; m < R; ++m) a[m][0] = a[m][1] = _mm256_setzero_si256();
-    const int64_t u1 = std::min(g.units, (c + 1) * g.csu);
-    for (int64_t u = c * g.csu; u < u1; ++u) {
-      _mm_prefetch((const char*)(wb + (u + 32) * NB), _MM_HINT_T0);
-      unit<BITS, A, R>(wb + u * NB, x + u * D * R, a);
-    }
-    __m256 s0, s1, z0, z1;
-    sc.get(b, c * g.csu / g.gsu, s0, s1, z0, z1);
-#pragma GCC unroll 4
-    for (int m = 0; m < R; ++m) {
-      const float* q = g.sq + ((m0 + m) * g.C + c) * 2;
-      __m256 p0 = _mm256_cvtepi32_ps(a[m][0]), p1 = _mm256_cvtepi32_ps(a[m][1]);
-      if constexpr (A == 8 && BITS == 8) {  // codes - 128 were multiplied: add 128 * sum q
-        const __m256 back = _mm256_broadcast_ss(q + 1);
-        p0 = _mm256_add_ps(p0, back);
-        p1 = _mm256_add_ps(p1, back);
-      }
-      const __m256 sqb = _mm256_broadcast_ss(q);
-      float* t = acc + (m0 + m) * NB;
-      _mm256_storeu_ps(t, _mm256_fnmadd_ps(z0, sqb, _mm256_fmadd_ps(s0, p0, _mm256_loadu_ps(t))));
-      _mm256_storeu_ps(t + 8,
-                       _mm256_fnmadd_ps(z1, sqb, _mm256_fmadd_ps(s1, p1, _mm256_loadu_ps(t + 8))));
-    }
-  }
-}
-
-
-template <int BITS, int A, int R, typename S>
-void remainder(const Geo& g, const S& sc, int64_t b, int64_t m0, float* acc) {
-  if constexpr (R > 0) {
-    if (g.M - m0 == R) rows<BITS, A, R>(g, sc, b, m0, acc);
-    else remainder<BITS, A, R - 1>(g, sc, b, m0, acc);
-  }
-}
-
-template <int BITS, int A, typename S>
-void passes(const Geo& g, const S& sc, int64_t b, float* acc) {
-  int64_t m0 = 0;
-  for (; m0 + RB <= g.M; m0 += RB) rows<BITS, A, RB>(g, sc, b, m0, acc);
-  remainder<BITS, A, RB - 1>(g, sc, b, m0, acc);  // the last 1 .. RB - 1 rows
-}
-
-// acc: M * 16 floats, then G * 2 * 16 for the block's decoded scales (see Decoded)
-template <int BITS, int A>
-void block(const Geo& g, int64_t b, float* acc) {
-  std::fill(acc, acc + g.M * NB, 0.0f);
-  if (g.M <= RB) passes<BITS, A>(g, g.sz, b, acc);
-  else passes<BITS, A>(g, Decoded(g.sz, b, acc + g.M * NB), b, acc);
-}
-
-template <int BITS, int A, typename T>
-void run(const Geo& g, T* out) {
-  const int64_t blocks = (g.N + NB - 1) / NB;
-  parallel_blocks(blocks, g.units * NB * 4, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc((g.M + g.G * 2) * NB);
-    for (int64_t b = begin; b < end; ++b) {
-      block<BITS, A>(g, b, acc.data());
-      const int64_t n0 = b * NB, cols = std::min<int64_t>(NB, g.N - n0);
-      for (int64_t m = 0; m < g.M; ++m)
-        for (int64_t o = 0; o < cols; ++o)
-          out[m * g.N + n0 + o] = static_cast<T>(g.sx[m] * acc[m * NB + o]);
-    }
-  });
-}
-
-#endif
 
 // Units per chunk: the group's, or for A = 16 its largest divisor that keeps int32 sums safe
 int64_t chunk_units(int bits, int act, int64_t gsu) {
