@@ -281,10 +281,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_warmup(args: argparse.Namespace) -> int:
-    """Build quantreg's CPU kernels now -- the int4 / int8 one, the float8 one, then the AVX2
-    and AVX512-VNNI builds of the other int4 / int8 one (or say why this machine has nothing to
-    build for one)."""
-    from quantreg.kernels import cpu, cpu_avx2, cpu_float8, cpu_vnni
+    """Build quantreg's CPU kernels now -- the int4 / int8 one, the float8 one, the AVX2 and
+    AVX512-VNNI builds of the other int4 / int8 one, then the AVX512-BF16 float8 one (or say
+    why this machine has nothing to build for one)."""
+    from quantreg.kernels import cpu, cpu_avx2, cpu_float8, cpu_float8_avx512, cpu_vnni
 
     args.doing = "building quantreg's CPU kernel"
     result = cpu.warmup()
@@ -294,7 +294,9 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     avx2 = cpu_avx2.warmup()
     args.doing = "building quantreg's AVX512-VNNI int4 / int8 CPU kernel"
     vnni = cpu_vnni.warmup()
-    parts = {"float8": float8, "avx2": avx2, "vnni": vnni}
+    args.doing = "building quantreg's AVX512-BF16 float8 CPU kernel"
+    float8_512 = cpu_float8_avx512.warmup()
+    parts = {"float8": float8, "avx2": avx2, "vnni": vnni, "float8_avx512": float8_512}
     if args.json:
         print_json(args, {**result.to_dict(), **{k: r.to_dict() for k, r in parts.items()}})
     else:
@@ -303,4 +305,6 @@ def cmd_warmup(args: argparse.Namespace) -> int:
         print(float8.summary("quantreg's float8 CPU kernel", "the reference kernel"))
         print(avx2.summary("quantreg's AVX2 int4 / int8 CPU kernel"))
         print(vnni.summary("quantreg's AVX512-VNNI int4 / int8 CPU kernel", "another kernel"))
+        instead = "cpu-avx2-float8 or the reference kernel"
+        print(float8_512.summary("quantreg's AVX512-BF16 float8 CPU kernel", instead))
     return 0 if all(r.ready or not r.needed for r in (result, *parts.values())) else 1

@@ -37,9 +37,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     first: a module half-imported by another thread raises ImportError (vllm did)."""
     import torch.utils.cpp_extension  # noqa: F401
 
-    from quantreg.kernels import cpu, cpu_avx2, cpu_float8
+    from quantreg.kernels import cpu, cpu_avx2, cpu_float8, cpu_float8_avx512, cpu_vnni
 
-    for kernel in (cpu, cpu_avx2, cpu_float8):
+    for kernel in (cpu, cpu_avx2, cpu_float8, cpu_vnni, cpu_float8_avx512):
         thread = threading.Thread(target=kernel.extension, name=f"build {kernel.__name__}")
         thread.start()
         _BUILDS.append(thread)

@@ -176,5 +176,5 @@ def test_kernels_are_named_not_numbered():
     from quantreg.kernels import kernel_names
 
     names = kernel_names()
-    assert names == ("cpu-amx", "cpu-vnni-wna16", "cpu-avx512-bf16", "cpu-avx2-wna16", "cpu-vnni-a8", "cpu-avx2-a8", "torch-int4pack", "torch-int8pack", "cpu-avx512", "cpu-avx2-float8", "triton", "triton-float8", "reference")  # fmt: skip
+    assert names == ("cpu-amx", "cpu-vnni-wna16", "cpu-avx512-bf16", "cpu-avx2-wna16", "cpu-vnni-a8", "cpu-avx2-a8", "torch-int4pack", "torch-int8pack", "cpu-avx512", "cpu-avx512-float8", "cpu-avx2-float8", "triton", "triton-float8", "reference")  # fmt: skip
     assert all(a != b for a, b in itertools.combinations(names, 2))

@@ -16,7 +16,7 @@ import pytest
 import torch
 from cli_runner import run_cli
 
-from quantreg.kernels import cpu, cpu_avx2, cpu_build, cpu_float8, cpu_vnni
+from quantreg.kernels import cpu, cpu_avx2, cpu_build, cpu_float8, cpu_float8_avx512, cpu_vnni
 
 ANNOUNCE = "building quantreg's CPU kernel once (~30-60 s), cached in "
 
@@ -55,6 +55,9 @@ def fake_compiler(monkeypatch):
     # and its AVX512-VNNI build
     monkeypatch.setattr(cpu_vnni, "probe_cpu_isa", lambda: frozenset(cpu_vnni.FLAGS))
     monkeypatch.setattr(cpu_vnni.UNIT, "state", {})
+    # and the AVX512-BF16 float8 kernel
+    monkeypatch.setattr(cpu_float8_avx512, "probe_cpu_isa", lambda: frozenset(cpu_float8_avx512.FLAGS))  # fmt: skip
+    monkeypatch.setattr(cpu_float8_avx512.UNIT, "state", {})
     return fake
 
 
@@ -99,8 +102,8 @@ def test_every_build_ingredient_changes_the_cache_folder(ingredient, monkeypatch
     assert after.module_name != before.module_name
 
 
-# kernel -> whether cpu_common.h is in its unit (the two AVX2 kernels share it)
-PRELUDE_IN = {"wna16_avx2": True, "float8": True, "wna16": False}
+# kernel -> whether cpu_common.h is in its unit (every kernel but the AVX-512 int one shares it)
+PRELUDE_IN = {"wna16_avx2": True, "wna16_vnni": True, "float8": True, "float8_avx512": True, "wna16": False}  # fmt: skip
 
 
 @pytest.mark.parametrize("kernel", list(PRELUDE_IN), ids=list(PRELUDE_IN))
@@ -112,6 +115,15 @@ def test_the_shared_prelude_is_part_of_the_avx2_kernels_source_key(kernel, monke
     after = cpu_build.build_key(kernel)
     assert (after.source != before.source) == PRELUDE_IN[kernel]
     assert (after.digest != before.digest) == PRELUDE_IN[kernel]
+
+
+@pytest.mark.parametrize("kernel", ["float8", "float8_avx512"])
+def test_the_float8_prelude_is_part_of_both_float8_kernels_source_key(kernel, monkeypatch, tmp_path):  # fmt: skip
+    before = cpu_build.build_key(kernel)
+    changed = tmp_path / "float8_common.h"
+    changed.write_text(cpu_build.FLOAT8_COMMON.read_text() + "\n// changed\n")
+    monkeypatch.setattr(cpu_build, "FLOAT8_COMMON", changed)
+    assert cpu_build.build_key(kernel).source != before.source
 
 
 def test_the_table_covers_every_field_of_the_key():
@@ -185,12 +197,13 @@ def test_a_failed_build_is_the_reason_the_kernel_is_unavailable(fake_compiler, c
 
 
 def test_warmup_builds_once_then_finds_the_cache(fake_compiler, cache):
-    """Every kernel: the int4 / int8 one, the float8 one, then the AVX2 and AVX512-VNNI builds
-    of the other int4 / int8 one, each in its own folder."""
+    """Every kernel: the int4 / int8 one, the float8 one, the AVX2 and AVX512-VNNI builds of
+    the other int4 / int8 one, then the AVX512-BF16 float8 one, each in its own folder."""
     first = run_cli("warmup")
-    keys = tuple(cpu_build.build_key(k) for k in ("wna16", "float8", "wna16_avx2", "wna16_vnni"))
+    names = ("wna16", "float8", "wna16_avx2", "wna16_vnni", "float8_avx512")
+    keys = tuple(cpu_build.build_key(k) for k in names)
     assert first.returncode == 0
-    wna16, float8, avx2, vnni = first.stdout.splitlines()
+    wna16, float8, avx2, vnni, float8_512 = first.stdout.splitlines()
     assert wna16.startswith("quantreg's CPU kernel is ready (built in ")
     assert wna16.endswith(f"cached in {cache / keys[0].digest}")
     assert float8.startswith("quantreg's float8 CPU kernel is ready (built in ")
@@ -199,6 +212,8 @@ def test_warmup_builds_once_then_finds_the_cache(fake_compiler, cache):
     assert avx2.endswith(f"cached in {cache / keys[2].digest}")
     assert vnni.startswith("quantreg's AVX512-VNNI int4 / int8 CPU kernel is ready (built in ")
     assert vnni.endswith(f"cached in {cache / keys[3].digest}")
+    assert float8_512.startswith("quantreg's AVX512-BF16 float8 CPU kernel is ready (built in ")
+    assert float8_512.endswith(f"cached in {cache / keys[4].digest}")
     assert [c["key"] for c in fake_compiler.calls] == list(keys)
     for key in keys:  # what the compiler leaves
         (cache / key.digest / f"{key.module_name}.so").write_bytes(b"")
@@ -206,10 +221,12 @@ def test_warmup_builds_once_then_finds_the_cache(fake_compiler, cache):
     cpu_float8._state.clear()
     cpu_avx2.UNIT.state.clear()
     cpu_vnni.UNIT.state.clear()
+    cpu_float8_avx512.UNIT.state.clear()
     second = run_cli("warmup", "--json")
     report = json.loads(second.stdout)
     assert second.returncode == 0
-    report["float8"]["seconds"] = report["avx2"]["seconds"] = report["vnni"]["seconds"] = 0
+    for part in ("float8", "avx2", "vnni", "float8_avx512"):
+        report[part]["seconds"] = 0
     assert report | {"seconds": 0} == {
         "ready": True, "needed": True, "reason": None, "cache": str(cache / keys[0].digest),
         "cached": True, "seconds": 0,
@@ -219,6 +236,8 @@ def test_warmup_builds_once_then_finds_the_cache(fake_compiler, cache):
                  "cache": str(cache / keys[2].digest), "cached": True, "seconds": 0},
         "vnni": {"ready": True, "needed": True, "reason": None,
                  "cache": str(cache / keys[3].digest), "cached": True, "seconds": 0},
+        "float8_avx512": {"ready": True, "needed": True, "reason": None,
+                          "cache": str(cache / keys[4].digest), "cached": True, "seconds": 0},
     }  # fmt: skip
 
 
@@ -226,7 +245,7 @@ def test_warmup_exits_1_when_the_build_fails(fake_compiler):
     fake_compiler.error = OSError("c++: not found")
     out = run_cli("warmup")
     assert out.returncode == 1
-    wna16, float8, avx2, vnni = out.stdout.splitlines()
+    wna16, float8, avx2, vnni, float8_512 = out.stdout.splitlines()
     assert wna16.startswith("quantreg's CPU kernel could not be built in ")
     assert wna16.endswith("building the C++ kernel failed: OSError: c++: not found")
     assert float8.startswith("quantreg's float8 CPU kernel could not be built in ")
@@ -237,18 +256,23 @@ def test_warmup_exits_1_when_the_build_fails(fake_compiler):
     assert vnni.endswith(
         "building the C++ AVX512-VNNI int4 / int8 kernel failed: OSError: c++: not found"
     )
+    assert float8_512.startswith("quantreg's AVX512-BF16 float8 CPU kernel could not be built in ")
+    assert float8_512.endswith(
+        "building the C++ AVX512-BF16 float8 kernel failed: OSError: c++: not found"
+    )
 
 
 def test_warmup_on_this_machine(monkeypatch):
     """Here: a CPU without AVX-512 has nothing to build for the int kernel (exit 0, the reason
     on stdout), one with AVX2 + FMA + F16C builds the float8 and the AVX2 int kernels (or
-    finds them built), one with AVX512-VNNI the VNNI build of the latter; with
-    AVX-512 the real int kernel is built or found in the cache -- the user's cache, which the
-    real-kernel tests use too, so that the suite compiles each kernel once."""
+    finds them built), one with AVX512-VNNI the VNNI build of the latter, one with AVX512-BF16
+    the AVX-512 float8 kernel; with AVX-512 the real int kernel is built or found in the cache
+    -- the user's cache, which the real-kernel tests use too, so that the suite compiles each
+    kernel once."""
     monkeypatch.delenv("QUANTREG_KERNEL_CACHE")
     out = run_cli("warmup")
     assert out.returncode == 0
-    wna16, float8, avx2, vnni = out.stdout.splitlines()
+    wna16, float8, avx2, vnni, float8_512 = out.stdout.splitlines()
     if cpu.cpu_supports_avx512():
         assert wna16.startswith("quantreg's CPU kernel is ready (")
     else:
@@ -272,6 +296,13 @@ def test_warmup_on_this_machine(monkeypatch):
             "nothing to build for quantreg's AVX512-VNNI int4 / int8 CPU kernel: "
             f"{cpu_vnni.not_here()}; heads run another kernel"
         )
+    if cpu_float8_avx512.not_here() is None:
+        assert float8_512.startswith("quantreg's AVX512-BF16 float8 CPU kernel is ready (")
+    else:
+        assert float8_512 == (
+            "nothing to build for quantreg's AVX512-BF16 float8 CPU kernel: "
+            f"{cpu_float8_avx512.not_here()}; heads run cpu-avx2-float8 or the reference kernel"
+        )
 
 
 def test_warmup_when_the_kernel_is_switched_off(fake_compiler, monkeypatch):
@@ -286,11 +317,13 @@ def test_warmup_when_the_kernel_is_switched_off(fake_compiler, monkeypatch):
         "float8": report["float8"] | {"seconds": 0},
         "avx2": report["avx2"] | {"seconds": 0},
         "vnni": report["vnni"] | {"seconds": 0},
+        "float8_avx512": report["float8_avx512"] | {"seconds": 0},
     } == {
         **off,
         "float8": off,
         "avx2": off,
         "vnni": off,
+        "float8_avx512": off,
     }  # every kernel
     assert fake_compiler.calls == []
 

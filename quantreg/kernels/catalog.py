@@ -146,8 +146,9 @@ def _decline_a8(module: str) -> Callable[[Target], str | None]:
 
 
 def _avx2_unit(t: Target, module: Any, unfit: str | None) -> str | None:
-    """Why an AVX2 kernel of its own unit (``cpu_avx2``, ``cpu_float8``) cannot run the
-    weights its layout takes (``unfit``: why the layout cannot take them, or None)."""
+    """Why a kernel of its own unit (``cpu_avx2``, ``cpu_vnni``, ``cpu_float8``,
+    ``cpu_float8_avx512``) cannot run the weights its layout takes (``unfit``: why the layout
+    cannot take them, or None)."""
     if unfit is not None:
         return unfit
     flags = t.platform.cpu_isa if t.platform.cpu_isa is not None else probe_cpu_isa()
@@ -193,16 +194,23 @@ def _decline_int8(t: Target) -> str | None:
     return _torch_op(t, torch_ops.INT8_OP, torch_ops.TorchInt8Layout.fits)
 
 
-def _decline_float8(t: Target) -> str | None:
-    from quantreg.kernels import cpu_float8
+def _decline_float8(module: str) -> Callable[[Target], str | None]:
+    """The float8 kernel of the build ``module``: ``cpu_float8`` (``cpu-avx2-float8``) or
+    ``cpu_float8_avx512`` (``cpu-avx512-float8``), one layout."""
 
-    if t.device.type != "cpu":
-        return f"runs on the CPU; the layer is on {t.device}"
-    if not isinstance(t.weights, Float8Layout):
-        return "runs float8 (fp8 / nvfp4) weights only"
-    if not t.half:
-        return "takes bf16 / fp16 activations; float32 heads take the exact reference kernel"
-    return _avx2_unit(t, cpu_float8, cpu_float8.CPUFloat8Layout.fits(t.weights))
+    def decline(t: Target) -> str | None:
+        from quantreg.kernels import cpu_float8
+
+        if t.device.type != "cpu":
+            return f"runs on the CPU; the layer is on {t.device}"
+        if not isinstance(t.weights, Float8Layout):
+            return "runs float8 (fp8 / nvfp4) weights only"
+        if not t.half:
+            return "takes bf16 / fp16 activations; float32 heads take the exact reference kernel"
+        unit = importlib.import_module(f"quantreg.kernels.{module}")
+        return _avx2_unit(t, unit, cpu_float8.CPUFloat8Layout.fits(t.weights))
+
+    return decline
 
 
 def _build_float8(weights: Weights, dtype: torch.dtype) -> Any:
@@ -341,11 +349,20 @@ KERNELS: dict[str, KernelDef] = {
             _decline_fma, _build_cpu, _run_cpu("cpu-avx512"),
         ),
         KernelDef(
+            "cpu-avx512-float8",
+            "quantreg's float8 CPU kernel for AVX512-BF16: cpu-avx2-float8's layout, the codes "
+            "looked up as bf16 and multiplied by vdpbf16ps (exact products, float32 sums, "
+            "scales once per group); bf16 / fp16 activations",
+            _decline_float8("cpu_float8_avx512"), _build_float8,
+            _deferred("cpu_float8_avx512", "avx512_float8_matmul"),
+        ),
+        KernelDef(
             "cpu-avx2-float8",
             "quantreg's float8 CPU kernel: AVX2 FMA on fp8 (1 byte) or e2m1 (4 bits) codes "
             "decoded in registers, scales in float32; bf16 / fp16 activations, float32 "
             "accumulation",
-            _decline_float8, _build_float8, _deferred("cpu_float8", "float8_cpu_matmul"),
+            _decline_float8("cpu_float8"), _build_float8,
+            _deferred("cpu_float8", "float8_cpu_matmul"),
         ),
         KernelDef(
             "triton", "quantreg's Triton kernel over the k-packed layout, float32 accumulation",

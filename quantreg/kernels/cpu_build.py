@@ -1,17 +1,18 @@
 """Building quantreg's CPU kernels: where a build is cached, and saying so while it runs.
 
-Three C++ sources, four extensions (:class:`KernelSource`): ``wna16_kernel.cpp`` (int4 / int8,
+Four C++ sources, five extensions (:class:`KernelSource`): ``wna16_kernel.cpp`` (int4 / int8,
 AVX-512), ``wna16_avx2_kernel.cpp`` (int4 / int8, AVX2 + FMA + F16C; built a second time for
-AVX512-VNNI as ``wna16_vnni``) and ``float8_kernel.cpp`` (float8 / fp4, AVX2 + FMA + F16C).
-They are built apart
-because a unit's flags apply to all of it: with ``-mavx512f`` the compiler may emit AVX-512 in
-any function, which an AVX2-only CPU cannot run. The first use of one compiles it with
-``torch.utils.cpp_extension.load_inline`` (30-60 s), once per :class:`BuildKey`: one folder per
-kernel, source, flags, torch, Python and environment (``sys.prefix``) and compiler, so two
-venvs -- or two compilers -- never rebuild each other's kernel in place (ninja's command line
-holds a venv's include paths). A build that is not cached yet is announced by a WARNING line
-before it starts and a "still building" line every :data:`TICK_S` seconds: a 60-second silence
-on a first load looks like a hang. ``quantreg warmup`` builds the int kernel ahead of time.
+AVX512-VNNI as ``wna16_vnni``), ``float8_kernel.cpp`` (float8 / fp4, AVX2 + FMA + F16C) and
+``float8_avx512_kernel.cpp`` (float8 / fp4, AVX512-BF16 and VBMI; kernel ``float8_avx512``).
+They are built apart because a unit's flags apply to all of it: with ``-mavx512f`` the compiler
+may emit AVX-512 in any function, which an AVX2-only CPU cannot run. The first use of one
+compiles it with ``torch.utils.cpp_extension.load_inline`` (30-60 s), once per
+:class:`BuildKey`: one folder per kernel, source, flags, torch, Python and environment
+(``sys.prefix``) and compiler, so two venvs -- or two compilers -- never rebuild each other's
+kernel in place (ninja's command line holds a venv's include paths). A build that is not cached
+yet is announced by a WARNING line before it starts and a "still building" line every
+:data:`TICK_S` seconds: a 60-second silence on a first load looks like a hang. ``quantreg
+warmup`` builds every kernel ahead of time.
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ FLOAT8_SOURCE = Path(__file__).with_name("float8_kernel.cpp")
 FLOAT8_FLAGS = ("avx2", "fma", "f16c")
 FLOAT8_CFLAGS = ("-O3", "-fopenmp", *(f"-m{f}" for f in FLOAT8_FLAGS))
 FLOAT8_FUNCTIONS = ("float8_gemm", "float8_mm", "float8_pack", "e2m1_pack")
+FLOAT8_COMMON = Path(__file__).with_name("float8_common.h")  # after cpu_common.h, both builds
+# the float8 kernel for AVX512-BF16 (vdpbf16ps; VBMI's byte permutes decode): the same layout
+FLOAT8_512_SOURCE = Path(__file__).with_name("float8_avx512_kernel.cpp")
+FLOAT8_512_FLAGS = (*FLOAT8_FLAGS, "avx512f", "avx512bw", "avx512vl", "avx512vbmi", "avx512bf16")
+FLOAT8_512_CFLAGS = ("-O3", "-fopenmp", *(f"-m{f}" for f in FLOAT8_512_FLAGS))
+FLOAT8_512_FUNCTIONS = ("float8_512_gemm", "float8_512_mm")
 AVX2_SOURCE = Path(__file__).with_name("wna16_avx2_kernel.cpp")
 AVX2_COMMON = Path(__file__).with_name("cpu_common.h")  # before both AVX2 sources, one unit
 AVX2_FUNCTIONS = ("wna16_avx2_gemm", "wxa_avx2_gemm", "avx2_int_mm")
@@ -61,8 +68,8 @@ class KernelSource:
     """One C++ kernel to build: its name, source file, flags and the functions it binds.
 
     Attributes:
-        name: ``wna16``, ``wna16_avx2``, ``wna16_vnni`` or ``float8`` (the extension module is
-            ``quantreg_<name>_<digest>``).
+        name: ``wna16``, ``wna16_avx2``, ``wna16_vnni``, ``float8`` or ``float8_avx512`` (the
+            extension module is ``quantreg_<name>_<digest>``).
         path: the C++ source.
         cflags, ldflags: compiler and linker flags.
         functions: the functions bound to Python.
@@ -88,7 +95,12 @@ def kernel_source(name: str = "wna16") -> KernelSource:
     them)."""
     if name == "float8":
         return KernelSource("float8", FLOAT8_SOURCE, FLOAT8_CFLAGS, LDFLAGS, FLOAT8_FUNCTIONS,
-                            "quantreg's AVX2 float8 kernel", (AVX2_COMMON,))  # fmt: skip
+                            "quantreg's AVX2 float8 kernel",
+                            (AVX2_COMMON, FLOAT8_COMMON))  # fmt: skip
+    if name == "float8_avx512":
+        return KernelSource("float8_avx512", FLOAT8_512_SOURCE, FLOAT8_512_CFLAGS, LDFLAGS,
+                            FLOAT8_512_FUNCTIONS, "quantreg's AVX512-BF16 float8 kernel",
+                            (AVX2_COMMON, FLOAT8_COMMON))  # fmt: skip
     if name == "wna16_avx2":  # the float8 kernel's flags: AVX2, FMA, F16C
         return KernelSource("wna16_avx2", AVX2_SOURCE, FLOAT8_CFLAGS, LDFLAGS, AVX2_FUNCTIONS,
                             "quantreg's AVX2 int4 / int8 kernel", (AVX2_COMMON,))  # fmt: skip
@@ -105,7 +117,7 @@ class BuildKey:
 
     Attributes:
         kernel: which :class:`KernelSource` (``wna16``, ``wna16_avx2``, ``wna16_vnni``,
-            ``float8``).
+            ``float8``, ``float8_avx512``).
         source: sha256 of the C++ source (its prelude first).
         flags: compiler and linker flags, and the functions bound.
         torch: ``torch.__version__`` (its headers and ABI).

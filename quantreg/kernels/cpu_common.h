@@ -1,5 +1,6 @@
-// What quantreg's AVX2 kernels share (wna16_avx2_kernel.cpp, float8_kernel.cpp): cpu_build puts
-// this file before each of their sources in one unit, and into their build keys.
+// What quantreg's AVX2 kernels share (wna16_avx2_kernel.cpp and its VNNI build, float8_kernel.cpp,
+// float8_avx512_kernel.cpp): cpu_build puts this file before each of their sources in one unit,
+// and into their build keys.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>

@@ -1,5 +1,6 @@
 // quantreg's float8 / fp4 weight-only CPU matmul for AVX2 + FMA + F16C; built and called by
-// quantreg/kernels/cpu_float8.py, after cpu_common.h (parallel_blocks). Compiled apart from
+// quantreg/kernels/cpu_float8.py, after cpu_common.h (parallel_blocks) and float8_common.h (the
+// checks of a call's arguments). Compiled apart from
 // wna16_kernel.cpp (whose whole unit is built with AVX-512 flags), so that nothing here can carry
 // an AVX-512 instruction.
 //
@@ -404,33 +405,14 @@ void run(const Geo& g, T* out) {
 // out [M, N] (float32, bfloat16 or float16) = x [M, K] (float32, bfloat16 or float16) @ W.T
 void float8_gemm(torch::Tensor x, torch::Tensor out, torch::Tensor codes, torch::Tensor scales,
                  int64_t group_size, bool fp4, double scale_mult) {
+  const Float8Args a(x, out, codes, scales, group_size, fp4, scale_mult);
   const FloatRows xf(x);
-  TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(0) == x.size(0) &&
-              (out.dtype() == torch::kFloat32 || out.dtype() == torch::kBFloat16 ||
-               out.dtype() == torch::kFloat16),
-              "out must be a contiguous float32 / bfloat16 / float16 [M, N] matrix");
-  TORCH_CHECK(codes.dtype() == torch::kUInt8 && codes.is_contiguous() && codes.dim() == 2,
-              "codes: uint8 [N/16, bytes]");
-  const bool codes8 = scales.dtype() == torch::kUInt8;
-  TORCH_CHECK((scales.dtype() == torch::kFloat32 || (fp4 && codes8)) && scales.is_contiguous() &&
-              scales.dim() == 3 && scales.size(2) == NB,
-              "scales: float32, or (fp4) e4m3 codes as uint8, [N/16, G, 16]");
-  TORCH_CHECK(fp4 || scale_mult == 1.0, "fp8 scales take no multiplier");
-  const int64_t M = x.size(0), K = x.size(1), N = out.size(1), G = scales.size(1);
-  const int64_t blocks = (N + NB - 1) / NB;
-  TORCH_CHECK(scales.size(0) == blocks && codes.size(0) == blocks, "N does not match the layout");
-  TORCH_CHECK(codes.size(1) == K * (fp4 ? 8 : 16), "codes do not match K");
-  TORCH_CHECK(group_size > 0 && (K + group_size - 1) / group_size == G,
-              "scales must hold ceil(K / group_size) groups");
-  TORCH_CHECK(!fp4 || (K % 4 == 0 && group_size % 4 == 0),
-              "fp4 codes need K and the group size to be multiples of 4");
-  if (M == 0 || N == 0) return;
-  if (K == 0) {
+  if (a.M == 0 || a.N == 0) return;
+  if (a.K == 0) {
     out.zero_();
     return;
   }
-  Geo g{M, N, K, group_size, G, fp4, codes.data_ptr<uint8_t>(),
-        codes8 ? nullptr : scales.data_ptr<float>(), codes8 ? scales.data_ptr<uint8_t>() : nullptr,
+  Geo g{a.M, a.N, a.K, group_size, a.G, fp4, a.codes, a.scales, a.scale_codes,
         static_cast<float>(scale_mult), xf.p};
   if (out.dtype() == torch::kFloat32) run(g, out.data_ptr<float>());
   else if (out.dtype() == torch::kBFloat16) run(g, (c10::BFloat16*)out.data_ptr());

@@ -23,6 +23,9 @@ kernel                    what it computes
 ``torch-int4pack``        torch's ``_weight_int4pack_mm_for_cpu`` (bf16 / fp16 heads)
 ``torch-int8pack``        torch's ``_weight_int8pack_mm`` (bf16 / fp16 heads)
 ``cpu-avx512``            quantreg's CPU kernel, float32 FMA on the producers' exact weights
+``cpu-avx512-float8``     quantreg's float8 CPU kernel for AVX512-BF16, bf16 / fp16
+                          activations: ``cpu-avx2-float8``'s layout, codes looked up as bf16,
+                          ``vdpbf16ps``
 ``cpu-avx2-float8``       quantreg's float8 CPU kernel (AVX2 + FMA + F16C), bf16 / fp16
                           activations: fp8 or e2m1 (NVFP4) codes decoded in registers
 ``triton``                quantreg's Triton kernel (CUDA >= 8.0; the interpreter on request)
@@ -34,8 +37,8 @@ Activations stay float unless a caller asks for ``activation_dtype="int8"``: the
 ``cpu-vnni-a8`` or ``cpu-avx2-a8`` may run the layer (every other kernel declines, saying so),
 and a layer neither can run is refused rather than run weight-only. Otherwise float32
 activations always get an exact kernel (``cpu-avx512`` or ``reference``); the cpu kernels run
-float32 activations on their FMA path whatever their name, and ``cpu-avx2-float8``,
-``cpu-vnni-wna16`` and ``cpu-avx2-wna16`` decline them.
+float32 activations on their FMA path whatever their name, and ``cpu-avx512-float8``,
+``cpu-avx2-float8``, ``cpu-vnni-wna16`` and ``cpu-avx2-wna16`` decline them.
 """
 
 from __future__ import annotations
