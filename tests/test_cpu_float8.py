@@ -254,6 +254,22 @@ def test_rows_go_to_the_kernel_in_tiles_and_one_tile_runs_no_op_but_the_output(b
     check_row_tiles(monkeypatch, lambda xs: build.matmul(xs, fast), x, fast.n, tile_rows, tiles)
 
 
+@pytest.mark.parametrize("dtype", [BF16, torch.float16], ids=["bf16", "fp16"])
+def test_an_infinite_activation_gives_the_logits_both_builds_give(kernel, dtype):
+    """+-inf in a row makes its logits +-inf (NaN where infinities of both signs meet or one
+    meets a zero weight) in both builds: the AVX512-BF16 build's bf16 parts after an infinite
+    one are zeros, not inf - inf."""
+    if cpu_float8_avx512.extension() is None:
+        pytest.skip(f"cpu-avx512-float8 unavailable: {cpu_float8_avx512.unavailable_reason()}")
+    fast = CPUFloat8Layout.build(layout_of("fp8-block-128-k-200"))
+    x = torch.randn(3, fast.k).to(dtype)
+    x[0, 5], x[1, 7], x[1, 9], x[2, 11] = float("inf"), float("inf"), float("-inf"), float("-inf")
+    got, want = avx512_float8_matmul(x, fast), float8_cpu_matmul(x, fast)
+    assert torch.isinf(want).any() and torch.isnan(want).any()
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.equal(got.isinf(), want.isinf()) and torch.equal(got[got.isinf()], want[want.isinf()])  # fmt: skip
+
+
 def test_the_call_entry_point_refuses_rows_that_are_not_a_matrix(build):
     fast = CPUFloat8Layout.build(layout_of("fp8-block-128-k-200"))
     x = torch.zeros(1, 2, fast.k, dtype=BF16)

@@ -26,6 +26,7 @@
 // scaled once and added to the rows' totals.
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 namespace f8x {
 
@@ -348,16 +349,31 @@ void unit(const Geo& g, const Decoder& d, int64_t b0, __m512i* buf, float* sc, f
   }
 }
 
+// the 16 outputs of v as T at p, the first `mask` ones (bf16 and fp16 rounded to nearest even)
+template <typename T>
+__attribute__((always_inline)) inline void store16(T* p, __m512 v, __mmask16 mask) {
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_mask_storeu_ps(p, mask, v);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    _mm256_mask_storeu_epi16(p, mask, (__m256i)_mm512_cvtneps_pbh(v));
+  } else {
+    _mm256_mask_storeu_epi16(p, mask, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+}
+
+// blocks b0 .. b0 + nbk of every row from tot (a row's parts added), vectorized: at M = 64 a
+// scalar loop took a tenth of the call
 template <typename T>
 void write_out(const Geo& g, const float* tot, int nbk, int64_t b0, T* out) {
   for (int j = 0; j < nbk; ++j) {
     const int64_t n0 = (b0 + j) * NB, cols = std::min<int64_t>(NB, g.N - n0);
-    for (int64_t m = 0; m < g.M; ++m)
-      for (int64_t o = 0; o < cols; ++o) {
-        float v = tot[((m * g.parts) * nbk + j) * NB + o];
-        for (int64_t p = 1; p < g.parts; ++p) v += tot[((m * g.parts + p) * nbk + j) * NB + o];
-        out[m * g.N + n0 + o] = static_cast<T>(v);
-      }
+    const __mmask16 mask = (__mmask16)((1u << cols) - 1);
+    for (int64_t m = 0; m < g.M; ++m) {
+      __m512 v = _mm512_load_ps(tot + ((m * g.parts) * nbk + j) * NB);
+      for (int64_t p = 1; p < g.parts; ++p)
+        v = _mm512_add_ps(v, _mm512_load_ps(tot + ((m * g.parts + p) * nbk + j) * NB));
+      store16(out + m * g.N + n0, v, mask);
+    }
   }
 }
 
@@ -390,13 +406,18 @@ void run(const Geo& g, T* out) {
   });
 }
 
-// 16 float32 as bf16 parts whose sum is each value exactly (bf16 normals): parts 1-3
+// 16 float32 as bf16 parts whose sum is each value exactly (bf16 normals): parts 1-3. An
+// infinite part leaves zeros after it (inf - inf would make the row's logits NaN where x's
+// infinity makes them infinite, as the AVX2 kernel's are)
 __attribute__((always_inline)) inline void split(__m512 v, int parts, uint16_t* dst,
                                                   int64_t stride, __mmask16 mask) {
+  const __m512 inf = _mm512_set1_ps(INFINITY);
   for (int p = 0; p < parts; ++p) {
     const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
     _mm256_mask_storeu_epi16(dst + p * stride, mask, h);
-    v = _mm512_sub_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+    const __m512 hf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    const __mmask16 finite = _mm512_cmp_ps_mask(_mm512_abs_ps(hf), inf, _CMP_NEQ_UQ);
+    v = _mm512_maskz_sub_ps(finite, v, hf);
   }
 }
 
