@@ -254,13 +254,31 @@ def test_rows_go_to_the_kernel_in_tiles_and_one_tile_runs_no_op_but_the_output(b
     check_row_tiles(monkeypatch, lambda xs: build.matmul(xs, fast), x, fast.n, tile_rows, tiles)
 
 
+@pytest.fixture(scope="module")
+def avx512(kernel):
+    """The AVX512-BF16 build, or a skip that says why this machine has none."""
+    if cpu_float8_avx512.extension() is None:
+        pytest.skip(f"cpu-avx512-float8 unavailable: {cpu_float8_avx512.unavailable_reason()}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16, torch.float16], ids=["fp32", "bf16", "fp16"])  # fmt: skip
+@pytest.mark.parametrize("case", ["fp8-block-128-k-200", "fp8-group-48-k-300-crosses-a-256-chunk", "nvfp4-g16-k-272-n-17", "e2m1-groups-of-5"])  # fmt: skip
+def test_the_avx512_build_gives_a_row_the_same_bits_whichever_rows_share_its_call(avx512, case, dtype):  # fmt: skip
+    """Batch invariance: every path of cpu-avx512-float8 (4 rows or fewer decode in registers,
+    more go through a buffer in passes of 4 or 6) sums a row's products in the same order, so a
+    row's logits do not depend on the call's other rows. (The AVX2 build's do, in float32.)"""
+    fast = CPUFloat8Layout.build(layout_of(case))
+    x = torch.randn(65, fast.k).to(dtype)
+    alone = torch.cat([avx512_float8_matmul(x[i : i + 1], fast) for i in range(65)])
+    for m in (2, 3, 4, 5, 7, 9, 13, 65):
+        assert torch.equal(avx512_float8_matmul(x[:m], fast), alone[:m]), m
+
+
 @pytest.mark.parametrize("dtype", [BF16, torch.float16], ids=["bf16", "fp16"])
-def test_an_infinite_activation_gives_the_logits_both_builds_give(kernel, dtype):
+def test_an_infinite_activation_gives_the_logits_both_builds_give(avx512, dtype):
     """+-inf in a row makes its logits +-inf (NaN where infinities of both signs meet or one
     meets a zero weight) in both builds: the AVX512-BF16 build's bf16 parts after an infinite
     one are zeros, not inf - inf."""
-    if cpu_float8_avx512.extension() is None:
-        pytest.skip(f"cpu-avx512-float8 unavailable: {cpu_float8_avx512.unavailable_reason()}")
     fast = CPUFloat8Layout.build(layout_of("fp8-block-128-k-200"))
     x = torch.randn(3, fast.k).to(dtype)
     x[0, 5], x[1, 7], x[1, 9], x[2, 11] = float("inf"), float("inf"), float("-inf"), float("-inf")

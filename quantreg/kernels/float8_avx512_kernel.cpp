@@ -34,6 +34,7 @@ constexpr int NB = 16;
 constexpr int KC = 256;          // rows of K a segment holds at most
 constexpr int KCP = KC / 2;      // pairs a chunk's buffer holds
 constexpr int SLACK = 4;         // pairs a decode may write past a segment (later overwritten)
+constexpr int DIRECT = 4;        // bf16 rows (M times x's parts) up to which direct() runs
 constexpr int64_t HELD_BELOW = 64;  // rows a segment on average, below which passes hold totals
 
 struct Tables {
@@ -192,6 +193,20 @@ __attribute__((always_inline)) inline void decode_rows(const Geo& g, const Decod
   }
 }
 
+// the 16 scales of block b, group grp, times the multiplier (fp4's e4m3 codes: value * 2^-8
+// through fp16: sign-extended, shifted left by 7, bit 14 cleared)
+__attribute__((always_inline)) inline __m512 scale16(const Geo& g, int64_t b, int64_t grp) {
+  const int64_t at = (b * g.G + grp) * NB;
+  __m512 v;
+  if (g.scale_codes != nullptr) {
+    const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(g.scale_codes + at)));
+    v = _mm512_cvtph_ps(_mm256_and_si256(_mm256_slli_epi16(w, 7), _mm256_set1_epi16((short)0xBFFF)));
+  } else {
+    v = _mm512_loadu_ps(g.scales + at);
+  }
+  return _mm512_mul_ps(v, _mm512_set1_ps(g.scale_mult));
+}
+
 // chunk c of block b into buf (pairs from 0), each segment's 16 scales into sc (a segment's
 // NBK blocks side by side): the chunk's rows in one run when its segments' pairs are
 // contiguous (every segment but the last of an even length), else segment by segment
@@ -204,18 +219,8 @@ void decode(const Geo& g, const Decoder& d, const Chunk& c, int64_t b, __m512i* 
     for (int32_t si = c.s0; si < c.s1; ++si)
       decode_rows<FP4>(g, d, b, g.segs[si].k0, g.segs[si].len, buf + g.segs[si].p0);
   }
-  const __m512 mult = _mm512_set1_ps(g.scale_mult);
-  for (int32_t si = c.s0; si < c.s1; ++si, sc += NBK * NB) {
-    const int64_t at = (b * g.G + g.segs[si].g) * NB;
-    __m512 v;
-    if (g.scale_codes != nullptr) {  // e4m3 as fp16 (value * 2^-8): sign-extended, << 7, bit 14 off
-      const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(g.scale_codes + at)));
-      v = _mm512_cvtph_ps(_mm256_and_si256(_mm256_slli_epi16(w, 7), _mm256_set1_epi16((short)0xBFFF)));
-    } else {
-      v = _mm512_loadu_ps(g.scales + at);
-    }
-    _mm512_store_ps(sc, _mm512_mul_ps(v, mult));
-  }
+  for (int32_t si = c.s0; si < c.s1; ++si, sc += NBK * NB)
+    _mm512_store_ps(sc, scale16(g, b, g.segs[si].g));
 }
 
 // acc += a * b on bf16 pairs, in place (through the intrinsic GCC 12 copies accumulators)
@@ -223,19 +228,20 @@ __attribute__((always_inline)) inline void dp(__m512& acc, __m512i a, __m512i b)
   __asm__("vdpbf16ps %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
 }
 
-template <int R>
-constexpr int sets() { return R == 1 ? 4 : R == 2 ? 2 : 1; }
+// Every path sums a segment's pairs in SETS sets, pair p into set p % SETS, added in order and
+// then scaled: a row's logits are the same bits whichever rows share its call (and the passes
+// or the direct path take it), as tiling a call's rows needs
+constexpr int SETS = 2;
 
 // rows r0 .. r0 + R over one chunk of NBK blocks: tot [rows][NBK][16] += each segment's sums
 // times its scales (first: the chunk is the first, tot holds nothing yet). HELD: the totals
-// stay in registers through the chunk, beside U sets of R x NBK sums, which leaves room for 6
-// rows a pass; else they are read and written once a segment, and a pass takes 12 rows. Held
-// totals pay for short segments (NVFP4's 16 rows: 1.1x at M = 64), 12 rows for long ones
-// (fp8 channel and 128-row blocks: 1.08x), one process on a 2-core Zen 5.
+// stay in registers through the chunk, beside the sums, which leaves room for 4 rows a pass;
+// else they are read and written once a segment, and a pass takes 6 rows. Held totals pay for
+// short segments (NVFP4's 16 rows), 6 rows for long ones (fp8 channel and 128-row blocks).
 template <int R, int NBK, bool HELD>
 void pass(const Geo& g, const Chunk& c, const __m512i* buf, const float* sc, int64_t r0,
           bool first, float* tot) {
-  constexpr int U = sets<R>();
+  constexpr int U = SETS;
   __m512 t[HELD ? R : 1][NBK];
   if constexpr (HELD) {
 #pragma GCC unroll 16
@@ -315,30 +321,91 @@ void pass(const Geo& g, const Chunk& c, const __m512i* buf, const float* sc, int
 template <int NBK, bool HELD>
 void passes(const Geo& g, const Chunk& c, const __m512i* buf, const float* sc, bool first,
             float* tot) {
-  constexpr int MOST = HELD ? 6 : 12;
+  constexpr int MOST = HELD ? 4 : 6;
   int64_t r = 0;
   for (; r + MOST <= g.rows; r += MOST) pass<MOST, NBK, HELD>(g, c, buf, sc, r, first, tot);
   switch (g.rows - r) {
 #define QR_PASS(n) \
-    case n: pass<n, NBK, HELD>(g, c, buf, sc, r, first, tot); break;
+    case n: if constexpr (n < MOST) pass<n, NBK, HELD>(g, c, buf, sc, r, first, tot); break;
     QR_PASS(1) QR_PASS(2) QR_PASS(3) QR_PASS(4) QR_PASS(5)
 #undef QR_PASS
     default: break;
   }
-  if constexpr (!HELD) {
-    switch (g.rows - r) {
-#define QR_PASS(n) \
-      case n: pass<n, NBK, HELD>(g, c, buf, sc, r, first, tot); break;
-      QR_PASS(6) QR_PASS(7) QR_PASS(8) QR_PASS(9) QR_PASS(10) QR_PASS(11)
-#undef QR_PASS
-      default: break;
+}
+
+// Few rows (at most DIRECT bf16 rows): each 64 bytes of codes decoded in registers and
+// multiplied at once, no buffer -- at M = 1 the buffer's stores and loads, and a second loop,
+// cost as much as the decoding. A segment's sums scaled into tot.
+template <bool FP4, int R, int NBK>
+void direct(const Geo& g, const Decoder& dm, int64_t b0, float* tot) {
+  constexpr int BYTES = FP4 ? 8 : 16, STEP = FP4 ? 4 : 2;  // bytes a row, pairs a load
+  const Decoder d = dm;
+  const uint8_t* src[NBK];
+#pragma GCC unroll 2
+  for (int j = 0; j < NBK; ++j) src[j] = g.codes + (b0 + j) * g.K * BYTES;
+  bool first = true;
+  for (const Seg& s : g.segs) {
+    __m512 a[SETS][R][NBK];
+#pragma GCC unroll 4
+    for (int u = 0; u < SETS; ++u)
+#pragma GCC unroll 4
+      for (int m = 0; m < R; ++m)
+#pragma GCC unroll 2
+        for (int j = 0; j < NBK; ++j) a[u][m][j] = _mm512_setzero_ps();
+    const uint16_t* x = g.x + s.k0;
+    for (int64_t k = 0; k < s.len; k += 2 * STEP) {
+      const int64_t off = (s.k0 + k) * BYTES, rest = (s.len - k) * BYTES;
+      __m512i p[NBK][STEP];
+#pragma GCC unroll 2
+      for (int j = 0; j < NBK; ++j) {
+        _mm_prefetch((const char*)(src[j] + off + KC * BYTES), _MM_HINT_T0);
+        const __m512i v = rest >= 64 ? _mm512_loadu_si512((const void*)(src[j] + off))
+                                     : _mm512_maskz_loadu_epi8((1ULL << rest) - 1, src[j] + off);
+        if (FP4) fp4_pairs(d, v, p[j]);
+        else fp8_pairs(d, v, p[j]);
+      }
+#pragma GCC unroll 4
+      for (int q = 0; q < STEP; ++q)
+#pragma GCC unroll 4
+        for (int m = 0; m < R; ++m) {
+          int32_t pair;
+          std::memcpy(&pair, x + m * g.ldx + k + 2 * q, 4);
+          const __m512i xv = _mm512_set1_epi32(pair);
+#pragma GCC unroll 2
+          for (int j = 0; j < NBK; ++j) dp(a[q % SETS][m][j], p[j][q], xv);  // k / 2 is even
+        }
     }
+#pragma GCC unroll 2
+    for (int j = 0; j < NBK; ++j) {
+      const __m512 sv = scale16(g, b0 + j, s.g);
+#pragma GCC unroll 4
+      for (int m = 0; m < R; ++m) {
+        __m512 sum = a[0][m][j];
+#pragma GCC unroll 4
+        for (int u = 1; u < SETS; ++u) sum = _mm512_add_ps(sum, a[u][m][j]);
+        float* to = tot + (m * NBK + j) * NB;
+        _mm512_store_ps(to, first ? _mm512_mul_ps(sum, sv)
+                                  : _mm512_fmadd_ps(sum, sv, _mm512_load_ps(to)));
+      }
+    }
+    first = false;
+  }
+}
+
+template <bool FP4, int NBK>
+void direct_rows(const Geo& g, const Decoder& d, int64_t b0, float* tot) {
+  switch (g.rows) {
+    case 1: direct<FP4, 1, NBK>(g, d, b0, tot); break;
+    case 2: direct<FP4, 2, NBK>(g, d, b0, tot); break;
+    case 3: direct<FP4, 3, NBK>(g, d, b0, tot); break;
+    default: direct<FP4, 4, NBK>(g, d, b0, tot); break;
   }
 }
 
 // blocks b0 .. b0 + NBK: every chunk decoded once, then multiplied by every row
 template <bool FP4, int NBK>
 void unit(const Geo& g, const Decoder& d, int64_t b0, __m512i* buf, float* sc, float* tot) {
+  if (g.rows <= DIRECT) return direct_rows<FP4, NBK>(g, d, b0, tot);
   for (size_t ci = 0; ci < g.chunks.size(); ++ci) {
     const Chunk& c = g.chunks[ci];
 #pragma GCC unroll 2
@@ -456,10 +523,11 @@ void float8_512_gemm(torch::Tensor x, torch::Tensor out, torch::Tensor codes, to
   }
   const auto kind = x.scalar_type();
   const int64_t parts = kind == torch::kBFloat16 ? 1 : kind == torch::kFloat16 ? 2 : 3;
-  // a row's stride: past K (odd segments read one value more), a whole and odd number of cache
-  // lines, so that the rows of a pass and of a chunk spread over L1's sets (at a stride of a
-  // power of two, 64 rows of a 256-row chunk shared a few sets, and M = 64 ran from L2)
-  int64_t ldx = (a.K + 1 + 31) / 32 * 32;
+  // a row's stride: past K (a segment's last load reads up to 7 values past it, their weights
+  // zeros), and a whole,
+  // odd number of cache lines, so that the rows of a pass and of a chunk spread over L1's sets
+  // (a precaution: at K = 1024 and 4096 no timing changed)
+  int64_t ldx = (a.K + 16 + 31) / 32 * 32;
   if (ldx / 32 % 2 == 0) ldx += 32;
   const std::vector<uint16_t> rows = f8x::bf16_rows(x, parts, ldx);
   f8x::Geo g{a.M, a.N, a.K, a.G, a.M * parts, parts, ldx, fp4, a.codes, a.scales, a.scale_codes,
