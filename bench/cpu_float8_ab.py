@@ -121,7 +121,7 @@ def main() -> None:
             if not ms:
                 continue
             med = statistics.median(ms)
-            line = f"M={m:<3} {name:<28} {med:8.2f} ms  {base / med:5.2f}x dense bf16"
+            line = f"M={m:<3} {name:<32} {med:8.2f} ms  {base / med:5.2f}x dense bf16"
             if m == 1:
                 gbs = ps[name][1] / med / 1e6
                 line += f"  {gbs:5.1f} GB/s = {gbs / read:4.0%} of the read"
