@@ -23,7 +23,9 @@
 // pairs from the group's first (an odd length ends with a pair whose second weight is zero).
 // Per NBK blocks (a unit) and chunk of segments (at most KCP pairs): the weights are decoded
 // once into an L1 buffer, then every pass of R rows multiplies them, its sums for a segment
-// scaled once and added to the rows' totals.
+// scaled once and added to the rows' totals. Up to DIRECT rows, each 64 bytes are decoded in
+// registers and multiplied at once instead. Both sum a row's products in one order (SETS), so
+// a row's logits do not depend on the rows that share its call.
 #include <cmath>
 #include <cstring>
 #include <type_traits>
