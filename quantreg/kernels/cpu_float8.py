@@ -1,7 +1,8 @@
 """quantreg's float8 / fp4 weight-only CPU kernel (``float8_kernel.cpp``, AVX2 + FMA + F16C).
 
 It runs every :class:`~quantreg.kernels.layouts.Float8Layout` head with bf16 / fp16
-activations on CPUs without AVX-512, without ever holding the float weight: built and cached
+activations on CPUs without AVX512-BF16 (those with it run the same layout on
+:mod:`~quantreg.kernels.cpu_float8_avx512`), without ever holding the float weight: built and cached
 like the int kernel (:mod:`quantreg.kernels.cpu_build`, kernel ``float8``), declined with a
 reason where it cannot run (no AVX2/FMA/F16C, ``QUANTREG_NO_CPU_KERNELS``, no compiler).
 
