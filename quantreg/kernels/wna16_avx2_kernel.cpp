@@ -387,9 +387,10 @@ __attribute__((always_inline)) inline void unit(const int32_t* w, const int32_t*
 // one instruction multiplies and adds where AVX2 takes two -- vpdpwssd (16-bit pairs, A = 16)
 // and vpdpbusd (unsigned codes times signed activation bytes, A = 8: int8 codes need no
 // offset). U accumulator sets (step j into set j % U) keep few rows from waiting on the
-// instruction's latency. The int16 path's sums are the AVX2 build's, exactly.
+// instruction's latency (4 rows: 2 sets, 8 accumulators). The int16 path's sums are the AVX2
+// build's, exactly.
 template <int R>
-constexpr int sets() { return R >= 4 ? 1 : R == 1 ? 4 : 2; }
+constexpr int sets() { return R > 4 ? 1 : R == 1 ? 4 : 2; }
 
 // Each unit asks for the weights 128 units (8 KiB) ahead (the AVX2 build: 2 KiB). Measured on
 // a 2-core Zen 5 against 2 KiB: M = 1 1.2-1.3x faster while the machine read at 65 GB/s, level
@@ -404,6 +405,17 @@ __attribute__((always_inline)) inline void dpbusd(__m512i& acc, __m512i u8, __m5
 }
 __attribute__((always_inline)) inline void dpwssd(__m512i& acc, __m512i a, __m512i b) {
   __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+}
+// the same with the dword at p broadcast by the instruction itself ({1to16}): one instruction
+// where a vpbroadcastd and a multiply-add took two. For one block a pass (M <= 8), where each
+// broadcast feeds one multiply-add: M = 4 int4 2.14 -> 1.67 ms with 2 sets at 4 rows (before
+// both, one process on a 2-core Zen 5); two blocks keep one broadcast for both (fused twice,
+// M = 64 ran 1.1x slower)
+__attribute__((always_inline)) inline void dpbusd_at(__m512i& acc, __m512i u8, const int32_t* p) {
+  __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(u8), "m"(*p));
+}
+__attribute__((always_inline)) inline void dpwssd_at(__m512i& acc, __m512i a, const int32_t* p) {
+  __asm__("vpdpwssd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(a), "m"(*p));
 }
 
 __attribute__((always_inline)) inline __m512 join(__m256 lo, __m256 hi) {
@@ -432,9 +444,13 @@ __attribute__((always_inline)) inline void unit(const int32_t* const* w, int64_t
                           : _mm512_and_si512(_mm512_srli_epi32(v[k], j * BITS), mask);
 #pragma GCC unroll 8
       for (int m = 0; m < R; ++m) {
-        const __m512i xb = _mm512_set1_epi32(x[j * R + m]);
+        if constexpr (NBK == 1) {
+          dpwssd_at(a[j % U][0][m], c[0], x + j * R + m);
+        } else {
+          const __m512i xb = _mm512_set1_epi32(x[j * R + m]);
 #pragma GCC unroll 2
-        for (int k = 0; k < NBK; ++k) dpwssd(a[j % U][k][m], c[k], xb);
+          for (int k = 0; k < NBK; ++k) dpwssd(a[j % U][k][m], c[k], xb);
+        }
       }
     }
   } else if constexpr (BITS == 4) {
@@ -447,19 +463,28 @@ __attribute__((always_inline)) inline void unit(const int32_t* const* w, int64_t
     }
 #pragma GCC unroll 8
     for (int m = 0; m < R; ++m) {
-      const __m512i xl = _mm512_set1_epi32(x[m]), xh = _mm512_set1_epi32(x[R + m]);
+      if constexpr (NBK == 1) {
+        dpbusd_at(a[0][0][m], l[0], x + m);
+        dpbusd_at(a[1 % U][0][m], h[0], x + R + m);
+      } else {
+        const __m512i xl = _mm512_set1_epi32(x[m]), xh = _mm512_set1_epi32(x[R + m]);
 #pragma GCC unroll 2
-      for (int k = 0; k < NBK; ++k) {
-        dpbusd(a[0][k][m], l[k], xl);
-        dpbusd(a[1 % U][k][m], h[k], xh);
+        for (int k = 0; k < NBK; ++k) {
+          dpbusd(a[0][k][m], l[k], xl);
+          dpbusd(a[1 % U][k][m], h[k], xh);
+        }
       }
     }
   } else {
 #pragma GCC unroll 8
     for (int m = 0; m < R; ++m) {
-      const __m512i xb = _mm512_set1_epi32(x[m]);
+      if constexpr (NBK == 1) {
+        dpbusd_at(a[0][0][m], v[0], x + m);
+      } else {
+        const __m512i xb = _mm512_set1_epi32(x[m]);
 #pragma GCC unroll 2
-      for (int k = 0; k < NBK; ++k) dpbusd(a[0][k][m], v[k], xb);
+        for (int k = 0; k < NBK; ++k) dpbusd(a[0][k][m], v[k], xb);
+      }
     }
   }
 }
