@@ -254,6 +254,22 @@ def test_rows_go_to_the_kernel_in_tiles_and_one_tile_runs_no_op_but_the_output(b
     check_row_tiles(monkeypatch, lambda xs: build.matmul(xs, fast), x, fast.n, tile_rows, tiles)
 
 
+@pytest.mark.parametrize("case", ["fp8-channel-odd-n-1001", "nvfp4-g16-round-to-bf16"])
+def test_half_outputs_are_the_float32_ones_rounded_as_torch_rounds(build, case):
+    """The output is written 16 values at a time (vectorized rounding): bf16 / fp16 outputs are
+    the float32 ones as ``Tensor.to`` rounds them, bit for bit (some fp16 ones overflow)."""
+    fast = CPUFloat8Layout.build(layout_of(case))
+    x = (torch.randn(7, fast.k) * 1e7).to(BF16)
+    args = (fast.codes, fast.scales, fast.group_size, fast.fp4, fast.scale_mult)
+    gemm = getattr(build.extension(), build.gemm)
+    outs = {dtype: torch.empty(7, fast.n, dtype=dtype) for dtype in (torch.float32, BF16, torch.float16)}  # fmt: skip
+    for out in outs.values():
+        gemm(x, out, *args)
+    assert outs[torch.float16].isinf().any()
+    for dtype in (BF16, torch.float16):
+        assert torch.equal(outs[dtype], outs[torch.float32].to(dtype)), dtype
+
+
 @pytest.fixture(scope="module")
 def avx512(kernel):
     """The AVX512-BF16 build, or a skip that says why this machine has none."""

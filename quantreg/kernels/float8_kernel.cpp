@@ -372,8 +372,7 @@ void direct_block(const Geo& g, int64_t b, float* acc) {
 template <typename T>
 void write_out(const Geo& g, const float* acc, int64_t b, T* out) {
   const int64_t n0 = b * NB, cols = std::min<int64_t>(NB, g.N - n0);
-  for (int64_t m = 0; m < g.M; ++m)
-    for (int64_t o = 0; o < cols; ++o) out[m * g.N + n0 + o] = static_cast<T>(acc[m * NB + o]);
+  for (int64_t m = 0; m < g.M; ++m) store16(out + m * g.N + n0, acc + m * NB, 1.0f, cols);
 }
 
 template <typename T>
