@@ -16,15 +16,11 @@ saying why.
 from __future__ import annotations
 
 import argparse
-import statistics
-import subprocess
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
-from cpu_int_ab import slice_ms
+from cpu_int_ab import common_args, kernel_at, time_paths
 
 from quantreg.kernels import Float8Layout, cpu_build, cpu_float8, cpu_float8_avx512
 from quantreg.kernels.cpu_float8 import CPUFloat8Layout
@@ -78,54 +74,20 @@ def paths(n: int, k: int, against: list[str]) -> Paths:
     dense = (torch.randn(n, k) * 0.02).to(torch.bfloat16)
     buf = torch.ones(n * k // 4, dtype=torch.float32)
     found["dense bf16"] = (lambda x: torch.nn.functional.linear(x, dense), dense.nbytes)
-    found["read float32 sum"] = (lambda x: buf.sum(), buf.nbytes)
+    found["read float32 sum"] = (lambda x: buf.sum(), buf.nbytes)  # cpu_int_ab.READS
     return found
 
 
 def build_at(rev: str) -> Any:
     """The AVX512-BF16 float8 extension from ``rev``'s source (cached like the current one)."""
-    root = Path(__file__).resolve().parent.parent
-    path = "quantreg/kernels/float8_avx512_kernel.cpp"
-    text = subprocess.run(["git", "-C", str(root), "show", f"{rev}:{path}"],
-                          capture_output=True, text=True, check=True).stdout  # fmt: skip
-    with tempfile.TemporaryDirectory() as tmp:
-        source = Path(tmp) / "float8_avx512_kernel.cpp"
-        source.write_text(text)
-        saved, cpu_build.FLOAT8_512_SOURCE = cpu_build.FLOAT8_512_SOURCE, source
-        try:
-            return cpu_build.build("float8_avx512")
-        finally:
-            cpu_build.FLOAT8_512_SOURCE = saved
+    return kernel_at(rev, "float8_avx512", "FLOAT8_512_SOURCE")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=32000)
-    ap.add_argument("--k", type=int, default=4096)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--m", type=int, nargs="+", default=[1, 4, 16, 64])
-    ap.add_argument("--against", action="append", default=[], metavar="REV")
+    common_args(ap)
     args = ap.parse_args()
-    ps = paths(args.n, args.k, args.against)
-    print(f"N={args.n} K={args.k}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    for m in args.m:
-        x = torch.randn(m, args.k).to(torch.bfloat16)
-        got: dict[str, list[float]] = {name: [] for name in ps}
-        for _ in range(args.rounds):
-            for name, (fn, _) in ps.items():
-                if m == 1 or not name.startswith("read"):
-                    got[name].append(slice_ms(fn, x, 5 if m <= 16 else 2))
-        base = statistics.median(got["dense bf16"])
-        read = ps["read float32 sum"][1] / statistics.median(got["read float32 sum"] or [1e9]) / 1e6
-        for name, ms in got.items():
-            if not ms:
-                continue
-            med = statistics.median(ms)
-            line = f"M={m:<3} {name:<32} {med:8.2f} ms  {base / med:5.2f}x dense bf16"
-            if m == 1:
-                gbs = ps[name][1] / med / 1e6
-                line += f"  {gbs:5.1f} GB/s = {gbs / read:4.0%} of the read"
-            print(line + f"  [{' '.join(f'{t:.2f}' for t in ms)}]", flush=True)
+    time_paths(paths(args.n, args.k, args.against), args)
 
 
 if __name__ == "__main__":

@@ -78,18 +78,25 @@ def paths(n: int, k: int, build: str) -> dict[str, tuple[Callable[[torch.Tensor]
 
 def build_at(rev: str, build: str) -> Any:
     """``build`` of the int extension from ``rev``'s source (cached like the current one)."""
+    return kernel_at(rev, BUILDS[build][0], "AVX2_SOURCE")
+
+
+def kernel_at(rev: str, kernel: str, source_attr: str) -> Any:
+    """The extension ``kernel`` (a ``cpu_build`` kernel name) built from ``rev``'s version of
+    the source ``cpu_build.<source_attr>`` names (cached like the current one)."""
     root = Path(__file__).resolve().parent.parent
-    path = "quantreg/kernels/wna16_avx2_kernel.cpp"
-    text = subprocess.run(["git", "-C", str(root), "show", f"{rev}:{path}"],
+    name = getattr(cpu_build, source_attr).name
+    text = subprocess.run(["git", "-C", str(root), "show", f"{rev}:quantreg/kernels/{name}"],
                           capture_output=True, text=True, check=True).stdout  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        source = Path(tmp) / "wna16_avx2_kernel.cpp"
+        source = Path(tmp) / name
         source.write_text(text)
-        saved, cpu_build.AVX2_SOURCE = cpu_build.AVX2_SOURCE, source
+        saved = getattr(cpu_build, source_attr)
+        setattr(cpu_build, source_attr, source)
         try:
-            return cpu_build.build(BUILDS[build][0])
+            return cpu_build.build(kernel)
         finally:
-            cpu_build.AVX2_SOURCE = saved
+            setattr(cpu_build, source_attr, saved)
 
 
 def paths_at(
@@ -130,19 +137,20 @@ def slice_ms(call: Callable[[torch.Tensor], object], x: torch.Tensor, reps: int)
     return 1e3 * statistics.median(times)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def common_args(ap: argparse.ArgumentParser) -> None:
+    """The options every A/B script here takes: the shape, rounds, token counts, revisions."""
     ap.add_argument("--n", type=int, default=32000)
     ap.add_argument("--k", type=int, default=4096)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--m", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--against", action="append", default=[], metavar="REV")
-    ap.add_argument("--build", choices=sorted(BUILDS), default="avx2")
-    args = ap.parse_args()
-    ps = paths(args.n, args.k, args.build)
-    for rev in args.against:
-        ps.update(paths_at(rev, args.n, args.k, args.build))
+
+
+def time_paths(ps: dict[str, tuple[Callable[[torch.Tensor], object], int]], args: Any) -> None:
+    """Each path of ``ps`` (and the reads, at M = 1 only) at every M, round after round; prints
+    its median, its ratio against ``dense bf16`` and, at M = 1, its bandwidth against the read."""
     print(f"N={args.n} K={args.k}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    width = max(map(len, ps))
     for m in args.m:
         x = torch.randn(m, args.k).to(torch.bfloat16)
         got: dict[str, list[float]] = {name: [] for name in ps}
@@ -157,11 +165,22 @@ def main() -> None:
             if not ms:
                 continue
             med = statistics.median(ms)
-            line = f"M={m:<3} {name:<20} {med:8.2f} ms  {base / med:5.2f}x dense bf16"
+            line = f"M={m:<3} {name:<{width}} {med:8.2f} ms  {base / med:5.2f}x dense bf16"
             if reads:
                 gbs = ps[name][1] / med / 1e6
                 line += f"  {gbs:5.1f} GB/s = {gbs / max(reads):4.0%} of the read"
             print(line + f"  [{' '.join(f'{t:.2f}' for t in ms)}]", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common_args(ap)
+    ap.add_argument("--build", choices=sorted(BUILDS), default="avx2")
+    args = ap.parse_args()
+    ps = paths(args.n, args.k, args.build)
+    for rev in args.against:
+        ps.update(paths_at(rev, args.n, args.k, args.build))
+    time_paths(ps, args)
 
 
 if __name__ == "__main__":

@@ -235,6 +235,33 @@ __attribute__((always_inline)) inline void dp(__m512& acc, __m512i a, __m512i b)
 // or the direct path take it), as tiling a call's rows needs
 constexpr int SETS = 2;
 
+template <int R, int NBK>
+__attribute__((always_inline)) inline void zero_sums(__m512 (&a)[SETS][R][NBK]) {
+#pragma GCC unroll 4
+  for (int u = 0; u < SETS; ++u)
+#pragma GCC unroll 16
+    for (int m = 0; m < R; ++m)
+#pragma GCC unroll 2
+      for (int j = 0; j < NBK; ++j) a[u][m][j] = _mm512_setzero_ps();
+}
+
+// row m's sums of block j, set by set in order
+template <int R, int NBK>
+__attribute__((always_inline)) inline __m512 sets_sum(const __m512 (&a)[SETS][R][NBK], int m,
+                                                      int j) {
+  __m512 sum = a[0][m][j];
+#pragma GCC unroll 4
+  for (int u = 1; u < SETS; ++u) sum = _mm512_add_ps(sum, a[u][m][j]);
+  return sum;
+}
+
+// *to = sum * scale, first; else *to += sum * scale
+__attribute__((always_inline)) inline void add_scaled(float* to, __m512 sum, __m512 scale,
+                                                      bool first) {
+  _mm512_store_ps(to, first ? _mm512_mul_ps(sum, scale)
+                            : _mm512_fmadd_ps(sum, scale, _mm512_load_ps(to)));
+}
+
 // rows r0 .. r0 + R over one chunk of NBK blocks: tot [rows][NBK][16] += each segment's sums
 // times its scales (first: the chunk is the first, tot holds nothing yet). HELD: the totals
 // stay in registers through the chunk, beside the sums, which leaves room for 4 rows a pass;
@@ -258,12 +285,7 @@ void pass(const Geo& g, const Chunk& c, const __m512i* buf, const float* sc, int
     const __m512i* w = buf + s.p0;
     const int32_t pairs = (s.len + 1) / 2;
     __m512 a[U][R][NBK];
-#pragma GCC unroll 4
-    for (int u = 0; u < U; ++u)
-#pragma GCC unroll 16
-      for (int m = 0; m < R; ++m)
-#pragma GCC unroll 2
-        for (int j = 0; j < NBK; ++j) a[u][m][j] = _mm512_setzero_ps();
+    zero_sums(a);
     int32_t p = 0;
     for (; p + U <= pairs; p += U)
 #pragma GCC unroll 4
@@ -298,16 +320,8 @@ void pass(const Geo& g, const Chunk& c, const __m512i* buf, const float* sc, int
       const __m512 sv = _mm512_load_ps(s16 + j * NB);
 #pragma GCC unroll 16
       for (int m = 0; m < R; ++m) {
-        __m512 sum = a[0][m][j];
-#pragma GCC unroll 4
-        for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, a[u][m][j]);
-        if constexpr (HELD) {
-          t[m][j] = _mm512_fmadd_ps(sum, sv, t[m][j]);
-        } else {
-          float* to = tot + ((r0 + m) * NBK + j) * NB;
-          _mm512_store_ps(to, init ? _mm512_mul_ps(sum, sv)
-                                   : _mm512_fmadd_ps(sum, sv, _mm512_load_ps(to)));
-        }
+        if constexpr (HELD) t[m][j] = _mm512_fmadd_ps(sets_sum(a, m, j), sv, t[m][j]);
+        else add_scaled(tot + ((r0 + m) * NBK + j) * NB, sets_sum(a, m, j), sv, init);
       }
     }
   }
@@ -348,12 +362,7 @@ void direct(const Geo& g, const Decoder& dm, int64_t b0, float* tot) {
   bool first = true;
   for (const Seg& s : g.segs) {
     __m512 a[SETS][R][NBK];
-#pragma GCC unroll 4
-    for (int u = 0; u < SETS; ++u)
-#pragma GCC unroll 4
-      for (int m = 0; m < R; ++m)
-#pragma GCC unroll 2
-        for (int j = 0; j < NBK; ++j) a[u][m][j] = _mm512_setzero_ps();
+    zero_sums(a);
     const uint16_t* x = g.x + s.k0;
     for (int64_t k = 0; k < s.len; k += 2 * STEP) {
       const int64_t off = (s.k0 + k) * BYTES, rest = (s.len - k) * BYTES;
@@ -381,14 +390,7 @@ void direct(const Geo& g, const Decoder& dm, int64_t b0, float* tot) {
     for (int j = 0; j < NBK; ++j) {
       const __m512 sv = scale16(g, b0 + j, s.g);
 #pragma GCC unroll 4
-      for (int m = 0; m < R; ++m) {
-        __m512 sum = a[0][m][j];
-#pragma GCC unroll 4
-        for (int u = 1; u < SETS; ++u) sum = _mm512_add_ps(sum, a[u][m][j]);
-        float* to = tot + (m * NBK + j) * NB;
-        _mm512_store_ps(to, first ? _mm512_mul_ps(sum, sv)
-                                  : _mm512_fmadd_ps(sum, sv, _mm512_load_ps(to)));
-      }
+      for (int m = 0; m < R; ++m) add_scaled(tot + (m * NBK + j) * NB, sets_sum(a, m, j), sv, first);
     }
     first = false;
   }
