@@ -356,9 +356,15 @@ template <bool FP4, int R, int NBK>
 void direct(const Geo& g, const Decoder& dm, int64_t b0, float* tot) {
   constexpr int BYTES = FP4 ? 8 : 16, STEP = FP4 ? 4 : 2;  // bytes a row, pairs a load
   const Decoder d = dm;
+  constexpr bool HOLD = R * NBK <= 4;  // the totals in registers too (more rows: they spill)
   const uint8_t* src[NBK];
 #pragma GCC unroll 2
   for (int j = 0; j < NBK; ++j) src[j] = g.codes + (b0 + j) * g.K * BYTES;
+  __m512 t[HOLD ? R : 1][NBK];
+#pragma GCC unroll 4
+  for (int m = 0; m < (HOLD ? R : 1); ++m)
+#pragma GCC unroll 2
+    for (int j = 0; j < NBK; ++j) t[m][j] = _mm512_setzero_ps();
   bool first = true;
   for (const Seg& s : g.segs) {
     __m512 a[SETS][R][NBK];
@@ -390,9 +396,18 @@ void direct(const Geo& g, const Decoder& dm, int64_t b0, float* tot) {
     for (int j = 0; j < NBK; ++j) {
       const __m512 sv = scale16(g, b0 + j, s.g);
 #pragma GCC unroll 4
-      for (int m = 0; m < R; ++m) add_scaled(tot + (m * NBK + j) * NB, sets_sum(a, m, j), sv, first);
+      for (int m = 0; m < R; ++m) {
+        if constexpr (HOLD) t[m][j] = _mm512_fmadd_ps(sets_sum(a, m, j), sv, t[m][j]);
+        else add_scaled(tot + (m * NBK + j) * NB, sets_sum(a, m, j), sv, first);
+      }
     }
     first = false;
+  }
+  if constexpr (HOLD) {
+#pragma GCC unroll 4
+    for (int m = 0; m < R; ++m)
+#pragma GCC unroll 2
+      for (int j = 0; j < NBK; ++j) _mm512_store_ps(tot + (m * NBK + j) * NB, t[m][j]);
   }
 }
 
