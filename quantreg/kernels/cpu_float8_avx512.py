@@ -6,15 +6,18 @@ fp8 codes a byte a weight, NVFP4's e2m1 codes four bits, group scales per 16 out
 multiplies with ``vdpbf16ps``: 32 multiply-adds an instruction on bf16 pairs, where the AVX2
 kernel's float32 FMA takes 16 (8 on 256-bit registers, two a cycle on AVX2 machines). An fp8 or
 e2m1 value is a bf16 exactly, so each code is looked up as its bf16 (VBMI byte permutes: no
-table in memory), weights decoded once per 256 rows and 32 outputs into an L1 buffer, then
-multiplied by every row of ``x``.
+table in memory). Up to 4 rows (bf16 parts, below) multiply each 64 bytes of codes as they are
+decoded; more rows share the weights decoded once per 256 rows and 32 outputs into an L1
+buffer. Both paths sum a row's products in the same order, so a row's logits are the same bits
+whichever rows share its call (batch-invariant; the AVX2 kernel's are not, in float32).
 
 Precision: every product of a weight and an activation is exact and summed in float32 per
 group, then scaled -- as the AVX2 kernel, which scales first, it does not round the weights to
 the scale dtype (see :mod:`~quantreg.kernels.cpu_float8`), so it serves bf16 / fp16 heads
 (selection declines float32 ones). Activations go in as bf16 parts whose sum is the value
 exactly: one for bf16, two for fp16 (10-bit mantissas), three for float32 -- each part multiplies
-as a row of its own. ``vdpbf16ps`` treats bf16 denormals (below 2^-126) as zero.
+as a row of its own. ``vdpbf16ps`` treats bf16 denormals (below 2^-126) as zero, and a float32
+value within half a bf16 step of the float32 maximum rounds to infinity in its first part.
 
 Built and cached like the other CPU kernels (kernel ``float8_avx512``), declined with a reason
 where it cannot run (no AVX-512 F/BW/VL/VBMI/BF16, ``QUANTREG_NO_CPU_KERNELS``, no compiler).
