@@ -28,7 +28,6 @@
 // a row's logits do not depend on the rows that share its call.
 #include <cmath>
 #include <cstring>
-#include <type_traits>
 
 namespace f8x {
 
@@ -270,7 +269,7 @@ __attribute__((always_inline)) inline void add_scaled(float* to, __m512 sum, __m
 template <int R, int NBK, bool HELD>
 void pass(const Geo& g, const Chunk& c, const __m512i* buf, const float* sc, int64_t r0,
           bool first, float* tot) {
-  constexpr int U = SETS;
+  constexpr int U = SETS;  // pair p into set p % U: the unrolled u below
   __m512 t[HELD ? R : 1][NBK];
   if constexpr (HELD) {
 #pragma GCC unroll 16
@@ -435,30 +434,24 @@ void unit(const Geo& g, const Decoder& d, int64_t b0, __m512i* buf, float* sc, f
   }
 }
 
-// the 16 outputs of v as T at p, the first `mask` ones (bf16 and fp16 rounded to nearest even)
-template <typename T>
-__attribute__((always_inline)) inline void store16(T* p, __m512 v, __mmask16 mask) {
-  if constexpr (std::is_same_v<T, float>) {
-    _mm512_mask_storeu_ps(p, mask, v);
-  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    _mm256_mask_storeu_epi16(p, mask, (__m256i)_mm512_cvtneps_pbh(v));
-  } else {
-    _mm256_mask_storeu_epi16(p, mask, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-  }
-}
-
-// blocks b0 .. b0 + nbk of every row from tot (a row's parts added), vectorized: at M = 64 a
-// scalar loop took a tenth of the call
+// blocks b0 .. b0 + nbk of every row from tot (a row's parts added), 16 outputs at a time by
+// cpu_common.h's store16, which rounds as static_cast does (vcvtneps2bf16 would flush denormal
+// logits to zero)
 template <typename T>
 void write_out(const Geo& g, const float* tot, int nbk, int64_t b0, T* out) {
+  alignas(64) float sum[NB];
   for (int j = 0; j < nbk; ++j) {
     const int64_t n0 = (b0 + j) * NB, cols = std::min<int64_t>(NB, g.N - n0);
-    const __mmask16 mask = (__mmask16)((1u << cols) - 1);
     for (int64_t m = 0; m < g.M; ++m) {
-      __m512 v = _mm512_load_ps(tot + ((m * g.parts) * nbk + j) * NB);
-      for (int64_t p = 1; p < g.parts; ++p)
-        v = _mm512_add_ps(v, _mm512_load_ps(tot + ((m * g.parts + p) * nbk + j) * NB));
-      store16(out + m * g.N + n0, v, mask);
+      const float* v = tot + ((m * g.parts) * nbk + j) * NB;
+      if (g.parts > 1) {
+        __m512 s = _mm512_load_ps(v);
+        for (int64_t p = 1; p < g.parts; ++p)
+          s = _mm512_add_ps(s, _mm512_load_ps(tot + ((m * g.parts + p) * nbk + j) * NB));
+        _mm512_store_ps(sum, s);
+        v = sum;
+      }
+      store16(out + m * g.N + n0, v, 1.0f, cols);
     }
   }
 }
@@ -543,9 +536,8 @@ void float8_512_gemm(torch::Tensor x, torch::Tensor out, torch::Tensor codes, to
   const auto kind = x.scalar_type();
   const int64_t parts = kind == torch::kBFloat16 ? 1 : kind == torch::kFloat16 ? 2 : 3;
   // a row's stride: past K (a segment's last load reads up to 7 values past it, their weights
-  // zeros), and a whole,
-  // odd number of cache lines, so that the rows of a pass and of a chunk spread over L1's sets
-  // (a precaution: at K = 1024 and 4096 no timing changed)
+  // zeros), and a whole, odd number of cache lines, so that the rows of a pass and of a chunk
+  // spread over L1's sets (a precaution: at K = 1024 and 4096 no timing changed)
   int64_t ldx = (a.K + 16 + 31) / 32 * 32;
   if (ldx / 32 % 2 == 0) ldx += 32;
   const std::vector<uint16_t> rows = f8x::bf16_rows(x, parts, ldx);
