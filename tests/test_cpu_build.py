@@ -48,7 +48,7 @@ def fake_compiler(monkeypatch):
     monkeypatch.setattr(cpu, "cpu_supports_avx512", lambda: True)
     # the float8 kernel too: wanted (AVX2 pretended), not built yet in this process
     monkeypatch.setattr(cpu_float8, "probe_cpu_isa", lambda: frozenset(cpu_float8.FLAGS))
-    monkeypatch.setattr(cpu_float8, "_state", {})
+    monkeypatch.setattr(cpu_float8.UNIT, "state", {})
     # and the AVX2 int kernel
     monkeypatch.setattr(cpu_avx2, "probe_cpu_isa", lambda: frozenset(cpu_avx2.FLAGS))
     monkeypatch.setattr(cpu_avx2.UNIT, "state", {})
@@ -218,7 +218,7 @@ def test_warmup_builds_once_then_finds_the_cache(fake_compiler, cache):
     for key in keys:  # what the compiler leaves
         (cache / key.digest / f"{key.module_name}.so").write_bytes(b"")
     cpu._state.clear()  # a new process
-    cpu_float8._state.clear()
+    cpu_float8.UNIT.state.clear()
     cpu_avx2.UNIT.state.clear()
     cpu_vnni.UNIT.state.clear()
     cpu_float8_avx512.UNIT.state.clear()

@@ -319,6 +319,23 @@ def test_an_infinite_activation_gives_the_logits_both_builds_give(avx512, dtype)
     assert torch.equal(got.isinf(), want.isinf()) and torch.equal(got[got.isinf()], want[want.isinf()])  # fmt: skip
 
 
+# build id -> what a call without its extension says (the reason follows)
+MISSING = {
+    "avx2": "quantreg's float8 kernel is unavailable: ",
+    "avx512-bf16": "quantreg's AVX512-BF16 float8 kernel is unavailable: ",
+}
+
+
+@pytest.mark.parametrize("name", list(BUILDS), ids=list(BUILDS))
+def test_a_call_without_the_extension_says_why(kernel, monkeypatch, name):
+    """Selection declines the kernel first; a direct call still names the reason."""
+    chosen = BUILDS[name]
+    monkeypatch.setattr(chosen.module.UNIT, "state", {"reason": "no c++ here", "module": None})
+    fast = CPUFloat8Layout.build(layout_of("fp8-block-128-k-200"))
+    with pytest.raises(RuntimeError, match=rf"^{MISSING[name]}no c\+\+ here$"):
+        chosen.matmul(torch.zeros(1, fast.k, dtype=BF16), fast)
+
+
 def test_the_call_entry_point_refuses_rows_that_are_not_a_matrix(build):
     fast = CPUFloat8Layout.build(layout_of("fp8-block-128-k-200"))
     x = torch.zeros(1, 2, fast.k, dtype=BF16)

@@ -31,20 +31,17 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from quantreg.kernels import cpu_build
+from quantreg.kernels.cpu_unit import KernelUnit
 from quantreg.kernels.layouts import Float8Layout, LayoutTensors, column_blocks, e2m1_codes
 from quantreg.platform import probe_cpu_isa
 
 if TYPE_CHECKING:
     import torch
-
-    from quantreg.kernels.cpu import Warmup
 
 logger = logging.getLogger(__name__)
 
@@ -69,40 +66,14 @@ SCALE_TOLERANCE = 2.0**-20  # relative: e4m3 scale codes times the multiplier vs
 # e4m3 mantissas for the largest scale (1.75: the 448 NVFP4 producers scale to), tried in turn
 SCALE_MANTISSAS = (1.75, 1.0, 1.125, 1.25, 1.375, 1.5, 1.625, 1.875)
 
-_lock = threading.Lock()
-_state: dict[str, Any] = {}
-
-
-def not_here(flags: frozenset[str] | None = None) -> str | None:
-    """Why this process must not build or run the kernel (None: it may)."""
-    if os.environ.get("QUANTREG_NO_CPU_KERNELS"):
-        return "QUANTREG_NO_CPU_KERNELS is set"
-    missing = [f for f in FLAGS if f not in (probe_cpu_isa() if flags is None else flags)]
-    if missing:
-        return f"this CPU lacks {'/'.join(missing)}"
-    return None
-
-
-def extension() -> Any | None:
-    """The compiled extension (built once per process, cached on disk), or None."""
-    return cpu_build.build_once(
-        _state, _lock, "float8", not_here, "float8 kernel",
-        "quantreg's float8 CPU kernel unavailable (%s); kernel selection declines it", logger,
-    )  # fmt: skip
-
-
-def warmup() -> Warmup:
-    """Build (or load) the float8 kernel now, so that no fp8 / NVFP4 head load waits for the
-    compiler."""
-    from quantreg.kernels.cpu import warm
-
-    return warm(not_here, "float8", extension, unavailable_reason)
-
-
-def unavailable_reason() -> str | None:
-    """Why :func:`extension` is None (None when the kernel is built)."""
-    extension()
-    return _state["reason"]
+# the extension: UNIT.not_here(flags), .extension(), .unavailable_reason(), .warmup()
+UNIT = KernelUnit(
+    "float8", FLAGS, "float8 kernel",
+    "quantreg's float8 CPU kernel unavailable (%s); kernel selection declines it", logger,
+    lambda: probe_cpu_isa(),  # looked up when called: tests replace it
+)  # fmt: skip
+not_here, extension = UNIT.not_here, UNIT.extension
+unavailable_reason, warmup = UNIT.unavailable_reason, UNIT.warmup
 
 
 def _pad_rows(t: torch.Tensor) -> torch.Tensor:
@@ -334,10 +305,7 @@ def float8_cpu_matmul(x: torch.Tensor, layout: CPUFloat8Layout) -> torch.Tensor:
     Raises:
         RuntimeError: the kernel is unavailable (selection declines it first).
     """
-    module = extension()
-    if module is None:
-        raise RuntimeError(f"quantreg's float8 CPU kernel is unavailable: {unavailable_reason()}")
-    return module.float8_mm(
+    return UNIT.loaded().float8_mm(
         x, layout.n, layout.codes, layout.scales, layout.group_size, layout.fp4,
         layout.scale_mult, cpu_build.X_TILE_BYTES,
     )  # fmt: skip

@@ -1,7 +1,8 @@
 """One C++ kernel extension as its module offers it (:class:`KernelUnit`): the four things every
 kernel module of quantreg's says and does about its extension -- why it cannot run here, the
 built extension (once a process), why it is missing, and ``quantreg warmup``'s build -- kept in
-one place rather than written out again in each module (``cpu_avx2``, ``cpu_vnni``)."""
+one place rather than written out again in each module (``cpu_avx2``, ``cpu_vnni``,
+``cpu_float8``, ``cpu_float8_avx512``)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ __all__ = ["KernelUnit"]
 
 @dataclass
 class KernelUnit:
-    """One C++ kernel extension as its module offers it (``cpu_avx2.UNIT``, ``cpu_vnni.UNIT``):
+    """One C++ kernel extension as its module offers it (``cpu_avx2.UNIT``, ``cpu_vnni.UNIT``, ...):
     why it cannot run here, the built extension (once a process), why it is missing, a warmup.
 
     Attributes:
