@@ -406,15 +406,32 @@ __attribute__((always_inline)) inline void dpwssd(__m512i& acc, __m512i a, __m51
   __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
 }
 // the same with the dword at p broadcast by the instruction itself ({1to16}): one instruction
-// where a vpbroadcastd and a multiply-add took two. For one block a pass (M <= 8), where each
-// broadcast feeds one multiply-add: M = 4 int4 2.14 -> 1.67 ms with 2 sets at 4 rows (before
-// both, one process on a 2-core Zen 5); two blocks keep one broadcast for both (fused twice,
-// M = 64 ran 1.1x slower)
+// where a vpbroadcastd and a multiply-add took two
 __attribute__((always_inline)) inline void dpbusd_at(__m512i& acc, __m512i u8, const int32_t* p) {
   __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(u8), "m"(*p));
 }
 __attribute__((always_inline)) inline void dpwssd_at(__m512i& acc, __m512i a, const int32_t* p) {
   __asm__("vpdpwssd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(a), "m"(*p));
+}
+
+// a[k][m] += c[k] times the dword at p for every block k (vpdpwssd when WORDS, else vpdpbusd).
+// One block a pass (M <= 8) takes the broadcast inside the multiply-add: M = 4 int4 2.14 ->
+// 1.67 ms with 2 sets at 4 rows (before both, one process on a 2-core Zen 5); two blocks share
+// one vpbroadcastd (fused into both multiply-adds, M = 64 ran 1.1x slower)
+template <bool WORDS, int NBK, int R>
+__attribute__((always_inline)) inline void madd(__m512i (*a)[R], int m, const __m512i* c,
+                                                const int32_t* p) {
+  if constexpr (NBK == 1) {
+    if constexpr (WORDS) dpwssd_at(a[0][m], c[0], p);
+    else dpbusd_at(a[0][m], c[0], p);
+  } else {
+    const __m512i xb = _mm512_set1_epi32(*p);
+#pragma GCC unroll 2
+    for (int k = 0; k < NBK; ++k) {
+      if constexpr (WORDS) dpwssd(a[k][m], c[k], xb);
+      else dpbusd(a[k][m], c[k], xb);
+    }
+  }
 }
 
 __attribute__((always_inline)) inline __m512 join(__m256 lo, __m256 hi) {
@@ -442,15 +459,7 @@ __attribute__((always_inline)) inline void unit(const int32_t* const* w, int64_t
         c[k] = j == J - 1 ? _mm512_srli_epi16(v[k], j * BITS)
                           : _mm512_and_si512(_mm512_srli_epi32(v[k], j * BITS), mask);
 #pragma GCC unroll 8
-      for (int m = 0; m < R; ++m) {
-        if constexpr (NBK == 1) {
-          dpwssd_at(a[j % U][0][m], c[0], x + j * R + m);
-        } else {
-          const __m512i xb = _mm512_set1_epi32(x[j * R + m]);
-#pragma GCC unroll 2
-          for (int k = 0; k < NBK; ++k) dpwssd(a[j % U][k][m], c[k], xb);
-        }
-      }
+      for (int m = 0; m < R; ++m) madd<true, NBK>(a[j % U], m, c, x + j * R + m);
     }
   } else if constexpr (BITS == 4) {
     const __m512i lo = _mm512_set1_epi8(0x0F);
@@ -462,29 +471,12 @@ __attribute__((always_inline)) inline void unit(const int32_t* const* w, int64_t
     }
 #pragma GCC unroll 8
     for (int m = 0; m < R; ++m) {
-      if constexpr (NBK == 1) {
-        dpbusd_at(a[0][0][m], l[0], x + m);
-        dpbusd_at(a[1 % U][0][m], h[0], x + R + m);
-      } else {
-        const __m512i xl = _mm512_set1_epi32(x[m]), xh = _mm512_set1_epi32(x[R + m]);
-#pragma GCC unroll 2
-        for (int k = 0; k < NBK; ++k) {
-          dpbusd(a[0][k][m], l[k], xl);
-          dpbusd(a[1 % U][k][m], h[k], xh);
-        }
-      }
+      madd<false, NBK>(a[0], m, l, x + m);
+      madd<false, NBK>(a[1 % U], m, h, x + R + m);
     }
   } else {
 #pragma GCC unroll 8
-    for (int m = 0; m < R; ++m) {
-      if constexpr (NBK == 1) {
-        dpbusd_at(a[0][0][m], v[0], x + m);
-      } else {
-        const __m512i xb = _mm512_set1_epi32(x[m]);
-#pragma GCC unroll 2
-        for (int k = 0; k < NBK; ++k) dpbusd(a[0][k][m], v[k], xb);
-      }
-    }
+    for (int m = 0; m < R; ++m) madd<false, NBK>(a[0], m, v, x + m);
   }
 }
 
