@@ -120,7 +120,7 @@ def _int_unit(t: Target, module: str) -> str | None:
 
     assert isinstance(t.weights, IntWeights)
     unit = importlib.import_module(f"quantreg.kernels.{module}")
-    return _avx2_unit(t, unit, cpu_avx2.AVX2IntLayout.fits(t.weights))
+    return _unit_declines(t, unit, cpu_avx2.AVX2IntLayout.fits(t.weights))
 
 
 def _decline_int(module: str) -> Callable[[Target], str | None]:
@@ -145,7 +145,7 @@ def _decline_a8(module: str) -> Callable[[Target], str | None]:
     return lambda t: _on_cpu(t) or _int_unit(t, module)
 
 
-def _avx2_unit(t: Target, module: Any, unfit: str | None) -> str | None:
+def _unit_declines(t: Target, module: Any, unfit: str | None) -> str | None:
     """Why a kernel of its own unit (``cpu_avx2``, ``cpu_vnni``, ``cpu_float8``,
     ``cpu_float8_avx512``) cannot run the weights its layout takes (``unfit``: why the layout
     cannot take them, or None)."""
@@ -208,7 +208,7 @@ def _decline_float8(module: str) -> Callable[[Target], str | None]:
         if not t.half:
             return "takes bf16 / fp16 activations; float32 heads take the exact reference kernel"
         unit = importlib.import_module(f"quantreg.kernels.{module}")
-        return _avx2_unit(t, unit, cpu_float8.CPUFloat8Layout.fits(t.weights))
+        return _unit_declines(t, unit, cpu_float8.CPUFloat8Layout.fits(t.weights))
 
     return decline
 
