@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from cpu_int_ab import common_args, kernel_at, time_paths
 
-from quantreg.kernels import Float8Layout, cpu_build, cpu_float8, cpu_float8_avx512
-from quantreg.kernels.cpu_float8 import CPUFloat8Layout
+from quantreg.kernels import Float8Layout, cpu_float8, cpu_float8_avx512
+from quantreg.kernels.cpu_float8 import CPUFloat8Layout, run_float8_mm
 
 Paths = dict[str, tuple[Callable[[torch.Tensor], object], int]]
 
@@ -50,9 +50,7 @@ def float8_layouts(n: int, k: int, seed: int = 0) -> dict[str, CPUFloat8Layout]:
 
 def call(module: Any, mm: str, layout: CPUFloat8Layout) -> Callable[[torch.Tensor], object]:
     """``module``'s tiling entry point ``mm`` on ``layout``."""
-    fn = getattr(module, mm)
-    args = (layout.codes, layout.scales, layout.group_size, layout.fp4, layout.scale_mult)
-    return lambda x: fn(x, layout.n, *args, cpu_build.X_TILE_BYTES)
+    return lambda x: run_float8_mm(getattr(module, mm), x, layout)
 
 
 def paths(n: int, k: int, against: list[str]) -> Paths:

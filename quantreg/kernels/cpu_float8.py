@@ -305,7 +305,15 @@ def float8_cpu_matmul(x: torch.Tensor, layout: CPUFloat8Layout) -> torch.Tensor:
     Raises:
         RuntimeError: the kernel is unavailable (selection declines it first).
     """
-    return UNIT.loaded().float8_mm(
+    return run_float8_mm(UNIT.loaded().float8_mm, x, layout)
+
+
+def run_float8_mm(mm: Callable[..., torch.Tensor], x: torch.Tensor,
+                  layout: CPUFloat8Layout) -> torch.Tensor:  # fmt: skip
+    """``mm`` -- either float8 build's tiling entry point (``float8_mm``, ``float8_512_mm``: one
+    signature) -- on ``x`` and the layout, at most ``cpu_build.X_TILE_BYTES`` of ``x`` a kernel
+    call."""
+    return mm(
         x, layout.n, layout.codes, layout.scales, layout.group_size, layout.fp4,
         layout.scale_mult, cpu_build.X_TILE_BYTES,
     )  # fmt: skip

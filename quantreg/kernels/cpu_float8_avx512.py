@@ -28,14 +28,12 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from quantreg.kernels import cpu_build
+from quantreg.kernels.cpu_float8 import CPUFloat8Layout, run_float8_mm
 from quantreg.kernels.cpu_unit import KernelUnit
 from quantreg.platform import probe_cpu_isa
 
 if TYPE_CHECKING:
     import torch
-
-    from quantreg.kernels.cpu_float8 import CPUFloat8Layout
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +57,4 @@ def avx512_float8_matmul(x: torch.Tensor, layout: CPUFloat8Layout) -> torch.Tens
     Raises:
         RuntimeError: the kernel is unavailable (selection declines it first).
     """
-    return UNIT.loaded().float8_512_mm(
-        x, layout.n, layout.codes, layout.scales, layout.group_size, layout.fp4,
-        layout.scale_mult, cpu_build.X_TILE_BYTES,
-    )  # fmt: skip
+    return run_float8_mm(UNIT.loaded().float8_512_mm, x, layout)
