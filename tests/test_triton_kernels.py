@@ -216,33 +216,3 @@ def test_the_gpu_bench_script_runs_its_cpu_smoke(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as refused:
         gpu.main(["--cpu-smoke"])
     assert refused.value.code == 2 and "set TRITON_INTERPRET=1" in capsys.readouterr().err
-
-
-def test_tuning_times_each_candidate_once_per_key_and_keeps_the_fastest(monkeypatch):
-    """On CUDA (faked here: the timing is all that runs) both Triton kernels time every
-    candidate once per key, skip one that fails, and reuse the winner for the same key."""
-    from types import SimpleNamespace
-
-    import triton.testing
-
-    options = [tk.Config(16, 64, 64, 1), tk.Config(16, 128, 64, 1), tk.Config(16, 64, 128, 2)]
-    speed = {options[0]: 3.0, options[1]: 1.0}  # the third one fails to launch
-    timed: list[tk.Config] = []
-
-    def do_bench(fn, warmup, rep):
-        return fn()
-
-    def launch(cfg):
-        timed.append(cfg)
-        if cfg not in speed:
-            raise RuntimeError("out of shared memory")
-        return speed[cfg]
-
-    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
-    monkeypatch.setattr(tk, "_tuned", {})
-    cuda = SimpleNamespace(device=SimpleNamespace(type="cuda"))
-    assert tk.tuned_config(cuda, options, ("test", 1), launch) == options[1]
-    assert tk.tuned_config(cuda, options, ("test", 1), launch) == options[1]
-    assert timed == options  # once each, the second call answered from the cache
-    cpu = SimpleNamespace(device=SimpleNamespace(type="cpu"))  # the interpreter: fewest programs
-    assert tk.tuned_config(cpu, options, ("test", 2), launch) == options[1]

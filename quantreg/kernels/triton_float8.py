@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from quantreg.kernels.layouts import Float8Layout, LayoutTensors, e2m1_codes
-from quantreg.kernels.triton_wna16 import Config, interpreting, tuned_config
+from quantreg.kernels.triton_launch import Config, Launch, interpreting, shape_key, tuned_config
 
 logger = logging.getLogger(__name__)
 
@@ -280,6 +280,11 @@ def triton_float8_matmul(
 
 
 def _launch(x: torch.Tensor, layout: TritonFloat8Layout, cfg: Config) -> torch.Tensor:
+    return launch_spec(x, layout, cfg).run()
+
+
+def launch_spec(x: torch.Tensor, layout: TritonFloat8Layout, cfg: Config) -> Launch:
+    """The launch that multiplies ``x`` by ``layout`` with ``cfg`` (its output allocated)."""
     m, k = x.shape
     n, group = layout.n, layout.group_size
     read = group_read(group, cfg.block_k) if layout.col_groups is None else GroupRead.COLUMN
@@ -293,19 +298,18 @@ def _launch(x: torch.Tensor, layout: TritonFloat8Layout, cfg: Config) -> torch.T
     if read is GroupRead.COLUMN and gidx is None:  # a config off the groups' grid (tests)
         gidx = _column_groups(layout.bounds, x.device)
     emulate = interpreting() and x.dtype == torch.bfloat16  # the interpreter's dot lacks bf16
+    args = (x, layout.values, scales, zeros, gidx if gidx is not None else scales, out,
+            m, n, k, scales.shape[0], x.stride(0), layout.values.stride(0),
+            scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1), n,
+            group or WHOLE, k_per_split)  # fmt: skip
+    constexprs = {
+        "VALUE_BITS": layout.value_bits, "HAS_ZEROS": layout.zeros is not None,
+        "COLUMN_GROUPS": read is GroupRead.COLUMN, "GROUP_SPAN": span,
+        "ROUND_TO": _tl_dtype(layout.round_to), "DOT_FP32": x.dtype == torch.float32 or emulate,
+        "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
+    }  # fmt: skip
     grid = (-(-m // cfg.block_m), -(-n // cfg.block_n), splits)
-    _float8_kernel[grid](
-        x, layout.values, scales, zeros, gidx if gidx is not None else scales, out,
-        m, n, k, scales.shape[0], x.stride(0), layout.values.stride(0),
-        scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1), n,
-        group or WHOLE, k_per_split,
-        VALUE_BITS=layout.value_bits, HAS_ZEROS=layout.zeros is not None,
-        COLUMN_GROUPS=read is GroupRead.COLUMN, GROUP_SPAN=span,
-        ROUND_TO=_tl_dtype(layout.round_to), DOT_FP32=x.dtype == torch.float32 or emulate,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
-    return out[0] if splits == 1 else out.sum(0)
+    return Launch(_float8_kernel, grid, args, constexprs, cfg, out)
 
 
 def _column_groups(bounds: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -319,10 +323,11 @@ def _tl_dtype(dtype: torch.dtype | None) -> Any:
 
 
 def _choose(x: torch.Tensor, layout: TritonFloat8Layout) -> Config:
-    """The cached best configuration (see ``triton_wna16.tuned_config``)."""
+    """The tuned configuration (see ``triton_launch.tuned_config``)."""
     m, k = x.shape
     group = None if layout.col_groups is not None else layout.group_size
-    key = ("float8", 1 << max(0, (m - 1).bit_length()), layout.n, k, layout.group_size,
-           layout.value_bits, layout.zeros is not None, layout.scales.dtype, layout.round_to,
-           x.dtype, x.device.index)  # fmt: skip
+    key = shape_key("float8", m, n=layout.n, k=k, group=layout.group_size,
+                    bits=layout.value_bits, zeros=layout.zeros is not None,
+                    scales=layout.scales.dtype, round_to=layout.round_to,
+                    dtype=x.dtype)  # fmt: skip
     return tuned_config(x, candidates(m, k, group), key, lambda cfg: _launch(x, layout, cfg))

@@ -17,18 +17,13 @@ fewest programs runs.
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
-import threading
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from quantreg.errors import InputError
 from quantreg.kernels.layouts import TRITON_GROUP_MULTIPLE, KPackedLayout
+from quantreg.kernels.triton_launch import Config, Launch, interpreting, shape_key, tuned_config
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +33,6 @@ try:  # the gpu extra
 except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = None
     tl = None
-
-
-def interpreting() -> bool:
-    """Whether Triton runs kernels on the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def triton_ready(device: torch.device) -> bool:
@@ -109,18 +99,6 @@ if triton is not None:
         tl.store(out, acc, mask=mask_m[:, None] & mask_n[None, :])
 
 
-@dataclass(frozen=True)
-class Config:
-    """One launch configuration of the kernel."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    split_k: int
-    num_warps: int = 4
-    num_stages: int = 3
-
-
 def _block_m(m: int) -> int:
     return 16 if m <= 16 else (32 if m <= 32 else 64)
 
@@ -137,14 +115,6 @@ def candidates(m: int, n: int, k: int, group: int) -> list[Config]:
                 if k >= split * bk:
                     configs.append(Config(bm, bn, bk, split, 4, 3 if bm <= 32 else 4))
     return configs or [Config(bm, 64, blocks_k[-1], 1)]
-
-
-_tuned: dict[tuple[Any, ...], Config] = {}
-_tune_lock = threading.Lock()
-
-
-def _bucket(m: int) -> int:
-    return 1 << max(0, (m - 1).bit_length())
 
 
 def wna16_matmul(
@@ -179,6 +149,11 @@ def wna16_matmul(
 
 
 def _launch(x, wq, scales, zeros, bits, group_size, gidx, per_row, cfg: Config) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    return launch_spec(x, wq, scales, zeros, bits, group_size, gidx, per_row, cfg).run()
+
+
+def launch_spec(x, wq, scales, zeros, bits, group_size, gidx, per_row, cfg: Config) -> Launch:  # type: ignore[no-untyped-def]
+    """The launch that multiplies ``x`` by these codes with ``cfg`` (its output allocated)."""
     m, k = x.shape
     n = wq.shape[1]
     block_k = cfg.block_k if not per_row else min(cfg.block_k, 64)
@@ -187,54 +162,24 @@ def _launch(x, wq, scales, zeros, bits, group_size, gidx, per_row, cfg: Config) 
     k_per_split = -(-k // (cfg.split_k * block_k)) * block_k
     splits = -(-k // k_per_split)
     out = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
+    args = (x, wq, scales, zeros, gidx if gidx is not None else zeros, out,
+            m, n, k, x.stride(0), n, group_size, k_per_split)  # fmt: skip
+    constexprs = {"BITS": bits, "PER_ROW_GROUPS": per_row, "FP32_DOT": x.dtype == torch.float32,
+                  "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": block_k}  # fmt: skip
     grid = (-(-m // cfg.block_m), -(-n // cfg.block_n), splits)
-    _wna16_kernel[grid](
-        x, wq, scales, zeros, gidx if gidx is not None else zeros, out,
-        m, n, k, x.stride(0), n, group_size, k_per_split,
-        BITS=bits, PER_ROW_GROUPS=per_row, FP32_DOT=x.dtype == torch.float32,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
-    return out[0] if splits == 1 else out.sum(0)
+    return Launch(_wna16_kernel, grid, args, constexprs, cfg, out)
 
 
 def _choose(x, wq, scales, zeros, bits, group_size, gidx, per_row) -> Config:  # type: ignore[no-untyped-def]
-    """The cached best configuration (see :func:`tuned_config`)."""
+    """The tuned configuration (see ``triton_launch.tuned_config``)."""
     m, k = x.shape
     n = wq.shape[1]
-    key = ("wna16", _bucket(m), n, k, group_size, bits, per_row, x.dtype, x.device.index)
+    key = shape_key("wna16", m, n=n, k=k, group=group_size, bits=bits,
+                    groups="per-row" if per_row else "regular", dtype=x.dtype)  # fmt: skip
     return tuned_config(
         x, candidates(m, n, k, group_size), key,
         lambda cfg: _launch(x, wq, scales, zeros, bits, group_size, gidx, per_row, cfg),
     )  # fmt: skip
-
-
-def tuned_config(
-    x: torch.Tensor, options: list[Config], key: tuple[Any, ...], launch: Callable[[Config], Any]
-) -> Config:
-    """The best of ``options`` for ``key``: on CUDA each is timed once per process and key
-    (``launch`` runs one); on the interpreter the one with the fewest programs (its cost is
-    per program; every candidate has its own test)."""
-    if x.device.type != "cuda":
-        return min(options, key=lambda c: (c.split_k, -c.block_n, -c.block_k))
-    if len(options) == 1:
-        return options[0]
-    with _tune_lock:
-        if key in _tuned:
-            return _tuned[key]
-    from triton.testing import do_bench
-
-    times = []
-    for cfg in options:
-        try:
-            times.append((do_bench(functools.partial(launch, cfg), warmup=5, rep=20), cfg))
-        except Exception as exc:  # e.g. out of shared memory on a small GPU
-            logger.debug("config %s failed: %s", cfg, exc)
-    best = min(times, key=lambda t: t[0])[1] if times else options[0]
-    logger.info("tuned %s -> %s", key, best)
-    with _tune_lock:
-        _tuned[key] = best
-    return best
 
 
 def triton_matmul(x: torch.Tensor, layout: KPackedLayout) -> torch.Tensor:
