@@ -1,24 +1,40 @@
-"""GPU check of the Triton kernels: smoke, correctness, then timings, in one process.
+"""GPU check of the Triton kernels: smoke, correctness, checkpoints, TP, then timings, in one
+process.
 
     python bench/gpu.py --json out.json [--append-results bench/RESULTS.md]
+        [--save-tuned quantreg/kernels/triton_tuned.json] [--budget-s 420]
     TRITON_INTERPRET=1 python bench/gpu.py --cpu-smoke     # the script's own logic, no GPU
+    python bench/gpu_aot.py --arch 80,90                   # every config compiled, no GPU
+
+On the device machine, ``bench/gpu_device.sh`` installs the wheels it lacks and runs this.
 
 1. Smoke (about 30 s): import triton and quantreg, compile and run the kernels once per bits
    (int4, int8, float8 bytes, packed e2m1).
-2. Correctness on fresh random inputs, fp16 and bf16 activations: int4 g128 with zero points
-   (awq_marlin layout), int4 g128 act-order, int8 per-channel (compressed-tensors), fp8
-   per-channel, fp8 128 x 128 blocks (DeepSeek / compressed-tensors ``block``), NVFP4 (e2m1 in
-   groups of 16, rounded to bf16 last), odd N, M in 1..64 -- against a float32 matmul with the
-   dequantized weight (built here, independently of quantreg's reference kernel).
-3. Timings side by side: bf16 cuBLAS ``F.linear``, torch's ``_weight_int4pack_mm`` and
+2. Correctness on fresh random inputs, fp16 and bf16 activations, vocab 1000 and 4000 (not
+   tile-aligned): int4 g128 with zero points (awq_marlin layout), int4 g128 act-order, int8
+   per-channel (compressed-tensors), fp8 per-channel, fp8 128 x 128 blocks (DeepSeek /
+   compressed-tensors ``block``), NVFP4 (e2m1 in groups of 16, rounded to bf16 last), M in
+   1..64 -- against a float32 matmul with the dequantized weight (built here, independently of
+   quantreg's reference kernel).
+3. Checkpoints: every producer fixture with a quantized head (awq_marlin, gptq_marlin with
+   act-order, gptq, compressed-tensors int4 / int8 / fp8, ModelOpt fp8 / NVFP4, AutoRound)
+   loaded by ``load_lm_head(..., device="cuda")``, against the producer's dequantized weight;
+   each row names the kernel the library chose.
+4. Tensor parallelism: two heads sharded over two gloo ranks on the one card.
+5. Copy bandwidth: a 1 GiB device-to-device copy (bytes read and written / time).
+6. Timings side by side: bf16 cuBLAS ``F.linear``, torch's ``_weight_int4pack_mm`` and
    quantreg's kernels (``triton`` for int4 / int8, ``triton-float8`` for fp8 channel, fp8 block
-   and NVFP4), N in {32000, 128256}, K = 4096, M in {1, 4, 16, 64}; the L2 cache is
-   flushed (a 256 MiB write) before every timed call, CUDA events time the call alone, medians
-   are reported. Ratios are bf16 time / case time.
+   and NVFP4), N in {32000, 128256}, K = 4096, M in {1, 4, 16, 64}; the L2 cache is flushed (a
+   256 MiB write) before every timed call, CUDA events time the call alone; medians with their
+   spread (fastest, slowest), ratios (bf16 time / case time) and effective GB/s (the head's
+   bytes / median time, and its fraction of the copy bandwidth). No new shape or M is started
+   after ``--budget-s`` seconds, so the results come back inside the device call's limit.
+
+The JSON (``--json``) is written after every section: a run cut off keeps what it did.
+``--save-tuned`` merges the configurations the run chose into the tuned table for this card.
 
 On the device machine (no pydantic there) carry the wheels quantreg needs: see the device
-README, e.g. ``pydantic``, ``pydantic-core``, ``typing-extensions``, ``annotated-types``,
-``typing-inspection``, ``safetensors``.
+README, e.g. ``pydantic``, ``pydantic-core``, ``annotated-types``, ``typing-inspection``.
 """
 
 from __future__ import annotations
@@ -36,84 +52,21 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_checks beside this script
+
+from gpu_checks import (
+    FLOAT8_CASES,
+    checkpoints,
+    correctness,
+    make_float8,
+    make_weights,
+    quantreg_fn,
+    say,
+    tensor_parallel,
+)
 
 FULL = {"shapes": [(32000, 4096), (128256, 4096)], "ms": [1, 4, 16, 64], "reps": 50}
 CPU_SMOKE = {"shapes": [(96, 256)], "ms": [1, 17], "reps": 2}
-
-
-def say(*args: object) -> None:
-    print(*args, file=sys.stderr, flush=True)
-
-
-def make_weights(bits: int, n: int, k: int, group: int, dtype: torch.dtype, device: str,
-                 act_order: bool = False, seed: int = 0):  # fmt: skip
-    """Random codes as ``quantreg.IntWeights`` and the float32 ``W.T`` ``[K, N]`` they mean
-    (rounded to the scale dtype, as the producers store it); with ``act_order`` the rows'
-    groups are scattered (a random ``g_idx``)."""
-    from quantreg import IntWeights
-
-    gen = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 1 << bits, (k, n), generator=gen, dtype=torch.int32)
-    groups = -(-k // group)
-    scales = (torch.rand(groups, n, generator=gen) * 0.004 + 0.001).to(dtype)
-    if bits == 8:
-        zeros = torch.full((groups, n), 128, dtype=torch.uint8)
-    else:
-        zeros = torch.randint(0, 16, (groups, n), generator=gen).to(torch.uint8)
-    g_idx = torch.arange(k) // group
-    if act_order:
-        g_idx = g_idx[torch.randperm(k, generator=gen)]
-    weight = ((codes - zeros[g_idx].int()).float() * scales[g_idx].float()).to(dtype).float()
-    codes, scales, zeros, g_idx = (t.to(device) for t in (codes, scales, zeros, g_idx))
-    weights = IntWeights.create(bits=bits, k=k, codes=lambda c0, c1: codes[:, c0:c1],
-                                scales=scales, zeros=zeros, g_idx=g_idx)  # fmt: skip
-    return weights, weight.to(device)
-
-
-FLOAT8_CASES = ("fp8 channel", "fp8 block", "nvfp4")
-E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-
-
-def make_float8(kind: str, n: int, k: int, dtype: torch.dtype, device: str, seed: int = 0,
-                dense: bool = True):  # type: ignore[no-untyped-def]  # fmt: skip
-    """Random float8 weights of ``kind`` (one of ``FLOAT8_CASES``), drawn on ``device``, as a
-    ``quantreg.kernels.Float8Layout`` and (``dense``) the float32 ``W.T`` ``[K, N]`` they mean:
-    per-channel scales in ``dtype``; 128 x 128 float32 block scales (each row's block row, as
-    the fp8 methods expand them); NVFP4: e2m1 values, float32 group-of-16 scales, bf16 last."""
-    from quantreg.kernels import Float8Layout
-
-    gen = torch.Generator(device=device).manual_seed(seed)
-    draw = {"generator": gen, "device": device}
-    round_to, g_idx = None, None
-    if kind == "nvfp4":
-        e2m1 = torch.tensor([*E2M1, *(-v for v in E2M1)], device=device)
-        values = e2m1[torch.randint(0, 16, (n, k), **draw)]
-        g_idx, round_to = torch.arange(k, device=device) // 16, torch.bfloat16
-        scales = torch.rand(k // 16, n, **draw) * 0.004 + 0.0005
-    else:
-        values = (torch.randn(n, k, **draw) * 64).clamp(-448, 448)
-        if kind == "fp8 channel":
-            scales = (torch.rand(1, n, **draw) * 1e-4 + 1e-5).to(dtype)
-        else:
-            blocks = torch.rand(-(-n // 128), -(-k // 128), **draw) * 1e-4 + 1e-5
-            rows = torch.arange(n, device=device) // 128
-            scales, g_idx = blocks[rows].T.contiguous(), torch.arange(k, device=device) // 128
-    values = values.to(torch.float8_e4m3fn)
-    layout = Float8Layout.build(values, scales, None, g_idx, round_to=round_to)
-    if not dense:
-        return layout, None
-    cols = torch.zeros(k, dtype=torch.long, device=device) if g_idx is None else g_idx
-    weight = (values.float() * scales.float()[cols].T).to(scales.dtype)
-    return layout, (weight if round_to is None else weight.to(round_to)).float().T.contiguous()
-
-
-def quantreg_fn(weights, dtype: torch.dtype, name: str = "triton"):  # type: ignore[no-untyped-def]
-    """quantreg's Triton kernel ``name`` for ``weights``, chosen through the public selection."""
-    import quantreg
-
-    kernel = quantreg.select_kernel(weights, dtype=dtype, requested=name)
-    assert kernel.name == name, kernel
-    return kernel
 
 
 def smoke(device: str) -> None:
@@ -135,47 +88,53 @@ def smoke(device: str) -> None:
     say(f"smoke: import + compile + run in {time.perf_counter() - t0:.1f} s")
 
 
-def correctness(device: str, cpu_smoke: bool) -> list[dict]:
-    dtypes = [torch.float16] if cpu_smoke else [torch.float16, torch.bfloat16]
-    cases = [("int4 g128", 4, 128, False), ("int4 g128 act-order", 4, 128, True),
-             ("int8 channel", 8, None, False)]  # fmt: skip
-    n, k = (1000, 256) if cpu_smoke else (4000, 4096)  # odd N: 1000 / 4000 are not tile-aligned
-    rows = []
-    for label, bits, group, act in cases:
-        for dtype in dtypes:
-            weights, w = make_weights(bits, n, k, group or k, dtype, device, act, seed=7)
-            rows += check(label, quantreg_fn(weights, dtype), w, dtype, device)
-    for label in FLOAT8_CASES:
-        for dtype in dtypes:
-            layout, w = make_float8(label, n, k, dtype, device, seed=7)
-            fn = quantreg_fn(layout, dtype, "triton-float8")
-            assert fn.layout.value_bits == (4 if label == "nvfp4" else 8), fn.layout  # packed?
-            rows += check(label, fn, w, dtype, device)
-    return rows
+def copy_bandwidth(device: str) -> float:
+    """GB/s of a device-to-device copy of 1 GiB (8 MiB on a CPU), bytes read and written."""
+    size = 2**30 if device == "cuda" else 2**23
+    src = torch.empty(size, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(12):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return 2 * size / statistics.median(times[2:]) / 1e9
 
 
-def check(label: str, fn, w: torch.Tensor, dtype: torch.dtype, device: str) -> list[dict]:  # type: ignore[no-untyped-def]
-    """``fn(x)`` against ``x @ w`` in float32 for M in 1, 5, 16, 64 (relative to the largest
-    logit: within 1e-2)."""
-    rows = []
-    for m in (1, 5, 16, 64):
-        x = torch.randn(m, w.shape[0], device=device).to(dtype)
-        ref = x.float() @ w
-        err = float((fn(x).float() - ref).abs().max() / ref.abs().max())
-        rows.append({"case": label, "dtype": str(dtype)[6:], "M": m, "max_rel_err": err,
-                     "ok": err < 1e-2})  # fmt: skip
-        say(f"correct {label} {dtype} M={m}: {err:.2e}")
-    return rows
+def heads(n: int, k: int, device: str) -> dict[str, tuple]:  # type: ignore[type-arg]
+    """Each timed case of an ``n x k`` head: ``name -> (fn(x), bytes it reads)``, its layout
+    built once, as at load time; the first is the baseline."""
+    w16 = (torch.randn(n, k, device=device) * 0.02).to(torch.bfloat16)
+    cases = {"bf16 cuBLAS": (lambda xx: F.linear(xx, w16), w16.nbytes)}
+    int4op = _torch_int4(n, k, device)
+    if int4op is not None:
+        cases["torch int4 op"] = (int4op, _int4_op_bytes(n, k))
+    kernels = {
+        "quantreg int4 g128": quantreg_fn(
+            make_weights(4, n, k, 128, torch.bfloat16, device)[0], torch.bfloat16
+        ),
+        "quantreg int8 channel": quantreg_fn(
+            make_weights(8, n, k, k, torch.bfloat16, device)[0], torch.bfloat16
+        ),
+    }
+    for kind in FLOAT8_CASES:
+        layout = make_float8(kind, n, k, torch.bfloat16, device, dense=False)[0]
+        kernels[f"quantreg {kind}"] = quantreg_fn(layout, torch.bfloat16, "triton-float8")
+    for name, kernel in kernels.items():
+        cases[name] = (kernel, sum(t.nbytes for t in kernel.tensors().values()))
+    return cases
 
 
-def timings(device: str, shapes, ms, reps: int) -> list[dict]:  # type: ignore[no-untyped-def]
+def timings(device: str, plan: dict, deadline: float) -> list[dict]:  # type: ignore[type-arg]
     flush = torch.empty(256 * 2**20 // 4, dtype=torch.float32, device=device)
 
-    def timed(fn, x) -> float:  # type: ignore[no-untyped-def]
+    def timed(fn, x) -> list[float]:  # type: ignore[no-untyped-def]
         for _ in range(3):
             fn(x)
         times = []
-        for _ in range(reps):
+        for _ in range(plan["reps"]):
             flush.zero_()
             if device == "cuda":
                 start, end = (
@@ -191,34 +150,26 @@ def timings(device: str, shapes, ms, reps: int) -> list[dict]:  # type: ignore[n
                 t0 = time.perf_counter()
                 fn(x)
                 times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+        return times
 
     rows = []
-    for n, k in shapes:
-        w16 = (torch.randn(n, k, device=device) * 0.02).to(torch.bfloat16)
-        heads = {  # each kernel's layout is built once per shape, as at load time
-            "quantreg int4 g128": quantreg_fn(
-                make_weights(4, n, k, 128, torch.bfloat16, device)[0], torch.bfloat16
-            ),
-            "quantreg int8 channel": quantreg_fn(
-                make_weights(8, n, k, k, torch.bfloat16, device)[0], torch.bfloat16
-            ),
-        }
-        for kind in FLOAT8_CASES:
-            layout = make_float8(kind, n, k, torch.bfloat16, device, dense=False)[0]
-            heads[f"quantreg {kind}"] = quantreg_fn(layout, torch.bfloat16, "triton-float8")
-        int4op = _torch_int4(n, k, device)
-        for m in ms:
+    for n, k in plan["shapes"]:
+        cases = heads(n, k, device)
+        for m in plan["ms"]:
+            if time.monotonic() > deadline:
+                say(f"budget spent: N={n} M={m} and after are not timed")
+                return rows
             x = torch.randn(m, k, device=device).to(torch.bfloat16)
-            base = timed(lambda xx, w=w16: F.linear(xx, w), x)
-            line = {"N": n, "K": k, "M": m, "bf16 cuBLAS ms": base}
-            if int4op is not None:
-                line["torch int4 op ms"] = timed(int4op, x)
-            for name, kernel in heads.items():
-                line[f"{name} ms"] = timed(kernel, x)
+            line: dict = {"N": n, "K": k, "M": m}  # type: ignore[type-arg]
+            for name, (fn, nbytes) in cases.items():
+                times = timed(fn, x)
+                med = statistics.median(times)
+                line[f"{name} ms"] = med
+                line[f"{name} spread"] = [min(times), max(times)]
+                line[f"{name} GB/s"] = nbytes / med / 1e6
             rows.append(line)
-            say("time " + ", ".join(f"{key} {value:.4g}" if isinstance(value, float) else
-                                    f"{key} {value}" for key, value in line.items()))  # fmt: skip
+            say("time " + ", ".join(f"{key} {value:.4g}" for key, value in line.items()
+                                    if key.endswith(" ms")) + f" (N={n}, M={m})")  # fmt: skip
     return rows
 
 
@@ -240,23 +191,27 @@ def _torch_int4(n: int, k: int, device: str):  # type: ignore[no-untyped-def]
         return None
 
 
-def table(rows: list[dict]) -> str:
-    keys = [key for key in rows[0] if key.endswith(" ms")]
-    head = (
-        "| N | K | M | "
-        + " | ".join(keys)
-        + " | "
-        + " | ".join(f"{key[:-3]} ×" for key in keys[1:])
-        + " |"
-    )
-    lines = [head, "|" + "---|" * (3 + 2 * len(keys) - 1)]
+def _int4_op_bytes(n: int, k: int) -> int:
+    return n * k // 2 + (k // 128) * n * 2 * 2  # codes, then bf16 scales and zeros
+
+
+def table(rows: list[dict], copy_gbps: float) -> str:  # type: ignore[type-arg]
+    """Median ms (fastest-slowest), ratio to the first case, GB/s and % of the copy."""
+    keys = [key[:-3] for key in rows[0] if key.endswith(" ms")]
+    head = "| N | K | M | " + " | ".join(f"{key} ms" for key in keys)
+    head += " | " + " | ".join(f"{key} ×" for key in keys[1:])
+    head += " | " + " | ".join(f"{key} GB/s (% copy)" for key in keys) + " |"
+    lines = [head, "|" + "---|" * (3 + 3 * len(keys) - 1)]
     for row in rows:
-        base = row[keys[0]]
-        cells = [f"{row.get(key, float('nan')):.4f}" for key in keys]
-        ratios = [f"{base / row[key]:.2f}" if key in row else "n/a" for key in keys[1:]]
-        lines.append(
-            f"| {row['N']} | {row['K']} | {row['M']} | " + " | ".join(cells + ratios) + " |"
-        )
+        base = row[f"{keys[0]} ms"]
+        cells = []
+        for key in keys:
+            lo, hi = row[f"{key} spread"]
+            cells.append(f"{row[f'{key} ms']:.4f} ({lo:.4f}–{hi:.4f})")
+        cells += [f"{base / row[f'{key} ms']:.2f}" for key in keys[1:]]
+        cells += [f"{row[f'{key} GB/s']:.0f} ({100 * row[f'{key} GB/s'] / copy_gbps:.0f} %)"
+                  for key in keys]  # fmt: skip
+        lines.append(f"| {row['N']} | {row['K']} | {row['M']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -265,8 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="tiny shapes on the CPU (needs TRITON_INTERPRET=1)")  # fmt: skip
     parser.add_argument("--json", default=None, help="write {machine, correctness, timings}")
-    parser.add_argument("--append-results", default=None, help="append a table to this file")
+    parser.add_argument("--append-results", default=None, help="append a section to this file")
+    parser.add_argument("--save-tuned", default=None,
+                        help="merge the configurations chosen into this tuned table")  # fmt: skip
+    parser.add_argument("--budget-s", type=float, default=420.0,
+                        help="start no timing after this many seconds (default 420)")  # fmt: skip
     args = parser.parse_args(argv)
+    start = time.monotonic()
     if args.cpu_smoke:
         if os.environ.get("TRITON_INTERPRET") != "1":
             parser.error("--cpu-smoke runs the kernels on the interpreter: set TRITON_INTERPRET=1")
@@ -275,30 +235,65 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no CUDA device: use --cpu-smoke with TRITON_INTERPRET=1 for a dry run")
     else:
         device, plan = "cuda", FULL
-    card = torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter)"
-    smoke(device)
-    checks = correctness(device, args.cpu_smoke)
-    rows = timings(device, plan["shapes"], plan["ms"], plan["reps"])
     import triton
 
+    card = torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter)"
     machine = {"card": card, "torch": torch.__version__, "triton": triton.__version__,
-               "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}  # fmt: skip
-    text = table(rows)
+               "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+               "command": " ".join(["python bench/gpu.py", *(argv or sys.argv[1:])])}  # fmt: skip
+    result: dict = {"machine": machine, "correctness": [], "timings": []}  # type: ignore[type-arg]
+    save = lambda: args.json and Path(args.json).write_text(json.dumps(result, indent=1))  # noqa: E731
+    smoke(device)
+    dtypes = [torch.float16] if args.cpu_smoke else [torch.float16, torch.bfloat16]
+    for section in (lambda: correctness(device, args.cpu_smoke),
+                    lambda: checkpoints(device, dtypes),
+                    lambda: tensor_parallel(device, torch.float16)):  # fmt: skip
+        result["correctness"] += section()
+        save()
+    machine["copy GB/s"] = copy_bandwidth(device)
+    result["timings"] = timings(device, plan, start + args.budget_s)
+    machine["seconds"] = round(time.monotonic() - start, 1)
+    if args.save_tuned:
+        result["tuned"] = _save_tuned(Path(args.save_tuned), machine)
+    save()
+    text = table(result["timings"], machine["copy GB/s"]) if result["timings"] else "(no timings)"
     print(text)
-    bad = [c for c in checks if not c["ok"]]
-    if args.json:
-        Path(args.json).write_text(json.dumps(
-            {"machine": machine, "correctness": checks, "timings": rows}, indent=1))  # fmt: skip
     if args.append_results:
-        worst = max(c["max_rel_err"] for c in checks)
         with open(args.append_results, "a") as out:
-            out.write(f"\n## {machine['date']} — {card}, torch {machine['torch']}, triton "
-                      f"{machine['triton']} (bench/gpu.py)\n\nCorrectness: worst relative error "
-                      f"{worst:.1e} over {len(checks)} checks.\n\n{text}\n")  # fmt: skip
+            out.write(section_text(result, text))
+    bad = [c for c in result["correctness"] if not c["ok"]]
     if bad:
         say(f"FAILED correctness: {bad}")
         return 1
     return 0
+
+
+def _save_tuned(path: Path, machine: dict) -> int:  # type: ignore[type-arg]
+    """Merge this process's chosen configurations into the tuned table: how many."""
+    from quantreg.kernels.triton_launch import save_tuned, tuned_in_process
+
+    configs = tuned_in_process()
+    save_tuned(path, machine["card"], machine["triton"], machine["date"], configs)
+    say(f"tuned table: {len(configs)} configurations for {machine['card']} -> {path}")
+    return len(configs)
+
+
+def section_text(result: dict, text: str) -> str:  # type: ignore[type-arg]
+    """A bench/RESULTS.md section (a dated ``###`` heading, as the file's): the card, the
+    command, correctness, the kernels chosen, timings."""
+    machine, checks = result["machine"], result["correctness"]
+    worst = max(c["max_rel_err"] for c in checks)
+    failed = [f"{c['case']} {c['dtype']} M={c['M']}" for c in checks if not c["ok"]]
+    loaded = [c for c in checks if c.get("kernel") and c["case"].startswith("checkpoint")]
+    chosen = sorted({f"{c['case'].removeprefix('checkpoint ')} → {c['kernel']}" for c in loaded})
+    return (
+        f"\n### {machine['date']} — {machine['card']}, torch {machine['torch']}, triton "
+        f"{machine['triton']} (bench/gpu.py)\n\n`{machine['command']}`; copy bandwidth "
+        f"{machine['copy GB/s']:.0f} GB/s; {machine['seconds']} s.\n\nCorrectness: worst "
+        f"relative error {worst:.1e} over {len(checks)} checks; failed: "
+        f"{', '.join(failed) or 'none'}.\n\nKernels chosen: {'; '.join(chosen) or 'n/a'}."
+        f"\n\n{text}\n"
+    )
 
 
 if __name__ == "__main__":

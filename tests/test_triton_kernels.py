@@ -203,15 +203,39 @@ def test_the_gpu_bench_script_runs_its_cpu_smoke(tmp_path, monkeypatch, capsys):
     spec.loader.exec_module(gpu)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert gpu.main(["--cpu-smoke", "--json", str(tmp_path / "g.json"),
-                     "--append-results", str(tmp_path / "R.md")]) == 0  # fmt: skip
+                     "--append-results", str(tmp_path / "R.md"),
+                     "--save-tuned", str(tmp_path / "tuned.json")]) == 0  # fmt: skip
     result = json.loads((tmp_path / "g.json").read_text())
     assert result["machine"]["card"] == "CPU (Triton interpreter)"
-    assert result["correctness"] and all(c["ok"] for c in result["correctness"])
-    assert {"fp8 channel", "fp8 block", "nvfp4"} <= {c["case"] for c in result["correctness"]}
-    assert all(f"quantreg {kind} ms" in row for row in result["timings"]
-               for kind in ("fp8 channel", "fp8 block", "nvfp4"))  # fmt: skip
+    assert result["machine"]["copy GB/s"] > 0
+    checks = result["correctness"]
+    assert checks and all(c["ok"] for c in checks)
+    cases = {c["case"].split(" N=")[0] for c in checks}
+    assert {"int4 g128", "int4 g128 act-order", "int8 channel"} <= cases
+    assert {"fp8 channel", "fp8 block", "nvfp4"} <= cases
+    assert {c["case"].split(" N=")[1] for c in checks if " N=" in c["case"]} == {"1000"}
+    fixtures = Path(__file__).parent / "fixtures" / "producers"
+    quantized = {p.parent.name for p in fixtures.glob("*/reference.safetensors")
+                 if "lm_head.weight_dequant" in load_file(p)}  # fmt: skip
+    loaded = {
+        c["case"].removeprefix("checkpoint ") for c in checks if c["case"][:10] == "checkpoint"
+    }
+    assert len(quantized) >= 18 and loaded == quantized
+    kernels = {c["case"]: c["kernel"] for c in checks if "kernel" in c}
+    assert kernels["checkpoint gptq_gptqmodel_lmhead_desc_act"] == "triton"
+    assert kernels["checkpoint modelopt_nvfp4_lmhead"] == "triton-float8"
+    sharded = [c for c in checks if c["case"].startswith("tp=2")]
+    assert len(sharded) == 2 and {c["rows_per_rank"] for c in sharded} == {512}
+    assert all(f"quantreg {kind} ms" in row and f"quantreg {kind} GB/s" in row
+               for row in result["timings"] for kind in ("fp8 channel", "fp8 block", "nvfp4"))  # fmt: skip
+    assert all(lo <= row["bf16 cuBLAS ms"] <= hi for row in result["timings"]
+               for lo, hi in [row["bf16 cuBLAS spread"]])  # fmt: skip
     assert {row["M"] for row in result["timings"]} == {1, 17}
-    assert "| N | K | M | bf16 cuBLAS ms |" in (tmp_path / "R.md").read_text()
+    section = (tmp_path / "R.md").read_text()
+    assert "| N | K | M | bf16 cuBLAS ms |" in section and "failed: none" in section
+    assert "`python bench/gpu.py --cpu-smoke --json" in section
+    tuned = json.loads((tmp_path / "tuned.json").read_text())
+    assert tuned["cards"]["CPU (Triton interpreter)"]["configs"] == {}  # nothing timed on a CPU
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(SystemExit) as refused:
         gpu.main(["--cpu-smoke"])

@@ -1,0 +1,236 @@
+"""What ``bench/gpu.py`` checks before it times anything: every GPU path against an exact
+product, the producers' checkpoints loaded through ``load_lm_head`` on the device, and a head
+sharded over two ranks. Each check returns rows ``{"case", "dtype", "M", "max_rel_err", "ok"}``
+(relative to the largest logit; within 1e-2 in half precision); a failure is a row, not an
+exception, so one broken path does not hide the rest of the run.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "producers"
+# TP: act-order GPTQ (vocab 1024) and a compressed-tensors group head (vocab 1000: padded to
+# 1024, rank 1 holds 488 rows and 24 of padding)
+SHARDED = ("gptq_gptqmodel_lmhead_desc_act", "ct_w4a16_group_lmhead")
+TOL = 1e-2
+
+
+def say(*args: object) -> None:
+    import sys
+
+    print(*args, file=sys.stderr, flush=True)
+
+
+def make_weights(bits: int, n: int, k: int, group: int, dtype: torch.dtype, device: str,
+                 act_order: bool = False, seed: int = 0):  # fmt: skip
+    """Random codes as ``quantreg.IntWeights`` and the float32 ``W.T`` ``[K, N]`` they mean
+    (rounded to the scale dtype, as the producers store it); with ``act_order`` the rows'
+    groups are scattered (a random ``g_idx``)."""
+    from quantreg import IntWeights
+
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, (k, n), generator=gen, dtype=torch.int32)
+    groups = -(-k // group)
+    scales = (torch.rand(groups, n, generator=gen) * 0.004 + 0.001).to(dtype)
+    if bits == 8:
+        zeros = torch.full((groups, n), 128, dtype=torch.uint8)
+    else:
+        zeros = torch.randint(0, 16, (groups, n), generator=gen).to(torch.uint8)
+    g_idx = torch.arange(k) // group
+    if act_order:
+        g_idx = g_idx[torch.randperm(k, generator=gen)]
+    weight = ((codes - zeros[g_idx].int()).float() * scales[g_idx].float()).to(dtype).float()
+    codes, scales, zeros, g_idx = (t.to(device) for t in (codes, scales, zeros, g_idx))
+    weights = IntWeights.create(bits=bits, k=k, codes=lambda c0, c1: codes[:, c0:c1],
+                                scales=scales, zeros=zeros, g_idx=g_idx)  # fmt: skip
+    return weights, weight.to(device)
+
+
+FLOAT8_CASES = ("fp8 channel", "fp8 block", "nvfp4")
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def make_float8(kind: str, n: int, k: int, dtype: torch.dtype, device: str, seed: int = 0,
+                dense: bool = True):  # type: ignore[no-untyped-def]  # fmt: skip
+    """Random float8 weights of ``kind`` (one of ``FLOAT8_CASES``), drawn on ``device``, as a
+    ``quantreg.kernels.Float8Layout`` and (``dense``) the float32 ``W.T`` ``[K, N]`` they mean:
+    per-channel scales in ``dtype``; 128 x 128 float32 block scales (each row's block row, as
+    the fp8 methods expand them); NVFP4: e2m1 values, float32 group-of-16 scales, bf16 last."""
+    from quantreg.kernels import Float8Layout
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    draw = {"generator": gen, "device": device}
+    round_to, g_idx = None, None
+    if kind == "nvfp4":
+        e2m1 = torch.tensor([*E2M1, *(-v for v in E2M1)], device=device)
+        values = e2m1[torch.randint(0, 16, (n, k), **draw)]
+        g_idx, round_to = torch.arange(k, device=device) // 16, torch.bfloat16
+        scales = torch.rand(k // 16, n, **draw) * 0.004 + 0.0005
+    else:
+        values = (torch.randn(n, k, **draw) * 64).clamp(-448, 448)
+        if kind == "fp8 channel":
+            scales = (torch.rand(1, n, **draw) * 1e-4 + 1e-5).to(dtype)
+        else:
+            blocks = torch.rand(-(-n // 128), -(-k // 128), **draw) * 1e-4 + 1e-5
+            rows = torch.arange(n, device=device) // 128
+            scales, g_idx = blocks[rows].T.contiguous(), torch.arange(k, device=device) // 128
+    values = values.to(torch.float8_e4m3fn)
+    layout = Float8Layout.build(values, scales, None, g_idx, round_to=round_to)
+    if not dense:
+        return layout, None
+    cols = torch.zeros(k, dtype=torch.long, device=device) if g_idx is None else g_idx
+    weight = (values.float() * scales.float()[cols].T).to(scales.dtype)
+    return layout, (weight if round_to is None else weight.to(round_to)).float().T.contiguous()
+
+
+def quantreg_fn(weights, dtype: torch.dtype, name: str = "triton"):  # type: ignore[no-untyped-def]
+    """quantreg's Triton kernel ``name`` for ``weights``, chosen through the public selection."""
+    import quantreg
+
+    kernel = quantreg.select_kernel(weights, dtype=dtype, requested=name)
+    assert kernel.name == name, kernel
+    return kernel
+
+
+def correctness(device: str, cpu_smoke: bool) -> list[dict]:
+    """Every Triton path on random weights, vocab 1000 and 4000 (neither tile-aligned)."""
+    dtypes = [torch.float16] if cpu_smoke else [torch.float16, torch.bfloat16]
+    cases = [("int4 g128", 4, 128, False), ("int4 g128 act-order", 4, 128, True),
+             ("int8 channel", 8, None, False)]  # fmt: skip
+    shapes = [(1000, 256)] if cpu_smoke else [(1000, 4096), (4000, 4096)]
+    rows = []
+    for n, k in shapes:
+        for label, bits, group, act in cases:
+            for dtype in dtypes:
+                weights, w = make_weights(bits, n, k, group or k, dtype, device, act, seed=7)
+                make = functools.partial(quantreg_fn, weights, dtype)
+                rows += check(f"{label} N={n}", make, w, dtype)
+        for label in FLOAT8_CASES:
+            for dtype in dtypes:
+                layout, w = make_float8(label, n, k, dtype, device, seed=7)
+                make = functools.partial(float8_fn, layout, dtype, label)
+                rows += check(f"{label} N={n}", make, w, dtype)
+    return rows
+
+
+def float8_fn(layout, dtype: torch.dtype, label: str):  # type: ignore[no-untyped-def]
+    fn = quantreg_fn(layout, dtype, "triton-float8")
+    assert fn.layout.value_bits == (4 if label == "nvfp4" else 8), fn.layout  # packed?
+    return fn
+
+
+def check(label: str, make, w: torch.Tensor, dtype: torch.dtype,
+          ms: tuple[int, ...] = (1, 5, 16, 64)) -> list[dict]:  # type: ignore[no-untyped-def]  # fmt: skip
+    """``make()(x)`` against ``x @ w`` (``w``: ``W.T`` in float32) for each M; a failure to
+    build or run is a failed row with its error."""
+    rows = []
+    for m in ms:
+        row = {"case": label, "dtype": str(dtype).removeprefix("torch."), "M": m}
+        try:
+            fn = make()
+            x = torch.randn(m, w.shape[0], device=w.device).to(dtype)
+            row["max_rel_err"] = rel_err(fn(x), x.float() @ w)
+            row["ok"] = row["max_rel_err"] < TOL
+        except Exception as exc:  # a row, so that the run goes on
+            row.update(max_rel_err=float("inf"), ok=False, error=f"{type(exc).__name__}: {exc}")
+        rows.append(row)
+        say(f"correct {label} {dtype} M={m}: {row['max_rel_err']:.2e} {row.get('error', '')}")
+    return rows
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """The largest difference relative to the largest reference value (inf if not finite)."""
+    err = (out.float() - ref.float()).abs().max() / ref.float().abs().max()
+    return float(err) if torch.isfinite(err) else float("inf")
+
+
+def checkpoints(device: str, dtypes: list[torch.dtype]) -> list[dict]:
+    """Every producer fixture with a quantized head (tests/fixtures/producers) loaded by
+    ``load_lm_head(..., device=device)``, its logits against the producer's own dequantized
+    weight. On the interpreter the Triton kernels are asked for by name (a CPU would pick its
+    own); on CUDA the choice is the library's, and each row names the kernel it made."""
+    rows = []
+    for folder in sorted(p for p in FIXTURES.iterdir() if (p / "reference.safetensors").exists()):
+        ref = load_file(str(folder / "reference.safetensors")).get("lm_head.weight_dequant")
+        if ref is None:  # the head is float: nothing quantized to check
+            continue
+        w = ref.float().T.contiguous().to(device)
+        for dtype in dtypes:
+            kernel: list[str] = []
+
+            def make(folder=folder, dtype=dtype, kernel=kernel):  # type: ignore[no-untyped-def]
+                head = load_head(folder, device, dtype)
+                kernel.append(head.kernel.name)
+                return head.compute_logits
+
+            rows += check(f"checkpoint {folder.name}", make, w, dtype, ms=(1, 7))
+            for row in rows[-2:]:
+                row["kernel"] = kernel[0] if kernel else None
+    return rows
+
+
+def load_head(folder: Path, device: str, dtype: torch.dtype, **kwargs):  # type: ignore[no-untyped-def]
+    """``load_lm_head`` on ``device``. On a CPU (the interpreter) it stands in for CUDA: the
+    method CUDA resolves to is requested, with a Triton kernel named where the method runs one
+    (else its own: ``gptq`` on an asymmetric head runs the exact kernel on CUDA too)."""
+    import quantreg
+
+    if device != "cpu":
+        return quantreg.load_lm_head(folder, device=device, dtype=dtype, **kwargs)
+    method = quantreg.resolve(folder, platform="cuda:9.0").method
+    for kernel in ("triton", "triton-float8"):  # integer heads, then float8 / fp4 ones
+        try:
+            return quantreg.load_lm_head(folder, dtype=dtype, requested=method, kernel=kernel,
+                                         **kwargs)  # fmt: skip
+        except quantreg.InputError as exc:
+            if "was requested, but" not in str(exc) and "cannot run this layer" not in str(exc):
+                raise
+    return quantreg.load_lm_head(folder, dtype=dtype, requested=method, **kwargs)
+
+
+def tensor_parallel(device: str, dtype: torch.dtype) -> list[dict]:
+    """``SHARDED`` heads loaded by two gloo ranks on ``device`` (both on the one card): the
+    gathered logits against the producer's dequantized weight, and each rank's kernel."""
+    with tempfile.TemporaryDirectory() as tmp:
+        init = f"file://{tmp}/store"
+        try:
+            mp.spawn(_rank, args=(device, dtype, init, tmp), nprocs=2, join=True)
+        except Exception as exc:  # the spawn itself failed: one failed row per head
+            return [{"case": f"tp=2 {name}", "dtype": str(dtype).removeprefix("torch."), "M": 5,
+                     "max_rel_err": float("inf"), "ok": False,
+                     "error": f"{type(exc).__name__}: {exc}"} for name in SHARDED]  # fmt: skip
+        return json.loads((Path(tmp) / "rows.json").read_text())
+
+
+def _rank(rank: int, device: str, dtype: torch.dtype, init: str, tmp: str) -> None:
+    """One rank of :func:`tensor_parallel`: rank 0 writes the rows."""
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        rows = []
+        for name in SHARDED:
+            ref = load_file(str(FIXTURES / name / "reference.safetensors"))
+            w = ref["lm_head.weight_dequant"].float().T.contiguous().to(device)
+            x = torch.randn(5, w.shape[0], generator=torch.Generator().manual_seed(3))
+            x = x.to(device=device, dtype=dtype)
+            row = {"case": f"tp=2 {name}", "dtype": str(dtype).removeprefix("torch."), "M": 5}
+            try:
+                head = load_head(FIXTURES / name, device, dtype)
+                row["max_rel_err"] = rel_err(head.compute_logits(x), x.float() @ w)
+                row.update(ok=row["max_rel_err"] < TOL, kernel=head.kernel.name,
+                           rows_per_rank=head.num_embeddings_per_partition)  # fmt: skip
+            except Exception as exc:  # a row; the other rank may have failed too
+                row.update(max_rel_err=float("inf"), ok=False, error=f"{type(exc).__name__}: {exc}")
+            rows.append(row)
+        if rank == 0:
+            (Path(tmp) / "rows.json").write_text(json.dumps(rows))
+    finally:
+        dist.destroy_process_group()
