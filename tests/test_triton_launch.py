@@ -122,3 +122,20 @@ def test_a_shape_key_names_the_kernel_the_m_bucket_and_each_field(m, bucket):
     key = tl.shape_key("wna16", m, n=32000, k=4096, group=128, dtype=torch.bfloat16)
     assert key == f"wna16 m={bucket} n=32000 k=4096 group=128 dtype=bfloat16"
     assert json.loads(json.dumps({key: 1})) == {key: 1}
+
+
+def test_a_call_asks_for_its_configuration_once_per_shape_and_device(monkeypatch):
+    """The candidates and the table's key are built on a shape's first call only."""
+    monkeypatch.setattr(tl, "_remembered", {})
+    asked: list[str] = []
+
+    def choose(name):
+        return lambda: asked.append(name) or OPTIONS[len(asked) - 1]
+
+    first = ("wna16", 1, 32000, 4096, 128, 4, False, torch.bfloat16, torch.device("cpu"))
+    other_m = ("wna16", 2, *first[2:])
+    assert tl.remembered(first, choose("first")) == OPTIONS[0]
+    assert tl.remembered(first, choose("again")) == OPTIONS[0]
+    assert tl.remembered(other_m, choose("other M")) == OPTIONS[1]
+    assert asked == ["first", "other M"]
+    assert [tl.m_bucket(m) for m in (1, 2, 3, 5, 16, 17)] == [1, 2, 4, 8, 16, 32]

@@ -32,7 +32,15 @@ from typing import Any
 import torch
 
 from quantreg.kernels.layouts import Float8Layout, LayoutTensors, e2m1_codes
-from quantreg.kernels.triton_launch import Config, Launch, interpreting, shape_key, tuned_config
+from quantreg.kernels.triton_launch import (
+    Config,
+    Launch,
+    interpreting,
+    m_bucket,
+    remembered,
+    shape_key,
+    tuned_config,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -326,8 +334,12 @@ def _choose(x: torch.Tensor, layout: TritonFloat8Layout) -> Config:
     """The tuned configuration (see ``triton_launch.tuned_config``)."""
     m, k = x.shape
     group = None if layout.col_groups is not None else layout.group_size
-    key = shape_key("float8", m, n=layout.n, k=k, group=layout.group_size,
-                    bits=layout.value_bits, zeros=layout.zeros is not None,
-                    scales=layout.scales.dtype, round_to=layout.round_to,
-                    dtype=x.dtype)  # fmt: skip
-    return tuned_config(x, candidates(m, k, group), key, lambda cfg: _launch(x, layout, cfg))
+    fields = (layout.n, k, layout.group_size, layout.value_bits, layout.zeros is not None,
+              layout.scales.dtype, layout.round_to, x.dtype)  # fmt: skip
+
+    def choose() -> Config:
+        names = ("n", "k", "group", "bits", "zeros", "scales", "round_to", "dtype")
+        key = shape_key("float8", m, **dict(zip(names, fields, strict=True)))
+        return tuned_config(x, candidates(m, k, group), key, lambda cfg: _launch(x, layout, cfg))
+
+    return remembered(("float8", m_bucket(m), *fields, x.device), choose)

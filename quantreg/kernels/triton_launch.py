@@ -136,13 +136,31 @@ def card_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device)
 
 
+def m_bucket(m: int) -> int:
+    """The bucket of M a configuration is chosen for: the next power of two."""
+    return 1 << max(0, (m - 1).bit_length())
+
+
 def shape_key(kernel: str, m: int, **fields: object) -> str:
     """A shape's key in the tuned table: the kernel, M's bucket (the next power of two) and
     the fields that decide the launch, e.g. ``wna16 m=16 n=32000 k=4096 group=128 bits=4
     groups=regular dtype=bfloat16``."""
-    bucket = 1 << max(0, (m - 1).bit_length())
     text = {name: str(v).removeprefix("torch.") for name, v in fields.items()}
-    return " ".join([kernel, f"m={bucket}", *(f"{name}={v}" for name, v in text.items())])
+    return " ".join([kernel, f"m={m_bucket(m)}", *(f"{name}={v}" for name, v in text.items())])
+
+
+_remembered: dict[tuple[Any, ...], Config] = {}
+
+
+def remembered(key: tuple[Any, ...], choose: Callable[[], Config]) -> Config:
+    """``choose()``'s configuration for ``key`` (a tuple of the kernel, M's bucket, the fields
+    that decide the launch and the device), asked once per process: a call then skips building
+    the candidates and the table's key, most of the Python it spent around the launch
+    (bench/triton_overhead.py)."""
+    cfg = _remembered.get(key)
+    if cfg is None:
+        cfg = _remembered[key] = choose()
+    return cfg
 
 
 _tuned: dict[tuple[str, int | None], Config] = {}

@@ -23,7 +23,15 @@ import torch
 
 from quantreg.errors import InputError
 from quantreg.kernels.layouts import TRITON_GROUP_MULTIPLE, KPackedLayout
-from quantreg.kernels.triton_launch import Config, Launch, interpreting, shape_key, tuned_config
+from quantreg.kernels.triton_launch import (
+    Config,
+    Launch,
+    interpreting,
+    m_bucket,
+    remembered,
+    shape_key,
+    tuned_config,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -174,12 +182,17 @@ def _choose(x, wq, scales, zeros, bits, group_size, gidx, per_row) -> Config:  #
     """The tuned configuration (see ``triton_launch.tuned_config``)."""
     m, k = x.shape
     n = wq.shape[1]
-    key = shape_key("wna16", m, n=n, k=k, group=group_size, bits=bits,
-                    groups="per-row" if per_row else "regular", dtype=x.dtype)  # fmt: skip
-    return tuned_config(
-        x, candidates(m, n, k, group_size), key,
-        lambda cfg: _launch(x, wq, scales, zeros, bits, group_size, gidx, per_row, cfg),
-    )  # fmt: skip
+
+    def choose() -> Config:
+        key = shape_key("wna16", m, n=n, k=k, group=group_size, bits=bits,
+                        groups="per-row" if per_row else "regular", dtype=x.dtype)  # fmt: skip
+        return tuned_config(
+            x, candidates(m, n, k, group_size), key,
+            lambda cfg: _launch(x, wq, scales, zeros, bits, group_size, gidx, per_row, cfg),
+        )  # fmt: skip
+
+    fields = ("wna16", m_bucket(m), n, k, group_size, bits, per_row, x.dtype, x.device)
+    return remembered(fields, choose)
 
 
 def triton_matmul(x: torch.Tensor, layout: KPackedLayout) -> torch.Tensor:
