@@ -139,3 +139,46 @@ def test_a_call_asks_for_its_configuration_once_per_shape_and_device(monkeypatch
     assert tl.remembered(other_m, choose("other M")) == OPTIONS[1]
     assert asked == ["first", "other M"]
     assert [tl.m_bucket(m) for m in (1, 2, 3, 5, 16, 17)] == [1, 2, 4, 8, 16, 32]
+
+
+@pytest.mark.parametrize(
+    ("fixture", "method", "kernel"),
+    [
+        ("awq_autoawq_g64", "awq_marlin", "triton"),
+        ("gptq_gptqmodel_lmhead_desc_act", "gptq_marlin", "triton"),
+        ("ct_w4a16_asym_lmhead", "compressed-tensors", "triton"),
+        ("modelopt_nvfp4_lmhead", "modelopt", "triton-float8"),
+        ("ct_fp8_lmhead", "compressed-tensors", "triton-float8"),
+    ],
+    ids=["awq", "gptq-act-order", "ct-int4-asym", "modelopt-nvfp4", "ct-fp8"],
+)
+def test_a_triton_call_never_waits_for_the_device(monkeypatch, fixture, method, kernel):
+    """No host synchronisation between a head's input and its logits (no ``.item()``, no
+    ``bool(tensor)``): on CUDA the call only enqueues work, so it can be captured in a CUDA
+    graph, as vLLM captures decoding. The launch is left out (the interpreter runs it)."""
+    from pathlib import Path
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import quantreg
+
+    syncs = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default}
+
+    class Syncs(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in syncs:
+                self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    folder = Path(__file__).parent / "fixtures" / "producers" / fixture
+    head = quantreg.load_lm_head(folder, dtype=torch.float16, requested=method, kernel=kernel)
+    monkeypatch.setattr(tl.Launch, "run", lambda self: self.out.sum(0))
+    x = torch.randn(3, head.embedding_dim).half()
+    head.compute_logits(x)  # the configuration chosen, outside the mode
+    with Syncs() as mode:
+        logits = head.compute_logits(x)
+    assert mode.seen == [] and logits.shape == (3, head.num_embeddings)
