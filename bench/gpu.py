@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import os
 import statistics
@@ -127,31 +128,48 @@ def heads(n: int, k: int, device: str) -> dict[str, tuple]:  # type: ignore[type
     return cases
 
 
-def timings(device: str, plan: dict, deadline: float) -> list[dict]:  # type: ignore[type-arg]
-    flush = torch.empty(256 * 2**20 // 4, dtype=torch.float32, device=device)
+def timed(call, reps: int, flush: torch.Tensor, device: str) -> list[float]:  # type: ignore[no-untyped-def]
+    """``call()``'s times in ms after 3 untimed calls, the L2 flushed before each: CUDA events
+    around the call alone on a GPU, the wall clock on a CPU."""
+    for _ in range(3):
+        call()
+    times = []
+    for _ in range(reps):
+        flush.zero_()
+        if device == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            call()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
 
-    def timed(fn, x) -> list[float]:  # type: ignore[no-untyped-def]
+
+def graphed(fn, x: torch.Tensor):  # type: ignore[no-untyped-def]
+    """``fn(x)`` captured in a CUDA graph, as vLLM captures decoding: its replay. The calls
+    before capture run on a side stream (they choose the configuration, timing it)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
         for _ in range(3):
             fn(x)
-        times = []
-        for _ in range(plan["reps"]):
-            flush.zero_()
-            if device == "cuda":
-                start, end = (
-                    torch.cuda.Event(enable_timing=True),
-                    torch.cuda.Event(enable_timing=True),
-                )
-                start.record()
-                fn(x)
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn(x)
-                times.append((time.perf_counter() - t0) * 1e3)
-        return times
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn(x)
+    return graph.replay
 
+
+def timings(device: str, plan: dict, deadline: float) -> list[dict]:  # type: ignore[type-arg]
+    """Every case at every shape and M: eager (each call launched from Python), and on CUDA
+    replayed from a CUDA graph too (``row["graph"]``: the kernels alone, no Python between)."""
+    flush = torch.empty(256 * 2**20 // 4, dtype=torch.float32, device=device)
     rows = []
     for n, k in plan["shapes"]:
         cases = heads(n, k, device)
@@ -161,16 +179,29 @@ def timings(device: str, plan: dict, deadline: float) -> list[dict]:  # type: ig
                 return rows
             x = torch.randn(m, k, device=device).to(torch.bfloat16)
             line: dict = {"N": n, "K": k, "M": m}  # type: ignore[type-arg]
+            graph: dict = {}  # type: ignore[type-arg]
             for name, (fn, nbytes) in cases.items():
-                times = timed(fn, x)
-                med = statistics.median(times)
-                line[f"{name} ms"] = med
-                line[f"{name} spread"] = [min(times), max(times)]
-                line[f"{name} GB/s"] = nbytes / med / 1e6
+                times = timed(functools.partial(fn, x), plan["reps"], flush, device)
+                line.update(_stats(name, times, nbytes))
+                if device == "cuda":
+                    try:
+                        replay = graphed(fn, x)
+                        graph.update(_stats(name, timed(replay, plan["reps"], flush, device),
+                                            nbytes))  # fmt: skip
+                    except Exception as exc:  # a cell, not the end of the run
+                        graph[f"{name} error"] = f"{type(exc).__name__}: {exc}"
+            if graph:
+                line["graph"] = {"N": n, "K": k, "M": m, **graph}
             rows.append(line)
             say("time " + ", ".join(f"{key} {value:.4g}" for key, value in line.items()
                                     if key.endswith(" ms")) + f" (N={n}, M={m})")  # fmt: skip
     return rows
+
+
+def _stats(name: str, times: list[float], nbytes: int) -> dict:  # type: ignore[type-arg]
+    med = statistics.median(times)
+    return {f"{name} ms": med, f"{name} spread": [min(times), max(times)],
+            f"{name} GB/s": nbytes / med / 1e6}  # fmt: skip
 
 
 def _torch_int4(n: int, k: int, device: str):  # type: ignore[no-untyped-def]
@@ -195,22 +226,39 @@ def _int4_op_bytes(n: int, k: int) -> int:
     return n * k // 2 + (k // 128) * n * 2 * 2  # codes, then bf16 scales and zeros
 
 
-def table(rows: list[dict], copy_gbps: float) -> str:  # type: ignore[type-arg]
-    """Median ms (fastest-slowest), ratio to the first case, GB/s and % of the copy."""
-    keys = [key[:-3] for key in rows[0] if key.endswith(" ms")]
-    head = "| N | K | M | " + " | ".join(f"{key} ms" for key in keys)
-    head += " | " + " | ".join(f"{key} ×" for key in keys[1:])
-    head += " | " + " | ".join(f"{key} GB/s (% copy)" for key in keys) + " |"
-    lines = [head, "|" + "---|" * (3 + 3 * len(keys) - 1)]
+def tables(rows: list[dict], copy_gbps: float) -> str:  # type: ignore[type-arg]
+    """The eager table, then the CUDA graph one where the run has it."""
+    if not rows:
+        return "(no timings)"
+    keys = list(dict.fromkeys(key[:-3] for row in rows for key in row if key.endswith(" ms")))
+    text = "Each call launched from Python (eager):\n\n" + table(rows, copy_gbps, keys)
+    replays = [row["graph"] for row in rows if "graph" in row]
+    if replays:
+        text += "\n\nReplayed from a CUDA graph (the kernels alone):\n\n"
+        text += table(replays, copy_gbps, keys)
+    return text
+
+
+def table(rows: list[dict], copy_gbps: float, keys: list[str]) -> str:  # type: ignore[type-arg]
+    """Each case of ``keys``: median ms (fastest-slowest), ratio to the first case, GB/s and
+    % of the copy; n/a where a row lacks the case (it failed)."""
+    names = ["N", "K", "M", *(f"{key} ms" for key in keys), *(f"{key} ×" for key in keys[1:]),
+             *(f"{key} GB/s (% copy)" for key in keys)]  # fmt: skip
+    lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
     for row in rows:
-        base = row[f"{keys[0]} ms"]
-        cells = []
+        base = row.get(f"{keys[0]} ms")
+        cells, ratios, rates = [], [], []
         for key in keys:
-            lo, hi = row[f"{key} spread"]
-            cells.append(f"{row[f'{key} ms']:.4f} ({lo:.4f}–{hi:.4f})")
-        cells += [f"{base / row[f'{key} ms']:.2f}" for key in keys[1:]]
-        cells += [f"{row[f'{key} GB/s']:.0f} ({100 * row[f'{key} GB/s'] / copy_gbps:.0f} %)"
-                  for key in keys]  # fmt: skip
+            if f"{key} ms" not in row:
+                cells.append("n/a")
+                ratios.append("n/a")
+                rates.append("n/a")
+                continue
+            ms, (lo, hi), gbps = row[f"{key} ms"], row[f"{key} spread"], row[f"{key} GB/s"]
+            cells.append(f"{ms:.4f} ({lo:.4f}–{hi:.4f})")
+            ratios.append(f"{base / ms:.2f}" if base else "n/a")
+            rates.append(f"{gbps:.0f} ({100 * gbps / copy_gbps:.0f} %)")
+        cells += ratios[1:] + rates
         lines.append(f"| {row['N']} | {row['K']} | {row['M']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -256,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.save_tuned:
         result["tuned"] = _save_tuned(Path(args.save_tuned), machine)
     save()
-    text = table(result["timings"], machine["copy GB/s"]) if result["timings"] else "(no timings)"
+    text = tables(result["timings"], machine["copy GB/s"])
     print(text)
     if args.append_results:
         with open(args.append_results, "a") as out:

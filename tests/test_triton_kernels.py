@@ -233,6 +233,7 @@ def test_the_gpu_bench_script_runs_its_cpu_smoke(tmp_path, monkeypatch, capsys):
     assert {row["M"] for row in result["timings"]} == {1, 17}
     section = (tmp_path / "R.md").read_text()
     assert "| N | K | M | bf16 cuBLAS ms |" in section and "failed: none" in section
+    assert "Each call launched from Python (eager)" in section and "CUDA graph" not in section
     assert "`python bench/gpu.py --cpu-smoke --json" in section
     tuned = json.loads((tmp_path / "tuned.json").read_text())
     assert tuned["cards"]["CPU (Triton interpreter)"]["configs"] == {}  # nothing timed on a CPU
