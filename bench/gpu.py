@@ -114,10 +114,10 @@ def heads(n: int, k: int, device: str) -> dict[str, tuple]:  # type: ignore[type
         cases["torch int4 op"] = (int4op, _int4_op_bytes(n, k))
     kernels = {
         "quantreg int4 g128": quantreg_fn(
-            make_weights(4, n, k, 128, torch.bfloat16, device)[0], torch.bfloat16
+            make_weights(4, n, k, 128, torch.bfloat16, device, dense=False)[0], torch.bfloat16
         ),
         "quantreg int8 channel": quantreg_fn(
-            make_weights(8, n, k, k, torch.bfloat16, device)[0], torch.bfloat16
+            make_weights(8, n, k, k, torch.bfloat16, device, dense=False)[0], torch.bfloat16
         ),
     }
     for kind in FLOAT8_CASES:

@@ -31,28 +31,31 @@ def say(*args: object) -> None:
 
 
 def make_weights(bits: int, n: int, k: int, group: int, dtype: torch.dtype, device: str,
-                 act_order: bool = False, seed: int = 0):  # fmt: skip
-    """Random codes as ``quantreg.IntWeights`` and the float32 ``W.T`` ``[K, N]`` they mean
-    (rounded to the scale dtype, as the producers store it); with ``act_order`` the rows'
-    groups are scattered (a random ``g_idx``)."""
+                 act_order: bool = False, seed: int = 0, dense: bool = True):  # fmt: skip
+    """Random codes, drawn on ``device``, as ``quantreg.IntWeights`` and (``dense``) the
+    float32 ``W.T`` ``[K, N]`` they mean (rounded to the scale dtype, as the producers store
+    it); with ``act_order`` the rows' groups are scattered (a random ``g_idx``). The timed
+    heads skip the dense weight: 2 GiB of float32 at N = 128256."""
     from quantreg import IntWeights
 
-    gen = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 1 << bits, (k, n), generator=gen, dtype=torch.int32)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    draw = {"generator": gen, "device": device}
+    codes = torch.randint(0, 1 << bits, (k, n), dtype=torch.int32, **draw)
     groups = -(-k // group)
-    scales = (torch.rand(groups, n, generator=gen) * 0.004 + 0.001).to(dtype)
+    scales = (torch.rand(groups, n, **draw) * 0.004 + 0.001).to(dtype)
     if bits == 8:
-        zeros = torch.full((groups, n), 128, dtype=torch.uint8)
+        zeros = torch.full((groups, n), 128, dtype=torch.uint8, device=device)
     else:
-        zeros = torch.randint(0, 16, (groups, n), generator=gen).to(torch.uint8)
-    g_idx = torch.arange(k) // group
+        zeros = torch.randint(0, 16, (groups, n), **draw).to(torch.uint8)
+    g_idx = torch.arange(k, device=device) // group
     if act_order:
-        g_idx = g_idx[torch.randperm(k, generator=gen)]
-    weight = ((codes - zeros[g_idx].int()).float() * scales[g_idx].float()).to(dtype).float()
-    codes, scales, zeros, g_idx = (t.to(device) for t in (codes, scales, zeros, g_idx))
+        g_idx = g_idx[torch.randperm(k, **draw)]
     weights = IntWeights.create(bits=bits, k=k, codes=lambda c0, c1: codes[:, c0:c1],
                                 scales=scales, zeros=zeros, g_idx=g_idx)  # fmt: skip
-    return weights, weight.to(device)
+    if not dense:
+        return weights, None
+    weight = ((codes - zeros[g_idx].int()).float() * scales[g_idx].float()).to(dtype).float()
+    return weights, weight
 
 
 FLOAT8_CASES = ("fp8 channel", "fp8 block", "nvfp4")
