@@ -7,6 +7,7 @@ exception, so one broken path does not hide the rest of the run.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 import tempfile
@@ -216,7 +217,9 @@ def tensor_parallel(device: str, dtype: torch.dtype) -> list[dict]:
 
 def _rank(rank: int, device: str, dtype: torch.dtype, init: str, tmp: str) -> None:
     """One rank of :func:`tensor_parallel`: rank 0 writes the rows."""
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    # a bounded wait: a collective that never completes raises instead of eating the budget
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=120))  # fmt: skip
     try:
         rows = []
         for name in SHARDED:
