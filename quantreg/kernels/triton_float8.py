@@ -40,6 +40,7 @@ from quantreg.kernels.triton_launch import (
     remembered,
     shape_key,
     tuned_config,
+    warps_for,
 )
 
 logger = logging.getLogger(__name__)
@@ -265,7 +266,7 @@ def candidates(m: int, k: int, group: int | None) -> list[Config]:
     ks = block_ks(group)[:2] or [64]
     splits = (4, 8, 1) if m <= 16 else ((2, 1) if m <= 64 else (1,))
     configs = [
-        Config(bm, bn, bk, split, 4, 3 if bm <= 32 else 4)
+        Config(bm, bn, bk, split, warps_for(bn, bk), 3 if bm <= 32 else 4)
         for split in splits
         for bk in ks
         for bn in (64, 128)

@@ -51,6 +51,13 @@ class Config:
     num_stages: int = 3
 
 
+def warps_for(block_n: int, block_k: int) -> int:
+    """Warps for a tile whose weights are dequantized in registers: 8 from a 128 x 128 weight
+    tile on, where 4 spill (bench/gpu_aot.py, sm_80 and sm_90: up to 788 bytes a thread at 4
+    warps, none at 8), else 4."""
+    return 8 if block_n * block_k >= 128 * 128 else 4
+
+
 @dataclass(frozen=True)
 class Launch:
     """One kernel launch as data: ``kernel[grid](*args, **constexprs, num_warps, num_stages)``

@@ -31,6 +31,7 @@ from quantreg.kernels.triton_launch import (
     remembered,
     shape_key,
     tuned_config,
+    warps_for,
 )
 
 logger = logging.getLogger(__name__)
@@ -121,7 +122,8 @@ def candidates(m: int, n: int, k: int, group: int) -> list[Config]:
         for bk in blocks_k[:2]:
             for bn in (64, 128):
                 if k >= split * bk:
-                    configs.append(Config(bm, bn, bk, split, 4, 3 if bm <= 32 else 4))
+                    stages = 3 if bm <= 32 else 4
+                    configs.append(Config(bm, bn, bk, split, warps_for(bn, bk), stages))
     return configs or [Config(bm, 64, blocks_k[-1], 1)]
 
 
