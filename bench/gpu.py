@@ -263,26 +263,40 @@ def table(rows: list[dict], copy_gbps: float, keys: list[str]) -> str:  # type: 
     return "\n".join(lines)
 
 
+SECTIONS = ("correctness", "checkpoints", "tp", "timings")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="tiny shapes on the CPU (needs TRITON_INTERPRET=1)")  # fmt: skip
+    ap.add_argument("--json", default=None, help="write {machine, correctness, timings}")
+    ap.add_argument("--append-results", default=None, help="append a section to this file")
+    ap.add_argument("--save-tuned", default=None,
+                    help="merge the configurations chosen into this tuned table")  # fmt: skip
+    ap.add_argument("--budget-s", type=float, default=420.0,
+                    help="start no timing after this many seconds (default 420)")  # fmt: skip
+    ap.add_argument("--skip", action="append", default=[], choices=SECTIONS,
+                    help="leave a section out (repeatable): a short rerun after a fix")  # fmt: skip
+    ap.add_argument("--n", type=int, nargs="+", default=None,
+                    help="time these vocab sizes only (default 32000 128256)")  # fmt: skip
+    return ap
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cpu-smoke", action="store_true",
-                        help="tiny shapes on the CPU (needs TRITON_INTERPRET=1)")  # fmt: skip
-    parser.add_argument("--json", default=None, help="write {machine, correctness, timings}")
-    parser.add_argument("--append-results", default=None, help="append a section to this file")
-    parser.add_argument("--save-tuned", default=None,
-                        help="merge the configurations chosen into this tuned table")  # fmt: skip
-    parser.add_argument("--budget-s", type=float, default=420.0,
-                        help="start no timing after this many seconds (default 420)")  # fmt: skip
-    args = parser.parse_args(argv)
+    ap = parser()
+    args = ap.parse_args(argv)
     start = time.monotonic()
     if args.cpu_smoke:
         if os.environ.get("TRITON_INTERPRET") != "1":
-            parser.error("--cpu-smoke runs the kernels on the interpreter: set TRITON_INTERPRET=1")
+            ap.error("--cpu-smoke runs the kernels on the interpreter: set TRITON_INTERPRET=1")
         device, plan = "cpu", CPU_SMOKE
     elif not torch.cuda.is_available():
-        parser.error("no CUDA device: use --cpu-smoke with TRITON_INTERPRET=1 for a dry run")
+        ap.error("no CUDA device: use --cpu-smoke with TRITON_INTERPRET=1 for a dry run")
     else:
         device, plan = "cuda", FULL
+    if args.n:
+        plan = {**plan, "shapes": [(n, k) for n in args.n for k in {k for _, k in plan["shapes"]}]}
     import triton
 
     card = torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter)"
@@ -293,13 +307,16 @@ def main(argv: list[str] | None = None) -> int:
     save = lambda: args.json and Path(args.json).write_text(json.dumps(result, indent=1))  # noqa: E731
     smoke(device)
     dtypes = [torch.float16] if args.cpu_smoke else [torch.float16, torch.bfloat16]
-    for section in (lambda: correctness(device, args.cpu_smoke),
-                    lambda: checkpoints(device, dtypes),
-                    lambda: tensor_parallel(device, torch.float16)):  # fmt: skip
-        result["correctness"] += section()
-        save()
+    checks = {"correctness": lambda: correctness(device, args.cpu_smoke),
+              "checkpoints": lambda: checkpoints(device, dtypes),
+              "tp": lambda: tensor_parallel(device, torch.float16)}  # fmt: skip
+    for name, section in checks.items():
+        if name not in args.skip:
+            result["correctness"] += section()
+            save()
     machine["copy GB/s"] = copy_bandwidth(device)
-    result["timings"] = timings(device, plan, start + args.budget_s)
+    if "timings" not in args.skip:
+        result["timings"] = timings(device, plan, start + args.budget_s)
     machine["seconds"] = round(time.monotonic() - start, 1)
     if args.save_tuned:
         result["tuned"] = _save_tuned(Path(args.save_tuned), machine)
@@ -330,7 +347,7 @@ def section_text(result: dict, text: str) -> str:  # type: ignore[type-arg]
     """A bench/RESULTS.md section (a dated ``###`` heading, as the file's): the card, the
     command, correctness, the kernels chosen, timings."""
     machine, checks = result["machine"], result["correctness"]
-    worst = max(c["max_rel_err"] for c in checks)
+    worst = max((c["max_rel_err"] for c in checks), default=0.0)
     failed = [f"{c['case']} {c['dtype']} M={c['M']}" for c in checks if not c["ok"]]
     loaded = [c for c in checks if c.get("kernel") and c["case"].startswith("checkpoint")]
     chosen = sorted({f"{c['case'].removeprefix('checkpoint ')} → {c['kernel']}" for c in loaded})

@@ -237,6 +237,10 @@ def test_the_gpu_bench_script_runs_its_cpu_smoke(tmp_path, monkeypatch, capsys):
     assert "`python bench/gpu.py --cpu-smoke --json" in section
     tuned = json.loads((tmp_path / "tuned.json").read_text())
     assert tuned["cards"]["CPU (Triton interpreter)"]["configs"] == {}  # nothing timed on a CPU
+    skip_all = [arg for name in gpu.SECTIONS for arg in ("--skip", name)]
+    assert gpu.main(["--cpu-smoke", *skip_all, "--json", str(tmp_path / "none.json")]) == 0
+    nothing = json.loads((tmp_path / "none.json").read_text())
+    assert nothing["correctness"] == [] and nothing["timings"] == []
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(SystemExit) as refused:
         gpu.main(["--cpu-smoke"])
