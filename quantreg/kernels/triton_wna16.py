@@ -9,10 +9,11 @@ Each program multiplies a ``BLOCK_M x BLOCK_N`` tile over one slice of K (split-
 the partial sums are added in float32 afterwards). Weights are dequantized in registers,
 ``(q - z) * s`` in float32 rounded to the scale dtype (the producers' weights), then cast to
 the activation dtype, and fed to ``tl.dot`` with float32
-accumulation. ``tl.dot`` needs at least 16 rows, so M is padded by masking. On CUDA a small set
-of configurations is timed once per (M bucket, N, K, group, bits, dtype) and cached; under the
-interpreter (``TRITON_INTERPRET=1``, set before this module is imported) the one with the
-fewest programs runs.
+accumulation. ``tl.dot`` needs at least 16 rows, so M is padded by masking. On CUDA the
+configuration for an (M bucket, N, K, group, bits, dtype) comes from the card's tuned table, else
+a small set is timed once and cached (``triton_launch``); under the interpreter
+(``TRITON_INTERPRET=1``, set before this module is imported) the one with the fewest programs
+runs.
 """
 
 from __future__ import annotations
