@@ -23,6 +23,7 @@ FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "produce
 # 1024, rank 1 holds 488 rows and 24 of padding)
 SHARDED = ("gptq_gptqmodel_lmhead_desc_act", "ct_w4a16_group_lmhead")
 TOL = 1e-2
+LOGITS = lambda head, x: head.compute_logits(x)  # noqa: E731 - a check's call for a loaded head
 
 
 def say(*args: object) -> None:
@@ -133,22 +134,38 @@ def float8_fn(layout, dtype: torch.dtype, label: str):  # type: ignore[no-untype
 
 
 def check(label: str, make, w: torch.Tensor, dtype: torch.dtype,
-          ms: tuple[int, ...] = (1, 5, 16, 64)) -> list[dict]:  # type: ignore[no-untyped-def]  # fmt: skip
-    """``make()(x)`` against ``x @ w`` (``w``: ``W.T`` in float32) for each M; a failure to
-    build or run is a failed row with its error."""
+          ms: tuple[int, ...] = (1, 5, 16, 64), *, call=None, about=None) -> list[dict]:  # type: ignore[no-untyped-def]  # fmt: skip
+    """What ``make()`` builds, once, against ``x @ w`` (``w``: ``W.T`` in float32) for each M:
+    ``call(built, x)`` (default ``built(x)``), ``x`` seeded by M (the same on every rank);
+    ``about(built)`` adds fields to each row. A failure to build or run is a failed row."""
+    try:
+        built = make()
+        extra = about(built) if about else {}
+    except Exception as exc:  # rows, so that the run goes on
+        return [failed(label, dtype, m, exc) for m in ms]
     rows = []
     for m in ms:
-        row = {"case": label, "dtype": str(dtype).removeprefix("torch."), "M": m}
+        x = torch.randn(m, w.shape[0], generator=torch.Generator().manual_seed(m))
+        x = x.to(device=w.device, dtype=dtype)
         try:
-            fn = make()
-            x = torch.randn(m, w.shape[0], device=w.device).to(dtype)
-            row["max_rel_err"] = rel_err(fn(x), x.float() @ w)
-            row["ok"] = row["max_rel_err"] < TOL
-        except Exception as exc:  # a row, so that the run goes on
-            row.update(max_rel_err=float("inf"), ok=False, error=f"{type(exc).__name__}: {exc}")
+            err = rel_err(call(built, x) if call else built(x), x.float() @ w)
+            row = {"case": label, "dtype": _name(dtype), "M": m, "max_rel_err": err,
+                   "ok": err < TOL, **extra}  # fmt: skip
+        except Exception as exc:
+            row = {**failed(label, dtype, m, exc), **extra}
         rows.append(row)
         say(f"correct {label} {dtype} M={m}: {row['max_rel_err']:.2e} {row.get('error', '')}")
     return rows
+
+
+def failed(label: str, dtype: torch.dtype, m: int, exc: Exception) -> dict:  # type: ignore[type-arg]
+    """A check's row for a build or run that raised ``exc``."""
+    return {"case": label, "dtype": _name(dtype), "M": m, "max_rel_err": float("inf"),
+            "ok": False, "error": f"{type(exc).__name__}: {exc}"}  # fmt: skip
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -169,16 +186,9 @@ def checkpoints(device: str, dtypes: list[torch.dtype]) -> list[dict]:
             continue
         w = ref.float().T.contiguous().to(device)
         for dtype in dtypes:
-            kernel: list[str] = []
-
-            def make(folder=folder, dtype=dtype, kernel=kernel):  # type: ignore[no-untyped-def]
-                head = load_head(folder, device, dtype)
-                kernel.append(head.kernel.name)
-                return head.compute_logits
-
-            rows += check(f"checkpoint {folder.name}", make, w, dtype, ms=(1, 7))
-            for row in rows[-2:]:
-                row["kernel"] = kernel[0] if kernel else None
+            make = functools.partial(load_head, folder, device, dtype)
+            rows += check(f"checkpoint {folder.name}", make, w, dtype, ms=(1, 7), call=LOGITS,
+                          about=lambda head: {"kernel": head.kernel.name})  # fmt: skip
     return rows
 
 
@@ -209,10 +219,12 @@ def tensor_parallel(device: str, dtype: torch.dtype) -> list[dict]:
         try:
             mp.spawn(_rank, args=(device, dtype, init, tmp), nprocs=2, join=True)
         except Exception as exc:  # the spawn itself failed: one failed row per head
-            return [{"case": f"tp=2 {name}", "dtype": str(dtype).removeprefix("torch."), "M": 5,
-                     "max_rel_err": float("inf"), "ok": False,
-                     "error": f"{type(exc).__name__}: {exc}"} for name in SHARDED]  # fmt: skip
+            return [failed(f"tp=2 {name}", dtype, 5, exc) for name in SHARDED]
         return json.loads((Path(tmp) / "rows.json").read_text())
+
+
+def _shard(head) -> dict:  # type: ignore[no-untyped-def, type-arg]
+    return {"kernel": head.kernel.name, "rows_per_rank": head.num_embeddings_per_partition}
 
 
 def _rank(rank: int, device: str, dtype: torch.dtype, init: str, tmp: str) -> None:
@@ -225,17 +237,8 @@ def _rank(rank: int, device: str, dtype: torch.dtype, init: str, tmp: str) -> No
         for name in SHARDED:
             ref = load_file(str(FIXTURES / name / "reference.safetensors"))
             w = ref["lm_head.weight_dequant"].float().T.contiguous().to(device)
-            x = torch.randn(5, w.shape[0], generator=torch.Generator().manual_seed(3))
-            x = x.to(device=device, dtype=dtype)
-            row = {"case": f"tp=2 {name}", "dtype": str(dtype).removeprefix("torch."), "M": 5}
-            try:
-                head = load_head(FIXTURES / name, device, dtype)
-                row["max_rel_err"] = rel_err(head.compute_logits(x), x.float() @ w)
-                row.update(ok=row["max_rel_err"] < TOL, kernel=head.kernel.name,
-                           rows_per_rank=head.num_embeddings_per_partition)  # fmt: skip
-            except Exception as exc:  # a row; the other rank may have failed too
-                row.update(max_rel_err=float("inf"), ok=False, error=f"{type(exc).__name__}: {exc}")
-            rows.append(row)
+            make = functools.partial(load_head, FIXTURES / name, device, dtype)
+            rows += check(f"tp=2 {name}", make, w, dtype, ms=(5,), call=LOGITS, about=_shard)
         if rank == 0:
             (Path(tmp) / "rows.json").write_text(json.dumps(rows))
     finally:
