@@ -4,12 +4,13 @@ tuned on the card (``triton_tuned.json``), which ``bench/gpu.py --save-tuned`` w
 from __future__ import annotations
 
 import json
+import os
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from quantreg import ConfigError
+from quantreg import ConfigError, InputError
 from quantreg.kernels import triton_launch as tl
 
 triton = pytest.importorskip("triton")
@@ -97,8 +98,11 @@ def test_saving_merges_into_the_cards_row(tmp_path):
         ('{"cards": {"A": {"triton": "3.6.0", "date": "d", "configs": {"k": {"block_m": "16", '
          '"block_n": 64, "block_k": 64, "split_k": 1, "num_warps": 4, "num_stages": 3}}}}}',
          r"field 'cards\.A\.configs\.k\.block_m': Input should be a valid integer"),
+        ('{"cards": {}, "cards": {}}', r"t\.json: duplicate key 'cards'"),
+        ('{"cards": {"A": {"triton": "3.6.0", "date": NaN, "configs": {}}}}',
+         r"t\.json: NaN is not a JSON value"),
     ],
-    ids=["not-json", "block-m-8", "unknown-field", "string-number"],
+    ids=["not-json", "block-m-8", "unknown-field", "string-number", "duplicate-key", "nan"],
 )  # fmt: skip
 def test_a_bad_table_names_the_file_and_field(tmp_path, text, error):
     path = tmp_path / "t.json"
@@ -106,6 +110,29 @@ def test_a_bad_table_names_the_file_and_field(tmp_path, text, error):
     with pytest.raises(ConfigError, match=error) as raised:
         tl.read_tuned_table(path)
     assert raised.value.path == path
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_a_table_that_is_no_regular_file_is_refused_not_waited_on(tmp_path, kind):
+    path = tmp_path / "t.json"
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    with pytest.raises(
+        ConfigError, match=r"tuned Triton table .*t\.json is a .*not a regular file"
+    ):
+        tl.read_tuned_table(path)
+    with pytest.raises(ConfigError, match=r"not a regular file"):
+        tl.save_tuned(path, "A", "3.6.0", "d", {"k": OPTIONS[0]})
+
+
+def test_saving_never_writes_through_a_dangling_link(tmp_path):
+    (tmp_path / "t.json").symlink_to(tmp_path / "nowhere.json")
+    with pytest.raises(InputError, match=r"--save-tuned .*t\.json is a link to .*nowhere\.json, "
+                       r"which does not exist; not writing through it"):  # fmt: skip
+        tl.save_tuned(tmp_path / "t.json", "A", "3.6.0", "d", {"k": OPTIONS[0]})
+    assert not (tmp_path / "nowhere.json").exists()
 
 
 def test_the_shipped_table_reads():

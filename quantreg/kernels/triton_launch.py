@@ -27,6 +27,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from quantreg.errors import ConfigError
+from quantreg.files import read_json
+from quantreg.output_files import write_file
 from quantreg.validation_messages import first_field
 
 logger = logging.getLogger(__name__)
@@ -109,17 +111,18 @@ class TunedTable(BaseModel):
 
 
 def read_tuned_table(path: Path) -> TunedTable:
-    """The tuned table at ``path`` (an empty one where the file does not exist).
+    """The tuned table at ``path`` (an empty one where the file does not exist), read by
+    quantreg's one JSON reader (``files.read_json``: a regular file, bounded, strict JSON).
 
     Raises:
-        ConfigError: the file is not JSON or not a table; the message names the file and field.
+        ConfigError: the file is not a readable regular file, not JSON or not a table; the
+            message names the file and, for a bad table, the field.
     """
     if not path.exists():
         return TunedTable()
+    data = read_json(path, what="tuned Triton table")
     try:
-        return TunedTable.model_validate(json.loads(path.read_text()))
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}", path=path) from None
+        return TunedTable.model_validate(data)
     except ValidationError as exc:
         bad = first_field(exc)
         msg = exc.errors(include_url=False)[0]["msg"]
@@ -227,14 +230,18 @@ def save_tuned(path: Path, card: str, triton_version: str, date: str,
                configs: dict[str, Config]) -> TunedTable:  # fmt: skip
     """Merge ``configs`` into the table at ``path`` as ``card``'s row, write it and return it:
     the keys it names are replaced, the row's other keys kept where they were timed with the
-    same Triton version (dropped otherwise), the other cards' rows kept."""
+    same Triton version (dropped otherwise), the other cards' rows kept. Written as quantreg
+    writes every output (``output_files.write_file``: beside, then renamed into place).
+
+    Raises:
+        ConfigError: the file there is not a table (see :func:`read_tuned_table`).
+        InputError: ``path`` cannot be written (a link to nothing, a read-only file, ...).
+    """
     table = read_tuned_table(path)
     old = table.cards.get(card)
     merged = dict(old.configs) if old is not None and old.triton == triton_version else {}
     merged.update({key: TunedConfig(**asdict(cfg)) for key, cfg in sorted(configs.items())})
     table.cards[card] = TunedCard(triton=triton_version, date=date, configs=merged)
     text = json.dumps(table.model_dump(), indent=1, sort_keys=True) + "\n"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_file(path, lambda tmp: tmp.write_text(text), what="--save-tuned")
     return table
