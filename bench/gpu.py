@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import functools
-import json
 import os
 import statistics
 import sys
@@ -65,6 +64,8 @@ from gpu_checks import (
     say,
     tensor_parallel,
 )
+
+from quantreg.output_files import strict_json, write_file
 
 FULL = {"shapes": [(32000, 4096), (128256, 4096)], "ms": [1, 4, 16, 64], "reps": 50}
 CPU_SMOKE = {"shapes": [(96, 256)], "ms": [1, 17], "reps": 2}
@@ -304,7 +305,12 @@ def main(argv: list[str] | None = None) -> int:
                "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
                "command": " ".join(["python bench/gpu.py", *(argv or sys.argv[1:])])}  # fmt: skip
     result: dict = {"machine": machine, "correctness": [], "timings": []}  # type: ignore[type-arg]
-    save = lambda: args.json and Path(args.json).write_text(json.dumps(result, indent=1))  # noqa: E731
+
+    def save() -> None:  # after every section, renamed into place: a cut-off run keeps valid JSON
+        if args.json:
+            text = strict_json(result, indent=1)
+            write_file(Path(args.json), lambda tmp: tmp.write_text(text), what="--json")
+
     smoke(device)
     dtypes = [torch.float16] if args.cpu_smoke else [torch.float16, torch.bfloat16]
     checks = {"correctness": lambda: correctness(device, args.cpu_smoke),
