@@ -99,3 +99,11 @@ def test_a_block_fits_within_the_architectures_shared_memory(arch, shared, fits)
     from quantreg.kernels.triton_aot import Compiled
 
     assert Compiled(arch=arch, shared=shared, mma=None, kernel="k").fits is fits
+
+
+def test_without_tritons_cuda_backend_the_reason_is_given(monkeypatch):
+    from quantreg.kernels.triton_aot import compile_launch
+
+    monkeypatch.setitem(sys.modules, "triton.backends.compiler", None)  # import fails
+    with pytest.raises(RuntimeError, match=r"compiling ahead of time needs triton's CUDA backend"):
+        compile_launch(None, 90)  # type: ignore[arg-type]
